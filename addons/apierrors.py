@@ -1,0 +1,103 @@
+"""Errors the proxy produces itself, in the shape of the API the client is talking to.
+
+OpenAI clients parse `{"error": {"message", "type", "code"}}`; Anthropic clients parse
+`{"type": "error", "error": {"type", "message"}}`. Both SDKs raise their usual exception classes for
+these bodies, so a user sees a sentence, not a traceback.
+"""
+
+import functools
+import json
+import logging
+
+from mitmproxy import http
+
+from addons import scrub
+
+logger = logging.getLogger(__name__)
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+SERVICE_NAMES = {OPENAI: "OpenAI", ANTHROPIC: "Anthropic"}
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def _openai_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_body(api: str, status: int, message: str, code: str) -> dict:
+    """The JSON error object for `api`."""
+    if api == ANTHROPIC:
+        error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": error_type, "message": message}}
+    return {"error": {"message": message, "type": _openai_type(status), "param": None, "code": code}}
+
+
+def error_response(
+    api: str, status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> http.Response:
+    """A complete JSON error response; `code` also goes into `x-proxy-error` for log readers."""
+    return http.Response.make(
+        status,
+        json.dumps(error_body(api, status, message, code)),
+        {"content-type": "application/json", "x-proxy-error": code, **(headers or {})},
+    )
+
+
+def sse_error_event(api: str, status: int, message: str, code: str) -> bytes:
+    """An SSE event that makes the SDKs' stream parsers raise, for errors after the stream began."""
+    payload = json.dumps(error_body(api, status, message, code))
+    if api == ANTHROPIC:
+        return f"event: error\ndata: {payload}\n\n".encode()
+    return f"data: {payload}\n\n".encode()
+
+
+def api_of_path(raw_path: bytes) -> str:
+    """Which API's error format a request target expects."""
+    return ANTHROPIC if raw_path.startswith(b"/proxy/anthropic") else OPENAI
+
+
+def fail_closed(hook):
+    """Turns an exception in a flow hook into a 500 for the client instead of mitmproxy's log-and-forward.
+
+    mitmproxy logs an addon's exception and carries on with the flow, which for a proxy means forwarding a
+    request that a check never finished looking at. No key is ever on the flow itself, but the request
+    must still not go anywhere: a response set here ends it.
+    """
+
+    @functools.wraps(hook)
+    async def guarded(self, flow: http.HTTPFlow):
+        try:
+            return await hook(self, flow)
+        except Exception as error:
+            logger.error(
+                "%s.%s failed on %s: %s: %s",
+                type(self).__name__,
+                hook.__name__,
+                flow.id,
+                type(error).__name__,
+                scrub.text(str(error)),
+            )
+            if flow.live and not (flow.response and flow.response.stream):
+                flow.response = error_response(
+                    api_of_path(flow.request.data.path),
+                    500,
+                    "The proxy hit an internal error while handling this request; it was not sent upstream.",
+                    "proxy_internal_error",
+                )
+            flow.metadata.setdefault("llmproxy", {})["decision"] = "internal_error"
+
+    return guarded

@@ -1,0 +1,107 @@
+"""Header hygiene in both directions: allowlists, never denylists.
+
+Towards the upstream only the headers an API call needs survive; the client's credentials, cookies and
+forwarding headers (its IP) never leave the proxy. Towards the client only the headers it can use survive;
+nothing that names the owner's account (`openai-organization`, `anthropic-organization-id`, cookies).
+"""
+
+import re
+
+from mitmproxy import http
+
+from addons.apierrors import ANTHROPIC, api_of_path, error_response, fail_closed
+from addons.routes import FORWARD, ROUTES_BY_NAME
+
+CLIENT_CREDENTIALS = (
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "proxy-authorization",
+    "cookie",
+    "openai-organization",
+    "openai-project",
+)
+
+_REQUEST_ALLOWED = frozenset(
+    {"content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta", "openai-beta", "idempotency-key"}
+)
+_REQUEST_ALLOWED_PREFIXES = ("x-stainless-",)  # the official SDKs' platform headers; nothing account-related
+
+_RESPONSE_ALLOWED = frozenset(
+    {"content-type", "cache-control", "retry-after", "retry-after-ms", "x-request-id", "request-id", "date"}
+)
+_RESPONSE_ALLOWED_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+
+
+def _connection_tokens(headers) -> set[str]:
+    """Header names listed in `Connection`: hop-by-hop by declaration, so never forwarded."""
+    return {token.strip().lower() for value in headers.get_all("connection") for token in value.split(",")}
+
+
+def upstream_request_headers(headers: http.Headers, api: str) -> http.Headers:
+    """The headers the upstream may see, without the key (the dispatcher adds it last)."""
+    hop_by_hop = _connection_tokens(headers)
+    kept = []
+    for name, value in headers.items(multi=True):
+        lower = name.lower()
+        if lower in hop_by_hop or _UNSAFE_VALUE.search(value):
+            continue
+        if lower in _REQUEST_ALLOWED or lower.startswith(_REQUEST_ALLOWED_PREFIXES):
+            kept.append((lower.encode(), value.encode("utf-8", "surrogateescape")))
+    result = http.Headers(kept)
+    result["accept-encoding"] = "identity"  # streamed bytes are passed on as they come; no decoding needed
+    if api == ANTHROPIC and "anthropic-version" not in result:
+        result["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
+    return result
+
+
+def client_response_headers(upstream_headers) -> list[tuple[bytes, bytes]]:
+    """The upstream response headers the client may see. Framing headers are dropped: each hop frames anew."""
+    hop_by_hop = {token.strip().lower() for value in upstream_headers.getall("connection", []) for token in value.split(",")}
+    kept = []
+    for name, value in upstream_headers.items():
+        lower = name.lower()
+        if lower in hop_by_hop:
+            continue
+        if lower in _RESPONSE_ALLOWED or lower.startswith(_RESPONSE_ALLOWED_PREFIXES):
+            kept.append((lower.encode(), value.encode("utf-8", "surrogateescape")))
+    return kept
+
+
+class HeaderHygiene:
+    """Strips client credentials from every flow, and leaves forwarded requests with allowlisted headers only."""
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Removed before any other addon, mitmweb or a flow dump can see them.
+        for name in CLIENT_CREDENTIALS:
+            flow.request.headers.pop(name, None)
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
+        if route is None or route.kind != FORWARD:
+            return
+        if flow.request.headers.get("content-encoding", "identity") != "identity":
+            try:
+                flow.request.decode()
+            except ValueError:
+                flow.response = error_response(
+                    api_of_path(flow.request.data.path),
+                    415,
+                    "The request body's Content-Encoding could not be decoded; send it uncompressed.",
+                    "unsupported_content_encoding",
+                )
+                return
+        flow.request.headers = upstream_request_headers(flow.request.headers, route.api)
+
+    @fail_closed
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Browser-based chat clients call the proxy cross-origin; they never send cookies, so `*` is safe.
+        flow.response.headers["access-control-allow-origin"] = "*"
+        flow.response.headers.pop("server", None)

@@ -1,0 +1,65 @@
+"""`GET /v1/models` for both services, answered by the proxy: the upstream's list would describe the owner's
+account, and a client only needs to know what it may ask for here."""
+
+import json
+import time
+from collections.abc import Sequence
+
+from mitmproxy import ctx, http
+
+from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
+
+DEFAULT_OPENAI_MODELS = [
+    "gpt-6-astra", "gpt-6-sol", "gpt-6-luna", "gpt-5.5", "gpt-5.4", "gpt-5.4-mini", "gpt-5.4-nano",
+    "gpt-5", "gpt-5-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini", "o4-mini", "o3", "o3-mini",
+    "gpt-3.5-turbo", "text-embedding-3-small", "text-embedding-3-large",
+]  # fmt: skip
+DEFAULT_ANTHROPIC_MODELS = [
+    "claude-opus-5", "claude-sonnet-5", "claude-haiku-5-5", "claude-opus-4-8", "claude-sonnet-4-6",
+    "claude-haiku-4-5",
+]  # fmt: skip
+
+
+def openai_model_list(models: list[str]) -> dict:
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "openai"} for model in models],
+    }
+
+
+def anthropic_model_list(models: list[str]) -> dict:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    data = [{"type": "model", "id": model, "display_name": model, "created_at": created} for model in models]
+    return {
+        "data": data,
+        "has_more": False,
+        "first_id": models[0] if models else None,
+        "last_id": models[-1] if models else None,
+    }
+
+
+class ModelList:
+    """Lists the configured models of a service while the pool has a usable key for it."""
+
+    def load(self, loader):
+        loader.add_option(
+            "openai_models", Sequence[str], DEFAULT_OPENAI_MODELS, "Models listed at /proxy/openai/v1/models."
+        )
+        loader.add_option(
+            "anthropic_models", Sequence[str], DEFAULT_ANTHROPIC_MODELS, "Models listed at /proxy/anthropic/v1/models."
+        )
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        route = flow.metadata.get("llmproxy", {}).get("route")
+        if route not in ("openai.models", "anthropic.models"):
+            return
+        api = OPENAI if route == "openai.models" else ANTHROPIC
+        has_key = ctx.master.addons.get("keypool").counts(api)["active"] > 0
+        models = list(getattr(ctx.options, f"{api}_models")) if has_key else []
+        listing = openai_model_list(models) if api == OPENAI else anthropic_model_list(models)
+        flow.metadata["llmproxy"]["decision"] = "local"
+        flow.response = http.Response.make(200, json.dumps(listing), {"content-type": "application/json"})

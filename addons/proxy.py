@@ -1,0 +1,80 @@
+"""The proxy's entry point: mitmdump or mitmweb with our addons registered before any option is parsed.
+
+    python -m addons.proxy dump [mitmdump args]
+    python -m addons.proxy web  [mitmweb args]
+
+mitmproxy's `-s script` loading fails open (a script that breaks, or an option value it rejects, leaves
+mitmproxy forwarding without it), so the addons are part of the master here and a failure stops the process.
+"""
+
+import sys
+
+from mitmproxy import exceptions
+from mitmproxy.tools import cmdline, main
+from mitmproxy.tools.dump import DumpMaster
+from mitmproxy.tools.web.master import WebMaster
+
+from addons import config, dispatcher, guard, headers, keypool, models, router, statuspage
+
+PROGRAM = "llm-proxy"
+
+
+def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
+    """Every addon, in the order a request passes them."""
+    return [
+        guard.EngineGuard(pipe_socket.getsockname()[1]),  # mitmproxy's own settings stay safe
+        headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
+        router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
+        statuspage.StatusPage(),  # /, /status, /health
+        models.ModelList(),  # GET .../v1/models, answered locally
+        keypool.KeyPool(secrets),  # the owner's keys
+        dispatcher.Dispatcher(pipe_socket),  # upstream call with the key added last; SSE through the pipe
+    ]
+
+
+def _fail(message: str):
+    print(f"{PROGRAM}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def with_addons(base: type) -> type:
+    """`base` (DumpMaster or WebMaster) with our addons placed where mitmproxy puts scripts."""
+
+    class ProxyMaster(base):
+        def __init__(self, options, **kwargs):
+            super().__init__(options, **kwargs)
+            try:
+                guard.check_versions()
+                sources = config.ConfigSources()
+                bind_address, port = sources.listen_address()
+                pipe_socket = dispatcher.bind_pipe_socket()
+                options.update(
+                    mode=[guard.listen_mode(pipe_socket.getsockname()[1], bind_address, port)],
+                    connection_strategy="lazy",
+                    keep_host_header=True,  # the status page names the address the client used
+                )
+                builtin_options = set(options.keys())
+                ours = build_addons(sources.secrets(), pipe_socket)
+                self.addons.add(*ours)
+                # After blocklist/anticomp, before save, dumper and mitmweb's view: where `-s` scripts sit.
+                rest = [addon for addon in self.addons.chain if addon not in ours]
+                position = next(i for i, addon in enumerate(rest) if type(addon).__name__ == "ScriptLoader") + 1
+                self.addons.chain = rest[:position] + ours + rest[position:]
+                our_options = {name: o.typespec for name, o in options.items() if name not in builtin_options}
+                options.update(**sources.options(our_options))
+            except (config.ConfigError, exceptions.OptionsError) as error:
+                _fail(str(error))
+
+    return ProxyMaster
+
+
+def run(argv: list[str]) -> None:
+    ui, args = (argv[0], argv[1:]) if argv and argv[0] in ("dump", "web") else ("dump", argv)
+    if ui == "web":
+        main.run(with_addons(WebMaster), cmdline.mitmweb, args)
+    else:
+        main.run(with_addons(DumpMaster), cmdline.mitmdump, args)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

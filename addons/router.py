@@ -1,0 +1,117 @@
+"""Decides what a request is, before anything else looks at it: a known route, or a rejection."""
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.utils import human
+
+from addons import routes
+from addons.apierrors import api_of_path, error_response, fail_closed
+
+_CORS_ALLOWED_HEADERS = b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta"
+
+
+class Router:
+    """Matches the raw request target against the route table; answers everything that does not match."""
+
+    def __init__(self):
+        self.max_request_body = 0
+
+    def load(self, loader):
+        loader.add_option(
+            "max_request_body", str, "4m", "Largest request body accepted (k, m, g suffixes); larger ones get 413."
+        )
+
+    def configure(self, updated):
+        if "max_request_body" in updated:
+            try:
+                self.max_request_body = human.parse_size(ctx.options.max_request_body) or 0
+            except ValueError:
+                raise exceptions.OptionsError(
+                    f"MAX_REQUEST_BODY must be a size such as 4m, not {ctx.options.max_request_body!r}."
+                ) from None
+            if self.max_request_body <= 0:
+                raise exceptions.OptionsError("MAX_REQUEST_BODY must be larger than zero.")
+            # mitmproxy's own limit answers in HTML, before any hook runs; it stays as the memory backstop for
+            # bodies that announce no length, at twice ours, so a declared oversize gets our JSON 413 instead.
+            ctx.options.body_size_limit = str(2 * self.max_request_body)
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        raw_target = request.data.path
+        api = api_of_path(raw_target)
+        meta = flow.metadata.setdefault("llmproxy", {})
+        if self._too_large(request.headers.get("content-length", "0")):
+            meta["decision"] = "too_large"
+            flow.response = self._too_large_response(api)
+            return
+        if request.http_version.startswith("HTTP/1") and request.data.authority:
+            # mitmproxy would forward an absolute-form target (`POST http://elsewhere/...`) as it came.
+            meta["decision"] = "blocked_path"
+            flow.response = error_response(
+                api, 400, "Absolute-form request targets are not accepted; send the path only.", "absolute_form"
+            )
+            return
+        if request.data.method == b"OPTIONS" and routes.is_known_path(raw_target):
+            meta["decision"] = "preflight"
+            flow.response = self._preflight(request)
+            return
+        match = routes.lookup(request.data.method, raw_target)
+        if match.route is not None:
+            meta["route"] = match.route.name
+            return
+        meta["decision"] = "blocked_path"
+        if request.data.method == b"GET" and raw_target.startswith(b"/proxy/") and self._is_browser(request):
+            flow.response = http.Response.make(302, b"", {"location": "/"})
+        elif match.allowed_methods:
+            flow.response = error_response(
+                api,
+                405,
+                f"This endpoint accepts {', '.join(match.allowed_methods)} only.",
+                "method_not_allowed",
+                {"allow": ", ".join(match.allowed_methods)},
+            )
+        else:
+            flow.response = error_response(
+                api,
+                404,
+                "This proxy forwards text-generation endpoints only; this one does not exist here.",
+                "not_found",
+            )
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """Bodies sent without a declared length are measured once read."""
+        if not flow.response and flow.live and self._too_large(len(flow.request.raw_content or b"")):
+            flow.metadata["llmproxy"]["decision"] = "too_large"
+            flow.response = self._too_large_response(api_of_path(flow.request.data.path))
+
+    def _too_large(self, size: int | str) -> bool:
+        return str(size).isdigit() and int(size) > self.max_request_body
+
+    def _too_large_response(self, api: str) -> http.Response:
+        return error_response(
+            api, 413, f"The request body is larger than this proxy accepts ({ctx.options.max_request_body}).",
+            "request_too_large",
+        )  # fmt: skip
+
+    @staticmethod
+    def _is_browser(request: http.Request) -> bool:
+        return "text/html" in request.headers.get("accept", "")
+
+    @staticmethod
+    def _preflight(request: http.Request) -> http.Response:
+        """CORS preflight, answered locally. No credentials mode: cookies are never accepted anyway."""
+        requested = request.headers.get("access-control-request-headers", "")
+        allowed = _CORS_ALLOWED_HEADERS
+        if requested and all(token.strip().replace("-", "").isalnum() for token in requested.split(",")):
+            allowed = requested.encode()
+        return http.Response.make(
+            204,
+            b"",
+            {
+                "access-control-allow-origin": "*",
+                "access-control-allow-methods": "GET, POST, OPTIONS",
+                "access-control-allow-headers": allowed,
+                "access-control-max-age": "600",
+            },
+        )

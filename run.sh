@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One entry for everything: installs what is missing, then runs the proxy, the tests or the benchmark.
+#   ./run.sh [mitmproxy args]   the proxy (mitmdump, reverse mode, our addons)
+#   ./run.sh web [args]         the same under mitmweb
+#   ./run.sh demo [args]        the proxy against the fake upstream the tests use, with demo keys
+#   ./run.sh test [pytest args] the whole test suite
+#   ./run.sh bench [args]       the benchmark: direct vs bare mitmdump vs this proxy
+set -euo pipefail
+cd "$(dirname "$0")"
+root=$(pwd)
+venv="$root/.venv"
+
+find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.13 python3.12 \
+        "$HOME"/.pyenv/versions/3.13*/bin/python3 "$HOME"/.pyenv/versions/3.12*/bin/python3 python3; do
+        [ -n "$candidate" ] || continue
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Installs a requirements file into .venv unless the same file was installed before.
+install_requirements() {
+    local file=$1 relative=${1#"$root"/}
+    local stamp="$venv/.installed-${relative//\//-}" digest
+    digest=$(sha256sum "$file" | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+        echo "run.sh: installing $file" >&2
+        "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$file" >&2
+        echo "$digest" >"$stamp"
+    fi
+}
+
+ensure_venv() {
+    if [ ! -x "$venv/bin/python" ]; then
+        local python
+        if ! python=$(find_python); then
+            echo "run.sh: this proxy needs Python 3.12 or newer; install it (or set PYTHON=/path/to/python3.12) and run again." >&2
+            exit 1
+        fi
+        echo "run.sh: creating .venv with $python" >&2
+        "$python" -m venv "$venv"
+    fi
+    install_requirements "$root/requirements.txt"
+}
+
+command=${1:-}
+case "$command" in
+    test)
+        shift
+        ensure_venv
+        install_requirements "$root/tests/requirements.txt"
+        exec "$venv/bin/python" -m pytest -c "$root/tests/pytest.ini" --rootdir "$root" "$@"
+        ;;
+    bench)
+        shift
+        ensure_venv
+        install_requirements "$root/tests/requirements.txt"
+        exec "$venv/bin/python" -m tests.bench.bench "$@"
+        ;;
+    demo)
+        shift
+        ensure_venv
+        install_requirements "$root/tests/requirements.txt"
+        exec "$venv/bin/python" -m tests.demo "$@"
+        ;;
+    web)
+        shift
+        ensure_venv
+        exec "$venv/bin/python" -m addons.proxy web "$@"
+        ;;
+    *)
+        ensure_venv
+        exec "$venv/bin/python" -m addons.proxy dump "$@"
+        ;;
+esac

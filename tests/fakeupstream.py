@@ -1,0 +1,674 @@
+"""A fake OpenAI + Anthropic upstream for the proxy's tests, demo mode and benchmark.
+
+It serves both APIs on one port, answers in their real wire formats (so the official
+SDKs parse it), and records every request that reaches it (``FakeUpstream.requests``,
+or ``GET /_fake/requests``).
+
+How a request is answered is decided by, in order of precedence:
+
+1. Directives anywhere in the raw request body (so in any message, ``system``,
+   ``prompt`` or ``input`` text), written ``#fake:NAME=VALUE``:
+
+   ``status=500``          answer this HTTP status with a matching error body
+   ``error=KIND``          answer this error in the API's own format; KIND is one of
+                           rate_limit, invalid_key, insufficient_quota, credit_balance,
+                           overloaded, server_error, permission
+   ``retry_after=N``       seconds in the ``retry-after`` header of a rate limit
+   ``echo_key=1``          error messages contain the full API key presented
+   ``delay_ms=N``          wait before sending the response headers
+   ``events=N``            content chunks when streaming (default 3)
+   ``interval_ms=N``       wait between streamed content chunks (default 0)
+   ``stall_ms=N``          when streaming, stall this long after the first content chunk
+   ``reset_after=N``       when streaming, drop the connection after N content chunks
+   ``body_bytes=N``        the answer's text is N bytes long
+
+2. A per-key override: ``PUT /_fake/keys/{key}`` with ``{"behaviour": B, ...params}``,
+   B one of ok, slow, rate_limit_for (param ``seconds``) or an error KIND above;
+   params are directive names (``delay_ms``, ``retry_after``, ...).
+   ``DELETE /_fake/keys/{key}`` removes it; ``DELETE /_fake/requests`` clears everything.
+
+3. Markers in the key: ``-429`` rate limit, ``-401`` invalid key, ``-quota`` out of
+   quota/credit, ``-500`` server error, ``-slow`` 300 ms delay; anything else is ok.
+
+Run standalone with ``python -m tests.fakeupstream --port 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import math
+import re
+import signal
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from aiohttp import web
+
+OPENAI_ORG = "org-FAKEORGID1234567890abcd"
+OPENAI_PROJECT = "proj_FAKEPROJECT123456"
+ANTHROPIC_ORG = "00000000-fake-org0-0000-000000000000"
+REPLY = "Hello from the fake upstream."
+DIRECTIVE = re.compile(r"#fake:([a-z_]+)=([A-Za-z0-9_.-]+)")
+KEY_MARKERS = {"-429": "rate_limit", "-401": "invalid_key", "-quota": "insufficient_quota",
+               "-500": "server_error"}
+ERROR_KINDS = {"rate_limit", "invalid_key", "insufficient_quota", "credit_balance",
+               "overloaded", "server_error", "permission"}
+STATUS_KINDS = {400: "bad_request", 401: "invalid_key", 402: "insufficient_quota",
+                403: "permission", 404: "not_found", 429: "rate_limit", 503: "overloaded",
+                529: "overloaded"}
+TEXT_KEYS = ("messages", "content", "text", "system", "prompt", "input", "instructions")
+OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "text-embedding-3-small")
+ANTHROPIC_MODELS = (("claude-sonnet-4-5", "Claude Sonnet 4.5"), ("claude-haiku-4-5", "Claude Haiku 4.5"),
+                    ("claude-opus-4-1", "Claude Opus 4.1"))
+
+
+@dataclass
+class RecordedRequest:
+    """One request exactly as it reached the fake."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    key: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape served by ``GET /_fake/requests``."""
+        return {"method": self.method, "path": self.path, "headers": [list(h) for h in self.headers],
+                "body": self.body.decode("utf-8", errors="replace"), "key": self.key}
+
+
+@dataclass
+class Behaviour:
+    """How to answer one request; built from key markers, overrides and directives."""
+
+    error: str | None = None
+    status: int | None = None
+    retry_after: int = 1
+    echo_key: bool = False
+    delay_ms: int = 0
+    events: int = 3
+    interval_ms: int = 0
+    stall_ms: int = 0
+    reset_after: int | None = None
+    body_bytes: int | None = None
+
+    def apply(self, name: str, value: Any) -> None:
+        """Set one parameter from a directive or override; bad names or values are ignored."""
+        try:
+            if name == "error":
+                if value in ERROR_KINDS:
+                    self.error = value
+            elif name == "status":
+                status = int(value)
+                self.status = None if status < 400 else status
+                self.error = None if status < 400 else STATUS_KINDS.get(
+                    status, "server_error" if status >= 500 else "bad_request")
+            elif name == "echo_key":
+                self.echo_key = str(value).lower() in ("1", "true", "yes")
+            elif name in ("retry_after", "delay_ms", "events", "interval_ms", "stall_ms",
+                          "reset_after", "body_bytes"):
+                setattr(self, name, max(0, int(value)))
+        except (TypeError, ValueError):
+            pass
+
+
+@dataclass
+class Call:
+    """A request being answered: what the endpoint handlers need."""
+
+    request: web.Request
+    api: str
+    key: str | None
+    payload: dict[str, Any]
+    behaviour: Behaviour
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def stream(self) -> bool:
+        return self.payload.get("stream") is True
+
+    @property
+    def model(self) -> str:
+        return str(self.payload.get("model") or "fake-model")
+
+    @property
+    def prompt_tokens(self) -> int:
+        """A crude token count: the words in the request's text."""
+        return max(1, len(" ".join(_texts(self.payload)).split()))
+
+    def reply(self) -> str:
+        """The answer text: the fixed reply, or ``body_bytes`` bytes of filler."""
+        n = self.behaviour.body_bytes
+        return REPLY if n is None else ("fake " * (n // 5 + 1))[:n]
+
+    def chunks(self) -> list[str]:
+        """The reply split into ``events`` non-empty pieces (repeated if too short)."""
+        text, n = self.reply(), self.behaviour.events
+        while 0 < len(text) < n:
+            text += " " + text
+        return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
+
+
+Event = tuple[str | None, Any, bool]  # (SSE event name, data, is a content chunk)
+
+
+def _texts(value: Any) -> list[str]:
+    """All prompt strings in a request payload (messages, parts, system, prompt, input)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [t for item in value for t in _texts(item)]
+    if isinstance(value, dict):
+        return [t for k in TEXT_KEYS if k in value for t in _texts(value[k])]
+    return []
+
+
+def _words(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def _id(prefix: str, length: int = 24) -> str:
+    return prefix + uuid.uuid4().hex[:length]
+
+
+def _sse(name: str | None, data: Any) -> bytes:
+    """One server-sent event, with an ``event:`` line if named."""
+    body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {name}\n" if name else "").encode() + f"data: {body}\n\n".encode()
+
+
+def _bearer(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer X`` header."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _mask(key: str) -> str:
+    return f"{key[:3]}...{key[-4:]}" if len(key) > 8 else "***"
+
+
+class FakeUpstream:
+    """The fake server; ``start()`` it on a loop, or use ``start_in_thread()``."""
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._overrides: dict[str, dict[str, Any]] = {}
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._routes = {
+            ("POST", "/v1/chat/completions"): ("openai", self._chat),
+            ("POST", "/v1/completions"): ("openai", self._completions),
+            ("POST", "/v1/responses"): ("openai", self._responses),
+            ("POST", "/v1/embeddings"): ("openai", self._embeddings),
+            ("POST", "/v1/messages"): ("anthropic", self._messages),
+            ("POST", "/v1/messages/count_tokens"): ("anthropic", self._count_tokens),
+            ("POST", "/v1/complete"): ("anthropic", self._complete),
+            ("GET", "/v1/models"): (None, self._models),
+        }
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Start listening; ``port`` 0 picks a free one."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/_fake/requests", self._list_requests)
+        app.router.add_delete("/_fake/requests", self._clear_requests)
+        app.router.add_put("/_fake/keys/{key}", self._put_key)
+        app.router.add_delete("/_fake/keys/{key}", self._delete_key)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.host, self.port = host, self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop listening and drop open connections."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def reset(self) -> None:
+        """Forget recorded requests and per-key overrides."""
+        self.requests.clear()
+        self._overrides.clear()
+
+    def set_key_behaviour(self, key: str, behaviour: str = "ok", **params: Any) -> None:
+        """Override how ``key`` is answered (same as ``PUT /_fake/keys/{key}``)."""
+        if behaviour not in ERROR_KINDS | {"ok", "slow", "rate_limit_for"}:
+            raise ValueError(f"unknown behaviour {behaviour!r}")
+        float(params.get("seconds", 1))  # rate_limit_for's parameter must be a number
+        self._overrides[key] = {"behaviour": behaviour, **params}
+
+    def clear_key_behaviour(self, key: str) -> None:
+        """Remove the override for ``key``."""
+        self._overrides.pop(key, None)
+
+    def wait_for_requests(self, n: int, timeout: float = 5) -> list[RecordedRequest]:
+        """Poll (from any thread) until at least ``n`` requests were recorded."""
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expected {n} requests, got {len(self.requests)}")
+            time.sleep(0.005)
+        return list(self.requests)
+
+    # -- control endpoints ---------------------------------------------------------
+
+    async def _list_requests(self, request: web.Request) -> web.Response:
+        return web.json_response([r.to_json() for r in self.requests])
+
+    async def _clear_requests(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.Response(status=204)
+
+    async def _put_key(self, request: web.Request) -> web.Response:
+        try:
+            spec = await request.json()
+            self.set_key_behaviour(request.match_info["key"], **spec)
+        except (ValueError, TypeError) as err:
+            return web.json_response({"error": str(err)}, status=400)
+        return web.Response(status=204)
+
+    async def _delete_key(self, request: web.Request) -> web.Response:
+        self.clear_key_behaviour(request.match_info["key"])
+        return web.Response(status=204)
+
+    # -- dispatch ------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        """Record the request, check auth and body, pick a behaviour, then answer."""
+        body = await request.read()
+        key = _bearer(request) or request.headers.get("x-api-key") or None
+        if not request.path.startswith("/_fake/"):  # a mistyped control call is no API request
+            self.requests.append(RecordedRequest(
+                request.method, request.raw_path,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers], body, key))
+        api, handler = self._routes.get((request.method, request.path), (None, None))
+        api = api or self._guess_api(request)
+        call = Call(request, api, key, {}, Behaviour())
+        if handler is None:
+            return self._error(call, "not_found", f"Invalid URL ({request.method} {request.path})")
+        if api == "openai":
+            call.key = _bearer(request)  # OpenAI takes no x-api-key
+        if call.key is None:
+            return self._error(call, "missing_key")
+        if api == "anthropic" and "anthropic-version" not in request.headers:
+            return self._error(call, "bad_request", "anthropic-version: header is required")
+        if request.method == "POST":
+            try:
+                call.payload = json.loads(body)
+                if not isinstance(call.payload, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                return self._error(call, "bad_request", "We could not parse the JSON body of your request.")
+        call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"))
+        if call.behaviour.delay_ms:
+            await asyncio.sleep(call.behaviour.delay_ms / 1000)
+        if call.behaviour.error:
+            return self._error(call, call.behaviour.error)
+        result = handler(call)
+        if isinstance(result, list):
+            return await self._send_stream(call, result)
+        return web.json_response(result, headers=self._headers(call))
+
+    @staticmethod
+    def _guess_api(request: web.Request) -> str:
+        """Which API an unrouted or shared path belongs to (default OpenAI)."""
+        path = request.path
+        if path.startswith(("/v1/messages", "/v1/complete/")) or path == "/v1/complete":
+            return "anthropic"
+        if "anthropic-version" in request.headers or (
+                "x-api-key" in request.headers and "Authorization" not in request.headers):
+            return "anthropic"
+        return "openai"
+
+    def _behaviour(self, key: str, body_text: str) -> Behaviour:
+        """Key markers, replaced by a key override, refined by prompt directives."""
+        behaviour = Behaviour()
+        override = self._overrides.get(key)
+        if override is not None:
+            self._apply_override(behaviour, override)
+        else:
+            behaviour.error = next((kind for marker, kind in KEY_MARKERS.items() if marker in key), None)
+            if "-slow" in key:
+                behaviour.delay_ms = 300
+        for name, value in DIRECTIVE.findall(body_text):
+            behaviour.apply(name, value)
+        return behaviour
+
+    @staticmethod
+    def _apply_override(behaviour: Behaviour, override: dict[str, Any]) -> None:
+        """Apply a per-key override; ``rate_limit_for`` limits until N s after its first 429."""
+        kind = override["behaviour"]
+        for name, value in override.items():
+            behaviour.apply(name, value)
+        if kind in ERROR_KINDS:
+            behaviour.error = kind
+        elif kind == "slow" and "delay_ms" not in override:
+            behaviour.delay_ms = 500
+        elif kind == "rate_limit_for":
+            now = time.monotonic()
+            until = override.setdefault("until", now + float(override.get("seconds", 1)))
+            if now < until:
+                behaviour.error = "rate_limit"
+                behaviour.retry_after = max(1, math.ceil(until - now))
+
+    # -- responses -----------------------------------------------------------------
+
+    @staticmethod
+    def _headers(call: Call, status: int = 200) -> dict[str, str]:
+        """The provider-specific headers a real response carries (the proxy must filter them)."""
+        common = {"server": "cloudflare", "cf-ray": uuid.uuid4().hex[:16] + "-AMS",
+                  "set-cookie": "__cf_bm=fake; path=/"}
+        remaining = "0" if status == 429 else "499"
+        if call.api == "anthropic":
+            reset = (datetime.now(timezone.utc) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return common | {
+                "request-id": _id("req_011CV"), "anthropic-organization-id": ANTHROPIC_ORG,
+                "anthropic-ratelimit-requests-limit": "500", "anthropic-ratelimit-requests-remaining": remaining,
+                "anthropic-ratelimit-requests-reset": reset, "anthropic-ratelimit-tokens-limit": "100000",
+                "anthropic-ratelimit-tokens-remaining": "99000", "anthropic-ratelimit-tokens-reset": reset,
+                "x-robots-tag": "none"}
+        return common | {
+            "openai-organization": OPENAI_ORG, "openai-project": OPENAI_PROJECT, "openai-version": "2020-10-01",
+            "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
+            "x-request-id": _id("req_", 32), "x-ratelimit-limit-requests": "500",
+            "x-ratelimit-remaining-requests": remaining, "x-ratelimit-reset-requests": "120ms",
+            "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29990",
+            "x-ratelimit-reset-tokens": "20ms"}
+
+    def _error(self, call: Call, kind: str, message: str | None = None) -> web.Response:
+        """An error response in the API's own format."""
+        build = self._anthropic_error if call.api == "anthropic" else self._openai_error
+        message = message or f"Invalid request ({call.request.method} {call.request.path})"
+        status, body = build(kind, call.key, call.behaviour.echo_key, message)
+        status = call.behaviour.status or status
+        headers = self._headers(call, status)
+        if status == 429:
+            headers["retry-after"] = str(call.behaviour.retry_after)
+        return web.json_response(body, status=status, headers=headers)
+
+    @staticmethod
+    def _openai_error(kind: str, key: str | None, echo: bool, message: str) -> tuple[int, dict]:
+        """Status and body of an OpenAI error."""
+        key_text = key if echo or not key else _mask(key)
+        status, type_, code, text = {
+            "bad_request": (400, "invalid_request_error", None, message),
+            "not_found": (404, "invalid_request_error", None, message),
+            "missing_key": (401, "invalid_request_error", None,
+                            "You didn't provide an API key. You need to provide your API key in an Authorization "
+                            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."),
+            "invalid_key": (401, "invalid_request_error", "invalid_api_key",
+                            f"Incorrect API key provided: {key_text} (organization {OPENAI_ORG}). You can find "
+                            "your API key at https://platform.openai.com/account/api-keys."),
+            "permission": (403, "request_forbidden", "unsupported_country_region_territory",
+                           "Country, region, or territory not supported"),
+            "rate_limit": (429, "requests", "rate_limit_exceeded",
+                           f"Rate limit reached in organization {OPENAI_ORG} on requests per min (RPM): "
+                           "Limit 500, Used 500, Requested 1. Please try again in 120ms."),
+            "insufficient_quota": (429, "insufficient_quota", "insufficient_quota",
+                                   "You exceeded your current quota, please check your plan and billing details."),
+            "server_error": (500, "server_error", None,
+                             "The server had an error while processing your request. Sorry about that!"),
+            "overloaded": (503, "server_error", None, "The engine is currently overloaded, please try again later."),
+        }[kind.replace("credit_balance", "insufficient_quota")]
+        if echo and key and key not in text:
+            text += f" (API key: {key})"
+        return status, {"error": {"message": text, "type": type_, "param": None, "code": code}}
+
+    @staticmethod
+    def _anthropic_error(kind: str, key: str | None, echo: bool, message: str) -> tuple[int, dict]:
+        """Status and body of an Anthropic error."""
+        status, type_, text = {
+            "bad_request": (400, "invalid_request_error", message),
+            "not_found": (404, "not_found_error", "Not Found"),
+            "missing_key": (401, "authentication_error", "x-api-key header is required"),
+            "invalid_key": (401, "authentication_error", "invalid x-api-key"),
+            "permission": (403, "permission_error",
+                           "Your API key does not have permission to use the specified resource."),
+            "rate_limit": (429, "rate_limit_error",
+                           "Number of requests has exceeded your per-minute rate limit. Please try again later."),
+            "credit_balance": (400, "invalid_request_error",
+                               "Your credit balance is too low to access the Anthropic API. "
+                               "Please go to Plans & Billing to upgrade or purchase credits."),
+            "server_error": (500, "api_error", "Internal server error"),
+            "overloaded": (529, "overloaded_error", "Overloaded"),
+        }[kind.replace("insufficient_quota", "credit_balance")]
+        if echo and key:
+            text += f": {key}"
+        return status, {"type": "error", "error": {"type": type_, "message": text}, "request_id": _id("req_011CV")}
+
+    async def _send_stream(self, call: Call, events: list[Event]) -> web.StreamResponse:
+        """Write each event separately, honouring interval, stall and reset directives."""
+        b = call.behaviour
+        response = web.StreamResponse(headers=self._headers(call) | {
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+        response.enable_chunked_encoding()
+        await response.prepare(call.request)
+        sent = 0
+        try:
+            for index, (name, data, is_content) in enumerate(events):
+                if index and b.reset_after is not None and sent >= b.reset_after:
+                    await self._abort(call.request)
+                    return response
+                if is_content and sent and b.interval_ms:
+                    await asyncio.sleep(b.interval_ms / 1000)
+                await response.write(_sse(name, data))
+                if is_content:
+                    sent += 1
+                    if sent == 1 and b.stall_ms:
+                        await asyncio.sleep(b.stall_ms / 1000)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away
+        return response
+
+    @staticmethod
+    async def _abort(request: web.Request) -> None:
+        """Drop the connection once what was written has left, without ending the body."""
+        transport = request.transport
+        while transport is not None and not transport.is_closing() and transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        if transport is not None:
+            transport.abort()
+
+    # -- OpenAI endpoints ----------------------------------------------------------
+
+    def _chat(self, call: Call) -> dict | list[Event]:
+        """``POST /v1/chat/completions``."""
+        base = {"id": _id("chatcmpl-"), "created": int(time.time()), "model": call.model,
+                "system_fingerprint": "fp_fake"}
+        text = call.reply()
+        usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": _words(text),
+                 "total_tokens": call.prompt_tokens + _words(text)}
+        if not call.stream:
+            return base | {"object": "chat.completion", "usage": usage, "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None, "finish_reason": "stop"}]}
+        with_usage = bool((call.payload.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta: dict, finish: str | None) -> dict:
+            extra = {"usage": None} if with_usage else {}
+            return base | {"object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
+
+        events: list[Event] = [(None, chunk({"role": "assistant", "content": ""}, None), False)]
+        events += [(None, chunk({"content": piece}, None), True) for piece in call.chunks()]
+        events.append((None, chunk({}, "stop"), False))
+        if with_usage:
+            events.append((None, base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}, False))
+        return events + [(None, "[DONE]", False)]
+
+    def _completions(self, call: Call) -> dict | list[Event]:
+        """``POST /v1/completions`` (legacy text completions)."""
+        base = {"id": _id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": call.model}
+        text = call.reply()
+        usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": _words(text),
+                 "total_tokens": call.prompt_tokens + _words(text)}
+
+        def choice(piece: str, finish: str | None) -> dict:
+            return {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        if not call.stream:
+            return base | {"choices": [choice(text, "stop")], "usage": usage}
+        events: list[Event] = [(None, base | {"choices": [choice(p, None)]}, True) for p in call.chunks()]
+        events.append((None, base | {"choices": [choice("", "stop")]}, False))
+        if (call.payload.get("stream_options") or {}).get("include_usage"):
+            events.append((None, base | {"choices": [], "usage": usage}, False))
+        return events + [(None, "[DONE]", False)]
+
+    def _responses(self, call: Call) -> dict | list[Event]:
+        """``POST /v1/responses`` (Responses API), with the real streaming event sequence."""
+        text, item_id = call.reply(), _id("msg_", 32)
+        usage = {"input_tokens": call.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": _words(text), "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": call.prompt_tokens + _words(text)}
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        response = {"id": _id("resp_", 32), "object": "response", "created_at": int(time.time()),
+                    "status": "completed", "error": None, "incomplete_details": None,
+                    "instructions": call.payload.get("instructions"), "model": call.model, "output": [item],
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "metadata": {},
+                    "temperature": 1.0, "top_p": 1.0, "usage": usage}
+        if not call.stream:
+            return response
+        in_progress = response | {"status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        steps: list[tuple[str, dict, bool]] = [
+            ("response.created", {"response": in_progress}, False),
+            ("response.in_progress", {"response": in_progress}, False),
+            ("response.output_item.added", {"output_index": 0, "item": item | {
+                "status": "in_progress", "content": []}}, False),
+            ("response.content_part.added", where | {"part": part | {"text": ""}}, False)]
+        steps += [("response.output_text.delta", where | {"delta": p, "logprobs": []}, True) for p in call.chunks()]
+        steps += [("response.output_text.done", where | {"text": text, "logprobs": []}, False),
+                  ("response.content_part.done", where | {"part": part}, False),
+                  ("response.output_item.done", {"output_index": 0, "item": item}, False),
+                  ("response.completed", {"response": response}, False)]
+        return [(name, {"type": name, "sequence_number": n} | data, content)
+                for n, (name, data, content) in enumerate(steps)]
+
+    def _embeddings(self, call: Call) -> dict:
+        """``POST /v1/embeddings``: small deterministic vectors, float or base64."""
+        inputs = call.payload.get("input")
+        inputs = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+        data = []
+        for index, item in enumerate(inputs):
+            digest = hashlib.sha256(json.dumps(item).encode()).digest()
+            vector = [round(b / 255 - 0.5, 4) for b in digest[:8]]
+            embedding: Any = vector
+            if call.payload.get("encoding_format") == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        return {"object": "list", "data": data, "model": call.model,
+                "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}}
+
+    def _models(self, call: Call) -> dict:
+        """``GET /v1/models`` in whichever API's list shape the request looks like."""
+        if call.api == "openai":
+            return {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"} for m in OPENAI_MODELS]}
+        data = [{"type": "model", "id": m, "display_name": name, "created_at": "2025-09-29T00:00:00Z"}
+                for m, name in ANTHROPIC_MODELS]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+
+    # -- Anthropic endpoints -------------------------------------------------------
+
+    def _messages(self, call: Call) -> dict | list[Event]:
+        """``POST /v1/messages``, with the real streaming event sequence."""
+        text = call.reply()
+        message = {"id": _id("msg_01", 22), "type": "message", "role": "assistant", "model": call.model,
+                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+                   "usage": {"input_tokens": call.prompt_tokens, "output_tokens": _words(text)}}
+        if not call.stream:
+            return message
+        start = message | {"content": [], "stop_reason": None,
+                           "usage": {"input_tokens": call.prompt_tokens, "output_tokens": 1}}
+        steps: list[tuple[str, dict, bool]] = [
+            ("message_start", {"message": start}, False),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}, False),
+            ("ping", {}, False)]
+        steps += [("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}, True)
+                  for p in call.chunks()]
+        steps += [("content_block_stop", {"index": 0}, False),
+                  ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "usage": {"output_tokens": _words(text)}}, False),
+                  ("message_stop", {}, False)]
+        return [(name, {"type": name} | data, content) for name, data, content in steps]
+
+    def _count_tokens(self, call: Call) -> dict:
+        """``POST /v1/messages/count_tokens``."""
+        return {"input_tokens": call.prompt_tokens}
+
+    def _complete(self, call: Call) -> dict | list[Event]:
+        """``POST /v1/complete`` (legacy text completions)."""
+        base = {"type": "completion", "id": _id("compl_01", 22), "model": call.model}
+        if not call.stream:
+            return base | {"completion": " " + call.reply(), "stop_reason": "stop_sequence", "stop": "\n\nHuman:"}
+        events: list[Event] = [("completion", base | {"completion": p, "stop_reason": None}, True)
+                               for p in call.chunks()]
+        events.append(("completion", base | {"completion": "", "stop_reason": "stop_sequence"}, False))
+        return events
+
+
+def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> FakeUpstream:
+    """Start a fake on its own event loop in a daemon thread; returns once listening."""
+    fake = FakeUpstream()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(host, port), loop).result(timeout=10)
+    fake._loop, fake._thread = loop, thread
+    return fake
+
+
+def stop_in_thread(fake: FakeUpstream) -> None:
+    """Stop a fake started by ``start_in_thread`` and end its thread."""
+    if fake._loop is None or fake._thread is None:
+        return
+    asyncio.run_coroutine_threadsafe(fake.stop(), fake._loop).result(timeout=10)
+    fake._loop.call_soon_threadsafe(fake._loop.stop)
+    fake._thread.join(timeout=10)
+    fake._loop.close()
+    fake._loop = fake._thread = None
+
+
+async def _serve(host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    fake = FakeUpstream()
+    await fake.start(host, port)
+    print(f"fake upstream listening on {fake.url}", flush=True)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    await stopped.wait()
+    await fake.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI + Anthropic upstream for tests and demos.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Starts the real proxy (our entry point, mitmdump with the addons) as a subprocess for end-to-end tests."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"listening at (?:\[[^\]]+\]|[\d.]+):(\d+)")
+
+
+class ProxyProcess:
+    """One proxy process with its own environment, confdir and log file; `url` once started."""
+
+    def __init__(self, env: dict[str, str] | None = None, args: list[str] = (), ui: str = "dump"):
+        self.workdir = Path(tempfile.mkdtemp(prefix="llmproxy-test-"))
+        self.log_path = self.workdir / "proxy.log"
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "PORT": "0",
+            "BUILD_INFO": "test",
+            **(env or {}),
+        }
+        self.args = ["--set", f"confdir={self.workdir / 'confdir'}", *args]
+        self.ui = ui
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15) -> "ProxyProcess":
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "addons.proxy", self.ui, *self.args],
+                cwd=self.workdir,  # no stray .env from the developer's checkout
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := _LISTENING.search(self.log()):
+                self.port = int(match.group(1))
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"proxy did not start within {timeout} s:\n{self.log()}")
+
+    def run_to_exit(self, timeout: float = 15) -> int:
+        """For start-up failures: runs the process until it exits and returns its exit code."""
+        with open(self.log_path, "wb") as log:
+            completed = subprocess.run(
+                [sys.executable, "-m", "addons.proxy", self.ui, *self.args],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            )
+        return completed.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "ProxyProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
