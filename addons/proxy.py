@@ -69,6 +69,7 @@ def with_addons(base: type) -> type:
 
 
 def run(argv: list[str]) -> None:
+    sys.argv[0] = PROGRAM  # mitmproxy prefixes its own option errors with it
     ui, args = (argv[0], argv[1:]) if argv and argv[0] in ("dump", "web") else ("dump", argv)
     if ui == "web":
         main.run(with_addons(WebMaster), cmdline.mitmweb, args)

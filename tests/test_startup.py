@@ -1,0 +1,62 @@
+"""Start-up: a bad setting stops the proxy with one sentence naming it, never a traceback."""
+
+import time
+
+import httpx
+import pytest
+
+from tests.harness import ProxyProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize(
+    "env, args, sentence",
+    [
+        ({"UPSTREAM_TIMEOUT": "soon"}, [], "UPSTREAM_TIMEOUT must be a whole number"),
+        ({"PORT": "http"}, [], "PORT must be a whole number"),
+        ({"MAX_REQUEST_BODY": "lots"}, [], "MAX_REQUEST_BODY must be a size"),
+        ({"OPENAI_UPSTREAM_URL": "ftp://example"}, [], "OPENAI_UPSTREAM_URL must be an http:// or https:// URL"),
+        ({"PROXY_CONFIG": "/nonexistent.yaml"}, [], "Cannot read the configuration file /nonexistent.yaml"),
+        ({}, ["--set", "connection_strategy=eager"], "connection_strategy must stay 'lazy'"),
+        ({}, ["--set", "stream_large_bodies=1"], "stream_large_bodies cannot be used"),
+        ({}, ["--set", "validate_inbound_headers=false"], "validate_inbound_headers must stay on"),
+        ({}, ["--mode", "reverse:https://api.openai.com"], "is not accepted"),
+        ({}, ["--set", "upstream_timeout=-1"], "UPSTREAM_TIMEOUT must be a positive number"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_sentence(env, args, sentence):
+    process = ProxyProcess(env, args=args)
+    assert process.run_to_exit() != 0
+    output = process.log()
+    assert sentence in output
+    assert "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1, output
+
+
+def test_unknown_setting_in_config_file_is_named(tmp_path):
+    config = tmp_path / "proxy.yaml"
+    config.write_text("model_rate_limt: 4\n")
+    process = ProxyProcess({"PROXY_CONFIG": str(config)})
+    assert process.run_to_exit() != 0
+    assert "'model_rate_limt'" in process.log() and "Traceback" not in process.log()
+
+
+def test_settings_from_a_dotenv_file_and_a_config_file(tmp_path):
+    config = tmp_path / "proxy.yaml"
+    config.write_text("server_title: From the file\n")
+    with ProxyProcess({"PROXY_CONFIG": str(config)}) as proxy:
+        assert httpx.get(f"{proxy.url}/status").json()["title"] == "From the file"
+    process = ProxyProcess({"PROXY_CONFIG": str(config)})
+    (process.workdir / ".env").write_text("SERVER_TITLE='From dotenv'\nOPENAI_KEY=sk-a,sk-b\n")
+    with process as proxy:
+        status = httpx.get(f"{proxy.url}/status").json()
+        assert status["title"] == "From dotenv"
+        assert status["openai"]["keys"]["total"] == 2
+
+
+def test_starts_without_keys_and_answers_at_once():
+    started = time.monotonic()
+    with ProxyProcess() as proxy:
+        assert httpx.get(f"{proxy.url}/health").text == "OK"
+        print(f"start-up to first answer: {time.monotonic() - started:.2f} s")
