@@ -1,0 +1,411 @@
+"""The benchmark: the fake upstream directly vs bare mitmdump in front of it vs this proxy in front of it.
+
+    python -m tests.bench.bench [--quick]
+
+Starts the three servers, measures latency, throughput, time to the first SSE byte and many concurrent
+streams against each, prints one table and whether the targets were met, and stops everything it started.
+Timings are information: the exit code is non-zero only when the benchmark itself could not run.
+
+The client is a minimal HTTP/1.1 client on asyncio streams in this process: it costs less CPU than aiohttp
+(the machine may have only 2 cores, shared by client and servers) and does the same work for every target.
+"Proxy process CPU" is the CPU time of the process in the middle (mitmdump or this proxy), read from /proc;
+"client CPU" is this process's own, to show that the load generator worked alike against every target.
+"""
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness import ROOT, ProxyProcess
+
+_LISTENING = re.compile(rb"listening (?:at|on) (?:http://)?127\.0\.0\.1:(\d+)")
+KEY = "sk-bench-one"
+HELLO = "Hello"
+FIRST_BYTE_PROMPT = "Hello #fake:events=20 #fake:interval_ms=50"
+STREAM_PROMPT = "Hello #fake:events=40 #fake:interval_ms=50"
+CONCURRENCY = 16
+REQUEST_TIMEOUT = 30  # seconds; a request that takes longer counts as an error
+CLIENT_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+
+
+@dataclass(frozen=True)
+class Settings:
+    latency_requests: int
+    throughput_seconds: float
+    first_byte_tries: int
+    streams: int
+    ramp_seconds: float
+
+
+FULL = Settings(latency_requests=1000, throughput_seconds=8, first_byte_tries=10, streams=500, ramp_seconds=1.0)
+QUICK = Settings(latency_requests=200, throughput_seconds=2, first_byte_tries=3, streams=50, ramp_seconds=0.5)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    path: str
+    pid: int | None  # the process in the middle, whose CPU and memory are reported; None for direct
+
+    def request(self, prompt: str, stream: bool = False) -> bytes:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}
+        if stream:
+            body["stream"] = True
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        return head.encode() + data
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.reusable = True
+
+    @classmethod
+    async def open(cls, port: int) -> "Connection":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, raw: bytes) -> tuple[int, bytes, float | None]:
+        """Sends one request; returns the status, the body and when the body's first byte arrived."""
+        self.writer.write(raw)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        fields = {name.strip(): value.strip() for name, _, value in (line.partition(":") for line in head[1:])}
+        self.reusable = fields.get("connection") != "close"
+        first = None
+        if "chunked" in fields.get("transfer-encoding", ""):
+            parts = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                first = first or time.perf_counter()
+                parts.append((await self.reader.readexactly(size + 2))[:-2])
+            while await self.reader.readline() != b"\r\n":
+                pass  # trailers
+            return status, b"".join(parts), first
+        if status in (204, 304):
+            return status, b"", None
+        if "content-length" in fields:
+            body = await self.reader.readexactly(int(fields["content-length"]))
+        else:
+            body, self.reusable = await self.reader.read(), False
+        return status, body, time.perf_counter()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def percentile(samples: list[float], p: int) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[p - 1] if len(samples) > 1 else samples[0]
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def in_turns(targets: list[Target], prompt: str, stream: bool, rounds: int, per_round: int) -> dict:
+    """Sequential requests, one keep-alive connection per target; the targets take turns, `per_round` requests
+    each, so that the machine's slow spells (they last seconds here) hit every target alike. Round 0 only
+    warms up. Returns each target's (total ms, first body byte ms) per request; a failure stops the benchmark."""
+    conns = {target.name: await Connection.open(target.port) for target in targets}
+    samples = {target.name: [] for target in targets}
+    for round_ in range(1 + rounds):
+        for target in targets:
+            raw = target.request(prompt, stream)
+            for _ in range(per_round):
+                started = time.perf_counter()
+                status, body, first = await conns[target.name].request(raw)
+                complete = body.rstrip().endswith(b"data: [DONE]") if stream else b'"chat.completion"' in body
+                if status != 200 or not complete:
+                    raise RuntimeError(f"{target.name} answered {status}: {body[-300:]!r}")
+                if round_:
+                    samples[target.name].append(((time.perf_counter() - started) * 1000, (first - started) * 1000))
+    for conn in conns.values():
+        conn.close()
+    return samples
+
+
+async def throughput(target: Target, seconds: float) -> dict[str, float]:
+    """CONCURRENCY keep-alive connections sending requests back to back for a fixed time."""
+    raw, counts = target.request(HELLO), collections.Counter()
+    conns = [await Connection.open(target.port) for _ in range(CONCURRENCY)]
+
+    async def worker(conn: Connection | None) -> None:
+        while time.perf_counter() < deadline:
+            try:
+                conn = conn or await Connection.open(target.port)
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    status, _, _ = await conn.request(raw)
+                counts["ok" if status == 200 else f"HTTP {status}"] += 1
+                if not conn.reusable:
+                    conn.close()
+                    conn = None
+            except CLIENT_ERRORS as e:
+                counts[type(e).__name__] += 1
+                if conn:
+                    conn.close()
+                conn = None
+        if conn:
+            conn.close()
+
+    server_cpu, client_cpu, started = cpu_seconds(target.pid), time.process_time(), time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(*(worker(conn) for conn in conns))
+    elapsed, requests = time.perf_counter() - started, max(1, sum(counts.values()))
+    return {
+        "rps": counts["ok"] / elapsed,
+        "errors": requests - counts["ok"],
+        "client_us": (time.process_time() - client_cpu) / requests * 1e6,
+        "server_us": (cpu_seconds(target.pid) - server_cpu) / requests * 1e6 if target.pid else None,
+        "error_kinds": {kind: n for kind, n in counts.items() if kind != "ok"},
+    }
+
+
+async def streams(target: Target, n: int, ramp: float) -> dict[str, float]:
+    """N streams at once, each on its own connection, started over `ramp` seconds; peak RSS sampled meanwhile."""
+    raw, errors, peak = target.request(STREAM_PROMPT, stream=True), collections.Counter(), [rss_mb(target.pid)]
+
+    async def one(i: int) -> float | None:
+        await asyncio.sleep(i * ramp / n)
+        started, conn = time.perf_counter(), None
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                conn = await Connection.open(target.port)
+                status, body, _ = await conn.request(raw)
+        except CLIENT_ERRORS as e:
+            errors[type(e).__name__] += 1
+            return None
+        finally:
+            if conn:
+                conn.close()
+        if status != 200 or not body.rstrip().endswith(b"data: [DONE]"):
+            errors[f"HTTP {status}" if status != 200 else "incomplete stream"] += 1
+            return None
+        return (time.perf_counter() - started) * 1000
+
+    async def sample_rss() -> None:
+        while True:
+            peak.append(rss_mb(target.pid))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample_rss()) if target.pid else None
+    server_cpu = cpu_seconds(target.pid)
+    totals = [t for t in await asyncio.gather(*(one(i) for i in range(n))) if t is not None]
+    if sampler:
+        sampler.cancel()
+    return {
+        "errors": n - len(totals),
+        "p50": statistics.median(totals) if totals else None,
+        "p99": percentile(totals, 99) if totals else None,
+        "server_ms": (cpu_seconds(target.pid) - server_cpu) / n * 1000 if target.pid else None,
+        "rss_peak": max(peak) if target.pid else None,
+        "error_kinds": dict(errors),
+    }
+
+
+async def clear_fake_records(fake: Target) -> None:
+    """The fake keeps every request it saw; forget them between phases so its memory stays flat."""
+    conn = await Connection.open(fake.port)
+    await conn.request(b"DELETE /_fake/requests HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+    conn.close()
+
+
+async def measure(targets: list[Target], settings: Settings) -> dict:
+    """Every measurement against every target: sequential ones taking turns, loads one target at a time."""
+    results = {"rss_start": {t.name: rss_mb(t.pid) for t in targets}, "latency": {}, "first_byte": {}}
+    print("  latency and first SSE byte, the targets taking turns ...", file=sys.stderr, flush=True)
+    for name, samples in (await in_turns(targets, HELLO, False, settings.latency_requests // 50, 50)).items():
+        totals = [total for total, _ in samples]
+        results["latency"][name] = {"p50": statistics.median(totals), "p99": percentile(totals, 99)}
+    for name, samples in (await in_turns(targets, FIRST_BYTE_PROMPT, True, settings.first_byte_tries, 1)).items():
+        results["first_byte"][name] = {"ms": statistics.median(first for _, first in samples)}
+    phases = [
+        ("throughput", lambda t: throughput(t, settings.throughput_seconds)),
+        ("streams", lambda t: streams(t, settings.streams, settings.ramp_seconds)),
+    ]
+    for phase, run in phases:
+        results[phase] = {}
+        for target in targets:
+            await clear_fake_records(targets[0])
+            print(f"  {phase:<10} {target.name} ...", file=sys.stderr, flush=True)
+            results[phase][target.name] = await run(target)
+    await asyncio.sleep(1)
+    results["rss_end"] = {t.name: rss_mb(t.pid) for t in targets}
+    return results
+
+
+def report(results: dict, names: list[str], settings: Settings) -> None:
+    """The table, the targets and anything that went wrong in detail."""
+    direct, bare, proxy = names
+    n = settings.streams
+
+    def get(phase: str, key: str) -> dict:
+        return {name: results[phase][name][key] for name in names}
+
+    lat50, thr, fb, st50 = get("latency", "p50"), get("throughput", "rps"), get("first_byte", "ms"), get("streams", "p50")
+    added = {name: lat50[name] - lat50[direct] for name in names}
+    rows = [
+        ("latency c=1 p50 (ms)", lat50, ".2f"),
+        ("latency c=1 p99 (ms)", get("latency", "p99"), ".2f"),
+        ("added latency p50 (ms)", added, ".2f"),
+        (f"throughput c={CONCURRENCY} (req/s)", thr, ".0f"),
+        (f"throughput c={CONCURRENCY} errors", get("throughput", "errors"), "d"),
+        ("throughput: proxy process CPU (us/req)", get("throughput", "server_us"), ".0f"),
+        ("throughput: client CPU (us/req)", get("throughput", "client_us"), ".0f"),
+        ("first SSE byte, median (ms)", fb, ".2f"),
+        (f"{n} streams: errors", get("streams", "errors"), "d"),
+        (f"{n} streams: total p50 (ms)", st50, ".0f"),
+        (f"{n} streams: total p99 (ms)", get("streams", "p99"), ".0f"),
+        (f"{n} streams: proxy process CPU (ms/stream)", get("streams", "server_ms"), ".1f"),
+        ("RSS after start-up (MB)", results["rss_start"], ".1f"),
+        (f"RSS peak, {n} streams (MB)", get("streams", "rss_peak"), ".1f"),
+        ("RSS at the end (MB)", results["rss_end"], ".1f"),
+    ]
+    cell = lambda value, fmt: "-" if value is None else format(value, fmt)  # noqa: E731
+    ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}"  # noqa: E731
+    header = ("measurement", "direct", "bare mitmdump", "this proxy", "proxy÷bare", "proxy÷direct")
+    lines = [header] + [
+        (label, *(cell(values[name], fmt) for name in names), ratio(values[proxy], values[bare]),
+         ratio(values[proxy], values[direct]))
+        for label, values, fmt in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
+
+    targets = [
+        (f"throughput ≥ 0.85× bare mitmdump ({thr[proxy] / thr[bare]:.2f}×)", thr[proxy] >= 0.85 * thr[bare]),
+        (f"p50 added latency ≤ bare's + 1 ms ({added[proxy]:.2f} vs {added[bare]:.2f} ms)",
+         added[proxy] <= added[bare] + 1),
+        (f"first SSE byte within 3 ms of bare mitmdump ({fb[proxy] - fb[bare]:+.2f} ms)", fb[proxy] <= fb[bare] + 3),
+        (f"{n} streams: 0 errors, total p50 ≤ 1.3× bare ({results['streams'][proxy]['errors']} errors, "
+         + (f"{st50[proxy] / st50[bare]:.2f}×)" if st50[proxy] and st50[bare] else "no p50)"),
+         results["streams"][proxy]["errors"] == 0 and bool(st50[proxy] and st50[bare]) and st50[proxy] <= 1.3 * st50[bare]),
+    ]
+    print("\ntargets:")
+    for text, met in targets:
+        print(f"  [{'met' if met else 'MISSED'}] {text}")
+    for phase in ("throughput", "streams"):
+        for name in names:
+            if kinds := results[phase][name]["error_kinds"]:
+                print(f"  {phase} errors at {name}: {kinds}")
+
+
+def spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_port(process: subprocess.Popen, log_path: Path, timeout: float = 15) -> int:
+    """Waits for the process's "listening" line and returns the port it names."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if match := _LISTENING.search(log_path.read_bytes()):
+            return int(match.group(1))
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}; see {log_path}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{process.args[:3]} did not start within {timeout} s; see {log_path}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs and 50 streams instead of 500")
+    settings = QUICK if parser.parse_args().quick else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
+    logs = {"fake upstream": workdir / "fake.log", "bare mitmdump": workdir / "mitmdump.log"}
+    processes: list[subprocess.Popen] = []
+    proxy: ProxyProcess | None = None
+    started, failed = time.monotonic(), True
+    try:
+        fake = spawn([sys.executable, "-m", "tests.fakeupstream", "--port", "0"], logs["fake upstream"], ROOT)
+        processes.append(fake)
+        fake_port = wait_for_port(fake, logs["fake upstream"])
+        fake_url = f"http://127.0.0.1:{fake_port}"
+        bare = spawn(  # waited for after the proxy started: both boot at once
+            [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
+             "--mode", f"reverse:{fake_url}@127.0.0.1:0", "--set", "stream_large_bodies=1", "--set", "flow_detail=0",
+             "--set", "connection_strategy=lazy", "--set", f"confdir={workdir / 'conf'}"],
+            logs["bare mitmdump"], workdir,
+        )
+        processes.append(bare)
+        proxy = ProxyProcess(
+            {"OPENAI_KEY": "sk-bench-one,sk-bench-two", "ANTHROPIC_KEY": "sk-ant-bench",
+             "OPENAI_UPSTREAM_URL": fake_url, "ANTHROPIC_UPSTREAM_URL": fake_url},
+            args=["--set", "flow_detail=0"],
+        )
+        logs["this proxy"] = proxy.log_path
+        proxy.start()
+        targets = [
+            Target("direct", fake_port, "/v1/chat/completions", None),
+            Target("bare mitmdump", wait_for_port(bare, logs["bare mitmdump"]), "/v1/chat/completions", bare.pid),
+            Target("this proxy", proxy.port, "/proxy/openai/v1/chat/completions", proxy.process.pid),
+        ]
+        print(f"benchmark ({'quick' if settings is QUICK else 'full'}): {settings}; {os.cpu_count()} cores",
+              file=sys.stderr)
+        results = asyncio.run(measure(targets, settings))
+        print()
+        report(results, [t.name for t in targets], settings)
+        print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
+        failed = False
+        return 0
+    except KeyboardInterrupt:
+        print("benchmark interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("benchmark failed", file=sys.stderr)
+        return 1
+    finally:
+        if proxy:
+            proxy.stop()
+        for process in reversed(processes):
+            stop(process)
+        if failed:  # the logs are kept only when they may be needed
+            print("logs:\n" + "\n".join(f"  {name}: {path}" for name, path in logs.items()), file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(proxy.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
