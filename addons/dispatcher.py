@@ -8,17 +8,23 @@ dispatcher makes the upstream call itself, from the `request` hook, with one poo
 - a buffered answer (JSON) becomes `flow.response`, and mitmproxy never opens an upstream connection;
 - a streamed answer (SSE) is handed to the *pipe*, a loopback HTTP server in the same event loop, which is the
   reverse-mode target of the listener: the flow is pointed at `/pipe/<token>` and mitmproxy streams the pipe's
-  response to the client chunk by chunk, as it would stream any upstream.
+  response to the client chunk by chunk, as it would stream any upstream;
+- a streaming request that has to wait for a key is handed to the pipe at once, and the pipe sends the SSE
+  headers and heartbeat comments while the request waits, then the stream.
 
-The key is added to the outgoing aiohttp request only, as its very last header, after every check passed. It
-is never on the flow, so nothing that shows or saves flows (mitmweb, `-w`, `flow_detail`) can reveal it.
+A rate-limited, revoked or over-quota key is replaced by another before anything reaches the client. The key
+is added to the outgoing aiohttp request only, as its last headers, after every check passed. It is never on
+the flow, so nothing that shows or saves flows (mitmweb, `-w`, `flow_detail`) can reveal it.
 """
 
 import asyncio
+import json
 import logging
 import secrets
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -30,19 +36,22 @@ from addons import headers, scrub
 from addons.apierrors import (
     ANTHROPIC,
     OPENAI,
-    SERVICE_NAMES,
     api_of_path,
     error_body,
     error_response,
     fail_closed,
     sse_error_event,
 )
-from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.keypool import PoolKey, Verdict
+from addons.routes import FORWARD, ROUTES_BY_NAME, Route
+from addons.waitqueue import QueueRefusal
 
 logger = logging.getLogger(__name__)
 
 PIPE_PREFIX = "/pipe/"
 MAX_BUFFERED_RESPONSE = 64 * 1024 * 1024  # a JSON answer larger than this is not an LLM answer
+MAX_ATTEMPTS = 8  # upstream calls for one request, rate-limited and retired keys included
+_SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 
 
 def bind_pipe_socket() -> socket.socket:
@@ -53,14 +62,33 @@ def bind_pipe_socket() -> socket.socket:
     return sock
 
 
-class PipedStream:
-    """An upstream SSE response waiting for mitmproxy to connect to the pipe and collect it."""
+@dataclass
+class Answer:
+    """What the client gets: an open upstream stream, or a complete response (upstream's or ours)."""
 
-    def __init__(self, api: str, status: int, response_headers: list[tuple[bytes, bytes]], upstream):
-        self.api = api
-        self.status = status
-        self.headers = response_headers
-        self.upstream: aiohttp.ClientResponse = upstream
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    stream: aiohttp.ClientResponse | None = None
+
+    @classmethod
+    def error(cls, api: str, status: int, message: str, code: str, retry_after: float | None = None) -> "Answer":
+        extra = [(b"retry-after", str(max(1, round(retry_after))).encode())] if retry_after else []
+        return cls(
+            status,
+            [(b"content-type", b"application/json"), (b"x-proxy-error", code.encode()), *extra],
+            json.dumps(error_body(api, status, message, code)).encode(),
+        )
+
+
+@dataclass
+class PipedRequest:
+    """A flow pointed at the pipe: either an open upstream stream, or a request still waiting for its answer."""
+
+    api: str
+    answer: Answer | None = None
+    job: asyncio.Task | None = None
+    position: Callable[[], int] | None = None
 
 
 class Dispatcher:
@@ -70,7 +98,8 @@ class Dispatcher:
         self.pipe_socket = pipe_socket
         self.session: aiohttp.ClientSession | None = None
         self.ready = asyncio.Event()
-        self.piped: dict[str, PipedStream] = {}
+        self.piped: dict[str, PipedRequest] = {}
+        self.jobs: dict[str, set[asyncio.Task]] = {}  # client connection id -> its requests' upstream work
         self.served = {OPENAI: 0, ANTHROPIC: 0}
         self.upstreams: dict[str, URL] = {}
         self._runner: web.AppRunner | None = None
@@ -140,121 +169,222 @@ class Dispatcher:
         route = ROUTES_BY_NAME.get(meta.get("route"))
         if route is None or route.kind != FORWARD:
             return  # the pipe answers unrouted flows with a 500: nothing unchecked goes anywhere
-        api = route.api
-        key = ctx.master.addons.get("keypool").choose(api)
-        if key is None:
-            meta["decision"] = "no_key"
-            flow.response = error_response(
-                api, 503, f"This proxy has no working {SERVICE_NAMES[api]} key at the moment.", "no_keys_available"
-            )
-            return
-        meta["key"] = key.id
-        url = self.upstreams[api].join(URL(route.upstream_path))
         await asyncio.wait_for(self.ready.wait(), 10)
+        meta.update(keys=[], upstream_url=str(self.upstreams[route.api].join(URL(route.upstream_path))))
+        queue = ctx.master.addons.get("waitqueue")
+        if meta.get("stream") and queue.would_wait(route.api, meta["family"]):
+            # A streaming client hears from us at once (headers, heartbeats) while its request waits for a key.
+            piped = PipedRequest(route.api)
+            piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=lambda p: setattr(piped, "position", p)))
+            self._point_at_pipe(flow, piped)
+            return
+        job = self._start_job(flow, self._obtain(flow, route))
+        await asyncio.wait({job})
+        if job.cancelled():
+            return  # the client left; mitmproxy ends the flow with an error
+        answer = job.result()
+        if answer.stream is not None:
+            self._point_at_pipe(flow, PipedRequest(route.api, answer))
+        else:
+            flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+            flow.request.url = meta["upstream_url"]  # only shown: with a response set, mitmproxy connects nowhere
+
+    @fail_closed
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("llmproxy", {})
+        if meta.get("pipe_token"):
+            flow.response.stream = True
+            flow.request.url = meta["upstream_url"]  # the request has gone to the pipe; show the real target
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        """The client left before mitmproxy collected its stream: stop the upstream work."""
+        token = flow.metadata.get("llmproxy", {}).get("pipe_token")
+        if token and (piped := self.piped.pop(token, None)):
+            self._discard(piped)
+
+    def client_disconnected(self, client) -> None:
+        """A client that leaves takes its waiting or running upstream requests with it."""
+        for job in self.jobs.pop(client.id, set()):
+            job.cancel()
+
+    def _start_job(self, flow: http.HTTPFlow, work) -> asyncio.Task:
+        job = asyncio.create_task(work)
+        jobs = self.jobs.setdefault(flow.client_conn.id, set())
+        jobs.add(job)
+        job.add_done_callback(lambda done: jobs.discard(done))
+        return job
+
+    @staticmethod
+    def _discard(piped: PipedRequest) -> None:
+        if piped.job:
+            piped.job.cancel()
+        if piped.answer and piped.answer.stream is not None:
+            piped.answer.stream.close()
+
+    async def _obtain(self, flow: http.HTTPFlow, route: Route, on_queued=None) -> Answer:
+        """The answer to the request: retried on other keys until one answers, or an error for the client."""
+        meta = flow.metadata["llmproxy"]
+        api, family = route.api, meta["family"]
+        pool, queue = ctx.master.addons.get("keypool"), ctx.master.addons.get("waitqueue")
+        arrived = time.time()
+        answer: Answer | None = None
+        failed_key: PoolKey | None = None  # the key of a server error, retried once on another key
+        for _ in range(MAX_ATTEMPTS):
+            if failed_key is None:
+                try:
+                    key = await queue.acquire(flow, api, family, arrived, on_queued)
+                except QueueRefusal as refusal:
+                    meta["decision"] = refusal.code
+                    return Answer.error(api, refusal.status, str(refusal), refusal.code, refusal.retry_after)
+            elif (key := pool.choose(api, family, exclude=[failed_key])) is None:
+                return answer
+            meta["queue_ms"] = round((time.time() - arrived) * 1000)
+            meta["keys"].append(key.id)
+            answer, verdict = await self._attempt(flow, route, key)
+            if verdict in (Verdict.RATE_LIMITED, Verdict.REVOKED, Verdict.OVER_QUOTA):
+                continue
+            if verdict is Verdict.SERVER_ERROR and failed_key is None:
+                failed_key = key
+                continue
+            break
+        meta["decision"] = "served" if answer.status < 400 else meta.get("decision", "upstream_error")
+        if answer.status < 400:
+            self.served[api] += 1
+        return answer
+
+    async def _attempt(self, flow: http.HTTPFlow, route: Route, key: PoolKey) -> tuple[Answer, Verdict]:
+        """One upstream call with one key, and what its answer means."""
+        meta = flow.metadata["llmproxy"]
+        api, family = route.api, meta["family"]
+        pool = ctx.master.addons.get("keypool")
         started = time.monotonic()
         try:
             async with asyncio.timeout(ctx.options.upstream_timeout):
                 upstream = await self.session.request(
                     flow.request.method,
-                    url,
+                    meta["upstream_url"],
                     data=flow.request.raw_content or b"",
-                    headers=[*flow.request.headers.items(multi=True), key.auth_header()],
+                    headers=[*flow.request.headers.items(multi=True), *key.auth_headers()],
                     allow_redirects=False,
                 )
         except TimeoutError:
+            pool.abandon(key, family)
             meta["decision"] = "upstream_timeout"
-            flow.response = error_response(
-                api, 504, f"The upstream API did not answer within {ctx.options.upstream_timeout} s.", "upstream_timeout"
-            )
-            return
+            message = f"The upstream API did not answer within {ctx.options.upstream_timeout} s."
+            return Answer.error(api, 504, message, "upstream_timeout"), Verdict.SERVER_ERROR
         except aiohttp.ClientError as error:
+            pool.abandon(key, family)
             meta["decision"] = "upstream_unreachable"
             logger.warning("upstream %s unreachable with key %s: %s", api, key.id, type(error).__name__)
-            flow.response = error_response(
-                api, 502, "The proxy could not reach the upstream API; try again shortly.", "upstream_unreachable"
-            )
-            return
+            message = "The proxy could not reach the upstream API; try again shortly."
+            return Answer.error(api, 502, message, "upstream_unreachable"), Verdict.SERVER_ERROR
+        except BaseException:
+            pool.abandon(key, family)
+            raise
         meta["upstream_status"] = upstream.status
         meta["upstream_ms"] = round((time.monotonic() - started) * 1000)
-        meta["upstream_url"] = str(url)
+        client_headers = headers.client_response_headers(upstream.headers)
         if upstream.ok and upstream.content_type == "text/event-stream":
-            self._hand_to_pipe(flow, api, upstream)
-        else:
-            await self._respond_buffered(flow, api, upstream)
-            flow.request.url = str(url)  # only shown: with a response set, mitmproxy connects nowhere
+            return Answer(upstream.status, client_headers, stream=upstream), pool.release(
+                key, family, upstream.status, upstream.headers, b""
+            )
+        try:
+            body = await self._read_body(upstream)
+        except (TimeoutError, aiohttp.ClientError) as error:
+            pool.abandon(key, family)
+            meta["decision"] = "upstream_broken"
+            logger.warning("upstream %s body failed with key %s: %s", api, key.id, type(error).__name__)
+            return Answer.error(api, 502, "The upstream API broke off its answer.", "upstream_broken"), Verdict.SERVER_ERROR
+        except BaseException:
+            pool.abandon(key, family)
+            raise
+        verdict = pool.release(key, family, upstream.status, upstream.headers, body)
+        if not upstream.ok:
+            logger.info("upstream %s answered %d with key %s", api, upstream.status, key.id)
+            body = scrub.body(body)
+        return Answer(upstream.status, client_headers, body), verdict
 
-    @fail_closed
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("llmproxy", {})
-        if meta.get("piped"):
-            flow.response.stream = True
-            flow.request.url = meta["upstream_url"]  # the request has gone to the pipe; show the real target
+    @staticmethod
+    async def _read_body(upstream: aiohttp.ClientResponse) -> bytes:
+        async with upstream:
+            async with asyncio.timeout(ctx.options.upstream_idle_timeout):
+                body = await upstream.content.read(MAX_BUFFERED_RESPONSE + 1)
+        if len(body) > MAX_BUFFERED_RESPONSE:
+            raise aiohttp.ClientPayloadError("answer too large")
+        content_encoding = upstream.headers.get("content-encoding", "identity")
+        return body if content_encoding == "identity" else encoding.decode(body, content_encoding)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
-        """A client that left before mitmproxy collected its stream: close the upstream so generation stops."""
-        token = flow.metadata.get("llmproxy", {}).get("pipe_token")
-        if token and (waiting := self.piped.pop(token, None)):
-            waiting.upstream.close()
-
-    def _hand_to_pipe(self, flow: http.HTTPFlow, api: str, upstream: aiohttp.ClientResponse) -> None:
+    def _point_at_pipe(self, flow: http.HTTPFlow, piped: PipedRequest) -> None:
         token = secrets.token_urlsafe(24)
-        self.piped[token] = PipedStream(api, upstream.status, headers.client_response_headers(upstream.headers), upstream)
-        meta = flow.metadata["llmproxy"]
-        meta.update(piped=True, pipe_token=token, decision="served")
-        self.served[api] += 1
+        self.piped[token] = piped
+        flow.metadata["llmproxy"]["pipe_token"] = token
         # The listener's reverse target is the pipe; the hop needs the framing headers the allowlist removed.
         flow.request.headers["host"] = f"{flow.request.host}:{flow.request.port}"
         flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
         flow.request.path = PIPE_PREFIX + token
 
-    async def _respond_buffered(self, flow: http.HTTPFlow, api: str, upstream: aiohttp.ClientResponse) -> None:
-        meta = flow.metadata["llmproxy"]
-        async with upstream:
-            try:
-                async with asyncio.timeout(ctx.options.upstream_idle_timeout):
-                    body = await upstream.content.read(MAX_BUFFERED_RESPONSE + 1)
-            except (TimeoutError, aiohttp.ClientError) as error:
-                meta["decision"] = "upstream_broken"
-                logger.warning("upstream %s body failed with key %s: %s", api, meta["key"], type(error).__name__)
-                flow.response = error_response(
-                    api, 502, "The upstream API broke off its answer; try again.", "upstream_broken"
-                )
-                return
-        if len(body) > MAX_BUFFERED_RESPONSE:
-            meta["decision"] = "upstream_too_large"
-            flow.response = error_response(api, 502, "The upstream answer was too large to pass on.", "upstream_too_large")
-            return
-        content_encoding = upstream.headers.get("content-encoding", "identity")
-        if content_encoding != "identity":
-            body = encoding.decode(body, content_encoding)
-        if upstream.ok:
-            meta["decision"] = "served"
-            self.served[api] += 1
-        else:
-            meta["decision"] = "upstream_error"
-            body = scrub.body(body)
-            logger.info("upstream %s answered %d with key %s", api, upstream.status, meta["key"])
-        flow.response = http.Response.make(upstream.status, body, headers.client_response_headers(upstream.headers))
-
     async def _serve_pipe(self, request: web.Request) -> web.StreamResponse:
-        """Streams one upstream SSE response to mitmproxy, which streams it on to the client."""
-        waiting = self.piped.pop(request.match_info["token"], None)
-        if waiting is None:
+        """Streams one answer to mitmproxy, which streams it on to the client."""
+        piped = self.piped.pop(request.match_info["token"], None)
+        if piped is None:
             return await self._serve_unrouted(request)
-        upstream = waiting.upstream
-        response = web.StreamResponse(status=waiting.status, headers=[(k.decode(), v.decode()) for k, v in waiting.headers])
-        complete = False
+        try:
+            if piped.job is None:
+                return await self._pipe_stream(request, piped.api, piped.answer)
+            return await self._pipe_after_wait(request, piped)
+        finally:
+            self._discard(piped)
+
+    async def _pipe_after_wait(self, request: web.Request, piped: PipedRequest) -> web.StreamResponse:
+        """SSE headers and heartbeats while the request waits for a key, then the answer as SSE."""
+        response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        waited = time.monotonic()
         try:
             await response.prepare(request)
+            while True:
+                position = piped.position() if piped.position else 0
+                await response.write(f": queued, position {position}, waited {time.monotonic() - waited:.0f}s\n\n".encode())
+                done, _ = await asyncio.wait({piped.job}, timeout=ctx.options.queue_heartbeat)
+                if done:
+                    break
+        except ConnectionError:
+            return response  # the client left while waiting; _discard cancels the wait
+        answer = piped.job.result()
+        if answer.stream is not None:
+            return await self._pipe_stream(request, piped.api, answer, response)
+        await response.write(self._error_event(piped.api, answer))
+        return response
+
+    @staticmethod
+    def _error_event(api: str, answer: Answer) -> bytes:
+        """An error answer as an SSE event, for a client whose stream already began."""
+        try:
+            body = json.loads(answer.body)
+            if "error" in body:
+                payload = json.dumps(body)
+                return f"event: error\ndata: {payload}\n\n".encode() if api == ANTHROPIC else f"data: {payload}\n\n".encode()
+        except ValueError:
+            pass
+        return sse_error_event(api, answer.status, "The upstream API refused the request.", "upstream_error")
+
+    async def _pipe_stream(
+        self, request: web.Request, api: str, answer: Answer, response: web.StreamResponse | None = None
+    ) -> web.StreamResponse:
+        upstream = answer.stream
+        complete = False
+        try:
+            if response is None:
+                response = web.StreamResponse(
+                    status=answer.status, headers=[(k.decode(), v.decode()) for k, v in answer.headers]
+                )
+                await response.prepare(request)
             while True:
                 try:
                     async with asyncio.timeout(ctx.options.upstream_idle_timeout):
                         chunk = await upstream.content.readany()
                 except (TimeoutError, aiohttp.ClientError) as error:
-                    logger.warning("upstream %s stream broke off: %s", waiting.api, type(error).__name__)
-                    await response.write(
-                        sse_error_event(waiting.api, 502, "The upstream API broke off the stream.", "upstream_broken")
-                    )
+                    logger.warning("upstream %s stream broke off: %s", api, type(error).__name__)
+                    await response.write(sse_error_event(api, 502, "The upstream API broke off the stream.", "upstream_broken"))
                     break
                 if not chunk:
                     complete = True
@@ -263,7 +393,10 @@ class Dispatcher:
         except ConnectionError:
             pass  # the client left; closing the upstream connection below stops the generation
         finally:
-            upstream.release() if complete else upstream.close()
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
         return response
 
     async def _serve_unrouted(self, request: web.Request) -> web.Response:

@@ -36,7 +36,7 @@ class EngineGuard:
 
     `connection_strategy=lazy`: no upstream connection before the addons decided. `validate_inbound_headers`:
     mitmproxy's request-smuggling checks. No `stream_large_bodies`: a streamed request body would reach the
-    `request` hook empty. A `body_size_limit`: a request body is held in memory. The listener's reverse target
+    `request` hook empty. The listener's reverse target
     must be the dispatcher's pipe, so a flow that escaped the addons reaches nothing but a refusal.
     """
 
@@ -51,8 +51,6 @@ class EngineGuard:
             raise exceptions.OptionsError("validate_inbound_headers must stay on for this proxy.")
         if "stream_large_bodies" in updated and options.stream_large_bodies:
             raise exceptions.OptionsError("stream_large_bodies cannot be used with this proxy.")
-        if "body_size_limit" in updated and not options.body_size_limit:
-            raise exceptions.OptionsError("BODY_SIZE_LIMIT must be set (for example 4m).")
         if "mode" in updated:
             for mode in options.mode:
                 if not mode.startswith(self.pipe_target):

@@ -1,61 +1,296 @@
-"""The owner's API keys, per service. A key is named everywhere by a short hash, never by itself."""
+"""The owner's API keys, per service, and what each key can do right now.
+
+A key is named everywhere by a short hash (`oai-1a2b3c4d`), never by itself. An OpenAI key that belongs to
+several organisations is one pool entry per organisation, each with its own health and limits.
+"""
 
 import hashlib
+import json
+import logging
+import re
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+from mitmproxy import ctx
 
 from addons import scrub
 from addons.apierrors import ANTHROPIC, OPENAI
+
+logger = logging.getLogger(__name__)
 
 ACTIVE = "active"
 REVOKED = "revoked"
 OVER_QUOTA = "over_quota"
 _ID_PREFIX = {OPENAI: "oai", ANTHROPIC: "ant"}
+DEFAULT_COOLDOWN = 10.0  # seconds, when a 429 says nothing about when to come back
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+class Verdict(Enum):
+    """What an upstream answer means for the request and for the key that got it."""
+
+    SUCCESS = "success"
+    RATE_LIMITED = "rate_limited"  # cool the key down for this family, try another key
+    REVOKED = "revoked"  # retire the key, try another
+    OVER_QUOTA = "over_quota"  # retire the key, try another
+    SERVER_ERROR = "server_error"  # try one other key, if one is free
+    CLIENT_ERROR = "client_error"  # the request itself is wrong: pass the answer on
+
+
+def _error_text(body: bytes) -> str:
+    """The upstream error's type, code and message, lower-cased, for classification."""
+    try:
+        error = json.loads(body).get("error", {})
+    except (ValueError, AttributeError):
+        return body[:2000].decode("utf-8", "replace").lower()
+    if not isinstance(error, dict):
+        return str(error).lower()
+    return " ".join(str(error.get(field, "")) for field in ("type", "code", "message")).lower()
+
+
+def classify(status: int, body: bytes) -> Verdict:
+    """Reads an upstream status and error body the way both APIs document them."""
+    if status < 300:
+        return Verdict.SUCCESS
+    text = _error_text(body) if status >= 400 else ""
+    if any(marker in text for marker in ("insufficient_quota", "billing_not_active", "credit balance", "billing")):
+        return Verdict.OVER_QUOTA
+    if status in (401, 403) or "access_terminated" in text or "invalid_api_key" in text:
+        return Verdict.REVOKED
+    if status in (429, 529) or "overloaded" in text:
+        return Verdict.RATE_LIMITED
+    if status >= 500:
+        return Verdict.SERVER_ERROR
+    return Verdict.CLIENT_ERROR
+
+
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset format: `120ms`, `6m0s`, `1h2m3.5s`, or a plain number of seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def _seconds_until(value: str, now: float) -> float | None:
+    """Anthropic's reset format (RFC 3339 time) or OpenAI's duration, as seconds from `now`."""
+    if (duration := parse_duration(value)) is not None:
+        return duration
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - now
+    except ValueError:
+        return None
+
+
+@dataclass
+class Limits:
+    """The latest rate-limit figures an upstream reported for a key and a family."""
+
+    fraction_left: float  # the scarcer of requests and tokens, 0..1
+    until: float  # when the window resets (time.time())
+
+
+def read_limits(headers: Mapping[str, str], now: float) -> Limits | None:
+    """Rate-limit headers of either API (`x-ratelimit-*`, `anthropic-ratelimit-*`) as one figure."""
+    fractions, resets = [], []
+    for prefix in ("x-ratelimit-", "anthropic-ratelimit-"):
+        for kind in ("requests", "tokens"):
+            if prefix == "x-ratelimit-":
+                limit, remaining, reset = (f"{prefix}{part}-{kind}" for part in ("limit", "remaining", "reset"))
+            else:
+                limit, remaining, reset = (f"{prefix}{kind}-{part}" for part in ("limit", "remaining", "reset"))
+            try:
+                total, left = float(headers[limit]), float(headers[remaining])
+            except (KeyError, ValueError):
+                continue
+            if total > 0:
+                fractions.append(max(0.0, left / total))
+                resets.append(_seconds_until(headers.get(reset, ""), now) or 0.0)
+    if not fractions:
+        return None
+    return Limits(min(fractions), now + max(0.0, max(resets)))
+
+
+def retry_after(headers: Mapping[str, str], now: float) -> float:
+    """Seconds a rate-limited key should rest: `retry-after(-ms)`, else the reset headers, else a default."""
+    if (value := headers.get("retry-after-ms")) and (seconds := parse_duration(value)) is not None:
+        return seconds / 1000
+    if (value := headers.get("retry-after")) and (seconds := parse_duration(value)) is not None:
+        return seconds
+    if (limits := read_limits(headers, now)) and limits.until > now:
+        return limits.until - now
+    return DEFAULT_COOLDOWN
 
 
 @dataclass
 class PoolKey:
     api: str
     secret: str = field(repr=False)
+    organization: str | None = None
     id: str = ""
     state: str = ACTIVE
+    families: set[str] | None = None  # None: not checked yet, assumed to serve every family
     last_used: float = 0.0
+    cooldown_until: dict[str, float] = field(default_factory=dict)  # family -> time.time()
+    limits: dict[str, Limits] = field(default_factory=dict)  # family -> latest figures
+    probing: set[str] = field(default_factory=set)  # families where one request tests a key after its rest
+    in_flight: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.id = f"{_ID_PREFIX[self.api]}-{hashlib.sha256(self.secret.encode()).hexdigest()[:8]}"
+        digest = hashlib.sha256((self.secret + (self.organization or "")).encode()).hexdigest()[:8]
+        self.id = f"{_ID_PREFIX[self.api]}-{digest}"
 
     def __str__(self) -> str:
         return self.id
 
-    def auth_header(self) -> tuple[str, str]:
-        """The header that authenticates a request with this key upstream."""
+    def auth_headers(self) -> list[tuple[str, str]]:
+        """The headers that authenticate a request with this key upstream."""
         if self.api == ANTHROPIC:
-            return "x-api-key", self.secret
-        return "authorization", f"Bearer {self.secret}"
+            return [("x-api-key", self.secret)]
+        headers = [("authorization", f"Bearer {self.secret}")]
+        if self.organization:
+            headers.append(("openai-organization", self.organization))
+        return headers
+
+    def serves(self, family: str) -> bool:
+        return self.state == ACTIVE and (self.families is None or family in self.families)
+
+    def headroom(self, family: str, now: float) -> float:
+        """How much of its rate limit the key has left for `family`: 1 when unknown or reset since."""
+        limits = self.limits.get(family)
+        return 1.0 if limits is None or limits.until <= now else limits.fraction_left
+
+    def is_free(self, family: str, now: float) -> bool:
+        if self.cooldown_until.get(family, 0) > now or self.headroom(family, now) <= 0:
+            return False
+        return family not in self.probing or not self.in_flight.get(family)
 
 
 class KeyPool:
-    """Hands out the least recently used active key of a service."""
+    """Hands out the key with the most rate-limit headroom, least recently used first among equals."""
 
-    def __init__(self, secrets: dict[str, list[str]]):
+    def __init__(self, secrets: Mapping[str, list[str]]):
         self.keys = {
             OPENAI: [PoolKey(OPENAI, secret) for secret in secrets.get("openai_key", [])],
             ANTHROPIC: [PoolKey(ANTHROPIC, secret) for secret in secrets.get("anthropic_key", [])],
         }
         scrub.register([key.secret for keys in self.keys.values() for key in keys])
+        self._listeners: list[Callable[[], None]] = []
 
-    def choose(self, api: str) -> PoolKey | None:
-        """The active key used longest ago, now marked as used; None when the service has none."""
-        active = [key for key in self.keys[api] if key.state == ACTIVE]
-        if not active:
+    def running(self):
+        for key in self.all_keys():
+            key.state = self._persisted_state(key)
+
+    @staticmethod
+    def _persisted_state(key: PoolKey) -> str:
+        storage = ctx.master.addons.get("storage")
+        health = storage.store.key_health() if storage and storage.store else {}
+        return health[key.id].state if key.id in health else ACTIVE
+
+    def all_keys(self) -> Iterable[PoolKey]:
+        return (key for keys in self.keys.values() for key in keys)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """`listener` is called whenever a key may have become usable (a rest ended, a key came back)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def serving(self, api: str, family: str) -> list[PoolKey]:
+        """Keys that can serve the family at all, resting or not."""
+        return [key for key in self.keys[api] if key.serves(family)]
+
+    def choose(self, api: str, family: str, exclude: Iterable[PoolKey] = ()) -> PoolKey | None:
+        """The free key with the most headroom (least recently used among equals), now counted in flight."""
+        now = time.time()
+        excluded = {key.id for key in exclude}
+        free = [k for k in self.serving(api, family) if k.id not in excluded and k.is_free(family, now)]
+        if not free:
             return None
-        key = min(active, key=lambda k: k.last_used)
-        key.last_used = time.monotonic()
+        key = max(free, key=lambda k: (k.headroom(family, now), -k.last_used))
+        key.last_used = now
+        key.in_flight[family] = key.in_flight.get(family, 0) + 1
         return key
 
-    def counts(self, api: str) -> dict[str, int]:
-        """Keys of a service by state, for the status page."""
-        keys = self.keys[api]
+    def seconds_until_free(self, api: str, family: str) -> float | None:
+        """When the first resting key of the family can be used again; None if no key serves the family."""
+        keys = self.serving(api, family)
+        if not keys:
+            return None
+        now = time.time()
+        ends = [max(k.cooldown_until.get(family, 0), k.limits[family].until if k.headroom(family, now) <= 0 else 0)
+                for k in keys]  # fmt: skip
+        return max(0.0, min(ends) - now)
+
+    def release(self, key: PoolKey, family: str, status: int, headers: Mapping[str, str], body: bytes) -> Verdict:
+        """Ends a request made with `key` and learns from its answer; returns what the answer means."""
+        key.in_flight[family] = max(0, key.in_flight.get(family, 0) - 1)
+        now = time.time()
+        if (limits := read_limits(headers, now)) is not None:
+            key.limits[family] = limits
+        verdict = classify(status, body)
+        if verdict is Verdict.SUCCESS:
+            key.probing.discard(family)
+        elif verdict is Verdict.RATE_LIMITED:
+            rest = retry_after(headers, now)
+            key.cooldown_until[family] = now + rest
+            key.probing.add(family)
+            logger.info("key %s rests %.1f s for %s after a %d", key.id, rest, family, status)
+            ctx.master.event_loop.call_later(rest, self._changed)
+        elif verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
+            self.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, f"upstream answered {status}")
+        if verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR):
+            self._changed()  # a probing key proved itself, or a slot was given back
+        return verdict
+
+    def abandon(self, key: PoolKey, family: str) -> None:
+        """Ends a request that got no answer (network error, timeout, client gone)."""
+        key.in_flight[family] = max(0, key.in_flight.get(family, 0) - 1)
+        self._changed()
+
+    def add_organizations(self, key: PoolKey, organizations: list[str]) -> None:
+        """Adds a pool entry for each further organisation of an OpenAI key; requests with it name the org."""
+        known = {(k.secret, k.organization) for k in self.keys[key.api]}
+        for organization in organizations:
+            if (key.secret, organization) not in known:
+                clone = PoolKey(key.api, key.secret, organization)
+                clone.state = self._persisted_state(clone)
+                self.keys[key.api].append(clone)
+                logger.info("key %s has organisation entry %s", key.id, clone.id)
+        self._changed()
+
+    def set_state(self, key: PoolKey, state: str, reason: str) -> None:
+        """Retires a key or brings it back; persisted, so a restart does not hand a dead key out again."""
+        if key.state == state:
+            return
+        key.state = state
+        logger.warning("key %s is now %s (%s)", key.id, state, reason)
+        storage = ctx.master.addons.get("storage")
+        if storage and storage.store:
+            storage.store.set_key_health(key.id, None if state == ACTIVE else state, reason)
+        if state == ACTIVE:
+            self._changed()
+
+    def counts(self, api: str, family: str | None = None) -> dict[str, int]:
+        """Keys of a service (and family) by state, for the status page.
+
+        A key whose families are unknown counts for every family while it works, and for none once retired.
+        """
+        keys = [
+            k for k in self.keys[api]
+            if family is None or (family in k.families if k.families is not None else k.state == ACTIVE)
+        ]  # fmt: skip
         return {
             "total": len(keys),
             "active": sum(key.state == ACTIVE for key in keys),

@@ -40,7 +40,7 @@ def anthropic_model_list(models: list[str]) -> dict:
 
 
 class ModelList:
-    """Lists the configured models of a service while the pool has a usable key for it."""
+    """Lists the configured models whose family is allowed and served by a working key."""
 
     def load(self, loader):
         loader.add_option(
@@ -58,8 +58,13 @@ class ModelList:
         if route not in ("openai.models", "anthropic.models"):
             return
         api = OPENAI if route == "openai.models" else ANTHROPIC
-        has_key = ctx.master.addons.get("keypool").counts(api)["active"] > 0
-        models = list(getattr(ctx.options, f"{api}_models")) if has_key else []
+        families, pool = ctx.master.addons.get("modelfamilies"), ctx.master.addons.get("keypool")
+        models = [
+            model
+            for model in getattr(ctx.options, f"{api}_models")
+            if (family := families.family_of(api, model)) and families.is_allowed(api, family)
+            and pool.serving(api, family)
+        ]
         listing = openai_model_list(models) if api == OPENAI else anthropic_model_list(models)
         flow.metadata["llmproxy"]["decision"] = "local"
         flow.response = http.Response.make(200, json.dumps(listing), {"content-type": "application/json"})

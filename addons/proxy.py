@@ -9,12 +9,25 @@ mitmproxy forwarding without it), so the addons are part of the master here and 
 
 import sys
 
-from mitmproxy import exceptions
+from mitmproxy import exceptions, hooks
 from mitmproxy.tools import cmdline, main
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.tools.web.master import WebMaster
 
-from addons import config, dispatcher, guard, headers, keypool, models, router, statuspage
+from addons import (
+    config,
+    dispatcher,
+    families,
+    guard,
+    headers,
+    keychecker,
+    keypool,
+    models,
+    router,
+    statuspage,
+    store,
+    waitqueue,
+)
 
 PROGRAM = "llm-proxy"
 
@@ -23,12 +36,16 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
     """Every addon, in the order a request passes them."""
     return [
         guard.EngineGuard(pipe_socket.getsockname()[1]),  # mitmproxy's own settings stay safe
+        store.Storage(),  # SQLite: key health (and, later, users and usage) across restarts
         headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
         statuspage.StatusPage(),  # /, /status, /health
         models.ModelList(),  # GET .../v1/models, answered locally
-        keypool.KeyPool(secrets),  # the owner's keys
-        dispatcher.Dispatcher(pipe_socket),  # upstream call with the key added last; SSE through the pipe
+        families.ModelFamilies(),  # the requested model's family; unknown or disallowed models refused
+        keypool.KeyPool(secrets),  # the owner's keys, their health and rate-limit headroom
+        keychecker.KeyChecker(),  # background checks: revoked, over quota, families, organisations
+        waitqueue.WaitQueue(),  # requests wait their turn, fairly, while every key of their family rests
+        dispatcher.Dispatcher(pipe_socket),  # upstream call with the key added last; retries; SSE via the pipe
     ]
 
 
@@ -62,6 +79,9 @@ def with_addons(base: type) -> type:
                 self.addons.chain = rest[:position] + ours + rest[position:]
                 our_options = {name: o.typespec for name, o in options.items() if name not in builtin_options}
                 options.update(**sources.options(our_options))
+                # As mitmproxy does for scripts: every addon sees every option once, set or default.
+                for addon in ours:
+                    self.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(options.keys())))
             except (config.ConfigError, exceptions.OptionsError) as error:
                 _fail(str(error))
 

@@ -33,6 +33,8 @@ class Router:
             # mitmproxy's own limit answers in HTML, before any hook runs; it stays as the memory backstop for
             # bodies that announce no length, at twice ours, so a declared oversize gets our JSON 413 instead.
             ctx.options.body_size_limit = str(2 * self.max_request_body)
+        elif "body_size_limit" in updated and ctx.options.body_size_limit != str(2 * self.max_request_body):
+            raise exceptions.OptionsError("body_size_limit is set by this proxy; use MAX_REQUEST_BODY instead.")
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -15,6 +15,14 @@ _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 _KEY_SETTINGS = {OPENAI: "OPENAI_KEY", ANTHROPIC: "ANTHROPIC_KEY"}
 
 
+def format_wait(seconds: float) -> str:
+    """`no wait` up to 2 s, else `Nsec` or `Nmin, Nsec` (whole seconds, floored minutes)."""
+    if seconds <= 2:
+        return "no wait"
+    total = round(seconds)
+    return f"{total}sec" if total < 60 else f"{total // 60}min, {total % 60}sec"
+
+
 def git_build() -> str:
     """`<short sha>` of the checkout, with ` (modified)` when it has local changes; `unknown` without git."""
     root = Path(__file__).resolve().parent.parent
@@ -74,9 +82,32 @@ class StatusPage:
             "build": self.build,
             "endpoints": {api: f"{base}/proxy/{api}/v1" for api in (OPENAI, ANTHROPIC)},
             "requestsServed": sum(served.values()),
+            "status": ctx.master.addons.get("keychecker").status,
         }
         for api in (OPENAI, ANTHROPIC):
             facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
+        facts["families"] = self.family_facts()
+        return facts
+
+    @staticmethod
+    def family_facts() -> dict:
+        """Per model family with keys: key states, requests waiting, and the estimated wait."""
+        pool, queue = ctx.master.addons.get("keypool"), ctx.master.addons.get("waitqueue")
+        families = ctx.master.addons.get("modelfamilies")
+        facts = {}
+        for api in (OPENAI, ANTHROPIC):
+            for family in families.all_families(api):
+                keys = pool.counts(api, family)
+                if not keys["total"]:
+                    continue
+                wait = queue.estimated_wait(api, family)
+                facts[family] = {
+                    "activeKeys": keys["active"],
+                    "revokedKeys": keys["revoked"],
+                    "overQuotaKeys": keys["overQuota"],
+                    "proomptersInQueue": len(queue.queue(api, family)),
+                    "estimatedQueueTime": format_wait(wait),
+                }
         return facts
 
     @staticmethod
@@ -87,6 +118,20 @@ class StatusPage:
             host = f"{request.host}:{request.port}"
         scheme = "https" if request.scheme == "https" else "http"
         return f"{scheme}://{host}"
+
+    @staticmethod
+    def _family_table(families: dict) -> str:
+        if not families:
+            return ""
+        rows = "".join(
+            f"<tr><th>{html.escape(name)}</th><td>{f['activeKeys']}</td><td>{f['proomptersInQueue']}</td>"
+            f"<td>{html.escape(f['estimatedQueueTime'])}</td></tr>"
+            for name, f in families.items()
+        )
+        return (
+            "<h2>Model families</h2><table><tr><th>Family</th><th>Working keys</th><th>Waiting</th>"
+            f"<th>Estimated wait</th></tr>{rows}</table>"
+        )
 
     @staticmethod
     def render(facts: dict) -> str:
@@ -121,6 +166,7 @@ code {{ word-break: break-all; }}
 <tr><th>Service</th><th>Endpoint</th><th>Keys</th><th>Requests served</th></tr>
 {"".join(rows)}
 </table>
+{StatusPage._family_table(facts["families"])}
 <p>Up for {facts["uptime"]} s &middot; build {e(facts["build"])} &middot; <a href="/status">JSON</a></p>
 </body></html>
 """

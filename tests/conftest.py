@@ -31,6 +31,7 @@ def proxy_env(fake, **overrides) -> dict[str, str]:
         "ANTHROPIC_KEY": ",".join(ANTHROPIC_KEYS),
         "OPENAI_UPSTREAM_URL": fake.url,
         "ANTHROPIC_UPSTREAM_URL": fake.url,
+        "CHECK_KEYS": "false",  # tests of the key checker turn it on; elsewhere it would add upstream calls
         **overrides,
     }
 

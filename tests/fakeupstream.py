@@ -24,7 +24,9 @@ How a request is answered is decided by, in order of precedence:
 
 2. A per-key override: ``PUT /_fake/keys/{key}`` with ``{"behaviour": B, ...params}``,
    B one of ok, slow, rate_limit_for (param ``seconds``) or an error KIND above;
-   params are directive names (``delay_ms``, ``retry_after``, ...).
+   params are directive names (``delay_ms``, ``retry_after``, ...), plus ``models`` (the ids
+   ``GET /v1/models`` lists for this key) and ``organizations`` (the org ids
+   ``GET /v1/organizations`` lists, the first being the default).
    ``DELETE /_fake/keys/{key}`` removes it; ``DELETE /_fake/requests`` clears everything.
 
 3. Markers in the key: ``-429`` rate limit, ``-401`` invalid key, ``-quota`` out of
@@ -217,6 +219,7 @@ class FakeUpstream:
             ("POST", "/v1/messages/count_tokens"): ("anthropic", self._count_tokens),
             ("POST", "/v1/complete"): ("anthropic", self._complete),
             ("GET", "/v1/models"): (None, self._models),
+            ("GET", "/v1/organizations"): ("openai", self._organizations),
         }
 
     @property
@@ -580,13 +583,26 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}}
 
     def _models(self, call: Call) -> dict:
-        """``GET /v1/models`` in whichever API's list shape the request looks like."""
+        """``GET /v1/models`` in whichever API's list shape the request looks like.
+
+        A key override's ``models`` parameter (a list of ids) replaces the default list for that key.
+        """
+        models = self._overrides.get(call.key, {}).get("models")
         if call.api == "openai":
             return {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"} for m in OPENAI_MODELS]}
+                {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
+                for m in models or OPENAI_MODELS]}
         data = [{"type": "model", "id": m, "display_name": name, "created_at": "2025-09-29T00:00:00Z"}
-                for m, name in ANTHROPIC_MODELS]
+                for m, name in ([(m, m) for m in models] if models else ANTHROPIC_MODELS)]
         return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+
+    def _organizations(self, call: Call) -> dict:
+        """``GET /v1/organizations``: one default organisation, or the key override's ``organizations`` ids
+        (the first is the default)."""
+        ids = self._overrides.get(call.key, {}).get("organizations") or [OPENAI_ORG]
+        return {"object": "list", "data": [
+            {"object": "organization", "id": org, "is_default": index == 0, "title": f"Org {index}"}
+            for index, org in enumerate(ids)]}
 
     # -- Anthropic endpoints -------------------------------------------------------
 

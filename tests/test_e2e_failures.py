@@ -28,30 +28,27 @@ def message(content: str, stream: bool = False) -> dict:
 
 
 @pytest.mark.parametrize(
-    "directive, status, sdk_error",
+    "directive, status, sdk_error, attempts",
     [
-        ("#fake:error=invalid_key #fake:echo_key=1", 401, openai.AuthenticationError),
-        ("#fake:error=rate_limit #fake:echo_key=1", 429, openai.RateLimitError),
-        ("#fake:error=insufficient_quota #fake:echo_key=1", 429, openai.RateLimitError),
-        ("#fake:error=server_error #fake:echo_key=1", 500, openai.InternalServerError),
+        ("#fake:status=400 #fake:echo_key=1", 400, openai.BadRequestError, 1),
+        ("#fake:error=server_error #fake:echo_key=1", 500, openai.InternalServerError, 2),  # one retry, other key
     ],
 )
-def test_openai_upstream_errors_pass_through_scrubbed(proxy, fake, directive, status, sdk_error):
+def test_openai_upstream_errors_pass_through_scrubbed(proxy, fake, directive, status, sdk_error, attempts):
     with pytest.raises(sdk_error) as raised:
         openai_client(proxy).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": directive}])
     assert raised.value.status_code == status
     body = raised.value.response.text
     assert CANARY not in body and "org-FAKEORG" not in body
     assert json.loads(body)["error"]["message"]
+    assert len({recorded.key for recorded in fake.requests}) == len(fake.requests) == attempts
 
 
 @pytest.mark.parametrize(
     "directive, sdk_error",
     [
-        ("#fake:error=invalid_key #fake:echo_key=1", anthropic.AuthenticationError),
-        ("#fake:error=rate_limit", anthropic.RateLimitError),
-        ("#fake:error=overloaded", anthropic.InternalServerError),
-        ("#fake:error=credit_balance", anthropic.BadRequestError),
+        ("#fake:status=400 #fake:echo_key=1", anthropic.BadRequestError),
+        ("#fake:error=server_error #fake:echo_key=1", anthropic.InternalServerError),
     ],
 )
 def test_anthropic_upstream_errors_pass_through_scrubbed(proxy, fake, directive, sdk_error):
@@ -64,8 +61,8 @@ def test_anthropic_upstream_errors_pass_through_scrubbed(proxy, fake, directive,
 
 
 def test_streamed_request_with_upstream_error_gets_the_error_status(proxy, fake):
-    response = httpx.post(f"{proxy.url}{CHAT}", json=chat("#fake:error=rate_limit #fake:echo_key=1", stream=True))
-    assert response.status_code == 429
+    response = httpx.post(f"{proxy.url}{CHAT}", json=chat("#fake:status=400 #fake:echo_key=1", stream=True))
+    assert response.status_code == 400
     assert CANARY not in response.text
 
 
@@ -139,16 +136,19 @@ def test_no_keys_gives_503_and_the_status_page_says_how_to_add_them(start_proxy,
     assert fake.requests == []
 
 
-def test_canary_key_appears_nowhere(proxy, fake):
-    """Drives every kind of outcome, then reads everything a client or a log reader could see."""
+def test_canary_key_appears_nowhere(start_proxy, fake):
+    """Drives every kind of outcome, key retirement included, then reads all a client or a log reader sees."""
+    proxy = start_proxy(proxy_env(fake), args=["--set", "flow_detail=4", "--set", "termlog_verbosity=debug"])
     seen = []
 
     def record(response: httpx.Response):
         seen.append(f"{response.status_code} {response.headers!r} {response.text}")
 
     with httpx.Client(base_url=proxy.url, timeout=15) as client:
-        for content in ["ok", "#fake:error=invalid_key #fake:echo_key=1", "#fake:error=rate_limit #fake:echo_key=1",
-                        "#fake:error=server_error #fake:echo_key=1", "#fake:error=insufficient_quota #fake:echo_key=1"]:
+        for content in ["ok", "#fake:status=400 #fake:echo_key=1", "#fake:error=server_error #fake:echo_key=1",
+                        "#fake:error=rate_limit #fake:echo_key=1 #fake:retry_after=1",
+                        "#fake:error=insufficient_quota #fake:echo_key=1",
+                        "#fake:error=invalid_key #fake:echo_key=1"]:  # fmt: skip
             for stream in (False, True):
                 record(client.post(CHAT, json=chat(content, stream)))
                 record(client.post(MESSAGES, json=message(content, stream)))
@@ -157,8 +157,11 @@ def test_canary_key_appears_nowhere(proxy, fake):
         for path in ["/", "/status", "/health", "/proxy/openai/v1/models", "/proxy/anthropic/v1/models",
                      "/proxy/openai/v1/organization/api_keys", "/proxy/openai/v1/chat/completions/../../files"]:
             record(client.get(path))
+    statuses = [int(text.split()[0]) for text in seen]
+    assert {200, 400, 500, 503} <= set(statuses)  # success, passed-on errors, and every key retired in the end
     for text in seen:
         assert CANARY not in text
     log = proxy.log()
-    assert "Hello from the fake upstream" in log or "fake" in log  # the log really is verbose
+    assert "Hello from the fake upstream" in log  # the log really shows bodies
+    assert "is now revoked" in log or "is now over_quota" in log
     assert CANARY not in log

@@ -1,0 +1,29 @@
+"""The request body as JSON, parsed once per flow and shared by every addon that reads it."""
+
+import json
+import weakref
+
+from mitmproxy import http
+
+_parsed: "weakref.WeakKeyDictionary[http.HTTPFlow, dict]" = weakref.WeakKeyDictionary()
+
+
+class BodyError(ValueError):
+    """The body is not a JSON object; the message says why, for the client."""
+
+
+def parsed_body(flow: http.HTTPFlow) -> dict:
+    """The body of a forwarded request as a dict; raises BodyError when it is not a JSON object."""
+    if flow in _parsed:
+        return _parsed[flow]
+    try:
+        body = json.loads(flow.request.raw_content or b"")
+    except RecursionError:
+        raise BodyError("The request body is nested too deeply.") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BodyError("The request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise BodyError("The request body must be a JSON object.")
+    _parsed[flow] = body
+    return body
+

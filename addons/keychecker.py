@@ -1,0 +1,122 @@
+"""Checks every key against its API in the background, without spending tokens.
+
+OpenAI: `GET /v1/models` tells whether the key works and which families it can use; `GET /v1/organizations`
+names its organisations, and each extra organisation becomes a pool entry of its own. Anthropic: `GET /v1/models`.
+Working keys are checked every `key_check_interval`; retired ones far more rarely, and they come back when the
+upstream says they work again.
+"""
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+from mitmproxy import ctx
+from yarl import URL
+
+from addons.apierrors import ANTHROPIC, OPENAI
+from addons.headers import DEFAULT_ANTHROPIC_VERSION
+from addons.keypool import ACTIVE, OVER_QUOTA, REVOKED, PoolKey, Verdict, classify
+
+logger = logging.getLogger(__name__)
+
+CONCURRENT_CHECKS = 4
+RETIRED_CHECK_FACTOR = 6  # retired keys are checked this many times less often
+MAX_BACKOFF = 600.0
+
+
+class KeyChecker:
+    """Runs the checks: all keys at start-up, then each key again when it is due."""
+
+    def __init__(self):
+        self.status = "Key checking is disabled."
+        self.checked_at: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader):
+        loader.add_option("check_keys", bool, True, "Check keys at start-up and periodically.")
+        loader.add_option("key_check_interval", int, 3600, "Seconds between two checks of a working key.")
+
+    async def running(self):
+        if ctx.options.check_keys:
+            self._task = asyncio.create_task(self._run())
+
+    async def done(self):
+        if self._task:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        pool = ctx.master.addons.get("keypool")
+        dispatcher = ctx.master.addons.get("dispatcher")
+        await dispatcher.ready.wait()
+        semaphore = asyncio.Semaphore(CONCURRENT_CHECKS)
+
+        async def check_one(key: PoolKey) -> None:
+            async with semaphore:
+                await self.check(key, dispatcher.session, dispatcher.upstreams[key.api], pool)
+
+        while True:
+            keys = [key for key in list(pool.all_keys()) if self._is_due(key)]
+            if keys:
+                self.status = f"Checking {len(keys)} keys."
+                await asyncio.gather(*(check_one(key) for key in keys))
+                self.status = "Finished checking keys."
+            await asyncio.sleep(1)
+
+    def _is_due(self, key: PoolKey) -> bool:
+        if key.id not in self.checked_at:
+            return True
+        interval = ctx.options.key_check_interval * (1 if key.state == ACTIVE else RETIRED_CHECK_FACTOR)
+        if failures := self.failures.get(key.id):
+            interval = min(MAX_BACKOFF, 2**failures)
+        return time.time() - self.checked_at[key.id] >= interval
+
+    async def check(self, key: PoolKey, session: aiohttp.ClientSession, base, pool) -> None:
+        """One check of one key; network trouble is retried with exponential back-off."""
+        headers = dict(key.auth_headers())
+        if key.api == ANTHROPIC:
+            headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
+        self.checked_at[key.id] = time.time()
+        try:
+            async with session.get(base.join(URL("/v1/models")), headers=headers) as response:
+                status, body = response.status, await response.read()
+            organizations = await self._extra_organizations(key, session, base, headers) if status < 300 else []
+        except (aiohttp.ClientError, TimeoutError) as error:
+            self.failures[key.id] = self.failures.get(key.id, 0) + 1
+            logger.info("key %s check failed (%s); retrying later", key.id, type(error).__name__)
+            return
+        self.failures.pop(key.id, None)
+        verdict = classify(status, body)
+        if verdict is Verdict.SUCCESS:
+            families = ctx.master.addons.get("modelfamilies")
+            models = _model_ids(body)
+            key.families = {f for model in models if (f := families.family_of(key.api, model))} or None
+            pool.set_state(key, ACTIVE, "the key check succeeded")
+            pool.add_organizations(key, organizations)
+        elif verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
+            pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, f"key check got {status}")
+        else:
+            logger.info("key %s check got %d; keeping its state", key.id, status)
+
+    @staticmethod
+    async def _extra_organizations(key: PoolKey, session, base, headers) -> list[str]:
+        """The key's organisations other than its default one (OpenAI only)."""
+        if key.api != OPENAI or key.organization:
+            return []
+        async with session.get(base.join(URL("/v1/organizations")), headers=headers) as response:
+            if not response.ok:
+                return []
+            try:
+                data = json.loads(await response.read())["data"]
+                return [str(org["id"]) for org in data if org.get("id") and not org.get("is_default")]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return []
+
+
+def _model_ids(body: bytes) -> list[str]:
+    try:
+        return [str(model["id"]) for model in json.loads(body)["data"]]
+    except (ValueError, KeyError, TypeError):
+        return []

@@ -1,0 +1,185 @@
+"""The wait queue: a request that finds every key of its family resting waits here instead of failing.
+
+One queue per family. In `fair` mode the queue takes turns between identities (a user token, else the client's
+address), so one identity's burst of fifty requests cannot hold another identity's single request behind it;
+`fifo` serves in arrival order; `none` refuses at once with 429. A request leaves when a key becomes free.
+"""
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.keypool import PoolKey
+
+logger = logging.getLogger(__name__)
+
+QUEUE_MODES = ("fair", "fifo", "none")
+WAIT_HISTORY_SECONDS = 300
+
+
+class QueueRefusal(Exception):
+    """The request cannot wait; `status`, `code` and the message are for the client."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+@dataclass(eq=False)
+class Waiter:
+    identity: str
+    arrived: float
+    granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class FamilyQueue:
+    """Waiters of one family, grouped by identity; identities take turns in `fair` mode."""
+
+    by_identity: "OrderedDict[str, deque[Waiter]]" = field(default_factory=OrderedDict)
+    waits: deque = field(default_factory=deque)  # (finished at, seconds waited) of recent dispatches
+    timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return sum(len(waiters) for waiters in self.by_identity.values())
+
+    def add(self, waiter: Waiter) -> None:
+        identity = waiter.identity if ctx.options.queue_mode == "fair" else ""
+        self.by_identity.setdefault(identity, deque()).append(waiter)
+
+    def remove(self, waiter: Waiter) -> None:
+        for identity, waiters in list(self.by_identity.items()):
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self.by_identity[identity]
+                return
+
+    def pop_next(self) -> Waiter:
+        """The oldest waiter of the identity whose turn it is; that identity goes to the back of the line."""
+        identity, waiters = next(iter(self.by_identity.items()))
+        waiter = waiters.popleft()
+        del self.by_identity[identity]
+        if waiters:
+            self.by_identity[identity] = waiters
+        return waiter
+
+    def position(self, waiter: Waiter) -> int:
+        """1-based place in the order the queue would serve, for the client's heartbeat."""
+        lines = [list(waiters) for waiters in self.by_identity.values()]
+        order = [w for turn in range(max(map(len, lines), default=0)) for line in lines if turn < len(line)
+                 for w in [line[turn]]]  # fmt: skip
+        return order.index(waiter) + 1 if waiter in order else 0
+
+    def count(self, identity: str) -> int:
+        return sum(w.identity == identity for waiters in self.by_identity.values() for w in waiters)
+
+
+def identity_of(flow: http.HTTPFlow) -> str:
+    """Whose request this is, for fairness and limits: the gatekeeper's user, else the client's address."""
+    return flow.metadata.get("llmproxy", {}).get("identity") or f"ip:{flow.client_conn.peername[0]}"
+
+
+class WaitQueue:
+    """Gives each request a free key of its family, making it wait its turn while none is free."""
+
+    def __init__(self):
+        self.queues: dict[tuple[str, str], FamilyQueue] = {}
+
+    def load(self, loader):
+        loader.add_option("queue_mode", str, "fair", "fair, fifo or none (refuse with 429 when no key is free).",
+                          choices=QUEUE_MODES)  # fmt: skip
+        loader.add_option("queue_timeout", int, 300, "Seconds a request may wait for a key before it fails.")
+        loader.add_option("queue_heartbeat", int, 10, "Seconds between heartbeat comments to waiting streams.")
+        loader.add_option("max_queued_per_identity", int, 1, "Requests one identity may have waiting at once.")
+
+    def configure(self, updated):
+        for name in ("queue_timeout", "queue_heartbeat", "max_queued_per_identity"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name.upper()} must be at least 1.")
+
+    def running(self):
+        ctx.master.addons.get("keypool").subscribe(self._pump_all)
+
+    def queue(self, api: str, family: str) -> FamilyQueue:
+        return self.queues.setdefault((api, family), FamilyQueue())
+
+    def would_wait(self, api: str, family: str) -> bool:
+        """Whether a request of this family arriving now would have to queue."""
+        pool = ctx.master.addons.get("keypool")
+        if len(self.queue(api, family)):
+            return True
+        now = time.time()
+        return not any(key.is_free(family, now) for key in pool.serving(api, family))
+
+    async def acquire(self, flow: http.HTTPFlow, api: str, family: str, arrived: float, on_queued=None) -> PoolKey:
+        """A free key for the request, waiting for one if needed. Raises QueueRefusal."""
+        pool = ctx.master.addons.get("keypool")
+        queue = self.queue(api, family)
+        if not len(queue) and (key := pool.choose(api, family)):
+            return key
+        rest = pool.seconds_until_free(api, family)
+        if rest is None:
+            raise QueueRefusal(503, "no_keys_available", f"This proxy has no working key for {family} models.")
+        if ctx.options.queue_mode == "none":
+            raise QueueRefusal(429, "no_key_free", f"Every key for {family} models is busy; try again shortly.",
+                               retry_after=max(1.0, rest))  # fmt: skip
+        identity = identity_of(flow)
+        if queue.count(identity) >= ctx.options.max_queued_per_identity:
+            raise QueueRefusal(429, "too_many_queued", "You already have a request waiting for a key; "
+                               "wait for it to finish before sending another.", retry_after=max(1.0, rest))  # fmt: skip
+        waiter = Waiter(identity, arrived)
+        queue.add(waiter)
+        flow.metadata["llmproxy"]["queued"] = True
+        self._pump(api, family)
+        if on_queued and not waiter.granted.done():
+            on_queued(lambda: queue.position(waiter))
+        remaining = arrived + ctx.options.queue_timeout - time.time()
+        try:
+            key = await asyncio.wait_for(asyncio.shield(waiter.granted), max(0.0, remaining))
+        except (TimeoutError, asyncio.CancelledError) as stop:
+            queue.remove(waiter)
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                pool.abandon(waiter.granted.result(), family)  # granted in the same instant: give it back
+            if isinstance(stop, asyncio.CancelledError):
+                raise
+            raise QueueRefusal(503, "queue_timeout", f"No key for {family} models became free within "
+                               f"{ctx.options.queue_timeout} s; try again later.") from None  # fmt: skip
+        queue.waits.append((time.time(), time.time() - arrived))
+        return key
+
+    def _pump_all(self) -> None:
+        for api, family in list(self.queues):
+            self._pump(api, family)
+
+    def _pump(self, api: str, family: str) -> None:
+        """Hands free keys to waiters in turn; when none is free, wakes up again when the next rest ends."""
+        pool = ctx.master.addons.get("keypool")
+        queue = self.queue(api, family)
+        while len(queue):
+            key = pool.choose(api, family)
+            if key is None:
+                rest = pool.seconds_until_free(api, family)
+                if rest is not None and rest > 0:
+                    if queue.timer:
+                        queue.timer.cancel()
+                    queue.timer = ctx.master.event_loop.call_later(rest, self._pump, api, family)
+                return
+            waiter = queue.pop_next()
+            waiter.granted.set_result(key)
+
+    def estimated_wait(self, api: str, family: str) -> float:
+        """Seconds a request arriving now may wait: recent waits, or the time until a key frees."""
+        queue = self.queue(api, family)
+        now = time.time()
+        while queue.waits and queue.waits[0][0] < now - WAIT_HISTORY_SECONDS:
+            queue.waits.popleft()
+        recent = sum(waited for _, waited in queue.waits) / len(queue.waits) if queue.waits else 0.0
+        if not len(queue):
+            return recent
+        rest = ctx.master.addons.get("keypool").seconds_until_free(api, family) or 0.0
+        return max(recent, rest)
