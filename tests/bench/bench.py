@@ -36,6 +36,7 @@ HELLO = "Hello"
 FIRST_BYTE_PROMPT = "Hello #fake:events=20 #fake:interval_ms=50"
 STREAM_PROMPT = "Hello #fake:events=40 #fake:interval_ms=50"
 CONCURRENCY = 16
+HALF_LIMITED = "this proxy, half the keys 429"
 REQUEST_TIMEOUT = 30  # seconds; a request that takes longer counts as an error
 CLIENT_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
@@ -47,10 +48,13 @@ class Settings:
     first_byte_tries: int
     streams: int
     ramp_seconds: float
+    failing_pool_requests: int
 
 
-FULL = Settings(latency_requests=1000, throughput_seconds=8, first_byte_tries=10, streams=500, ramp_seconds=1.0)
-QUICK = Settings(latency_requests=200, throughput_seconds=2, first_byte_tries=3, streams=50, ramp_seconds=0.5)
+FULL = Settings(latency_requests=1000, throughput_seconds=8, first_byte_tries=10, streams=500, ramp_seconds=1.0,
+                failing_pool_requests=200)  # fmt: skip
+QUICK = Settings(latency_requests=200, throughput_seconds=2, first_byte_tries=3, streams=50, ramp_seconds=0.5,
+                 failing_pool_requests=50)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -238,8 +242,43 @@ async def clear_fake_records(fake: Target) -> None:
     conn.close()
 
 
-async def measure(targets: list[Target], settings: Settings) -> dict:
-    """Every measurement against every target: sequential ones taking turns, loads one target at a time."""
+async def failing_pool(target: Target, n: int, concurrency: int = 8) -> dict[str, float]:
+    """`n` requests over `concurrency` connections, counting successes; then the first SSE byte of 10 streams."""
+    raw, latencies, statuses = target.request(HELLO), [], collections.Counter()
+    remaining = iter(range(n))
+
+    async def worker() -> None:
+        conn = await Connection.open(target.port)
+        for _ in remaining:
+            started = time.perf_counter()
+            status, _, _ = await conn.request(raw)
+            latencies.append((time.perf_counter() - started) * 1000)
+            statuses[status] += 1
+        conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    conn, firsts = await Connection.open(target.port), []
+    for _ in range(10):
+        started = time.perf_counter()
+        status, _, first = await conn.request(target.request(FIRST_BYTE_PROMPT, stream=True))
+        statuses[status] += 1
+        firsts.append((first - started) * 1000)
+    conn.close()
+    return {"success": statuses[200] / (n + 10), "p50": statistics.median(latencies),
+            "first_byte": statistics.median(firsts)}
+
+
+async def count_fake_requests(fake: Target, key_marker: str) -> int:
+    """How many requests the fake saw with a key containing `key_marker`."""
+    conn = await Connection.open(fake.port)
+    _, body, _ = await conn.request(b"GET /_fake/requests HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    conn.close()
+    return sum(key_marker in (recorded["key"] or "") for recorded in json.loads(body))
+
+
+async def measure(targets: list[Target], half_limited: Target, settings: Settings) -> dict:
+    """Every measurement against every target: sequential ones taking turns, loads one target at a time; then
+    this proxy against a copy of itself whose pool has half its keys always answering 429."""
     results = {"rss_start": {t.name: rss_mb(t.pid) for t in targets}, "latency": {}, "first_byte": {}}
     print("  latency and first SSE byte, the targets taking turns ...", file=sys.stderr, flush=True)
     for name, samples in (await in_turns(targets, HELLO, False, settings.latency_requests // 50, 50)).items():
@@ -259,6 +298,12 @@ async def measure(targets: list[Target], settings: Settings) -> dict:
             results[phase][target.name] = await run(target)
     await asyncio.sleep(1)
     results["rss_end"] = {t.name: rss_mb(t.pid) for t in targets}
+    results["failing_pool"] = {}
+    for target in [targets[2], half_limited]:
+        await clear_fake_records(targets[0])
+        print(f"  pool with rate-limited keys: {target.name} ...", file=sys.stderr, flush=True)
+        results["failing_pool"][target.name] = await failing_pool(target, settings.failing_pool_requests)
+        results["failing_pool"][target.name]["retries"] = await count_fake_requests(targets[0], "-429")
     return results
 
 
@@ -318,6 +363,17 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
             if kinds := results[phase][name]["error_kinds"]:
                 print(f"  {phase} errors at {name}: {kinds}")
 
+    good, half = results["failing_pool"][proxy], results["failing_pool"][HALF_LIMITED]
+    print(f"\npool of 4 keys, 2 of them always answering 429; {settings.failing_pool_requests} requests at c=8, "
+          "then 10 streams:")
+    print(f"  {'':<28}{'all keys work':>15}{'half rate-limited':>19}")
+    print(f"  {'success rate':<28}{good['success']:>15.1%}{half['success']:>19.1%}")
+    print(f"  {'p50 latency (ms)':<28}{good['p50']:>15.2f}{half['p50']:>19.2f}"
+          f"   (+{half['p50'] - good['p50']:.2f} ms from retries)")
+    print(f"  {'first SSE byte, median (ms)':<28}{good['first_byte']:>15.2f}{half['first_byte']:>19.2f}")
+    print(f"  {'attempts on 429 keys':<28}{good['retries']:>15}{half['retries']:>19}")
+    print(f"  [{'met' if half['success'] == 1 else 'MISSED'}] every request answered 200 despite the 429 keys")
+
 
 def spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
     with open(log_path, "wb") as log:
@@ -354,7 +410,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
     logs = {"fake upstream": workdir / "fake.log", "bare mitmdump": workdir / "mitmdump.log"}
     processes: list[subprocess.Popen] = []
-    proxy: ProxyProcess | None = None
+    proxy = half_limited = None
     started, failed = time.monotonic(), True
     try:
         fake = spawn([sys.executable, "-m", "tests.fakeupstream", "--port", "0"], logs["fake upstream"], ROOT)
@@ -368,13 +424,15 @@ def main() -> int:
             logs["bare mitmdump"], workdir,
         )
         processes.append(bare)
-        proxy = ProxyProcess(
-            {"OPENAI_KEY": "sk-bench-one,sk-bench-two", "ANTHROPIC_KEY": "sk-ant-bench",
-             "OPENAI_UPSTREAM_URL": fake_url, "ANTHROPIC_UPSTREAM_URL": fake_url},
+        upstreams = {"OPENAI_UPSTREAM_URL": fake_url, "ANTHROPIC_UPSTREAM_URL": fake_url, "CHECK_KEYS": "false"}
+        proxy = ProxyProcess({"OPENAI_KEY": "sk-bench-one,sk-bench-two", **upstreams}, args=["--set", "flow_detail=0"])
+        half_limited = ProxyProcess(
+            {"OPENAI_KEY": "sk-bench-a,sk-bench-b-429,sk-bench-c,sk-bench-d-429", **upstreams},
             args=["--set", "flow_detail=0"],
         )
-        logs["this proxy"] = proxy.log_path
+        logs["this proxy"], logs[HALF_LIMITED] = proxy.log_path, half_limited.log_path
         proxy.start()
+        half_limited.start()
         targets = [
             Target("direct", fake_port, "/v1/chat/completions", None),
             Target("bare mitmdump", wait_for_port(bare, logs["bare mitmdump"]), "/v1/chat/completions", bare.pid),
@@ -382,7 +440,8 @@ def main() -> int:
         ]
         print(f"benchmark ({'quick' if settings is QUICK else 'full'}): {settings}; {os.cpu_count()} cores",
               file=sys.stderr)
-        results = asyncio.run(measure(targets, settings))
+        limited = Target(HALF_LIMITED, half_limited.port, targets[2].path, half_limited.process.pid)
+        results = asyncio.run(measure(targets, limited, settings))
         print()
         report(results, [t.name for t in targets], settings)
         print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
@@ -396,8 +455,9 @@ def main() -> int:
         print("benchmark failed", file=sys.stderr)
         return 1
     finally:
-        if proxy:
-            proxy.stop()
+        for process in (proxy, half_limited):
+            if process:
+                process.stop()
         for process in reversed(processes):
             stop(process)
         if failed:  # the logs are kept only when they may be needed
@@ -405,6 +465,7 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(proxy.workdir, ignore_errors=True)
+            shutil.rmtree(half_limited.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
