@@ -38,7 +38,6 @@ from addons.apierrors import (
     OPENAI,
     api_of_path,
     error_body,
-    error_response,
     fail_closed,
     sse_error_event,
 )
@@ -88,7 +87,11 @@ class PipedRequest:
     api: str
     answer: Answer | None = None
     job: asyncio.Task | None = None
-    position: Callable[[], int] | None = None
+    position: Callable[[], int] = lambda: 0
+
+    def follow_position(self, position: Callable[[], int]) -> None:
+        """Called by the queue when the request joins it: `position()` is its current place."""
+        self.position = position
 
 
 class Dispatcher:
@@ -175,7 +178,7 @@ class Dispatcher:
         if meta.get("stream") and queue.would_wait(route.api, meta["family"]):
             # A streaming client hears from us at once (headers, heartbeats) while its request waits for a key.
             piped = PipedRequest(route.api)
-            piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=lambda p: setattr(piped, "position", p)))
+            piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=piped.follow_position))
             self._point_at_pipe(flow, piped)
             return
         job = self._start_job(flow, self._obtain(flow, route))
@@ -294,7 +297,8 @@ class Dispatcher:
             pool.abandon(key, family)
             meta["decision"] = "upstream_broken"
             logger.warning("upstream %s body failed with key %s: %s", api, key.id, type(error).__name__)
-            return Answer.error(api, 502, "The upstream API broke off its answer.", "upstream_broken"), Verdict.SERVER_ERROR
+            message = "The upstream API broke off its answer."
+            return Answer.error(api, 502, message, "upstream_broken"), Verdict.SERVER_ERROR
         except BaseException:
             pool.abandon(key, family)
             raise
@@ -342,13 +346,20 @@ class Dispatcher:
         try:
             await response.prepare(request)
             while True:
-                position = piped.position() if piped.position else 0
-                await response.write(f": queued, position {position}, waited {time.monotonic() - waited:.0f}s\n\n".encode())
+                heartbeat = f": queued, position {piped.position()}, waited {time.monotonic() - waited:.0f}s\n\n"
+                await response.write(heartbeat.encode())
                 done, _ = await asyncio.wait({piped.job}, timeout=ctx.options.queue_heartbeat)
                 if done:
                     break
         except ConnectionError:
             return response  # the client left while waiting; _discard cancels the wait
+        if piped.job.cancelled():
+            return response
+        if piped.job.exception():
+            logger.error("a queued request failed: %r", scrub.text(repr(piped.job.exception())))
+            message = "The proxy hit an internal error."
+            await response.write(sse_error_event(piped.api, 500, message, "proxy_internal_error"))
+            return response
         answer = piped.job.result()
         if answer.stream is not None:
             return await self._pipe_stream(request, piped.api, answer, response)
@@ -360,12 +371,12 @@ class Dispatcher:
         """An error answer as an SSE event, for a client whose stream already began."""
         try:
             body = json.loads(answer.body)
-            if "error" in body:
-                payload = json.dumps(body)
-                return f"event: error\ndata: {payload}\n\n".encode() if api == ANTHROPIC else f"data: {payload}\n\n".encode()
         except ValueError:
-            pass
-        return sse_error_event(api, answer.status, "The upstream API refused the request.", "upstream_error")
+            body = None
+        if not isinstance(body, dict) or "error" not in body:
+            return sse_error_event(api, answer.status, "The upstream API refused the request.", "upstream_error")
+        prefix = "event: error\n" if api == ANTHROPIC else ""
+        return f"{prefix}data: {json.dumps(body)}\n\n".encode()
 
     async def _pipe_stream(
         self, request: web.Request, api: str, answer: Answer, response: web.StreamResponse | None = None
@@ -384,7 +395,8 @@ class Dispatcher:
                         chunk = await upstream.content.readany()
                 except (TimeoutError, aiohttp.ClientError) as error:
                     logger.warning("upstream %s stream broke off: %s", api, type(error).__name__)
-                    await response.write(sse_error_event(api, 502, "The upstream API broke off the stream.", "upstream_broken"))
+                    message = "The upstream API broke off the stream."
+                    await response.write(sse_error_event(api, 502, message, "upstream_broken"))
                     break
                 if not chunk:
                     complete = True

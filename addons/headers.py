@@ -36,14 +36,14 @@ _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
-def _connection_tokens(headers) -> set[str]:
+def _connection_tokens(connection_values: list[str]) -> set[str]:
     """Header names listed in `Connection`: hop-by-hop by declaration, so never forwarded."""
-    return {token.strip().lower() for value in headers.get_all("connection") for token in value.split(",")}
+    return {token.strip().lower() for value in connection_values for token in value.split(",")}
 
 
 def upstream_request_headers(headers: http.Headers, api: str) -> http.Headers:
     """The headers the upstream may see, without the key (the dispatcher adds it last)."""
-    hop_by_hop = _connection_tokens(headers)
+    hop_by_hop = _connection_tokens(headers.get_all("connection"))
     kept = []
     for name, value in headers.items(multi=True):
         lower = name.lower()
@@ -60,7 +60,7 @@ def upstream_request_headers(headers: http.Headers, api: str) -> http.Headers:
 
 def client_response_headers(upstream_headers) -> list[tuple[bytes, bytes]]:
     """The upstream response headers the client may see. Framing headers are dropped: each hop frames anew."""
-    hop_by_hop = {token.strip().lower() for value in upstream_headers.getall("connection", []) for token in value.split(",")}
+    hop_by_hop = _connection_tokens(upstream_headers.getall("connection", []))
     kept = []
     for name, value in upstream_headers.items():
         lower = name.lower()
