@@ -17,7 +17,9 @@ import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
-SECRET_SETTINGS = ("openai_key", "anthropic_key")
+SECRET_LISTS = ("openai_key", "anthropic_key")  # comma-separated
+SECRET_VALUES = ("proxy_key", "admin_key")  # taken whole: a password may contain a comma
+SECRET_SETTINGS = SECRET_LISTS + SECRET_VALUES
 LISTEN_SETTINGS = ("port", "bind_address")
 
 
@@ -118,12 +120,18 @@ class ConfigSources:
             return True, self.from_file[name]
         return False, None
 
-    def secrets(self) -> dict[str, list[str]]:
-        """Each secret setting as a de-duplicated list (keys are comma-separated)."""
-        return {
-            name: list(dict.fromkeys(convert(name, self._value_of(name)[1], Sequence[str])))
-            for name in SECRET_SETTINGS
+    def secrets(self) -> dict[str, list[str] | str]:
+        """Keys as de-duplicated lists, passwords as stripped strings (empty when unset)."""
+        secrets: dict[str, list[str] | str] = {
+            name: list(dict.fromkeys(convert(name, self._value_of(name)[1], Sequence[str]))) for name in SECRET_LISTS
         }
+        for name in SECRET_VALUES:
+            secrets[name] = str(self._value_of(name)[1] or "").strip()
+        return secrets
+
+    def prefixed(self, prefix: str) -> dict[str, str]:
+        """Environment (and .env) settings whose names start with `prefix`, such as TOKEN_QUOTA_GPT4."""
+        return {name: value for name, value in self.from_env.items() if name.startswith(prefix)}
 
     def listen_address(self) -> tuple[str, int]:
         """(BIND_ADDRESS, PORT)."""

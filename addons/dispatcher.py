@@ -32,7 +32,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
 from yarl import URL
 
-from addons import headers, scrub
+from addons import headers, scrub, usage
 from addons.apierrors import (
     ANTHROPIC,
     OPENAI,
@@ -84,6 +84,7 @@ class Answer:
 class PipedRequest:
     """A flow pointed at the pipe: either an open upstream stream, or a request still waiting for its answer."""
 
+    flow: http.HTTPFlow
     api: str
     answer: Answer | None = None
     job: asyncio.Task | None = None
@@ -177,7 +178,7 @@ class Dispatcher:
         queue = ctx.master.addons.get("waitqueue")
         if meta.get("stream") and queue.would_wait(route.api, meta["family"]):
             # A streaming client hears from us at once (headers, heartbeats) while its request waits for a key.
-            piped = PipedRequest(route.api)
+            piped = PipedRequest(flow, route.api)
             piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=piped.follow_position))
             self._point_at_pipe(flow, piped)
             return
@@ -187,10 +188,11 @@ class Dispatcher:
             return  # the client left; mitmproxy ends the flow with an error
         answer = job.result()
         if answer.stream is not None:
-            self._point_at_pipe(flow, PipedRequest(route.api, answer))
+            self._point_at_pipe(flow, PipedRequest(flow, route.api, answer))
         else:
             flow.response = http.Response.make(answer.status, answer.body, answer.headers)
             flow.request.url = meta["upstream_url"]  # only shown: with a response set, mitmproxy connects nowhere
+            ctx.master.addons.get("quotakeeper").settle(flow, usage.from_json(answer.body) if answer.status < 400 else None)
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -204,6 +206,7 @@ class Dispatcher:
         token = flow.metadata.get("llmproxy", {}).get("pipe_token")
         if token and (piped := self.piped.pop(token, None)):
             self._discard(piped)
+            ctx.master.addons.get("quotakeeper").settle(flow, None)
 
     def client_disconnected(self, client) -> None:
         """A client that leaves takes its waiting or running upstream requests with it."""
@@ -214,7 +217,13 @@ class Dispatcher:
         job = asyncio.create_task(work)
         jobs = self.jobs.setdefault(flow.client_conn.id, set())
         jobs.add(job)
-        job.add_done_callback(lambda done: jobs.discard(done))
+
+        def finished(done: asyncio.Task) -> None:
+            jobs.discard(done)
+            if done.cancelled() or done.exception():
+                ctx.master.addons.get("quotakeeper").settle(flow, None)  # nothing was produced: nothing is billed
+
+        job.add_done_callback(finished)
         return job
 
     @staticmethod
@@ -334,10 +343,11 @@ class Dispatcher:
             return await self._serve_unrouted(request)
         try:
             if piped.job is None:
-                return await self._pipe_stream(request, piped.api, piped.answer)
+                return await self._pipe_stream(request, piped, piped.answer)
             return await self._pipe_after_wait(request, piped)
         finally:
             self._discard(piped)
+            ctx.master.addons.get("quotakeeper").settle(piped.flow, None)  # no-op when the stream was billed
 
     async def _pipe_after_wait(self, request: web.Request, piped: PipedRequest) -> web.StreamResponse:
         """SSE headers and heartbeats while the request waits for a key, then the answer as SSE."""
@@ -362,7 +372,7 @@ class Dispatcher:
             return response
         answer = piped.job.result()
         if answer.stream is not None:
-            return await self._pipe_stream(request, piped.api, answer, response)
+            return await self._pipe_stream(request, piped, answer, response)
         await response.write(self._error_event(piped.api, answer))
         return response
 
@@ -379,9 +389,11 @@ class Dispatcher:
         return f"{prefix}data: {json.dumps(body)}\n\n".encode()
 
     async def _pipe_stream(
-        self, request: web.Request, api: str, answer: Answer, response: web.StreamResponse | None = None
+        self, request: web.Request, piped: PipedRequest, answer: Answer, response: web.StreamResponse | None = None
     ) -> web.StreamResponse:
-        upstream = answer.stream
+        """Passes the upstream's events on as they come, reading their usage; bills what was streamed."""
+        api, upstream = piped.api, answer.stream
+        meter = usage.StreamMeter(api, drop_usage_chunk=piped.flow.metadata["llmproxy"].get("usage_chunk_added", False))
         complete = False
         try:
             if response is None:
@@ -400,8 +412,9 @@ class Dispatcher:
                     break
                 if not chunk:
                     complete = True
+                    await response.write(meter.flush())
                     break
-                await response.write(chunk)
+                await response.write(meter.feed(chunk))
         except ConnectionError:
             pass  # the client left; closing the upstream connection below stops the generation
         finally:
@@ -409,6 +422,8 @@ class Dispatcher:
                 upstream.release()
             else:
                 upstream.close()
+            quota = ctx.master.addons.get("quotakeeper")
+            quota.settle(piped.flow, meter.finish(quota.prompt_estimate_of(piped.flow)))
         return response
 
     async def _serve_unrouted(self, request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ nothing that names the owner's account (`openai-organization`, `anthropic-organi
 """
 
 import re
+import weakref
 
 from mitmproxy import http
 
@@ -32,6 +33,9 @@ _RESPONSE_ALLOWED = frozenset(
 )
 _RESPONSE_ALLOWED_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 
+# The token a client presented, kept beside the flow (never on it) for the gatekeeper and the admin API.
+_client_tokens: "weakref.WeakKeyDictionary[http.HTTPFlow, str]" = weakref.WeakKeyDictionary()
+
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
@@ -39,6 +43,19 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 def _connection_tokens(connection_values: list[str]) -> set[str]:
     """Header names listed in `Connection`: hop-by-hop by declaration, so never forwarded."""
     return {token.strip().lower() for value in connection_values for token in value.split(",")}
+
+
+def client_token(flow: http.HTTPFlow) -> str:
+    """The token the client presented: `Authorization: Bearer ...`, else `x-api-key`, else `api-key`; or ""."""
+    return _client_tokens.get(flow, "")
+
+
+def _presented_token(headers: http.Headers) -> str:
+    authorization = headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return (headers.get("x-api-key") or headers.get("api-key") or "").strip()
 
 
 def upstream_request_headers(headers: http.Headers, api: str) -> http.Headers:
@@ -72,11 +89,13 @@ def client_response_headers(upstream_headers) -> list[tuple[bytes, bytes]]:
 
 
 class HeaderHygiene:
-    """Strips client credentials from every flow, and leaves forwarded requests with allowlisted headers only."""
+    """Takes client credentials off every flow, and leaves forwarded requests with allowlisted headers only."""
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Removed before any other addon, mitmweb or a flow dump can see them.
+        if token := _presented_token(flow.request.headers):
+            _client_tokens[flow] = token
         for name in CLIENT_CREDENTIALS:
             flow.request.headers.pop(name, None)
 

@@ -65,6 +65,11 @@ class KeyChecker:
                 self.status = "Finished checking keys."
             await asyncio.sleep(1)
 
+    def recheck_all(self) -> None:
+        """Makes every key due for a check now (the admin API's re-check)."""
+        self.checked_at.clear()
+        self.failures.clear()
+
     def _is_due(self, key: PoolKey) -> bool:
         if key.id not in self.checked_at:
             return True

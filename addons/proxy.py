@@ -15,15 +15,20 @@ from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.tools.web.master import WebMaster
 
 from addons import (
+    admin,
     config,
     dispatcher,
     families,
+    gatekeeper,
     guard,
     headers,
     keychecker,
     keypool,
     models,
+    quota,
+    ratelimit,
     router,
+    scrub,
     statuspage,
     store,
     waitqueue,
@@ -36,12 +41,16 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
     """Every addon, in the order a request passes them."""
     return [
         guard.EngineGuard(pipe_socket.getsockname()[1]),  # mitmproxy's own settings stay safe
-        store.Storage(),  # SQLite: key health (and, later, users and usage) across restarts
+        store.Storage(),  # SQLite: users, usage and key health across restarts
         headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
         statuspage.StatusPage(),  # /, /status, /health
+        admin.AdminApi(secrets),  # /admin/... with ADMIN_KEY; /user/usage with a user's own token
+        gatekeeper.Gatekeeper(secrets),  # none, proxy_key or user_token; names the identity for limits
         models.ModelList(),  # GET .../v1/models, answered locally
         families.ModelFamilies(),  # the requested model's family; unknown or disallowed models refused
+        ratelimit.RateLimiter(),  # requests per minute and in flight, per identity
+        quota.QuotaKeeper(),  # reserves the worst case against the user's token quota; settles afterwards
         keypool.KeyPool(secrets),  # the owner's keys, their health and rate-limit headroom
         keychecker.KeyChecker(),  # background checks: revoked, over quota, families, organisations
         waitqueue.WaitQueue(),  # requests wait their turn, fairly, while every key of their family rests
@@ -71,7 +80,9 @@ def with_addons(base: type) -> type:
                     keep_host_header=True,  # the status page names the address the client used
                 )
                 builtin_options = set(options.keys())
-                ours = build_addons(sources.secrets(), pipe_socket)
+                secrets = sources.secrets()
+                scrub.register([secrets["proxy_key"], secrets["admin_key"]])
+                ours = build_addons(secrets, pipe_socket)
                 self.addons.add(*ours)
                 # After blocklist/anticomp, before save, dumper and mitmweb's view: where `-s` scripts sit.
                 rest = [addon for addon in self.addons.chain if addon not in ours]
@@ -82,6 +93,9 @@ def with_addons(base: type) -> type:
                 # As mitmproxy does for scripts: every addon sees every option once, set or default.
                 for addon in ours:
                     self.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(options.keys())))
+                family_names = self.addons.get("modelfamilies").all_families()
+                if legacy := quota.legacy_quota_settings(sources.prefixed("TOKEN_QUOTA_"), family_names):
+                    options.update(token_quotas=[*options.token_quotas, *legacy])
             except (config.ConfigError, exceptions.OptionsError) as error:
                 _fail(str(error))
 

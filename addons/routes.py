@@ -40,10 +40,12 @@ _SERVICE_ROUTES = {
     ],
 }
 
-_PAGES = [("status_page", "/"), ("status", "/status"), ("health", "/health")]
+_PAGES = [("status_page", "/"), ("status", "/status"), ("health", "/health"), ("user_usage", "/user/usage")]
 
 # A query string is accepted (SDKs add `?beta=true`, list calls add `?limit=`) but never forwarded.
-_QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&\-]*)?")
+_QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&,\-]*)?")
+# The admin API's paths are parametric (user ids); the admin addon matches them exactly against its own table.
+_ADMIN_PATH = re.compile(rb"/admin/[a-z0-9_.\-]+(/[a-z0-9_.\-]+)*")
 
 
 def _build_table() -> dict[bytes, list[Route]]:
@@ -59,7 +61,9 @@ def _build_table() -> dict[bytes, list[Route]]:
 
 
 TABLE = _build_table()
-ROUTES_BY_NAME = {route.name: route for routes in TABLE.values() for route in routes}
+ADMIN = Route("admin", "", "*", LOCAL)
+ADMIN_METHODS = ("DELETE", "GET", "PATCH", "POST")
+ROUTES_BY_NAME = {route.name: route for routes in TABLE.values() for route in routes} | {"admin": ADMIN}
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ def lookup(method: bytes, raw_target: bytes) -> Match:
     path, _, query = raw_target.partition(b"?")
     if query and not _QUERY.fullmatch(b"?" + query):
         return Match()
+    if _ADMIN_PATH.fullmatch(path):
+        if method.decode("latin-1") in ADMIN_METHODS:
+            return Match(ADMIN)
+        return Match(allowed_methods=tuple(sorted((*ADMIN_METHODS, "OPTIONS"))))
     routes = TABLE.get(path)
     if not routes:
         return Match()
@@ -85,4 +93,5 @@ def lookup(method: bytes, raw_target: bytes) -> Match:
 
 
 def is_known_path(raw_target: bytes) -> bool:
-    return raw_target.partition(b"?")[0] in TABLE
+    path = raw_target.partition(b"?")[0]
+    return path in TABLE or bool(_ADMIN_PATH.fullmatch(path))

@@ -84,6 +84,13 @@ class StatusPage:
             "requestsServed": sum(served.values()),
             "status": ctx.master.addons.get("keychecker").status,
         }
+        store = ctx.master.addons.get("storage").store
+        counters = store.counters()
+        facts.update(
+            proompts=counters.get("prompts", 0),
+            tookens=counters.get("tokens", 0),
+            proomptersNow=store.active_identities(60),
+        )
         for api in (OPENAI, ANTHROPIC):
             facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
         facts["families"] = self.family_facts()

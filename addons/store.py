@@ -2,14 +2,37 @@
 
 SQLite (one file, WAL) is the default; a shared store for several instances implements the same methods.
 Every method is one atomic operation on the store: callers never read, decide in Python, then write.
+Users are stored under the SHA-256 of their token: the token itself is shown once, at creation, and kept
+nowhere, so a copy of the database lets nobody in.
 """
 
+import hashlib
+import json
+import secrets
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
+
+USER_TYPES = ("normal", "special", "temporary")
+# Fields an administrator may set; everything else about a user is the proxy's own bookkeeping.
+EDITABLE_FIELDS = {
+    "nickname": (str, type(None)),
+    "type": (str,),
+    "max_ips": (int, type(None)),
+    "token_limits": (dict,),
+    "rate_limit": (int, type(None)),
+    "expires_at": (int, float, type(None)),
+    "admin_note": (str, type(None)),
+}
+_JSON_COLUMNS = ("ips", "token_limits")
+_USER_COLUMNS = (
+    "id", "token_hash", "nickname", "type", "created_at", "last_used_at", "ips", "max_ips", "token_limits",
+    "rate_limit", "expires_at", "admin_note", "prompt_count", "disabled_at", "disabled_reason",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -19,18 +42,65 @@ class KeyHealth:
     changed_at: float
 
 
+class UserError(ValueError):
+    """A user record an administrator asked for is not valid; the message says why."""
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_fields(fields: dict) -> dict:
+    """The editable fields of `fields`, type-checked; unknown or read-only fields are refused."""
+    for name, value in fields.items():
+        if name not in EDITABLE_FIELDS:
+            raise UserError(f"{name!r} cannot be set; settable fields: {', '.join(sorted(EDITABLE_FIELDS))}.")
+        if not isinstance(value, EDITABLE_FIELDS[name]) or isinstance(value, bool):
+            raise UserError(f"{name!r} has the wrong type.")
+    if fields.get("type", "normal") not in USER_TYPES:
+        raise UserError(f"'type' must be one of {', '.join(USER_TYPES)}.")
+    if "nickname" in fields and fields["nickname"] is not None and len(fields["nickname"]) > 80:
+        raise UserError("'nickname' must be at most 80 characters.")
+    limits = fields.get("token_limits", {})
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for k, v in limits.items()):  # fmt: skip
+        raise UserError("'token_limits' maps family names to whole numbers of tokens.")
+    return fields
+
+
 class SQLiteStore:
-    """The embedded store: a single SQLite file in write-ahead-log mode."""
+    """The embedded store: a single SQLite file in write-ahead-log mode, plus in-memory windows.
+
+    Rate-limit windows and in-flight counts live in memory: they are about the last minute, one process
+    serves them all, and losing them in a restart costs nothing.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: each statement is its own transaction
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL keeps committed work across a process crash
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS key_health (key_id TEXT PRIMARY KEY, state TEXT NOT NULL,"
-            " reason TEXT NOT NULL, changed_at REAL NOT NULL)"
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS key_health (key_id TEXT PRIMARY KEY, state TEXT NOT NULL,
+                reason TEXT NOT NULL, changed_at REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, token_hash TEXT UNIQUE NOT NULL,
+                nickname TEXT, type TEXT NOT NULL, created_at REAL NOT NULL, last_used_at REAL,
+                ips TEXT NOT NULL DEFAULT '[]', max_ips INTEGER, token_limits TEXT NOT NULL DEFAULT '{}',
+                rate_limit INTEGER, expires_at REAL, admin_note TEXT, prompt_count INTEGER NOT NULL DEFAULT 0,
+                disabled_at REAL, disabled_reason TEXT);
+            CREATE TABLE IF NOT EXISTS usage (user_id TEXT NOT NULL, family TEXT NOT NULL,
+                used INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (user_id, family));
+            CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            """
         )
+        # Reservations belong to requests in flight; after a restart none is.
+        self.db.execute("UPDATE usage SET reserved = 0")
+        self._windows: dict[str, deque] = {}
+        self._in_flight: dict[str, int] = {}
+
+    # -- keys ----------------------------------------------------------------------------------------------
 
     def key_health(self) -> dict[str, KeyHealth]:
         """Every key that is not active, by key id."""
@@ -48,6 +118,194 @@ class SQLiteStore:
                 " changed_at = excluded.changed_at",
                 (key_id, state, reason, time.time()),
             )
+
+    # -- users ---------------------------------------------------------------------------------------------
+
+    def _user(self, where: str, value: str) -> dict | None:
+        row = self.db.execute(f"SELECT {', '.join(_USER_COLUMNS)} FROM users WHERE {where} = ?", (value,)).fetchone()
+        if row is None:
+            return None
+        user = dict(zip(_USER_COLUMNS, row))
+        for column in _JSON_COLUMNS:
+            user[column] = json.loads(user[column])
+        user["usage"] = {family: {"used": used, "reserved": reserved} for family, used, reserved in self.db.execute(
+            "SELECT family, used, reserved FROM usage WHERE user_id = ?", (user["id"],))}  # fmt: skip
+        return user
+
+    def create_user(self, fields: dict) -> tuple[str, dict]:
+        """A new user with a fresh 256-bit token; returns (token, user). The token is not kept."""
+        fields = validate_fields(dict(fields))
+        token = secrets.token_urlsafe(32)
+        hashed = token_hash(token)
+        self._insert_user({"id": hashed[:16], "token_hash": hashed, "created_at": time.time(), **fields})
+        return token, self.get_user(hashed[:16])
+
+    def _insert_user(self, record: dict) -> None:
+        record = {"type": "normal", "ips": [], "token_limits": {}, "prompt_count": 0, **record}
+        for column in _JSON_COLUMNS:
+            record[column] = json.dumps(record[column])
+        columns = [column for column in _USER_COLUMNS if column in record]
+        self.db.execute(
+            f"INSERT INTO users ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns if c != 'id')}",
+            [record[column] for column in columns],
+        )
+
+    def get_user(self, user_id: str) -> dict | None:
+        return self._user("id", user_id)
+
+    def user_by_token(self, token: str) -> dict | None:
+        return self._user("token_hash", token_hash(token))
+
+    def list_users(self) -> list[dict]:
+        return [self.get_user(user_id) for (user_id,) in self.db.execute("SELECT id FROM users")]
+
+    def update_user(self, user_id: str, fields: dict) -> dict | None:
+        """Sets editable fields; returns the user, or None if there is none with that id."""
+        fields = validate_fields(dict(fields))
+        if fields:
+            values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
+            self.db.execute(f"UPDATE users SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                            [*values, user_id])  # fmt: skip
+        return self.get_user(user_id)
+
+    def set_disabled(self, user_id: str, reason: str | None) -> dict | None:
+        """Disables a user with a reason, or (reason None) enables it again."""
+        self.db.execute(
+            "UPDATE users SET disabled_at = ?, disabled_reason = ? WHERE id = ?",
+            (time.time() if reason is not None else None, reason, user_id),
+        )
+        return self.get_user(user_id)
+
+    def delete_user(self, user_id: str) -> bool:
+        deleted = self.db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount
+        self.db.execute("DELETE FROM usage WHERE user_id = ?", (user_id,))
+        return bool(deleted)
+
+    def export_users(self) -> list[dict]:
+        """Every user with its token hash (never the token), usage included, for import elsewhere."""
+        return self.list_users()
+
+    def import_users(self, users: list[dict]) -> int:
+        """Creates or replaces users from an export; returns how many."""
+        records = []
+        for user in users:
+            if not isinstance(user, dict) or not isinstance(user.get("token_hash"), str) \
+                    or len(user["token_hash"]) != 64:  # fmt: skip
+                raise UserError("Each imported user needs the 64-character 'token_hash' of an export.")
+            editable = validate_fields({k: v for k, v in user.items() if k in EDITABLE_FIELDS})
+            kept = {k: user[k] for k in ("created_at", "last_used_at", "ips", "prompt_count", "disabled_at",
+                                          "disabled_reason") if k in user}  # fmt: skip
+            records.append((user, {"id": user["token_hash"][:16], "token_hash": user["token_hash"],
+                                   "created_at": time.time(), **kept, **editable}))  # fmt: skip
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for user, record in records:
+                self._insert_user(record)
+                for family, figures in (user.get("usage") or {}).items():
+                    self.db.execute(
+                        "INSERT INTO usage (user_id, family, used) VALUES (?, ?, ?) ON CONFLICT (user_id, family)"
+                        " DO UPDATE SET used = excluded.used", (record["id"], family, int(figures.get("used", 0))))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return len(records)
+
+    def record_visit(self, user_id: str, ip: str, max_ips: int, auto_ban: bool) -> str:
+        """Notes a request from `ip`: "ok", "limited" (a new address over the limit, refused) or "banned"
+        (the same, and the user is now disabled). `max_ips` 0 means no limit."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            (ips,) = self.db.execute("SELECT ips FROM users WHERE id = ?", (user_id,)).fetchone()
+            ips = json.loads(ips)
+            outcome = "ok"
+            if ip not in ips:
+                if max_ips and len(ips) >= max_ips:
+                    outcome = "banned" if auto_ban else "limited"
+                if outcome != "limited":
+                    ips.append(ip)
+            self.db.execute(
+                "UPDATE users SET ips = ?, last_used_at = ?, disabled_at = CASE WHEN ? THEN ? ELSE disabled_at END,"
+                " disabled_reason = CASE WHEN ? THEN ? ELSE disabled_reason END WHERE id = ?",
+                (json.dumps(ips), time.time(), outcome == "banned", time.time(), outcome == "banned",
+                 "IP address limit exceeded.", user_id),
+            )  # fmt: skip
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return outcome
+
+    # -- usage ---------------------------------------------------------------------------------------------
+
+    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None) -> bool:
+        """Sets `tokens` aside for a request if used + reserved + tokens stays within `limit` (None: no limit)."""
+        self.db.execute("INSERT OR IGNORE INTO usage (user_id, family) VALUES (?, ?)", (user_id, family))
+        return bool(self.db.execute(
+            "UPDATE usage SET reserved = reserved + ? WHERE user_id = ? AND family = ?"
+            " AND (? IS NULL OR used + reserved + ? <= ?)",
+            (tokens, user_id, family, limit, tokens, limit),
+        ).rowcount)  # fmt: skip
+
+    def settle(self, user_id: str, family: str, reserved: int, used: int) -> None:
+        """Replaces a reservation by what the request really used (0 for a failed request)."""
+        self.db.execute(
+            "UPDATE usage SET reserved = MAX(0, reserved - ?), used = used + ? WHERE user_id = ? AND family = ?",
+            (reserved, used, user_id, family),
+        )
+        if used:
+            self.db.execute("UPDATE users SET prompt_count = prompt_count + 1 WHERE id = ?", (user_id,))
+
+    def reset_usage(self, user_id: str | None = None) -> None:
+        """Starts a new quota period for one user or for all."""
+        if user_id is None:
+            self.db.execute("UPDATE usage SET used = 0")
+        else:
+            self.db.execute("UPDATE usage SET used = 0 WHERE user_id = ?", (user_id,))
+
+    def add_to_counters(self, **amounts: int) -> None:
+        for name, amount in amounts.items():
+            self.db.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, amount))  # fmt: skip
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, value FROM counters"))
+
+    # -- windows (memory) ----------------------------------------------------------------------------------
+
+    def hit_rate_window(self, identity: str, limit: int, window: float) -> tuple[bool, int, float]:
+        """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at)."""
+        now = time.time()
+        hits = self._windows.setdefault(identity, deque())
+        while hits and hits[0] <= now - window:
+            hits.popleft()
+        allowed = len(hits) < limit
+        if allowed:
+            hits.append(now)
+        reset_at = hits[0] + window if hits else now
+        return allowed, max(0, limit - len(hits)), reset_at
+
+    def active_identities(self, window: float) -> int:
+        """Identities with a counted request in the last `window` seconds."""
+        cutoff = time.time() - window
+        for identity in [i for i, hits in self._windows.items() if not hits or hits[-1] <= cutoff]:
+            del self._windows[identity]
+        return len(self._windows)
+
+    def enter(self, identity: str, limit: int) -> bool:
+        """Counts a request in flight for `identity` unless it already has `limit` (0: no limit)."""
+        if limit and self._in_flight.get(identity, 0) >= limit:
+            return False
+        self._in_flight[identity] = self._in_flight.get(identity, 0) + 1
+        return True
+
+    def leave(self, identity: str) -> None:
+        if (count := self._in_flight.get(identity, 0) - 1) > 0:
+            self._in_flight[identity] = count
+        else:
+            self._in_flight.pop(identity, None)
 
     def close(self) -> None:
         self.db.close()

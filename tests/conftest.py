@@ -32,6 +32,7 @@ def proxy_env(fake, **overrides) -> dict[str, str]:
         "OPENAI_UPSTREAM_URL": fake.url,
         "ANTHROPIC_UPSTREAM_URL": fake.url,
         "CHECK_KEYS": "false",  # tests of the key checker turn it on; elsewhere it would add upstream calls
+        "MODEL_RATE_LIMIT": "0",  # tests of the rate limit set one; elsewhere 4 a minute would stop the suite
         **overrides,
     }
 

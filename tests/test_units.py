@@ -56,7 +56,8 @@ def test_settings_precedence_and_types(tmp_path, monkeypatch):
                              "ANTHROPIC_KEY": 'k1, "k,2", k1'})  # fmt: skip
     values = sources.options({"upstream_timeout": int, "openai_models": Sequence[str], "server_title": str})
     assert values == {"upstream_timeout": 50, "openai_models": ["a", "b"], "server_title": "From dotenv"}
-    assert sources.secrets() == {"openai_key": ["sk-from-file"], "anthropic_key": ["k1", "k,2"]}
+    assert sources.secrets() == {"openai_key": ["sk-from-file"], "anthropic_key": ["k1", "k,2"],
+                                 "proxy_key": "", "admin_key": ""}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,230 @@
+"""The admin API under `/admin` (Bearer ADMIN_KEY) and the users' own usage page at `/user/usage`.
+
+Users are addressed by their id (the first 16 hex digits of their token's SHA-256); a token is shown once, when
+the user is created, and never again. Failed admin logins are limited per address, for a while, not forever.
+"""
+
+import json
+import re
+import time
+from collections import deque
+from urllib.parse import parse_qs
+
+from mitmproxy import ctx, http
+
+from addons.apierrors import OPENAI, error_response, fail_closed
+from addons.gatekeeper import client_ip, secret_matches
+from addons.headers import client_token
+from addons.store import EDITABLE_FIELDS, UserError
+
+FAILED_LOGIN_LIMIT = 5
+FAILED_LOGIN_WINDOW = 300.0
+_USER_ID = r"(?P<user>[0-9a-f]{16})"
+# (method, path pattern, handler name); the pattern must match the whole path.
+_ROUTES = [
+    ("GET", r"/admin/users", "list_users"),
+    ("POST", r"/admin/users", "create_user"),
+    ("GET", r"/admin/users/export", "export_users"),
+    ("POST", r"/admin/users/import", "import_users"),
+    ("GET", rf"/admin/users/{_USER_ID}", "get_user"),
+    ("PATCH", rf"/admin/users/{_USER_ID}", "update_user"),
+    ("DELETE", rf"/admin/users/{_USER_ID}", "delete_user"),
+    ("POST", rf"/admin/users/{_USER_ID}/disable", "disable_user"),
+    ("POST", rf"/admin/users/{_USER_ID}/enable", "enable_user"),
+    ("POST", rf"/admin/users/{_USER_ID}/reset-usage", "reset_user_usage"),
+    ("POST", r"/admin/quotas/reset", "reset_all_usage"),
+    ("GET", r"/admin/keys", "list_keys"),
+    ("POST", r"/admin/keys/recheck", "recheck_keys"),
+    ("GET", r"/admin/openapi.json", "openapi"),
+]
+_COMPILED = [(method, re.compile(pattern), handler) for method, pattern, handler in _ROUTES]
+
+
+def public_user(user: dict) -> dict:
+    """A user as the admin API shows it: everything but the token hash."""
+    return {key: value for key, value in user.items() if key != "token_hash"}
+
+
+def _json(status: int, body) -> http.Response:
+    return http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
+
+
+class AdminApi:
+    """Answers `/admin/...` for the holder of ADMIN_KEY, and `/user/usage` for a user's own token."""
+
+    def __init__(self, secrets: dict):
+        self.admin_key = secrets.get("admin_key", "")
+        self.failed_logins: dict[str, deque] = {}
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        route = flow.metadata.get("llmproxy", {}).get("route")
+        if route == "user_usage":
+            flow.response = self._own_usage(flow)
+        elif route == "admin":
+            flow.response = self._admin(flow)
+        else:
+            return
+        flow.metadata["llmproxy"]["decision"] = "local"
+
+    def _own_usage(self, flow: http.HTTPFlow) -> http.Response:
+        store = ctx.master.addons.get("storage").store
+        token = client_token(flow)
+        user = store.user_by_token(token) if token.strip() else None
+        if user is None:
+            return error_response(OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token")
+        quota = ctx.master.addons.get("quotakeeper")
+        families = set(user["usage"]) | set(user["token_limits"]) | set(quota.quotas)
+        return _json(200, {
+            "nickname": user["nickname"], "type": user["type"], "promptCount": user["prompt_count"],
+            "disabled": user["disabled_at"] is not None, "disabledReason": user["disabled_reason"],
+            "expiresAt": user["expires_at"],
+            "usage": {family: {"used": user["usage"].get(family, {}).get("used", 0),
+                               "limit": quota.limit_for(user, family)} for family in sorted(families)},
+        })  # fmt: skip
+
+    def _admin(self, flow: http.HTTPFlow) -> http.Response:
+        ip = client_ip(flow)
+        failures = self.failed_logins.setdefault(ip, deque())
+        while failures and failures[0] < time.time() - FAILED_LOGIN_WINDOW:
+            failures.popleft()
+        if len(failures) >= FAILED_LOGIN_LIMIT:
+            wait = int(failures[0] + FAILED_LOGIN_WINDOW - time.time()) + 1
+            return error_response(OPENAI, 429, f"Too many failed logins; try again in {wait} s.", "too_many_attempts",
+                                  {"retry-after": str(wait)})  # fmt: skip
+        if not secret_matches(client_token(flow), self.admin_key):
+            failures.append(time.time())
+            return error_response(OPENAI, 401, "The admin API needs `Authorization: Bearer <ADMIN_KEY>`.", "unauthorized")
+        if not failures:
+            self.failed_logins.pop(ip, None)
+        path, _, query = flow.request.path.partition("?")
+        allowed = []
+        for method, pattern, handler in _COMPILED:
+            if match := pattern.fullmatch(path):
+                if method == flow.request.method:
+                    try:
+                        return getattr(self, handler)(flow, parse_qs(query), **match.groupdict())
+                    except UserError as error:
+                        return error_response(OPENAI, 400, str(error), "invalid_user")
+                allowed.append(method)
+        if allowed:
+            return error_response(OPENAI, 405, f"This endpoint accepts {', '.join(allowed)} only.", "method_not_allowed",
+                                  {"allow": ", ".join(allowed)})  # fmt: skip
+        return error_response(OPENAI, 404, "No such admin endpoint; see /admin/openapi.json.", "not_found")
+
+    @staticmethod
+    def _body(flow: http.HTTPFlow) -> dict:
+        try:
+            body = json.loads(flow.request.raw_content or b"{}")
+        except ValueError:
+            raise UserError("The request body must be JSON.") from None
+        if not isinstance(body, dict):
+            raise UserError("The request body must be a JSON object.")
+        return body
+
+    @staticmethod
+    def _store():
+        return ctx.master.addons.get("storage").store
+
+    def _user_or_404(self, user: dict | None) -> http.Response:
+        if user is None:
+            return error_response(OPENAI, 404, "No user with that id.", "user_not_found")
+        return _json(200, public_user(user))
+
+    def list_users(self, flow, query) -> http.Response:
+        users = [public_user(user) for user in self._store().list_users()]
+        fields = query.get("sort", ["prompt_count,last_used_at"])[0].split(",")
+        if unknown := [field for field in fields if users and field not in users[0]]:
+            raise UserError(f"Cannot sort by {unknown[0]!r}.")
+        for field in reversed(fields):  # largest first, missing values last, as the original did
+            users.sort(key=lambda u: (u[field] is not None, u[field] if u[field] is not None else 0), reverse=True)
+        return _json(200, {"users": users, "count": len(users)})
+
+    def create_user(self, flow, query) -> http.Response:
+        token, user = self._store().create_user(self._body(flow))
+        return _json(201, {"token": token, "user": public_user(user)})
+
+    def export_users(self, flow, query) -> http.Response:
+        return _json(200, {"users": self._store().export_users()})
+
+    def import_users(self, flow, query) -> http.Response:
+        users = self._body(flow).get("users")
+        if not isinstance(users, list):
+            raise UserError("Import a JSON object {\"users\": [...]} as written by /admin/users/export.")
+        return _json(200, {"imported": self._store().import_users(users)})
+
+    def get_user(self, flow, query, user) -> http.Response:
+        return self._user_or_404(self._store().get_user(user))
+
+    def update_user(self, flow, query, user) -> http.Response:
+        return self._user_or_404(self._store().update_user(user, self._body(flow)))
+
+    def delete_user(self, flow, query, user) -> http.Response:
+        if not self._store().delete_user(user):
+            return self._user_or_404(None)
+        return http.Response.make(204)
+
+    def disable_user(self, flow, query, user) -> http.Response:
+        reason = self._body(flow).get("reason") or "Disabled by the administrator."
+        if not isinstance(reason, str):
+            raise UserError("'reason' must be a string.")
+        return self._user_or_404(self._store().set_disabled(user, reason[:200]))
+
+    def enable_user(self, flow, query, user) -> http.Response:
+        return self._user_or_404(self._store().set_disabled(user, None))
+
+    def reset_user_usage(self, flow, query, user) -> http.Response:
+        self._store().reset_usage(user)
+        return self._user_or_404(self._store().get_user(user))
+
+    def reset_all_usage(self, flow, query) -> http.Response:
+        self._store().reset_usage()
+        return _json(200, {"reset": True})
+
+    def list_keys(self, flow, query) -> http.Response:
+        pool = ctx.master.addons.get("keypool")
+        keys = [{"id": key.id, "service": key.api, "organization": key.organization is not None, "state": key.state,
+                 "families": sorted(key.families) if key.families is not None else None,
+                 "resting": {f: round(until - time.time(), 1) for f, until in key.cooldown_until.items()
+                             if until > time.time()}} for key in pool.all_keys()]  # fmt: skip
+        return _json(200, {"keys": keys, "status": ctx.master.addons.get("keychecker").status})
+
+    def recheck_keys(self, flow, query) -> http.Response:
+        ctx.master.addons.get("keychecker").recheck_all()
+        return _json(202, {"rechecking": True})
+
+    def openapi(self, flow, query) -> http.Response:
+        return _json(200, openapi_description())
+
+
+def openapi_description() -> dict:
+    """OpenAPI 3.1 description of the admin API, generated from the route table."""
+    summaries = {
+        "list_users": "List users (query `sort=field,field`, largest first)",
+        "create_user": "Create a user; the response holds its token, shown only this once",
+        "export_users": "Every user with token hash and usage, for import elsewhere",
+        "import_users": "Create or replace users from an export: {\"users\": [...]}",
+        "get_user": "One user", "update_user": f"Set fields: {', '.join(sorted(EDITABLE_FIELDS))}",
+        "delete_user": "Delete a user", "disable_user": "Disable a user: {\"reason\": \"...\"}",
+        "enable_user": "Enable a disabled user", "reset_user_usage": "Start a new quota period for one user",
+        "reset_all_usage": "Start a new quota period for everyone", "list_keys": "Key ids (hashes) and health",
+        "recheck_keys": "Check every key again now", "openapi": "This description",
+    }  # fmt: skip
+    paths: dict = {}
+    for method, pattern, handler in _ROUTES:
+        path = pattern.replace(_USER_ID, "{user_id}")
+        operation = {"summary": summaries[handler], "operationId": handler, "security": [{"adminKey": []}],
+                     "responses": {"200": {"description": "OK"}, "401": {"description": "No or wrong admin key"},
+                                   "429": {"description": "Too many failed logins"}}}  # fmt: skip
+        if "{user_id}" in path:
+            operation["parameters"] = [{"name": "user_id", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}]  # fmt: skip
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM key-sharing proxy: admin API", "version": "1"},
+        "components": {"securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }

@@ -1,0 +1,107 @@
+"""Who may use the proxy: everyone (`none`), holders of one shared `PROXY_KEY`, or users with personal tokens.
+
+The client presents its token the way its SDK already does: `Authorization: Bearer ...` (OpenAI SDK) or
+`x-api-key` (Anthropic SDK), on either API's routes. Secrets are compared in constant time, and an empty or
+blank token never matches anything.
+"""
+
+import hmac
+import time
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.apierrors import error_response, fail_closed
+from addons.headers import client_token
+from addons.routes import ROUTES_BY_NAME
+
+GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
+
+
+def secret_matches(presented: str, secret: str) -> bool:
+    """Constant-time comparison in which an empty secret or token never matches."""
+    return bool(presented.strip()) and bool(secret) and hmac.compare_digest(presented.encode(), secret.encode())
+
+
+def client_ip(flow: http.HTTPFlow) -> str:
+    """The socket's address, or with TRUSTED_PROXIES=N the address N hops back in X-Forwarded-For."""
+    peer = flow.client_conn.peername[0]
+    hops = ctx.options.trusted_proxies
+    if not hops:
+        return peer
+    forwarded = [a.strip() for v in flow.request.headers.get_all("x-forwarded-for") for a in v.split(",") if a.strip()]
+    if not forwarded:
+        return peer
+    return forwarded[-hops] if len(forwarded) >= hops else forwarded[0]
+
+
+class Gatekeeper:
+    """Checks the client's token on every API route and names the request's identity for limits and queues."""
+
+    def __init__(self, secrets: dict):
+        self.proxy_key = secrets.get("proxy_key", "")
+        self.admin_key = secrets.get("admin_key", "")
+
+    def load(self, loader):
+        loader.add_option("gatekeeper", str, "none", "none, proxy_key or user_token.", choices=GATEKEEPER_MODES)
+        loader.add_option(
+            "trusted_proxies", int, 0,
+            "Hops of reverse proxies in front of this one whose X-Forwarded-For is trusted; 0 trusts none.",
+        )  # fmt: skip
+        loader.add_option("max_ips_per_user", int, 0, "Addresses a user token may be used from; 0 means any.")
+        loader.add_option(
+            "max_ips_auto_ban", bool, False,
+            "Disable a user who goes over MAX_IPS_PER_USER, instead of refusing the new address only.",
+        )  # fmt: skip
+
+    def configure(self, updated):
+        if "gatekeeper" in updated:
+            if ctx.options.gatekeeper == "user_token" and not self.admin_key:
+                raise exceptions.OptionsError("GATEKEEPER=user_token needs an ADMIN_KEY to manage the users.")
+            if ctx.options.gatekeeper == "proxy_key" and not self.proxy_key:
+                raise exceptions.OptionsError("GATEKEEPER=proxy_key needs a PROXY_KEY.")
+        for name in ("trusted_proxies", "max_ips_per_user"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        meta = flow.metadata.get("llmproxy", {})
+        route = ROUTES_BY_NAME.get(meta.get("route"))
+        if route is None or not route.api:
+            return  # the status pages are public; the admin API checks the admin key itself
+        ip = client_ip(flow)
+        meta["identity"] = f"ip:{ip}"
+        mode = ctx.options.gatekeeper
+        token = client_token(flow)
+        if mode == "proxy_key" and not secret_matches(token, self.proxy_key):
+            self._refuse(flow, route.api, 401, "A valid proxy key is required.", "invalid_proxy_key")
+        elif mode == "user_token":
+            self._check_user(flow, route.api, token, ip)
+
+    def _check_user(self, flow: http.HTTPFlow, api: str, token: str, ip: str) -> None:
+        meta = flow.metadata["llmproxy"]
+        store = ctx.master.addons.get("storage").store
+        user = store.user_by_token(token) if token.strip() else None
+        if user is None:
+            return self._refuse(flow, api, 401, "A valid user token is required.", "invalid_user_token")
+        if user["disabled_at"] is None and user["type"] == "temporary" and user["expires_at"] \
+                and user["expires_at"] <= time.time():  # fmt: skip
+            user = store.set_disabled(user["id"], "Temporary token expired.")
+        if user["disabled_at"] is not None:
+            reason = user["disabled_reason"] or "Token disabled."
+            return self._refuse(flow, api, 403, f"Forbidden: {reason}", "user_disabled")
+        if user["type"] != "special":
+            max_ips = user["max_ips"] if user["max_ips"] is not None else ctx.options.max_ips_per_user
+            visit = store.record_visit(user["id"], ip, max_ips, ctx.options.max_ips_auto_ban)
+            if visit != "ok":
+                message = "Forbidden: IP address limit exceeded." if visit == "banned" else \
+                    "Forbidden: no more IP addresses allowed for this user token."  # fmt: skip
+                return self._refuse(flow, api, 403, message, "ip_limit")
+        meta.update(identity=f"user:{user['id']}", user=user["id"], user_type=user["type"])
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, api: str, status: int, message: str, code: str) -> None:
+        flow.metadata["llmproxy"]["decision"] = "unauthorized" if status == 401 else "forbidden"
+        flow.response = error_response(api, status, message, code)

@@ -1,0 +1,214 @@
+"""Token quotas per user and model family, with a hard cap that holds under concurrency.
+
+Before a request goes upstream, its worst case (prompt tokens plus the most output it may produce) is reserved
+against the user's quota in one atomic step; afterwards the reservation is replaced by what the upstream
+reported, or released when the request failed. Fifty parallel requests against a quota for five cannot pass
+more than five, and a failed request costs nothing.
+"""
+
+import asyncio
+import json
+import logging
+import re
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.apierrors import error_response, fail_closed
+from addons.body import parsed_body
+from addons.config import ConfigError
+from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.usage import CHARACTERS_PER_TOKEN, Usage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_RESERVATION = 4096  # reserved when a request does not say how much it may produce
+_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
+_STREAM_USAGE_ROUTES = ("openai.chat_completions", "openai.completions")
+_SCHEDULES = {"hourly": "0 * * * *", "daily": "0 0 * * *"}
+
+
+def prompt_estimate(body: dict) -> int:
+    """An upper estimate of the prompt's tokens: every string in it at 3 characters a token, 4 tokens a message."""
+    characters, messages = 0, 0
+    stack = [body.get(field) for field in ("messages", "system", "prompt", "input", "instructions")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            characters += len(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            messages += len(value)
+            stack.extend(value)
+    return characters // (CHARACTERS_PER_TOKEN - 1) + 4 * messages + 1
+
+
+def output_reservation(body: dict) -> int:
+    for field in _OUTPUT_FIELDS:
+        if isinstance(value := body.get(field), int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT_OUTPUT_RESERVATION
+
+
+def cron_matches(expression: str, moment: time.struct_time) -> bool:
+    """Whether a five-field cron expression (minute hour day month weekday) names `moment`."""
+    fields = expression.split()
+    values = (moment.tm_min, moment.tm_hour, moment.tm_mday, moment.tm_mon, (moment.tm_wday + 1) % 7)
+    return all(_cron_field_matches(field, value) for field, value in zip(fields, values, strict=True))
+
+
+def _cron_field_matches(field: str, value: int) -> bool:
+    for part in field.split(","):
+        span, _, step = part.partition("/")
+        if span == "*":
+            low, high = 0, 59
+        elif "-" in span:
+            low, high = (int(x) for x in span.split("-"))
+        else:
+            low = high = int(span)
+        if low <= value <= high and (value - low) % int(step or 1) == 0:
+            return True
+    return False
+
+
+def legacy_quota_settings(environment: dict[str, str], families: list[str]) -> list[str]:
+    """`TOKEN_QUOTA_<FAMILY>=N` settings of the original project as `family=N` entries (GPT4_32K is gpt4-32k)."""
+    by_name = {re.sub(r"[^A-Z0-9]", "_", family.upper()): family for family in families}
+    entries = []
+    for name, value in environment.items():
+        family = by_name.get(name.removeprefix("TOKEN_QUOTA_"))
+        if family is None:
+            raise ConfigError(f"{name} names no model family of this proxy.")
+        entries.append(f"{family}={value.strip()}")
+    return entries
+
+
+@dataclass
+class Reservation:
+    user: str
+    family: str
+    tokens: int
+    prompt_estimate: int
+
+
+class QuotaKeeper:
+    """Reserves before dispatch, settles afterwards; also counts prompts and tokens for the status page."""
+
+    def __init__(self):
+        self.quotas: dict[str, int] = {}
+        self.schedule = ""
+        self.reservations: "weakref.WeakKeyDictionary[http.HTTPFlow, Reservation]" = weakref.WeakKeyDictionary()
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader):
+        loader.add_option(
+            "token_quotas", Sequence[str], [],
+            "Tokens per user and family per quota period: family=tokens. TOKEN_QUOTA_<FAMILY> sets one too.",
+        )  # fmt: skip
+        loader.add_option(
+            "quota_refresh_period", str, "",
+            "When quotas start afresh: hourly, daily, or a cron expression; empty: never.",
+        )  # fmt: skip
+
+    def configure(self, updated):
+        if "token_quotas" in updated:
+            quotas = {}
+            for entry in ctx.options.token_quotas:
+                family, _, tokens = entry.partition("=")
+                if not tokens.strip().isdigit():
+                    raise exceptions.OptionsError(f"TOKEN_QUOTAS entries look like family=tokens, not {entry!r}.")
+                quotas[family.strip()] = int(tokens)
+            self.quotas = quotas
+        if "quota_refresh_period" in updated:
+            period = ctx.options.quota_refresh_period.strip()
+            schedule = _SCHEDULES.get(period, period)
+            if schedule:
+                try:
+                    cron_matches(schedule, time.localtime())
+                except ValueError:
+                    raise exceptions.OptionsError(
+                        f"QUOTA_REFRESH_PERIOD must be hourly, daily or a cron expression, not {period!r}."
+                    ) from None
+            self.schedule = schedule
+
+    async def running(self):
+        if self.schedule:
+            self._task = asyncio.create_task(self._refresh_on_schedule())
+
+    async def done(self):
+        if self._task:
+            self._task.cancel()
+
+    async def _refresh_on_schedule(self) -> None:
+        last = None
+        while True:
+            moment = time.localtime()
+            minute = time.strftime("%Y%m%d%H%M", moment)
+            if minute != last and cron_matches(self.schedule, moment):
+                ctx.master.addons.get("storage").store.reset_usage()
+                logger.info("token quotas refreshed")
+                last = minute
+            await asyncio.sleep(20)
+
+    def limit_for(self, user: dict, family: str) -> int | None:
+        """The user's quota for the family (None: unlimited): their own limit, else the proxy's."""
+        if user["type"] == "special":
+            return None
+        limit = user["token_limits"].get(family, self.quotas.get(family, 0))
+        return limit or None
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        meta = flow.metadata.get("llmproxy", {})
+        route = ROUTES_BY_NAME.get(meta.get("route"))
+        if route is None or route.kind != FORWARD:
+            return
+        body = parsed_body(flow)
+        if route.name in _STREAM_USAGE_ROUTES and body.get("stream") is True:
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            if options.get("include_usage") is not True:
+                # Usage arrives only when asked for; the meter removes the extra chunk the client did not ask for.
+                body["stream_options"] = {**options, "include_usage": True}
+                flow.request.content = json.dumps(body).encode()
+                meta["usage_chunk_added"] = True
+        if not (user_id := meta.get("user")) or route.name == "anthropic.count_tokens":
+            return
+        store = ctx.master.addons.get("storage").store
+        user = store.get_user(user_id)
+        family = meta["family"]
+        limit = self.limit_for(user, family)
+        estimate = prompt_estimate(body)
+        tokens = estimate + output_reservation(body)
+        if not store.reserve(user_id, family, tokens, limit):
+            used = user["usage"].get(family, {}).get("used", 0)
+            meta["decision"] = "over_quota"
+            flow.response = error_response(
+                route.api, 429, f"This request could use up to {tokens} tokens, more than is left of your "
+                f"{family} quota ({max(0, limit - used)} of {limit}).", "quota_exceeded",
+            )  # fmt: skip
+            return
+        self.reservations[flow] = Reservation(user_id, family, tokens, estimate)
+
+    def prompt_estimate_of(self, flow: http.HTTPFlow) -> int:
+        reservation = self.reservations.get(flow)
+        return reservation.prompt_estimate if reservation else prompt_estimate(parsed_body(flow))
+
+    def settle(self, flow: http.HTTPFlow, usage: Usage | None) -> None:
+        """Ends the request's accounting once: its usage is billed (None: nothing was produced)."""
+        meta = flow.metadata.get("llmproxy", {})
+        if meta.get("settled"):
+            return
+        meta["settled"] = True
+        store = ctx.master.addons.get("storage").store
+        if usage is not None:
+            meta["usage"] = {"input": usage.input, "output": usage.output, "estimated": usage.estimated}
+            store.add_to_counters(prompts=1, tokens=usage.total)
+        if reservation := self.reservations.pop(flow, None):
+            store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0)
+

@@ -1,0 +1,86 @@
+"""Requests per minute, and requests in flight, per identity (user, else client address)."""
+
+import math
+import time
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.apierrors import error_response, fail_closed
+from addons.routes import FORWARD, ROUTES_BY_NAME
+
+WINDOW = 60.0
+
+
+class RateLimiter:
+    """A sliding one-minute window per identity; `special` users are exempt. Counts only requests that passed
+    every check before it, so a malformed or unauthorised request costs its sender nothing."""
+
+    def load(self, loader):
+        loader.add_option("model_rate_limit", int, 4, "Generation requests per minute per identity; 0 turns it off.")
+        loader.add_option(
+            "max_concurrent_per_identity", int, 0, "Generation requests one identity may have in flight; 0: any."
+        )
+
+    def configure(self, updated):
+        for name in ("model_rate_limit", "max_concurrent_per_identity"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        meta = flow.metadata.get("llmproxy", {})
+        route = ROUTES_BY_NAME.get(meta.get("route"))
+        if route is None or route.kind != FORWARD or meta.get("user_type") == "special":
+            return
+        store = ctx.master.addons.get("storage").store
+        identity = meta["identity"]
+        limit = self._limit_for(meta)
+        if limit:
+            allowed, remaining, reset_at = store.hit_rate_window(identity, limit, WINDOW)
+            meta["rate_limit"] = [limit, remaining, math.ceil(reset_at)]
+            if not allowed:
+                meta["decision"] = "rate_limited"
+                wait = max(1, math.ceil(reset_at - time.time()))
+                flow.response = error_response(
+                    route.api, 429, f"This proxy allows {limit} requests per minute; try again in {wait} s.",
+                    "rate_limited", {"retry-after": str(wait)},
+                )  # fmt: skip
+                return
+        if not store.enter(identity, ctx.options.max_concurrent_per_identity):
+            meta["decision"] = "too_many_in_flight"
+            flow.response = error_response(
+                route.api, 429, "You have as many requests in flight as this proxy allows; wait for one to end.",
+                "too_many_in_flight", {"retry-after": "1"},
+            )  # fmt: skip
+            return
+        meta["in_flight"] = True
+
+    @staticmethod
+    def _limit_for(meta: dict) -> int:
+        if user_id := meta.get("user"):
+            user = ctx.master.addons.get("storage").store.get_user(user_id)
+            if user and user["rate_limit"] is not None:
+                return user["rate_limit"]
+        return ctx.options.model_rate_limit
+
+    @fail_closed
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if rate_limit := flow.metadata.get("llmproxy", {}).get("rate_limit"):
+            limit, remaining, reset_at = rate_limit
+            flow.response.headers["x-ratelimit-limit"] = str(limit)
+            flow.response.headers["x-ratelimit-remaining"] = str(remaining)
+            flow.response.headers["x-ratelimit-reset"] = str(reset_at)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        self._leave(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        self._leave(flow)
+
+    @staticmethod
+    def _leave(flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("llmproxy", {})
+        if meta.pop("in_flight", False):
+            ctx.master.addons.get("storage").store.leave(meta["identity"])

@@ -1,0 +1,114 @@
+"""Token usage as the upstream reports it, from a JSON answer or from an SSE stream as it passes.
+
+For a stream the meter reads every event: OpenAI's final `usage` chunk (which the proxy asks for and, when the
+client did not, removes again), the Responses API's `response.completed`, Anthropic's `message_start` and
+`message_delta`. When a stream ends early the count is estimated from the text that did reach the client.
+"""
+
+import json
+from dataclasses import dataclass
+
+from addons.apierrors import ANTHROPIC
+
+CHARACTERS_PER_TOKEN = 4  # the usual English average of both tokenizers; only used when the upstream's figure is missing
+
+
+@dataclass
+class Usage:
+    input: int = 0
+    output: int = 0
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+
+def _from_usage_object(usage: dict) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    if "prompt_tokens" in usage:  # chat completions, completions, embeddings
+        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    if "input_tokens" in usage:  # Responses API, Anthropic (cache reads and writes are input too)
+        cached = sum(int(usage.get(k) or 0) for k in ("cache_creation_input_tokens", "cache_read_input_tokens"))
+        return Usage(int(usage.get("input_tokens") or 0) + cached, int(usage.get("output_tokens") or 0))
+    return None
+
+
+def from_json(body: bytes) -> Usage | None:
+    """The usage of a buffered answer, or None when it reports none."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return _from_usage_object(data.get("usage")) if isinstance(data, dict) else None
+
+
+class StreamMeter:
+    """Follows an SSE stream event by event; `feed` returns the bytes to pass on."""
+
+    def __init__(self, api: str, drop_usage_chunk: bool):
+        self.api = api
+        self.drop_usage_chunk = drop_usage_chunk  # the proxy asked for OpenAI's usage chunk; the client did not
+        self.usage: Usage | None = None
+        self.input_seen = 0
+        self.text_characters = 0
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._pending += chunk
+        *events, self._pending = self._pending.replace(b"\r\n", b"\n").split(b"\n\n")
+        kept = [event for event in events if self._read(event)]
+        if not self.drop_usage_chunk:
+            return chunk  # passed on untouched, as it came
+        return b"".join(event + b"\n\n" for event in kept)
+
+    def flush(self) -> bytes:
+        """What is left of an unterminated last event, once the stream has ended."""
+        rest, self._pending = self._pending, b""
+        return rest if self.drop_usage_chunk else b""
+
+    def finish(self, prompt_estimate: int) -> Usage:
+        """The stream's usage: the upstream's figures, or an estimate from what was streamed."""
+        if self.usage is not None:
+            return self.usage
+        output = -(-self.text_characters // CHARACTERS_PER_TOKEN)
+        return Usage(self.input_seen or prompt_estimate, output, estimated=True)
+
+    def _read(self, event: bytes) -> bool:
+        """Learns from one event; False when the event is to be left out."""
+        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if not data or data == b"[DONE]":
+            return True
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(payload, dict):
+            return True
+        if self.api == ANTHROPIC:
+            self._read_anthropic(payload)
+            return True
+        if payload.get("type") == "response.completed":
+            self.usage = _from_usage_object(payload.get("response", {}).get("usage")) or self.usage
+        elif isinstance(delta := payload.get("delta"), str):  # Responses API text deltas
+            self.text_characters += len(delta)
+        for choice in payload.get("choices") or []:
+            text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            self.text_characters += len(text) if isinstance(text, str) else 0
+        if (usage := _from_usage_object(payload.get("usage"))) is not None:
+            self.usage = usage
+            return not (self.drop_usage_chunk and not payload.get("choices"))
+        return True
+
+    def _read_anthropic(self, payload: dict) -> None:
+        kind = payload.get("type")
+        if kind == "message_start":
+            started = _from_usage_object(payload.get("message", {}).get("usage")) or Usage()
+            self.input_seen = started.input
+        elif kind == "content_block_delta":
+            text = (payload.get("delta") or {}).get("text") or ""
+            self.text_characters += len(text) if isinstance(text, str) else 0
+        elif kind == "message_delta":
+            output = int((payload.get("usage") or {}).get("output_tokens") or 0)
+            self.usage = Usage(self.input_seen, output)
