@@ -55,6 +55,8 @@ class Gatekeeper:
 
     def configure(self, updated):
         if "gatekeeper" in updated:
+            if ctx.options.gatekeeper not in GATEKEEPER_MODES:
+                raise exceptions.OptionsError(f"GATEKEEPER must be one of {', '.join(GATEKEEPER_MODES)}.")
             if ctx.options.gatekeeper == "user_token" and not self.admin_key:
                 raise exceptions.OptionsError("GATEKEEPER=user_token needs an ADMIN_KEY to manage the users.")
             if ctx.options.gatekeeper == "proxy_key" and not self.proxy_key:
@@ -64,7 +66,8 @@ class Gatekeeper:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Runs before the body is read, while X-Forwarded-For is still on the request."""
         if flow.response or not flow.live:
             return
         meta = flow.metadata.get("llmproxy", {})

@@ -98,6 +98,8 @@ class WaitQueue:
         loader.add_option("max_queued_per_identity", int, 1, "Requests one identity may have waiting at once.")
 
     def configure(self, updated):
+        if "queue_mode" in updated and ctx.options.queue_mode not in QUEUE_MODES:
+            raise exceptions.OptionsError(f"QUEUE_MODE must be one of {', '.join(QUEUE_MODES)}.")
         for name in ("queue_timeout", "queue_heartbeat", "max_queued_per_identity"):
             if name in updated and getattr(ctx.options, name) < 1:
                 raise exceptions.OptionsError(f"{name.upper()} must be at least 1.")

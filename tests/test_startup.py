@@ -23,6 +23,13 @@ pytestmark = pytest.mark.e2e
         ({}, ["--set", "validate_inbound_headers=false"], "validate_inbound_headers must stay on"),
         ({}, ["--mode", "reverse:https://api.openai.com"], "is not accepted"),
         ({}, ["--set", "upstream_timeout=-1"], "UPSTREAM_TIMEOUT must be a positive number"),
+        ({"GATEKEEPER": "user_token"}, [], "GATEKEEPER=user_token needs an ADMIN_KEY"),
+        ({"GATEKEEPER": "proxy_key", "PROXY_KEY": "   "}, [], "GATEKEEPER=proxy_key needs a PROXY_KEY"),
+        ({"GATEKEEPER": "everyone"}, [], "GATEKEEPER must be one of none, proxy_key, user_token"),
+        ({"QUEUE_MODE": "random"}, [], "QUEUE_MODE must be one of fair, fifo, none"),
+        ({"QUOTA_REFRESH_PERIOD": "weekly"}, [], "QUOTA_REFRESH_PERIOD must be hourly, daily or a cron expression"),
+        ({"TOKEN_QUOTA_GPT9": "100"}, [], "TOKEN_QUOTA_GPT9 names no model family"),
+        ({"ALLOWED_MODEL_FAMILIES": "gpt4o,gpt99"}, [], "ALLOWED_MODEL_FAMILIES names an unknown family: 'gpt99'"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_sentence(env, args, sentence):

@@ -1,4 +1,4 @@
-"""Unit tests of the key pool's reading of upstream answers, its choice of key, and the queue's turn order."""
+"""Unit tests of the key pool, the queue's turn order, usage metering, reservations and quota schedules."""
 
 import asyncio
 import time
@@ -7,6 +7,8 @@ import pytest
 from mitmproxy.test import taddons
 
 from addons.keypool import ACTIVE, REVOKED, KeyPool, Verdict, classify, parse_duration, read_limits, retry_after
+from addons.quota import DEFAULT_OUTPUT_RESERVATION, cron_matches, output_reservation, prompt_estimate
+from addons.usage import StreamMeter, Usage
 from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
 
 
@@ -94,3 +96,49 @@ async def test_fair_turns_and_positions():
         for waiter in (a1, a2, a3, b1):
             queue.add(waiter)
         assert [queue.pop_next() for _ in range(4)] == [a1, a2, a3, b1]
+
+
+@pytest.mark.parametrize(
+    "expression, moment, expected",
+    [
+        ("0 * * * *", (2026, 11, 28, 14, 0), True),
+        ("0 * * * *", (2026, 11, 28, 14, 1), False),
+        ("0 0 * * *", (2026, 11, 28, 0, 0), True),
+        ("*/15 9-17 * * 1-5", (2026, 11, 27, 10, 30), True),  # a Friday
+        ("*/15 9-17 * * 1-5", (2026, 11, 28, 10, 30), False),  # a Saturday
+        ("5,35 * 1 * *", (2026, 12, 1, 3, 35), True),
+    ],
+)
+def test_cron_expressions(expression, moment, expected):
+    struct = time.localtime(time.mktime((*moment, 0, 0, 0, -1)))
+    assert cron_matches(expression, struct) is expected
+
+
+def test_stream_meter_reads_usage_and_drops_only_the_chunk_it_added():
+    events = [
+        b'data: {"choices": [{"delta": {"content": "Hello"}}]}\n\n',
+        b'data: {"choices": [{"delta": {"content": " world"}, "finish_reason": "stop"}]}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    stream = b"".join(events)
+    meter = StreamMeter("openai", drop_usage_chunk=True)
+    passed = b"".join(meter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7)) + meter.flush()
+    assert passed == events[0] + events[1] + events[3]
+    assert meter.finish(prompt_estimate=100) == Usage(7, 2)
+    untouched = StreamMeter("openai", drop_usage_chunk=False)
+    assert untouched.feed(stream) == stream
+
+
+def test_stream_meter_estimates_a_stream_cut_short():
+    meter = StreamMeter("anthropic", drop_usage_chunk=False)
+    meter.feed(b'event: message_start\ndata: {"type": "message_start", "message": {"usage": {"input_tokens": 12}}}\n\n'
+               b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"text": "12345678"}}\n\n')
+    assert meter.finish(prompt_estimate=100) == Usage(12, 2, estimated=True)
+
+
+def test_reservations_are_an_upper_bound():
+    body = {"messages": [{"role": "user", "content": "a" * 300}], "max_tokens": 50}
+    assert prompt_estimate(body) >= 300 // 4 and output_reservation(body) == 50
+    assert output_reservation({"max_output_tokens": 7}) == 7
+    assert output_reservation({}) == DEFAULT_OUTPUT_RESERVATION
