@@ -27,3 +27,9 @@ def parsed_body(flow: http.HTTPFlow) -> dict:
     _parsed[flow] = body
     return body
 
+
+
+def replace_body(flow: http.HTTPFlow, body: dict) -> None:
+    """Makes `body` what the upstream will receive, and what later addons read."""
+    flow.request.content = json.dumps(body).encode()
+    _parsed[flow] = body

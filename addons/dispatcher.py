@@ -32,7 +32,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
 from yarl import URL
 
-from addons import headers, scrub, usage
+from addons import headers, scrub, translate, usage
 from addons.apierrors import (
     ANTHROPIC,
     OPENAI,
@@ -85,7 +85,7 @@ class PipedRequest:
     """A flow pointed at the pipe: either an open upstream stream, or a request still waiting for its answer."""
 
     flow: http.HTTPFlow
-    api: str
+    route: Route
     answer: Answer | None = None
     job: asyncio.Task | None = None
     position: Callable[[], int] = lambda: 0
@@ -178,7 +178,7 @@ class Dispatcher:
         queue = ctx.master.addons.get("waitqueue")
         if meta.get("stream") and queue.would_wait(route.api, meta["family"]):
             # A streaming client hears from us at once (headers, heartbeats) while its request waits for a key.
-            piped = PipedRequest(flow, route.api)
+            piped = PipedRequest(flow, route)
             piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=piped.follow_position))
             self._point_at_pipe(flow, piped)
             return
@@ -188,7 +188,7 @@ class Dispatcher:
             return  # the client left; mitmproxy ends the flow with an error
         answer = job.result()
         if answer.stream is not None:
-            self._point_at_pipe(flow, PipedRequest(flow, route.api, answer))
+            self._point_at_pipe(flow, PipedRequest(flow, route, answer))
         else:
             flow.response = http.Response.make(answer.status, answer.body, answer.headers)
             flow.request.url = meta["upstream_url"]  # only shown: with a response set, mitmproxy connects nowhere
@@ -247,7 +247,7 @@ class Dispatcher:
                     key = await queue.acquire(flow, api, family, arrived, on_queued)
                 except QueueRefusal as refusal:
                     meta["decision"] = refusal.code
-                    return Answer.error(api, refusal.status, str(refusal), refusal.code, refusal.retry_after)
+                    return Answer.error(route.dialect, refusal.status, str(refusal), refusal.code, refusal.retry_after)
             elif (key := pool.choose(api, family, exclude=[failed_key])) is None:
                 return answer
             meta["queue_ms"] = round((time.time() - arrived) * 1000)
@@ -283,13 +283,13 @@ class Dispatcher:
             pool.abandon(key, family)
             meta["decision"] = "upstream_timeout"
             message = f"The upstream API did not answer within {ctx.options.upstream_timeout} s."
-            return Answer.error(api, 504, message, "upstream_timeout"), Verdict.SERVER_ERROR
+            return Answer.error(route.dialect, 504, message, "upstream_timeout"), Verdict.SERVER_ERROR
         except aiohttp.ClientError as error:
             pool.abandon(key, family)
             meta["decision"] = "upstream_unreachable"
             logger.warning("upstream %s unreachable with key %s: %s", api, key.id, type(error).__name__)
             message = "The proxy could not reach the upstream API; try again shortly."
-            return Answer.error(api, 502, message, "upstream_unreachable"), Verdict.SERVER_ERROR
+            return Answer.error(route.dialect, 502, message, "upstream_unreachable"), Verdict.SERVER_ERROR
         except BaseException:
             pool.abandon(key, family)
             raise
@@ -307,7 +307,7 @@ class Dispatcher:
             meta["decision"] = "upstream_broken"
             logger.warning("upstream %s body failed with key %s: %s", api, key.id, type(error).__name__)
             message = "The upstream API broke off its answer."
-            return Answer.error(api, 502, message, "upstream_broken"), Verdict.SERVER_ERROR
+            return Answer.error(route.dialect, 502, message, "upstream_broken"), Verdict.SERVER_ERROR
         except BaseException:
             pool.abandon(key, family)
             raise
@@ -315,6 +315,8 @@ class Dispatcher:
         if not upstream.ok:
             logger.info("upstream %s answered %d with key %s", api, upstream.status, key.id)
             body = scrub.body(body)
+        if route.client_format and verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR):
+            body = translate.message_to_chat(body)
         return Answer(upstream.status, client_headers, body), verdict
 
     @staticmethod
@@ -368,12 +370,12 @@ class Dispatcher:
         if piped.job.exception():
             logger.error("a queued request failed: %r", scrub.text(repr(piped.job.exception())))
             message = "The proxy hit an internal error."
-            await response.write(sse_error_event(piped.api, 500, message, "proxy_internal_error"))
+            await response.write(sse_error_event(piped.route.dialect, 500, message, "proxy_internal_error"))
             return response
         answer = piped.job.result()
         if answer.stream is not None:
             return await self._pipe_stream(request, piped, answer, response)
-        await response.write(self._error_event(piped.api, answer))
+        await response.write(self._error_event(piped.route.dialect, answer))
         return response
 
     @staticmethod
@@ -392,8 +394,10 @@ class Dispatcher:
         self, request: web.Request, piped: PipedRequest, answer: Answer, response: web.StreamResponse | None = None
     ) -> web.StreamResponse:
         """Passes the upstream's events on as they come, reading their usage; bills what was streamed."""
-        api, upstream = piped.api, answer.stream
-        meter = usage.StreamMeter(api, drop_usage_chunk=piped.flow.metadata["llmproxy"].get("usage_chunk_added", False))
+        api, upstream, meta = piped.route.api, answer.stream, piped.flow.metadata["llmproxy"]
+        meter = usage.StreamMeter(api, drop_usage_chunk=meta.get("usage_chunk_added", False))
+        translator = translate.MessagesToChatStream(meta.get("client_wants_usage", False)) \
+            if piped.route.client_format else None  # fmt: skip
         complete = False
         try:
             if response is None:
@@ -408,13 +412,13 @@ class Dispatcher:
                 except (TimeoutError, aiohttp.ClientError) as error:
                     logger.warning("upstream %s stream broke off: %s", api, type(error).__name__)
                     message = "The upstream API broke off the stream."
-                    await response.write(sse_error_event(api, 502, message, "upstream_broken"))
+                    await response.write(sse_error_event(piped.route.dialect, 502, message, "upstream_broken"))
                     break
+                passed = meter.feed(chunk) if chunk else meter.flush()
+                await response.write(translator.feed(passed) if translator else passed)
                 if not chunk:
                     complete = True
-                    await response.write(meter.flush())
                     break
-                await response.write(meter.feed(chunk))
         except ConnectionError:
             pass  # the client left; closing the upstream connection below stops the generation
         finally:

@@ -124,25 +124,25 @@ class ModelFamilies:
             body = parsed_body(flow)
         except BodyError as error:
             meta["decision"] = "bad_request"
-            flow.response = error_response(route.api, 400, str(error), "invalid_body")
+            flow.response = error_response(route.dialect, 400, str(error), "invalid_body")
             return
         model = body.get("model")
         if not isinstance(model, str) or not model:
             meta["decision"] = "bad_request"
-            flow.response = error_response(route.api, 400, "The request must name a model.", "model_missing")
+            flow.response = error_response(route.dialect, 400, "The request must name a model.", "model_missing")
             return
         family = self.family_of(route.api, model)
         meta.update(model=model[:100], stream=body.get("stream") is True)
         if family is None:
             meta["decision"] = "unknown_model"
             flow.response = error_response(
-                route.api, 400, f"This proxy does not know the model {model[:100]!r}.", "model_not_found"
+                route.dialect, 400, f"This proxy does not know the model {model[:100]!r}.", "model_not_found"
             )
             return
         meta["family"] = family
         if not self.is_allowed(route.api, family):
             meta["decision"] = "family_not_allowed"
             flow.response = error_response(
-                route.api, 403, f"Models of the {family} family are not available on this proxy.",
+                route.dialect, 403, f"Models of the {family} family are not available on this proxy.",
                 "model_family_not_allowed",
             )  # fmt: skip

@@ -79,9 +79,9 @@ class Gatekeeper:
         mode = ctx.options.gatekeeper
         token = client_token(flow)
         if mode == "proxy_key" and not secret_matches(token, self.proxy_key):
-            self._refuse(flow, route.api, 401, "A valid proxy key is required.", "invalid_proxy_key")
+            self._refuse(flow, route.dialect, 401, "A valid proxy key is required.", "invalid_proxy_key")
         elif mode == "user_token":
-            self._check_user(flow, route.api, token, ip)
+            self._check_user(flow, route.dialect, token, ip)
 
     def _check_user(self, flow: http.HTTPFlow, api: str, token: str, ip: str) -> None:
         meta = flow.metadata["llmproxy"]

@@ -29,8 +29,11 @@ def openai_model_list(models: list[str]) -> dict:
 
 
 def anthropic_model_list(models: list[str]) -> dict:
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    data = [{"type": "model", "id": model, "display_name": model, "created_at": created} for model in models]
+    """Anthropic's list shape, each entry also carrying OpenAI's fields for clients of the OpenAI-format endpoint."""
+    now = time.time()
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    data = [{"type": "model", "id": model, "display_name": model, "created_at": created,
+             "object": "model", "created": int(now), "owned_by": "anthropic"} for model in models]  # fmt: skip
     return {
         "data": data,
         "has_more": False,

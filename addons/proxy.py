@@ -25,12 +25,15 @@ from addons import (
     keychecker,
     keypool,
     models,
+    policy,
     quota,
     ratelimit,
+    refusals,
     router,
     scrub,
     statuspage,
     store,
+    translate,
     waitqueue,
 )
 
@@ -49,12 +52,15 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
         gatekeeper.Gatekeeper(secrets),  # none, proxy_key or user_token; names the identity for limits
         models.ModelList(),  # GET .../v1/models, answered locally
         families.ModelFamilies(),  # the requested model's family; unknown or disallowed models refused
+        policy.RequestPolicy(),  # body validation, output and context caps, prompt filters, token count
+        translate.ClaudeChatTranslator(),  # OpenAI-format requests for Claude become Messages API requests
         ratelimit.RateLimiter(),  # requests per minute and in flight, per identity
         quota.QuotaKeeper(),  # reserves the worst case against the user's token quota; settles afterwards
         keypool.KeyPool(secrets),  # the owner's keys, their health and rate-limit headroom
         keychecker.KeyChecker(),  # background checks: revoked, over quota, families, organisations
         waitqueue.WaitQueue(),  # requests wait their turn, fairly, while every key of their family rests
         dispatcher.Dispatcher(pipe_socket),  # upstream call with the key added last; retries; SSE via the pipe
+        refusals.RefusalFormat(),  # errors as real errors, or as assistant messages (PROXY_ERROR_FORMAT)
     ]
 
 

@@ -183,13 +183,13 @@ class QuotaKeeper:
         user = store.get_user(user_id)
         family = meta["family"]
         limit = self.limit_for(user, family)
-        estimate = prompt_estimate(body)
+        estimate = meta.get("prompt_tokens") or prompt_estimate(body)
         tokens = estimate + output_reservation(body)
         if not store.reserve(user_id, family, tokens, limit):
             used = user["usage"].get(family, {}).get("used", 0)
             meta["decision"] = "over_quota"
             flow.response = error_response(
-                route.api, 429, f"This request could use up to {tokens} tokens, more than is left of your "
+                route.dialect, 429, f"This request could use up to {tokens} tokens, more than is left of your "
                 f"{family} quota ({max(0, limit - used)} of {limit}).", "quota_exceeded",
             )  # fmt: skip
             return

@@ -44,14 +44,14 @@ class RateLimiter:
                 meta["decision"] = "rate_limited"
                 wait = max(1, math.ceil(reset_at - time.time()))
                 flow.response = error_response(
-                    route.api, 429, f"This proxy allows {limit} requests per minute; try again in {wait} s.",
+                    route.dialect, 429, f"This proxy allows {limit} requests per minute; try again in {wait} s.",
                     "rate_limited", {"retry-after": str(wait)},
                 )  # fmt: skip
                 return
         if not store.enter(identity, ctx.options.max_concurrent_per_identity):
             meta["decision"] = "too_many_in_flight"
             flow.response = error_response(
-                route.api, 429, "You have as many requests in flight as this proxy allows; wait for one to end.",
+                route.dialect, 429, "You have as many requests in flight as this proxy allows; wait for one to end.",
                 "too_many_in_flight", {"retry-after": "1"},
             )  # fmt: skip
             return

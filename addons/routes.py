@@ -18,10 +18,16 @@ LOCAL = "local"  # answered by the proxy itself
 @dataclass(frozen=True)
 class Route:
     name: str  # e.g. "openai.chat_completions"; used in logs, metrics and flow metadata
-    api: str  # OPENAI or ANTHROPIC, or "" for the proxy's own pages
+    api: str  # the upstream API: OPENAI or ANTHROPIC, or "" for the proxy's own pages
     method: str
     kind: str
     upstream_path: str = ""
+    client_format: str = ""  # the API format the client speaks, when it is not the upstream's
+
+    @property
+    def dialect(self) -> str:
+        """The API whose request, answer and error formats the client uses."""
+        return self.client_format or self.api
 
 
 _SERVICE_ROUTES = {
@@ -34,6 +40,7 @@ _SERVICE_ROUTES = {
     ],
     ANTHROPIC: [
         ("messages", "POST", FORWARD, "/v1/messages"),
+        ("chat_completions", "POST", FORWARD, "/v1/messages", OPENAI),  # OpenAI format, translated
         ("count_tokens", "POST", FORWARD, "/v1/messages/count_tokens"),
         ("complete", "POST", FORWARD, "/v1/complete"),
         ("models", "GET", LOCAL, "/v1/models"),
@@ -51,9 +58,10 @@ _ADMIN_PATH = re.compile(rb"/admin/[a-z0-9_.\-]+(/[a-z0-9_.\-]+)*")
 def _build_table() -> dict[bytes, list[Route]]:
     table: dict[bytes, list[Route]] = {}
     for api, entries in _SERVICE_ROUTES.items():
-        for name, method, kind, upstream_path in entries:
-            route = Route(f"{api}.{name}", api, method, kind, upstream_path)
-            for client_path in (upstream_path, upstream_path.removeprefix("/v1")):  # `/v1` is optional
+        for name, method, kind, upstream_path, *client_format in entries:
+            route = Route(f"{api}.{name}", api, method, kind, upstream_path, *client_format)
+            own_path = "/v1/chat/completions" if client_format else upstream_path
+            for client_path in (own_path, own_path.removeprefix("/v1")):  # `/v1` is optional
                 table.setdefault(f"/proxy/{api}{client_path}".encode(), []).append(route)
     for name, path in _PAGES:
         table[path.encode()] = [Route(name, "", "GET", LOCAL)]

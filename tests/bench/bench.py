@@ -424,7 +424,8 @@ def main() -> int:
             logs["bare mitmdump"], workdir,
         )
         processes.append(bare)
-        upstreams = {"OPENAI_UPSTREAM_URL": fake_url, "ANTHROPIC_UPSTREAM_URL": fake_url, "CHECK_KEYS": "false"}
+        upstreams = {"OPENAI_UPSTREAM_URL": fake_url, "ANTHROPIC_UPSTREAM_URL": fake_url, "CHECK_KEYS": "false",
+                     "MODEL_RATE_LIMIT": "0"}  # fmt: skip
         proxy = ProxyProcess({"OPENAI_KEY": "sk-bench-one,sk-bench-two", **upstreams}, args=["--set", "flow_detail=0"])
         half_limited = ProxyProcess(
             {"OPENAI_KEY": "sk-bench-a,sk-bench-b-429,sk-bench-c,sk-bench-d-429", **upstreams},
