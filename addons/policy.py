@@ -7,8 +7,8 @@ removed: they never decide where a request goes or which key it uses, and the up
 """
 
 import asyncio
-import csv
 import json
+import logging
 import re
 from collections.abc import Sequence
 
@@ -18,6 +18,8 @@ from addons import tokens
 from addons.apierrors import ANTHROPIC, error_response, fail_closed
 from addons.body import parsed_body
 from addons.routes import FORWARD, ROUTES_BY_NAME
+
+logger = logging.getLogger(__name__)
 
 REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "api_type", "api_version", "extra_headers", "extra_query",
                       "extra_body", "organization", "project", "headers", "timeout", "default_headers")  # fmt: skip
@@ -154,7 +156,7 @@ class RequestPolicy:
 
     def configure(self, updated):
         if updated & {"reject_phrases", "reject_phrases_regex"}:
-            phrases = [p for entry in ctx.options.reject_phrases for p in next(csv.reader([entry])) if p.strip()]
+            phrases = [phrase for phrase in ctx.options.reject_phrases if phrase.strip()]
             regex = ctx.options.reject_phrases_regex
             self.phrases = [safe_pattern(p) if regex else re.compile(re.escape(p.strip()), re.IGNORECASE)
                             for p in phrases]  # fmt: skip
@@ -170,6 +172,18 @@ class RequestPolicy:
                      "max_context_tokens_anthropic"):  # fmt: skip
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
+
+    async def running(self):
+        """Loads the encodings on a worker thread, so that the first request does not wait for them."""
+        asyncio.get_running_loop().run_in_executor(None, self._load_encodings)
+
+    @staticmethod
+    def _load_encodings() -> None:
+        try:
+            for name in ("o200k_base", "cl100k_base"):
+                tokens.encoding(name)
+        except tokens.TokenizerUnavailable as error:
+            logger.error("%s", error)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -30,6 +30,8 @@ pytestmark = pytest.mark.e2e
         ({"QUOTA_REFRESH_PERIOD": "weekly"}, [], "QUOTA_REFRESH_PERIOD must be hourly, daily or a cron expression"),
         ({"TOKEN_QUOTA_GPT9": "100"}, [], "TOKEN_QUOTA_GPT9 names no model family"),
         ({"ALLOWED_MODEL_FAMILIES": "gpt4o,gpt99"}, [], "ALLOWED_MODEL_FAMILIES names an unknown family: 'gpt99'"),
+        ({"REJECT_PHRASES": "(a+)+b", "REJECT_PHRASES_REGEX": "true"}, [], "could take exponential time"),
+        ({"PROXY_ERROR_FORMAT": "html"}, [], "PROXY_ERROR_FORMAT must be one of error, completion"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_sentence(env, args, sentence):

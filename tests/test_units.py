@@ -148,3 +148,67 @@ async def test_a_failing_hook_answers_500_and_sends_nothing():
     assert flow.response.status_code == 500
     assert json.loads(flow.response.content)["error"]["code"] == "proxy_internal_error"
     assert flow.metadata["llmproxy"]["decision"] == "internal_error"
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("cl100k_base", "hello world", [15339, 1917]),
+        ("cl100k_base", "tiktoken is great!", [83, 1609, 5963, 374, 2294, 0]),  # tiktoken's README
+        ("o200k_base", "hello world", [24912, 2375]),
+    ],
+)
+def test_offline_encodings_give_the_official_tokens(name, text, expected):
+    from addons import tokens
+
+    assert tokens.encoding(name).encode(text) == expected
+
+
+def test_chat_prompt_count_follows_openais_formula():
+    from addons import tokens
+
+    # 3 per message + role + content, + 3 priming: the OpenAI cookbook's counting for current models.
+    body = {"messages": [{"role": "system", "content": "hello world"}, {"role": "user", "content": "hello world"}]}
+    assert tokens.count_prompt("openai", "gpt-4o", body) == 3 + 1 + 2 + 3 + 1 + 2 + 3
+    assert tokens.encoding_for("gpt-4-0613") == "cl100k_base" and tokens.encoding_for("gpt-5.4-mini") == "o200k_base"
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(x*)*y", r"(a|aa)+", r"(\w+\s?)*$", r"(a)\1"])
+def test_regex_phrases_that_could_backtrack_forever_are_refused(pattern):
+    from mitmproxy import exceptions
+
+    from addons.policy import safe_pattern
+
+    with pytest.raises(exceptions.OptionsError, match="exponential time"):
+        safe_pattern(pattern)
+    assert safe_pattern(r"\bsecret\s+plan\b").search("a SECRET plan")
+
+
+def test_claude_stream_becomes_openai_chunks_event_by_event():
+    from addons.translate import MessagesToChatStream, chat_to_messages
+
+    translator = MessagesToChatStream(include_usage=True)
+    events = [
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-x",'
+        b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n',
+        b'event: ping\ndata: {"type":"ping"}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},'
+        b'"usage":{"output_tokens":3}}\n\n',
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    out = b"".join(translator.feed(event) for event in events).decode()
+    chunks = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: {")]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}, {"content": "Hi"}]
+    assert chunks[2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[3]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert out.endswith("data: [DONE]\n\n")
+    request = chat_to_messages({"model": "claude-x", "messages": [
+        {"role": "assistant", "content": "earlier"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function",
+         "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}, {"role": "tool", "tool_call_id": "t1", "content": "42"}]})  # fmt: skip
+    roles = [turn["role"] for turn in request["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant", "user"]  # a user turn first, consecutive ones merged
+    assert request["messages"][3]["content"] == [{"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}]
+    assert request["messages"][4]["content"][0]["type"] == "tool_result"

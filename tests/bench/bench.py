@@ -268,6 +268,20 @@ async def failing_pool(target: Target, n: int, concurrency: int = 8) -> dict[str
             "first_byte": statistics.median(firsts)}
 
 
+def time_token_count() -> tuple[int, float]:
+    """The proxy's prompt count of a chat request of about 100,000 tokens: (tokens, median ms of 3)."""
+    from addons import tokens
+
+    tokens.encoding("o200k_base")  # loaded once at start in the proxy too
+    body = {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 10_000}]}
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        counted = tokens.count_prompt("openai", "gpt-4o", body)
+        timings.append((time.perf_counter() - started) * 1000)
+    return counted, statistics.median(timings)
+
+
 async def count_fake_requests(fake: Target, key_marker: str) -> int:
     """How many requests the fake saw with a key containing `key_marker`."""
     conn = await Connection.open(fake.port)
@@ -298,6 +312,7 @@ async def measure(targets: list[Target], half_limited: Target, settings: Setting
             results[phase][target.name] = await run(target)
     await asyncio.sleep(1)
     results["rss_end"] = {t.name: rss_mb(t.pid) for t in targets}
+    results["token_count"] = time_token_count()
     results["failing_pool"] = {}
     for target in [targets[2], half_limited]:
         await clear_fake_records(targets[0])
@@ -373,6 +388,8 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
     print(f"  {'first SSE byte, median (ms)':<28}{good['first_byte']:>15.2f}{half['first_byte']:>19.2f}")
     print(f"  {'attempts on 429 keys':<28}{good['retries']:>15}{half['retries']:>19}")
     print(f"  [{'met' if half['success'] == 1 else 'MISSED'}] every request answered 200 despite the 429 keys")
+    counted, milliseconds = results["token_count"]
+    print(f"\ncounting a {counted:,}-token prompt (o200k_base, on a worker thread in the proxy): {milliseconds:.0f} ms")
 
 
 def spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
