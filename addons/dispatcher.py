@@ -42,7 +42,7 @@ from addons.apierrors import (
     sse_error_event,
 )
 from addons.keypool import PoolKey, Verdict
-from addons.routes import FORWARD, ROUTES_BY_NAME, Route
+from addons.routes import Route, forward_route
 from addons.waitqueue import QueueRefusal
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,14 @@ class Answer:
             [(b"content-type", b"application/json"), (b"x-proxy-error", code.encode()), *extra],
             json.dumps(error_body(api, status, message, code)).encode(),
         )
+
+
+class UpstreamFailure(Exception):
+    """No usable answer from the upstream (unreachable, too slow, cut off); the message is for the client."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass
@@ -167,12 +175,9 @@ class Dispatcher:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
-            return
-        meta = flow.metadata.get("llmproxy", {})
-        route = ROUTES_BY_NAME.get(meta.get("route"))
-        if route is None or route.kind != FORWARD:
+        if (route := forward_route(flow)) is None:
             return  # the pipe answers unrouted flows with a 500: nothing unchecked goes anywhere
+        meta = flow.metadata["llmproxy"]
         await asyncio.wait_for(self.ready.wait(), 10)
         meta.update(keys=[], upstream_url=str(self.upstreams[route.api].join(URL(route.upstream_path))))
         queue = ctx.master.addons.get("waitqueue")
@@ -265,10 +270,33 @@ class Dispatcher:
         return answer
 
     async def _attempt(self, flow: http.HTTPFlow, route: Route, key: PoolKey) -> tuple[Answer, Verdict]:
-        """One upstream call with one key, and what its answer means."""
+        """One upstream call with one key, and what its answer means. The key is always given back."""
         meta = flow.metadata["llmproxy"]
-        api, family = route.api, meta["family"]
-        pool = ctx.master.addons.get("keypool")
+        pool, family = ctx.master.addons.get("keypool"), meta["family"]
+        try:
+            upstream, body = await self._call(flow, key)
+        except UpstreamFailure as failure:
+            pool.abandon(key, family)
+            meta["decision"] = failure.code
+            logger.warning("upstream %s: %s with key %s", route.api, failure.code, key.id)
+            return Answer.error(route.dialect, failure.status, str(failure), failure.code), Verdict.SERVER_ERROR
+        except BaseException:
+            pool.abandon(key, family)
+            raise
+        client_headers = headers.client_response_headers(upstream.headers)
+        verdict = pool.release(key, family, upstream.status, upstream.headers, body or b"")
+        if body is None:
+            return Answer(upstream.status, client_headers, stream=upstream), verdict
+        if not upstream.ok:
+            logger.info("upstream %s answered %d with key %s", route.api, upstream.status, key.id)
+            body = scrub.body(body)
+        if route.client_format and verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR):
+            body = translate.message_to_chat(body)
+        return Answer(upstream.status, client_headers, body), verdict
+
+    async def _call(self, flow: http.HTTPFlow, key: PoolKey) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """Sends the request; returns the response and its body, or None for a stream still to be read."""
+        meta = flow.metadata["llmproxy"]
         started = time.monotonic()
         try:
             async with asyncio.timeout(ctx.options.upstream_timeout):
@@ -280,44 +308,19 @@ class Dispatcher:
                     allow_redirects=False,
                 )
         except TimeoutError:
-            pool.abandon(key, family)
-            meta["decision"] = "upstream_timeout"
             message = f"The upstream API did not answer within {ctx.options.upstream_timeout} s."
-            return Answer.error(route.dialect, 504, message, "upstream_timeout"), Verdict.SERVER_ERROR
-        except aiohttp.ClientError as error:
-            pool.abandon(key, family)
-            meta["decision"] = "upstream_unreachable"
-            logger.warning("upstream %s unreachable with key %s: %s", api, key.id, type(error).__name__)
+            raise UpstreamFailure(504, "upstream_timeout", message) from None
+        except aiohttp.ClientError:
             message = "The proxy could not reach the upstream API; try again shortly."
-            return Answer.error(route.dialect, 502, message, "upstream_unreachable"), Verdict.SERVER_ERROR
-        except BaseException:
-            pool.abandon(key, family)
-            raise
+            raise UpstreamFailure(502, "upstream_unreachable", message) from None
         meta["upstream_status"] = upstream.status
         meta["upstream_ms"] = round((time.monotonic() - started) * 1000)
-        client_headers = headers.client_response_headers(upstream.headers)
         if upstream.ok and upstream.content_type == "text/event-stream":
-            return Answer(upstream.status, client_headers, stream=upstream), pool.release(
-                key, family, upstream.status, upstream.headers, b""
-            )
+            return upstream, None
         try:
-            body = await self._read_body(upstream)
-        except (TimeoutError, aiohttp.ClientError) as error:
-            pool.abandon(key, family)
-            meta["decision"] = "upstream_broken"
-            logger.warning("upstream %s body failed with key %s: %s", api, key.id, type(error).__name__)
-            message = "The upstream API broke off its answer."
-            return Answer.error(route.dialect, 502, message, "upstream_broken"), Verdict.SERVER_ERROR
-        except BaseException:
-            pool.abandon(key, family)
-            raise
-        verdict = pool.release(key, family, upstream.status, upstream.headers, body)
-        if not upstream.ok:
-            logger.info("upstream %s answered %d with key %s", api, upstream.status, key.id)
-            body = scrub.body(body)
-        if route.client_format and verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR):
-            body = translate.message_to_chat(body)
-        return Answer(upstream.status, client_headers, body), verdict
+            return upstream, await self._read_body(upstream)
+        except (TimeoutError, aiohttp.ClientError):
+            raise UpstreamFailure(502, "upstream_broken", "The upstream API broke off its answer.") from None
 
     @staticmethod
     async def _read_body(upstream: aiohttp.ClientResponse) -> bytes:

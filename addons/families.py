@@ -13,7 +13,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, error_response, fail_closed
 from addons.body import BodyError, parsed_body
-from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.routes import forward_route
 
 DEFAULT_OPENAI_FAMILIES = [
     "gpt6=gpt-6*",
@@ -60,6 +60,17 @@ def parse_table(name: str, entries: Sequence[str]) -> list[FamilyRule]:
     if not rules:
         raise exceptions.OptionsError(f"{name.upper()} needs at least one family.")
     return rules
+
+
+def parse_family_numbers(name: str, entries: Sequence[str]) -> dict[str, int]:
+    """`family=number` entries (token quotas, context windows) as a mapping."""
+    numbers = {}
+    for entry in entries:
+        family, _, number = entry.partition("=")
+        if not number.strip().isdigit():
+            raise exceptions.OptionsError(f"{name.upper()} entries look like family=tokens, not {entry!r}.")
+        numbers[family.strip()] = int(number)
+    return numbers
 
 
 class ModelFamilies:
@@ -114,12 +125,9 @@ class ModelFamilies:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata.get("llmproxy", {})
-        route = ROUTES_BY_NAME.get(meta.get("route"))
-        if route is None or route.kind != FORWARD:
-            return
+        meta = flow.metadata["llmproxy"]
         try:
             body = parsed_body(flow)
         except BodyError as error:

@@ -11,7 +11,7 @@ import weakref
 from mitmproxy import http
 
 from addons.apierrors import ANTHROPIC, api_of_path, error_response, fail_closed
-from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.routes import forward_route
 
 CLIENT_CREDENTIALS = (
     "authorization",
@@ -101,10 +101,7 @@ class HeaderHygiene:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
-            return
-        route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
-        if route is None or route.kind != FORWARD:
+        if (route := forward_route(flow)) is None:
             return
         if flow.request.headers.get("content-encoding", "identity") != "identity":
             try:

@@ -17,7 +17,8 @@ from mitmproxy import ctx, exceptions, http
 from addons import tokens
 from addons.apierrors import ANTHROPIC, error_response, fail_closed
 from addons.body import parsed_body
-from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.families import parse_family_numbers
+from addons.routes import forward_route
 
 logger = logging.getLogger(__name__)
 
@@ -79,28 +80,26 @@ def _check_content(content, where: str, allow_null: bool) -> None:
         _require(isinstance(content, str), f"'{where}.content' must be a string or a list of parts.")
 
 
+def _check_messages(body: dict, roles: tuple[str, ...], nullable_roles: tuple[str, ...]) -> None:
+    messages = body.get("messages")
+    _require(isinstance(messages, list) and messages, "'messages' must be a non-empty list.")
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]"
+        _require(isinstance(message, dict), f"'{where}' must be an object.")
+        _require(message.get("role") in roles, f"'{where}.role' must be one of {', '.join(roles)}.")
+        _check_content(message.get("content"), where, allow_null=message["role"] in nullable_roles)
+
+
 def validate(route: str, body: dict) -> None:
     """Checks the shape of the body for its route; raises PolicyError naming the field."""
     _require(isinstance(body.get("stream", False), bool), "'stream' must be true or false.")
     if route in ("openai.chat_completions", "anthropic.chat_completions"):
-        messages = body.get("messages")
-        _require(isinstance(messages, list) and messages, "'messages' must be a non-empty list.")
-        for number, message in enumerate(messages):
-            where = f"messages[{number}]"
-            _require(isinstance(message, dict), f"'{where}' must be an object.")
-            _require(message.get("role") in OPENAI_ROLES, f"'{where}.role' must be one of {', '.join(OPENAI_ROLES)}.")
-            _check_content(message.get("content"), where, allow_null=message["role"] in ("assistant", "function"))
+        _check_messages(body, OPENAI_ROLES, nullable_roles=("assistant", "function"))
         _positive_int(body, "max_tokens")
         _positive_int(body, "max_completion_tokens")
         _positive_int(body, "n")
     elif route in ("anthropic.messages", "anthropic.count_tokens"):
-        messages = body.get("messages")
-        _require(isinstance(messages, list) and messages, "'messages' must be a non-empty list.")
-        for number, message in enumerate(messages):
-            where = f"messages[{number}]"
-            _require(isinstance(message, dict), f"'{where}' must be an object.")
-            _require(message.get("role") in ANTHROPIC_ROLES, f"'{where}.role' must be user or assistant.")
-            _check_content(message.get("content"), where, allow_null=False)
+        _check_messages(body, ANTHROPIC_ROLES, nullable_roles=())
         system = body.get("system")
         _require(system is None or isinstance(system, (str, list)), "'system' must be a string or a list of blocks.")
         _positive_int(body, "max_tokens", required=route == "anthropic.messages")
@@ -161,13 +160,7 @@ class RequestPolicy:
             self.phrases = [safe_pattern(p) if regex else re.compile(re.escape(p.strip()), re.IGNORECASE)
                             for p in phrases]  # fmt: skip
         if "model_context_windows" in updated:
-            windows = {}
-            for entry in ctx.options.model_context_windows:
-                family, _, size = entry.partition("=")
-                if not size.strip().isdigit():
-                    raise exceptions.OptionsError(f"MODEL_CONTEXT_WINDOWS entries look like family=tokens, not {entry!r}.")
-                windows[family.strip()] = int(size)
-            self.windows = windows
+            self.windows = parse_family_numbers("model_context_windows", ctx.options.model_context_windows)
         for name in ("max_output_tokens_openai", "max_output_tokens_anthropic", "max_context_tokens_openai",
                      "max_context_tokens_anthropic"):  # fmt: skip
             if name in updated and getattr(ctx.options, name) < 0:
@@ -187,12 +180,9 @@ class RequestPolicy:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata.get("llmproxy", {})
-        route = ROUTES_BY_NAME.get(meta.get("route"))
-        if route is None or route.kind != FORWARD or "family" not in meta:
-            return
+        meta = flow.metadata["llmproxy"]
         body = parsed_body(flow)
         try:
             await self._apply(route.name, route.api, meta, body)

@@ -20,7 +20,8 @@ from mitmproxy import ctx, exceptions, http
 from addons.apierrors import error_response, fail_closed
 from addons.body import parsed_body
 from addons.config import ConfigError
-from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.families import parse_family_numbers
+from addons.routes import forward_route
 from addons.usage import CHARACTERS_PER_TOKEN, Usage
 
 logger = logging.getLogger(__name__)
@@ -116,13 +117,7 @@ class QuotaKeeper:
 
     def configure(self, updated):
         if "token_quotas" in updated:
-            quotas = {}
-            for entry in ctx.options.token_quotas:
-                family, _, tokens = entry.partition("=")
-                if not tokens.strip().isdigit():
-                    raise exceptions.OptionsError(f"TOKEN_QUOTAS entries look like family=tokens, not {entry!r}.")
-                quotas[family.strip()] = int(tokens)
-            self.quotas = quotas
+            self.quotas = parse_family_numbers("token_quotas", ctx.options.token_quotas)
         if "quota_refresh_period" in updated:
             period = ctx.options.quota_refresh_period.strip()
             schedule = _SCHEDULES.get(period, period)
@@ -163,12 +158,9 @@ class QuotaKeeper:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata.get("llmproxy", {})
-        route = ROUTES_BY_NAME.get(meta.get("route"))
-        if route is None or route.kind != FORWARD:
-            return
+        meta = flow.metadata["llmproxy"]
         body = parsed_body(flow)
         if route.name in _STREAM_USAGE_ROUTES and body.get("stream") is True:
             options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}

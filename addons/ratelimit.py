@@ -6,7 +6,7 @@ import time
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
-from addons.routes import FORWARD, ROUTES_BY_NAME
+from addons.routes import forward_route
 
 WINDOW = 60.0
 
@@ -28,11 +28,10 @@ class RateLimiter:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata.get("llmproxy", {})
-        route = ROUTES_BY_NAME.get(meta.get("route"))
-        if route is None or route.kind != FORWARD or meta.get("user_type") == "special":
+        meta = flow.metadata["llmproxy"]
+        if meta.get("user_type") == "special":
             return
         store = ctx.master.addons.get("storage").store
         identity = meta["identity"]

@@ -103,3 +103,11 @@ def lookup(method: bytes, raw_target: bytes) -> Match:
 def is_known_path(raw_target: bytes) -> bool:
     path = raw_target.partition(b"?")[0]
     return path in TABLE or bool(_ADMIN_PATH.fullmatch(path))
+
+
+def forward_route(flow) -> Route | None:
+    """The route of a live, still unanswered flow that is to go upstream; None for every other flow."""
+    if flow.response or not flow.live:
+        return None
+    route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
+    return route if route is not None and route.kind == FORWARD else None

@@ -2,7 +2,6 @@
 
 import json
 
-import anthropic
 import httpx
 import openai
 import pytest

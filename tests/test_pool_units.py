@@ -1,6 +1,5 @@
 """Unit tests of the key pool, the queue's turn order, usage metering, reservations and quota schedules."""
 
-import asyncio
 import time
 
 import pytest
