@@ -49,12 +49,24 @@ ensure_venv() {
     install_requirements "$root/requirements.txt"
 }
 
+# The browser test renders the status page in Debian's Chromium; install it once where it is missing.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "run.sh: the browser test needs Chromium; install Debian's chromium package (or run as root)." >&2
+        return 0
+    fi
+    echo "run.sh: installing chromium for the browser test" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >&2
+}
+
 command=${1:-}
 case "$command" in
     test)
         shift
         ensure_venv
         install_requirements "$root/tests/requirements.txt"
+        ensure_chromium
         exec "$venv/bin/python" -m pytest -c "$root/tests/pytest.ini" --rootdir "$root" "$@"
         ;;
     bench)

@@ -20,7 +20,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 SECRET_LISTS = ("openai_key", "anthropic_key")  # comma-separated
 SECRET_VALUES = ("proxy_key", "admin_key")  # taken whole: a password may contain a comma
 SECRET_SETTINGS = SECRET_LISTS + SECRET_VALUES
-LISTEN_SETTINGS = ("port", "bind_address")
+LISTEN_SETTINGS = ("port", "bind_address", "log_level")  # read by the entry point, not mitmproxy options
 
 
 class ConfigError(Exception):

@@ -197,7 +197,8 @@ class Dispatcher:
         else:
             flow.response = http.Response.make(answer.status, answer.body, answer.headers)
             flow.request.url = meta["upstream_url"]  # only shown: with a response set, mitmproxy connects nowhere
-            ctx.master.addons.get("quotakeeper").settle(flow, usage.from_json(answer.body) if answer.status < 400 else None)
+            billed = usage.from_json(answer.body) if answer.status < 400 else None
+            ctx.master.addons.get("quotakeeper").settle(flow, billed, usage.completion_text(answer.body))
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -398,7 +399,8 @@ class Dispatcher:
     ) -> web.StreamResponse:
         """Passes the upstream's events on as they come, reading their usage; bills what was streamed."""
         api, upstream, meta = piped.route.api, answer.stream, piped.flow.metadata["llmproxy"]
-        meter = usage.StreamMeter(api, drop_usage_chunk=meta.get("usage_chunk_added", False))
+        meter = usage.StreamMeter(api, drop_usage_chunk=meta.get("usage_chunk_added", False),
+                                  keep_text=ctx.options.prompt_logging)  # fmt: skip
         translator = translate.MessagesToChatStream(meta.get("client_wants_usage", False)) \
             if piped.route.client_format else None  # fmt: skip
         complete = False
@@ -418,6 +420,7 @@ class Dispatcher:
                     await response.write(sse_error_event(piped.route.dialect, 502, message, "upstream_broken"))
                     break
                 passed = meter.feed(chunk) if chunk else meter.flush()
+                meta.setdefault("first_byte_ms", round((time.time() - piped.flow.request.timestamp_start) * 1000))
                 await response.write(translator.feed(passed) if translator else passed)
                 if not chunk:
                     complete = True
@@ -430,7 +433,7 @@ class Dispatcher:
             else:
                 upstream.close()
             quota = ctx.master.addons.get("quotakeeper")
-            quota.settle(piped.flow, meter.finish(quota.prompt_estimate_of(piped.flow)))
+            quota.settle(piped.flow, meter.finish(quota.prompt_estimate_of(piped.flow)), "".join(meter.text_parts))
         return response
 
     async def _serve_unrouted(self, request: web.Request) -> web.Response:

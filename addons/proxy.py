@@ -24,8 +24,10 @@ from addons import (
     headers,
     keychecker,
     keypool,
+    metrics,
     models,
     policy,
+    promptlog,
     quota,
     ratelimit,
     refusals,
@@ -47,7 +49,9 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
         store.Storage(),  # SQLite: users, usage and key health across restarts
         headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
-        statuspage.StatusPage(),  # /, /status, /health
+        statuspage.StatusPage(),  # /, /status, /health (and the owner's PAGE_BODY)
+        metrics.Metrics(),  # /metrics; one log line per request
+        promptlog.PromptLog(),  # prompts and completions, when the owner turns it on
         admin.AdminApi(secrets),  # /admin/... with ADMIN_KEY; /user/usage with a user's own token
         gatekeeper.Gatekeeper(secrets),  # none, proxy_key or user_token; names the identity for limits
         models.ModelList(),  # GET .../v1/models, answered locally
@@ -62,6 +66,17 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
         dispatcher.Dispatcher(pipe_socket),  # upstream call with the key added last; retries; SSE via the pipe
         refusals.RefusalFormat(),  # errors as real errors, or as assistant messages (PROXY_ERROR_FORMAT)
     ]
+
+
+LOG_LEVELS = ("error", "warn", "info", "debug")
+
+
+def log_level(level: str) -> str:
+    """LOG_LEVEL (the original's setting) as mitmproxy's termlog verbosity."""
+    level = {"warning": "warn"}.get(level.strip().lower(), level.strip().lower())
+    if level not in LOG_LEVELS:
+        raise config.ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {level!r}.")
+    return level
 
 
 def _fail(message: str):
@@ -81,6 +96,7 @@ def with_addons(base: type) -> type:
                 bind_address, port = sources.listen_address()
                 pipe_socket = dispatcher.bind_pipe_socket()
                 options.update(
+                    termlog_verbosity=log_level(sources.value("log_level", str, "info")),
                     mode=[guard.listen_mode(pipe_socket.getsockname()[1], bind_address, port)],
                     connection_strategy="lazy",
                     keep_host_header=True,  # the status page names the address the client used

@@ -191,8 +191,9 @@ class QuotaKeeper:
         reservation = self.reservations.get(flow)
         return reservation.prompt_estimate if reservation else prompt_estimate(parsed_body(flow))
 
-    def settle(self, flow: http.HTTPFlow, usage: Usage | None) -> None:
-        """Ends the request's accounting once: its usage is billed (None: nothing was produced)."""
+    def settle(self, flow: http.HTTPFlow, usage: Usage | None, completion: str = "") -> None:
+        """Ends the request's accounting once: its usage is billed (None: nothing was produced), counted on the
+        status page and in the metrics, and logged when prompt logging is on."""
         meta = flow.metadata.get("llmproxy", {})
         if meta.get("settled"):
             return
@@ -201,6 +202,8 @@ class QuotaKeeper:
         if usage is not None:
             meta["usage"] = {"input": usage.input, "output": usage.output, "estimated": usage.estimated}
             store.add_to_counters(prompts=1, tokens=usage.total)
+            ctx.master.addons.get("metrics").count_tokens(meta.get("family", ""), usage)
         if reservation := self.reservations.pop(flow, None):
             store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0)
+        ctx.master.addons.get("promptlog").record(flow, usage, completion)
 

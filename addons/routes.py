@@ -47,7 +47,8 @@ _SERVICE_ROUTES = {
     ],
 }
 
-_PAGES = [("status_page", "/"), ("status", "/status"), ("health", "/health"), ("user_usage", "/user/usage")]
+_PAGES = [("status_page", "/"), ("status", "/status"), ("health", "/health"), ("user_usage", "/user/usage"),
+          ("metrics", "/metrics")]
 
 # A query string is accepted (SDKs add `?beta=true`, list calls add `?limit=`) but never forwarded.
 _QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&,\-]*)?")

@@ -1,5 +1,6 @@
 """The proxy's own pages: `/health`, `/status` (JSON) and `/` (the same facts as HTML)."""
 
+import base64
 import html
 import json
 import re
@@ -7,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, SERVICE_NAMES, fail_closed
 
@@ -39,20 +40,40 @@ def git_build() -> str:
     return f"{sha}{' (modified)' if dirty else ''}" if sha else "unknown"
 
 
+FACTS_CACHE_SECONDS = 1.5
+_TAG = re.compile(r"\{([A-Za-z][A-Za-z0-9_.\-]*(?::[A-Za-z][A-Za-z0-9_.\-]*)?)\}")
+_FAMILY_FIELDS = ("activeKeys", "revokedKeys", "overQuotaKeys", "proomptersInQueue", "estimatedQueueTime")
+# The original's page tags for families it grouped differently: gpt432k is gpt4-32k, anthropic is every Claude family.
+_TAG_ALIASES = {"gpt432k": ["gpt4-32k"], "anthropic": ["claude", "claude-opus", "claude-sonnet", "claude-haiku"]}
+
+
+def decode_page_body(encoded: str) -> str:
+    """PAGE_BODY: base64 of UTF-8 HTML (the original's atob() mangled anything beyond Latin-1; this does not)."""
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise exceptions.OptionsError("PAGE_BODY must be base64-encoded UTF-8 HTML.") from None
+
+
 class StatusPage:
-    """Serves the health check and the status page from the proxy itself."""
+    """Serves the health check and the status page (default, or the owner's PAGE_BODY template)."""
 
     def __init__(self):
         self.started = time.time()
         self.build = ""
+        self.template = ""
+        self._cached: tuple[float, dict] | None = None
 
     def load(self, loader):
         loader.add_option("server_title", str, "LLM key-sharing proxy", "Title of the status page.")
         loader.add_option("build_info", str, "", "Build shown on the status page; empty means the git commit.")
+        loader.add_option("page_body", str, "", "Base64 HTML replacing the status page; {tags} are filled in.")
 
     def configure(self, updated):
         if "build_info" in updated:
             self.build = ctx.options.build_info or git_build()
+        if "page_body" in updated:
+            self.template = decode_page_body(ctx.options.page_body) if ctx.options.page_body else ""
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -65,7 +86,8 @@ class StatusPage:
             body = json.dumps(self.facts(flow.request), indent=2)
             flow.response = http.Response.make(200, body, {"content-type": "application/json"})
         elif route == "status_page":
-            body = self.render(self.facts(flow.request))
+            facts = self.facts(flow.request)
+            body = self.fill(self.template, facts) if self.template else self.render(facts)
             flow.response = http.Response.make(200, body, {"content-type": "text/html; charset=utf-8"})
         else:
             return
@@ -73,49 +95,97 @@ class StatusPage:
 
     def facts(self, request: http.Request) -> dict:
         """Everything the page shows. Public by design: never a key, a token or an address of a user."""
+        now = time.time()
+        if self._cached is None or now - self._cached[0] > FACTS_CACHE_SECONDS:
+            self._cached = (now, self._gather())
+        base = self._base_url(request)
+        return {**self._cached[1], "endpoints": {api: f"{base}/proxy/{api}/v1" for api in (OPENAI, ANTHROPIC)}}
+
+    def _gather(self) -> dict:
         pool = ctx.master.addons.get("keypool")
         served = ctx.master.addons.get("dispatcher").served
-        base = self._base_url(request)
+        store = ctx.master.addons.get("storage").store
+        counters = store.counters()
         facts = {
             "title": ctx.options.server_title,
             "uptime": int(time.time() - self.started),
             "build": self.build,
-            "endpoints": {api: f"{base}/proxy/{api}/v1" for api in (OPENAI, ANTHROPIC)},
             "requestsServed": sum(served.values()),
+            "proompts": counters.get("prompts", 0),
+            "tookens": counters.get("tokens", 0),
+            "proomptersNow": store.active_identities(60),
+            "openaiKeys": pool.counts(OPENAI)["total"],
+            "anthropicKeys": pool.counts(ANTHROPIC)["total"],
             "status": ctx.master.addons.get("keychecker").status,
         }
-        store = ctx.master.addons.get("storage").store
-        counters = store.counters()
-        facts.update(
-            proompts=counters.get("prompts", 0),
-            tookens=counters.get("tokens", 0),
-            proomptersNow=store.active_identities(60),
-        )
         for api in (OPENAI, ANTHROPIC):
             facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
         facts["families"] = self.family_facts()
+        facts["config"] = self.public_config()
         return facts
 
     @staticmethod
-    def family_facts() -> dict:
-        """Per model family with keys: key states, requests waiting, and the estimated wait."""
+    def family_facts(every_family: bool = False) -> dict:
+        """Per model family (with keys, or all): key states, requests waiting, and the estimated wait."""
         pool, queue = ctx.master.addons.get("keypool"), ctx.master.addons.get("waitqueue")
         families = ctx.master.addons.get("modelfamilies")
         facts = {}
         for api in (OPENAI, ANTHROPIC):
             for family in families.all_families(api):
                 keys = pool.counts(api, family)
-                if not keys["total"]:
+                if not keys["total"] and not every_family:
                     continue
-                wait = queue.estimated_wait(api, family)
                 facts[family] = {
                     "activeKeys": keys["active"],
                     "revokedKeys": keys["revoked"],
                     "overQuotaKeys": keys["overQuota"],
                     "proomptersInQueue": len(queue.queue(api, family)),
-                    "estimatedQueueTime": format_wait(wait),
+                    "estimatedQueueTime": format_wait(queue.estimated_wait(api, family)),
+                    "estimatedQueueSeconds": round(queue.estimated_wait(api, family)),
                 }
         return facts
+
+    @staticmethod
+    def public_config() -> dict:
+        """The settings users may know, as strings (the original's names)."""
+        options = ctx.options
+        return {
+            "gatekeeper": options.gatekeeper,
+            "modelRateLimit": str(options.model_rate_limit),
+            "maxContextTokensOpenAI": str(options.max_context_tokens_openai),
+            "maxContextTokensAnthropic": str(options.max_context_tokens_anthropic),
+            "maxOutputTokensOpenAI": str(options.max_output_tokens_openai),
+            "maxOutputTokensAnthropic": str(options.max_output_tokens_anthropic),
+            "rejectDisallowed": str(options.reject_disallowed).lower(),
+            "rejectMessage": options.reject_message,
+            "promptLogging": str(options.prompt_logging).lower(),
+            "queueMode": options.queue_mode,
+            "turboOnly": str(options.turbo_only).lower(),
+            "allowedModelFamilies": ", ".join(options.allowed_model_families) or "all",
+        }
+
+    def fill(self, template: str, facts: dict) -> str:
+        """The PAGE_BODY template with every known {tag} replaced by its HTML-escaped value; others stay."""
+        values = {key: str(facts[key]) for key in ("uptime", "title", "build", "proompts", "tookens",
+                                                   "proomptersNow", "openaiKeys", "anthropicKeys", "status")}  # fmt: skip
+        values.update({f"endpoints:{api}": url for api, url in facts["endpoints"].items()})
+        values.update({f"config:{name}": value for name, value in facts["config"].items()})
+        values["config:page_body"] = template
+        families = self.family_facts(every_family=True)
+        for tag, members in _TAG_ALIASES.items():
+            group = [families[m] for m in members if m in families]
+            families[tag] = {field: sum(f[field] for f in group) for field in _FAMILY_FIELDS[:4]}
+            families[tag]["estimatedQueueTime"] = format_wait(max((f["estimatedQueueSeconds"] for f in group), default=0))
+        values.update({f"{family}:{field}": str(figures[field]) for family, figures in families.items()
+                       for field in _FAMILY_FIELDS})  # fmt: skip
+        users = ctx.master.addons.get("storage").store.list_users()
+        values["user:data"] = json.dumps([{"nickname": u["nickname"], "type": u["type"], "promptCount": u["prompt_count"],
+                                           "createdAt": u["created_at"], "lastUsedAt": u["last_used_at"]} for u in users])  # fmt: skip
+        values["user:aliases"] = json.dumps([u["nickname"] for u in users if u["nickname"]])
+        values["JSON"] = json.dumps(facts, indent=2)
+        escaped = {tag: html.escape(value) for tag, value in values.items()}
+        escaped["headerHtml"] = self.header_html(facts)  # our own markup; every value inside it is escaped
+        return _TAG.sub(lambda match: escaped.get(match.group(1), match.group(0)), template)
 
     @staticmethod
     def _base_url(request: http.Request) -> str:
@@ -127,12 +197,39 @@ class StatusPage:
         return f"{scheme}://{host}"
 
     @staticmethod
+    def header_html(facts: dict) -> str:
+        """Title, notices and the endpoints table: the top of the default page, and PAGE_BODY's {headerHtml}."""
+        e = html.escape
+        notices = []
+        if facts["config"]["promptLogging"] == "true":
+            notices.append("Prompts and answers are logged on this proxy.")
+        rows = []
+        for api in (OPENAI, ANTHROPIC):
+            keys = facts[api]["keys"]
+            if keys["total"]:
+                state = f"{keys['active']} active, {keys['revoked']} revoked, {keys['overQuota']} over quota"
+            else:
+                state = f"no keys yet: set {_KEY_SETTINGS[api]} (comma-separated) and restart"
+            rows.append(
+                f"<tr><th>{SERVICE_NAMES[api]}</th><td data-label=Endpoint><code>{e(facts['endpoints'][api])}</code></td>"
+                f"<td data-label=Keys>{e(state)}</td><td data-label='Requests served'>{facts[api]['requestsServed']}</td></tr>"
+            )
+        notice_html = "".join(f'<p class="notice">{e(notice)}</p>' for notice in notices)
+        return (
+            f"<h1>{e(facts['title'])}</h1>{notice_html}"
+            "<p>Point your OpenAI or Anthropic client at the endpoint below; use the key or token you were given.</p>"
+            "<table><tr><th>Service</th><th>Endpoint</th><th>Keys</th><th>Requests served</th></tr>"
+            f"{''.join(rows)}</table>"
+        )
+
+    @staticmethod
     def _family_table(families: dict) -> str:
         if not families:
             return ""
         rows = "".join(
-            f"<tr><th>{html.escape(name)}</th><td>{f['activeKeys']}</td><td>{f['proomptersInQueue']}</td>"
-            f"<td>{html.escape(f['estimatedQueueTime'])}</td></tr>"
+            f"<tr><th>{html.escape(name)}</th><td data-label='Working keys'>{f['activeKeys']}</td>"
+            f"<td data-label=Waiting>{f['proomptersInQueue']}</td>"
+            f"<td data-label='Estimated wait'>{html.escape(f['estimatedQueueTime'])}</td></tr>"
             for name, f in families.items()
         )
         return (
@@ -142,19 +239,8 @@ class StatusPage:
 
     @staticmethod
     def render(facts: dict) -> str:
-        """The HTML page: readable on a phone, no JavaScript, every value escaped."""
+        """The default page: readable on a phone, no JavaScript, every value escaped."""
         e = html.escape
-        rows = []
-        for api in (OPENAI, ANTHROPIC):
-            keys = facts[api]["keys"]
-            if keys["total"]:
-                state = f"{keys['active']} active, {keys['revoked']} revoked, {keys['overQuota']} over quota"
-            else:
-                state = f"no keys yet: set {_KEY_SETTINGS[api]} (comma-separated) and restart"
-            rows.append(
-                f"<tr><th>{SERVICE_NAMES[api]}</th><td><code>{e(facts['endpoints'][api])}</code></td>"
-                f"<td>{e(state)}</td><td>{facts[api]['requestsServed']}</td></tr>"
-            )
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -164,16 +250,18 @@ body {{ font-family: system-ui, sans-serif; margin: 0 auto; max-width: 52rem; pa
 table {{ border-collapse: collapse; width: 100%; }}
 th, td {{ text-align: left; padding: .4rem .6rem; border-bottom: 1px solid #ddd; vertical-align: top; }}
 code {{ word-break: break-all; }}
-@media (max-width: 36rem) {{ tr {{ display: block; }} th, td {{ display: block; border: 0; }} }}
+.notice {{ background: #fff3cd; padding: .5rem .75rem; border-radius: .25rem; }}
+@media (max-width: 36rem) {{
+  tr:first-child {{ display: none; }}
+  tr {{ display: block; border-bottom: 1px solid #ddd; padding: .4rem 0; }}
+  th, td {{ display: block; border: 0; padding: .1rem .6rem; }}
+  td[data-label]::before {{ content: attr(data-label) ": "; font-weight: 600; }}
+}}
 </style></head>
 <body>
-<h1>{e(facts["title"])}</h1>
-<p>Point your OpenAI or Anthropic client at the endpoint below; use the key or token you were given.</p>
-<table>
-<tr><th>Service</th><th>Endpoint</th><th>Keys</th><th>Requests served</th></tr>
-{"".join(rows)}
-</table>
+{StatusPage.header_html(facts)}
 {StatusPage._family_table(facts["families"])}
-<p>Up for {facts["uptime"]} s &middot; build {e(facts["build"])} &middot; <a href="/status">JSON</a></p>
+<p>Up for {facts["uptime"]} s &middot; {facts["proompts"]} prompts, {facts["tookens"]} tokens served &middot;
+{facts["proomptersNow"]} users active now &middot; build {e(facts["build"])} &middot; <a href="/status">JSON</a></p>
 </body></html>
 """

@@ -44,15 +44,35 @@ def from_json(body: bytes) -> Usage | None:
     return _from_usage_object(data.get("usage")) if isinstance(data, dict) else None
 
 
+def completion_text(body: bytes) -> str:
+    """The generated text of a buffered answer of either API (chat, completions, responses, messages)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    parts = []
+    for choice in data.get("choices") or []:
+        parts.append(choice.get("text") or (choice.get("message") or {}).get("content") or "")
+    for item in data.get("output") or []:
+        parts.extend(c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict))
+    parts.extend(block.get("text", "") for block in data.get("content") or [] if isinstance(block, dict))
+    parts.append(data.get("completion") or "")
+    return "".join(part for part in parts if isinstance(part, str))
+
+
 class StreamMeter:
     """Follows an SSE stream event by event; `feed` returns the bytes to pass on."""
 
-    def __init__(self, api: str, drop_usage_chunk: bool):
+    def __init__(self, api: str, drop_usage_chunk: bool, keep_text: bool = False):
         self.api = api
         self.drop_usage_chunk = drop_usage_chunk  # the proxy asked for OpenAI's usage chunk; the client did not
+        self.keep_text = keep_text  # for the prompt log
         self.usage: Usage | None = None
         self.input_seen = 0
         self.text_characters = 0
+        self.text_parts: list[str] = []
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -92,14 +112,19 @@ class StreamMeter:
         if payload.get("type") == "response.completed":
             self.usage = _from_usage_object(payload.get("response", {}).get("usage")) or self.usage
         elif isinstance(delta := payload.get("delta"), str):  # Responses API text deltas
-            self.text_characters += len(delta)
+            self._text(delta)
         for choice in payload.get("choices") or []:
-            text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-            self.text_characters += len(text) if isinstance(text, str) else 0
+            self._text(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
         if (usage := _from_usage_object(payload.get("usage"))) is not None:
             self.usage = usage
             return not (self.drop_usage_chunk and not payload.get("choices"))
         return True
+
+    def _text(self, text) -> None:
+        if isinstance(text, str) and text:
+            self.text_characters += len(text)
+            if self.keep_text:
+                self.text_parts.append(text)
 
     def _read_anthropic(self, payload: dict) -> None:
         kind = payload.get("type")
@@ -107,8 +132,7 @@ class StreamMeter:
             started = _from_usage_object(payload.get("message", {}).get("usage")) or Usage()
             self.input_seen = started.input
         elif kind == "content_block_delta":
-            text = (payload.get("delta") or {}).get("text") or ""
-            self.text_characters += len(text) if isinstance(text, str) else 0
+            self._text((payload.get("delta") or {}).get("text") or "")
         elif kind == "message_delta":
             output = int((payload.get("usage") or {}).get("output_tokens") or 0)
             self.usage = Usage(self.input_seen, output)

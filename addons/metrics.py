@@ -1,0 +1,110 @@
+"""`GET /metrics` in Prometheus' text format, and one structured log line per request.
+
+Counted per request when it ends: requests by route, family and status; upstream latency and time to the first
+streamed byte; time spent queued; retries. Tokens are counted when a request is settled. Queue lengths, waits and
+key states are read at scrape time. No label ever holds a key, a token, an address or prompt text.
+"""
+
+import hashlib
+import json
+import logging
+
+from mitmproxy import ctx, http
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
+from addons.gatekeeper import secret_matches
+from addons.headers import client_token
+from addons.usage import Usage
+
+logger = logging.getLogger("llmproxy.requests")
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _LiveFigures:
+    """Queue lengths, estimated waits and key states, read when Prometheus scrapes."""
+
+    def collect(self):
+        queue, pool = ctx.master.addons.get("waitqueue"), ctx.master.addons.get("keypool")
+        waiting = GaugeMetricFamily("llmproxy_queue_length", "Requests waiting for a key", labels=["family"])
+        wait = GaugeMetricFamily("llmproxy_queue_estimated_wait_seconds", "Estimated wait", labels=["family"])
+        for (api, family), family_queue in queue.queues.items():
+            waiting.add_metric([family], len(family_queue))
+            wait.add_metric([family], queue.estimated_wait(api, family))
+        keys = GaugeMetricFamily("llmproxy_keys", "Keys by service and state", labels=["service", "state"])
+        for api in (OPENAI, ANTHROPIC):
+            counts = pool.counts(api)
+            for state in ("active", "revoked", "overQuota"):
+                keys.add_metric([api, state], counts[state])
+        yield from (waiting, wait, keys)
+
+
+class Metrics:
+    """Prometheus figures and the per-request log line."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("llmproxy_requests", "Requests by route, family and status",
+                                ["route", "family", "status"], registry=self.registry)  # fmt: skip
+        self.tokens = Counter("llmproxy_tokens", "Tokens by family and direction", ["family", "direction"],
+                              registry=self.registry)  # fmt: skip
+        self.retries = Counter("llmproxy_retries", "Upstream attempts beyond the first", ["family"], registry=self.registry)
+        self.upstream = Histogram("llmproxy_upstream_seconds", "Time to the upstream's response headers", ["route"],
+                                  buckets=_SECONDS, registry=self.registry)  # fmt: skip
+        self.first_byte = Histogram("llmproxy_time_to_first_token_seconds", "Request start to first streamed byte",
+                                    ["route"], buckets=_SECONDS, registry=self.registry)  # fmt: skip
+        self.queued = Histogram("llmproxy_queue_wait_seconds", "Time requests waited for a key", ["family"],
+                                buckets=_SECONDS, registry=self.registry)  # fmt: skip
+        self.registry.register(_LiveFigures())
+
+    def load(self, loader):
+        loader.add_option("metrics_need_admin_key", bool, False, "Serve /metrics only with the ADMIN_KEY.")
+
+    def count_tokens(self, family: str, usage: Usage) -> None:
+        self.tokens.labels(family, "in").inc(usage.input)
+        self.tokens.labels(family, "out").inc(usage.output)
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live or flow.metadata.get("llmproxy", {}).get("route") != "metrics":
+            return
+        flow.metadata["llmproxy"]["decision"] = "local"
+        admin_key = ctx.master.addons.get("adminapi").admin_key
+        if ctx.options.metrics_need_admin_key and not secret_matches(client_token(flow), admin_key):
+            flow.response = http.Response.make(401, b"The metrics need Authorization: Bearer <ADMIN_KEY>.\n")
+            return
+        flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow, flow.response.status_code)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow, 499)  # the client went away (nginx's number for it)
+
+    def _finished(self, flow: http.HTTPFlow, status: int) -> None:
+        meta = flow.metadata.get("llmproxy", {})
+        route, family = meta.get("route", "none"), meta.get("family", "")
+        self.requests.labels(route, family, str(status)).inc()
+        if len(meta.get("keys", [])) > 1:
+            self.retries.labels(family).inc(len(meta["keys"]) - 1)
+        if "upstream_ms" in meta:
+            self.upstream.labels(route).observe(meta["upstream_ms"] / 1000)
+        if "first_byte_ms" in meta:
+            self.first_byte.labels(route).observe(meta["first_byte_ms"] / 1000)
+        if meta.get("queued"):
+            self.queued.labels(family).observe(meta.get("queue_ms", 0) / 1000)
+        if route in ("health", "metrics"):
+            return
+        logger.info(json.dumps({
+            "route": route, "status": status, "decision": meta.get("decision"), "identity": _hashed(meta),
+            "family": family or None, "model": meta.get("model"), "keys": meta.get("keys", []),
+            "usage": meta.get("usage"), "queueMs": meta.get("queue_ms"), "upstreamMs": meta.get("upstream_ms"),
+        }))  # fmt: skip
+
+
+def _hashed(meta: dict) -> str | None:
+    """The identity without the address or user id in clear: a short, stable hash."""
+    identity = meta.get("identity")
+    return hashlib.sha256(identity.encode()).hexdigest()[:12] if identity else None

@@ -1,0 +1,159 @@
+"""The status page and its JSON, PAGE_BODY templates, prompt logging, metrics and the per-request log line."""
+
+import base64
+import json
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from addons.statuspage import format_wait
+from tests.conftest import CANARY, proxy_env
+from tests.test_e2e_sdk import anthropic_client, openai_client
+from tests.test_e2e_users import ADMIN_KEY, Admin
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/proxy/openai/v1/chat/completions"
+ALL_TAGS = (
+    "{JSON} {headerHtml} {uptime} {title} {endpoints:openai} {endpoints:anthropic} {proompts} {proomptersNow} "
+    "{openaiKeys} {anthropicKeys} {status} {build} {tookens} {user:data} {user:aliases} {config:page_body} "
+    + " ".join(f"{{{family}:{field}}}" for family in ("turbo", "gpt4", "gpt432k", "gpt4o", "gpt5", "claude-sonnet",
+                                                       "anthropic")
+               for field in ("activeKeys", "overQuotaKeys", "revokedKeys", "proomptersInQueue", "estimatedQueueTime"))
+    + " " + " ".join(f"{{config:{name}}}" for name in ("gatekeeper", "modelRateLimit", "maxContextTokensOpenAI",
+                     "maxContextTokensAnthropic", "maxOutputTokensOpenAI", "maxOutputTokensAnthropic",
+                     "rejectDisallowed", "rejectMessage", "promptLogging", "queueMode", "turboOnly"))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "no wait"), (2, "no wait"), (3, "3sec"), (59.4, "59sec"),
+                                           (90, "1min, 30sec"), (150, "2min, 30sec"), (3600, "60min, 0sec")])  # fmt: skip
+def test_wait_times_read_like_the_original_without_its_rounding_bug(seconds, text):
+    assert format_wait(seconds) == text
+
+
+def test_status_json_per_family_while_keys_rest_and_requests_wait(start_proxy, fake):
+    fake.set_key_behaviour("sk-rests", "rate_limit_for", seconds=4)
+    proxy = start_proxy(proxy_env(fake, OPENAI_KEY="sk-rests,sk-dead-401", MAX_QUEUED_PER_IDENTITY="3",
+                                  GATEKEEPER="proxy_key", PROXY_KEY="pk", MODEL_RATE_LIMIT="9"))  # fmt: skip
+    auth = {"authorization": "Bearer pk"}
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.12"), timeout=20) as client:
+        waiting = threading.Thread(target=client.post, args=(f"{proxy.url}{CHAT}",),
+                                   kwargs={"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
+                                           "headers": auth})  # fmt: skip
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while (status := httpx.get(f"{proxy.url}/status").json())["families"]["gpt4o"]["proomptersInQueue"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        waiting.join()
+    gpt4o = status["families"]["gpt4o"]
+    assert gpt4o["activeKeys"] == 1 and gpt4o["estimatedQueueTime"] != "no wait"
+    assert status["openai"]["keys"] == {"total": 2, "active": 1, "revoked": 1, "overQuota": 0}
+    assert status["config"]["gatekeeper"] == "proxy_key" and status["config"]["modelRateLimit"] == "9"
+    assert status["openaiKeys"] == 2 and status["proomptersNow"] == 1
+    text = json.dumps(status)
+    assert "127.0.0.12" not in text and "pk" not in text.split('"gatekeeper"')[0] and CANARY not in text
+    final = httpx.get(f"{proxy.url}/status").json()
+    assert final["proompts"] >= 1 and final["tookens"] > 0
+
+
+def test_page_body_fills_every_tag_and_escapes_values(start_proxy, fake, tmp_path):
+    template = f"<html><body><h1>Custom</h1>{ALL_TAGS} {{unknown:tag}} {{uptime}} ünïcode</body></html>"
+    proxy = start_proxy(proxy_env(fake, PAGE_BODY=base64.b64encode(template.encode()).decode(), GATEKEEPER="user_token",
+                                  ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"), SERVER_TITLE="Tom & Jerry's"))  # fmt: skip
+    Admin(proxy).create(nickname="<script>alert('x')</script>")
+    time.sleep(1.6)  # the page's figures are cached for 1.5 s
+    page = httpx.get(f"{proxy.url}/").text
+    assert "{unknown:tag}" in page and "ünïcode" in page and "<h1>Custom</h1>" in page
+    import html
+
+    shown_template = html.escape(template)  # {config:page_body}: the template itself, as text
+    assert shown_template in page
+    remaining = [tag for tag in ALL_TAGS.split() if tag in page.replace(shown_template, "")]
+    assert remaining == []
+    assert "<script>alert" not in page and "&lt;script&gt;alert" in page
+    assert "Tom &amp; Jerry&#x27;s" in page
+    assert f"{proxy.url}/proxy/openai/v1" in page
+    assert page.count("no wait") >= 7  # every family's estimatedQueueTime
+    assert CANARY not in page
+
+
+def test_prompt_logging_records_streamed_and_buffered_answers(start_proxy, fake, tmp_path):
+    data = tmp_path / "data"
+    proxy = start_proxy(proxy_env(fake, PROMPT_LOGGING="true", DATA_DIR=str(data)))
+    openai_client(proxy).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "first"}])
+    stream = openai_client(proxy).chat.completions.create(
+        model="gpt-4o", stream=True, messages=[{"role": "user", "content": "second #fake:events=4"}])
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    with anthropic_client(proxy).messages.stream(model="claude-sonnet-5", max_tokens=20,
+                                                 messages=[{"role": "user", "content": "third"}]) as s:  # fmt: skip
+        claude_text = "".join(s.text_stream)
+    entries = [json.loads(line) for line in (data / "prompt-log.jsonl").read_text().splitlines()]
+    assert [e["prompt"]["messages"][0]["content"] for e in entries] == ["first", "second #fake:events=4", "third"]
+    assert entries[1]["completion"] == streamed and entries[2]["completion"] == claude_text
+    assert entries[0]["completion"] and all(e["inputTokens"] > 0 and e["outputTokens"] > 0 for e in entries)
+    assert entries[2]["family"] == "claude-sonnet" and len(entries[0]["user"]) == 16
+    assert CANARY not in (data / "prompt-log.jsonl").read_text()
+    assert "Prompts and answers are logged" in httpx.get(f"{proxy.url}/").text
+    assert httpx.get(f"{proxy.url}/status").json()["config"]["promptLogging"] == "true"
+
+
+def test_no_prompt_log_when_off_and_sqlite_when_asked(start_proxy, fake, tmp_path):
+    off = start_proxy(proxy_env(fake, DATA_DIR=str(tmp_path / "off")))
+    openai_client(off).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert not list((tmp_path / "off").glob("prompt-log*"))
+    on = start_proxy(proxy_env(fake, DATA_DIR=str(tmp_path / "on"), PROMPT_LOGGING="true",
+                               PROMPT_LOGGING_BACKEND="sqlite"))  # fmt: skip
+    openai_client(on).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    import sqlite3
+
+    rows = sqlite3.connect(tmp_path / "on" / "prompt-log.sqlite3").execute("SELECT model, completion FROM prompt_log")
+    assert [row[0] for row in rows] == ["gpt-4o"]
+
+
+def test_metrics_after_a_known_mix_of_traffic(start_proxy, fake):
+    proxy = start_proxy(proxy_env(fake, MODEL_RATE_LIMIT="2", METRICS_NEED_ADMIN_KEY="true", ADMIN_KEY=ADMIN_KEY))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+    statuses = [httpx.post(f"{proxy.url}{CHAT}", json=body).status_code for _ in range(3)]
+    httpx.get(f"{proxy.url}/proxy/openai/v1/files")
+    assert statuses == [200, 200, 429]
+    assert httpx.get(f"{proxy.url}/metrics").status_code == 401
+    text = httpx.get(f"{proxy.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    requests = {labels: value for (name, labels), value in samples.items() if name == "llmproxy_requests_total"}
+    assert requests[(("family", "gpt4o"), ("route", "openai.chat_completions"), ("status", "200"))] == 2
+    assert requests[(("family", "gpt4o"), ("route", "openai.chat_completions"), ("status", "429"))] == 1
+    assert requests[(("family", ""), ("route", "none"), ("status", "404"))] == 1
+    assert samples[("llmproxy_tokens_total", (("direction", "out"), ("family", "gpt4o")))] > 0
+    assert samples[("llmproxy_keys", (("service", "openai"), ("state", "active")))] == 2
+    assert samples[("llmproxy_upstream_seconds_count", (("route", "openai.chat_completions"),))] == 2
+    assert CANARY not in text
+    lines = [json.loads(line.split("] ", 1)[-1]) for line in proxy.log().splitlines() if '"route": "openai.chat' in line]
+    assert len(lines) == 3 and lines[0]["usage"]["output"] > 0 and lines[2]["decision"] == "rate_limited"
+
+
+def test_a_browser_shows_the_page_as_text(start_proxy, fake, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "Chromium is installed by ./run.sh test (Debian package chromium)"
+    proxy = start_proxy(proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"),
+                                  PAGE_BODY=base64.b64encode(b"<p id=users>{user:aliases}</p>{headerHtml}").decode()))  # fmt: skip
+    Admin(proxy).create(nickname="<script>document.title='owned'</script>")
+    time.sleep(1.6)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run([browser, *flags, "--dump-dom", f"{proxy.url}/"], capture_output=True, text=True,
+                         timeout=60).stdout  # fmt: skip
+    assert "&lt;script&gt;document.title='owned'&lt;/script&gt;" in dom  # shown as text, not run
+    assert "<title>owned</title>" not in dom and "OpenAI" in dom
+    screenshot = tmp_path / "page.png"
+    subprocess.run([browser, *flags, f"--screenshot={screenshot}", "--window-size=390,844", f"{proxy.url}/"],
+                   capture_output=True, timeout=60)  # fmt: skip
+    assert screenshot.exists() and screenshot.stat().st_size > 1000
