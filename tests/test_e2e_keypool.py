@@ -132,13 +132,13 @@ def _post_from(proxy, address: str, content: str, results: list):
 
 @pytest.mark.parametrize("mode", ["fair", "fifo"])
 def test_one_identity_burst_does_not_hold_back_another(start_proxy, fake, mode):
-    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=2)
+    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=4)  # longer than the status page's 1.5 s cache
     proxy = start_proxy(pool_env(fake, ["sk-only"], QUEUE_MODE=mode, MAX_QUEUED_PER_IDENTITY="50"))
     results = []
     burst = [threading.Thread(target=_post_from, args=(proxy, "127.0.0.2", f"from A {n}", results))
              for n in range(20)]  # fmt: skip
     burst[0].start()
-    wait_until(lambda: fake.requests)  # A's first request met the 429: from now on the key rests for 2 s
+    wait_until(lambda: fake.requests)  # A's first request met the 429: from now on the key rests for 4 s
     for thread in burst[1:]:
         thread.start()
     wait_until(lambda: httpx.get(f"{proxy.url}/status").json()["families"]["gpt4o"]["proomptersInQueue"] == 20)
@@ -156,7 +156,7 @@ def test_one_identity_burst_does_not_hold_back_another(start_proxy, fake, mode):
 
 
 def test_client_leaving_the_queue_frees_its_place(start_proxy, fake):
-    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=3)
+    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=5)
     proxy = start_proxy(pool_env(fake, ["sk-only"]))  # one waiting request per identity
     body = json.dumps(chat("leaves")).encode()
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
@@ -191,7 +191,7 @@ def test_queue_mode_none_refuses_at_once(start_proxy, fake):
 
 
 def test_too_many_waiting_requests_from_one_identity(start_proxy, fake):
-    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=3)
+    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=5)
     proxy = start_proxy(pool_env(fake, ["sk-only"]))
     first = threading.Thread(target=httpx.post, args=(f"{proxy.url}{CHAT}",), kwargs={"json": chat("a"), "timeout": 20})
     first.start()
