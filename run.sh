@@ -49,15 +49,19 @@ ensure_venv() {
     install_requirements "$root/requirements.txt"
 }
 
-# The browser test renders the status page in Debian's Chromium; install it once where it is missing.
-ensure_chromium() {
-    command -v chromium >/dev/null 2>&1 && return 0
+# Tests need Debian's Chromium (the browser test of the status page) and redis-server (the shared store,
+# several instances); install what is missing. The tests start their own redis-server on a free port.
+ensure_test_programs() {
+    local missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-        echo "run.sh: the browser test needs Chromium; install Debian's chromium package (or run as root)." >&2
+        echo "run.sh: the tests need ${missing[*]}; install those Debian packages (or run as root)." >&2
         return 0
     fi
-    echo "run.sh: installing chromium for the browser test" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >&2
+    echo "run.sh: installing ${missing[*]} for the tests" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >&2
 }
 
 command=${1:-}
@@ -66,7 +70,7 @@ case "$command" in
         shift
         ensure_venv
         install_requirements "$root/tests/requirements.txt"
-        ensure_chromium
+        ensure_test_programs
         exec "$venv/bin/python" -m pytest -c "$root/tests/pytest.ini" --rootdir "$root" "$@"
         ;;
     bench)

@@ -12,6 +12,7 @@ import logging
 from mitmproxy import http
 
 from addons import scrub
+from addons.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ def fail_closed(hook):
     async def guarded(self, flow: http.HTTPFlow):
         try:
             return await hook(self, flow)
+        except StoreUnavailable as error:
+            logger.warning("%s.%s: %s", type(self).__name__, hook.__name__, error)
+            if flow.live and not (flow.response and flow.response.stream):
+                flow.response = error_response(
+                    api_of_path(flow.request.data.path), 503,
+                    "The proxy's shared store is unavailable; try again shortly.", "store_unavailable",
+                    {"retry-after": "5"},
+                )  # fmt: skip
+            flow.metadata.setdefault("llmproxy", {})["decision"] = "store_unavailable"
         except Exception as error:
             logger.error(
                 "%s.%s failed on %s: %s: %s",

@@ -131,6 +131,12 @@ def retry_after(headers: Mapping[str, str], now: float) -> float:
     return DEFAULT_COOLDOWN
 
 
+def _store():
+    """The state store, when the proxy runs with one (unit tests of the pool run without)."""
+    storage = ctx.master.addons.get("storage")
+    return storage.store if storage else None
+
+
 @dataclass
 class PoolKey:
     api: str
@@ -192,8 +198,7 @@ class KeyPool:
 
     @staticmethod
     def _persisted_state(key: PoolKey) -> str:
-        storage = ctx.master.addons.get("storage")
-        health = storage.store.key_health() if storage and storage.store else {}
+        health = store.key_health() if (store := _store()) else {}
         return health[key.id].state if key.id in health else ACTIVE
 
     def all_keys(self) -> Iterable[PoolKey]:
@@ -209,7 +214,25 @@ class KeyPool:
 
     def serving(self, api: str, family: str) -> list[PoolKey]:
         """Keys that can serve the family at all, resting or not."""
+        self._sync_shared()
         return [key for key in self.keys[api] if key.serves(family)]
+
+    def _sync_shared(self) -> None:
+        """With a shared store, what other instances learned (retired keys, rests) counts here too, at once."""
+        storage = ctx.master.addons.get("storage")
+        if not (storage and storage.shared):
+            return
+        health, rests = storage.store.key_health(), storage.store.key_rests()
+        for key in self.all_keys():
+            was_active = key.state == ACTIVE
+            key.state = health[key.id].state if key.id in health else ACTIVE
+            if key.state == ACTIVE and not was_active:
+                self._changed()
+        for (key_id, family), until in rests.items():
+            for key in self.all_keys():
+                if key.id == key_id and until > key.cooldown_until.get(family, 0):
+                    key.cooldown_until[family] = until
+                    key.probing.add(family)
 
     def choose(self, api: str, family: str, exclude: Iterable[PoolKey] = ()) -> PoolKey | None:
         """The free key with the most headroom (least recently used among equals), now counted in flight."""
@@ -246,6 +269,8 @@ class KeyPool:
             rest = retry_after(headers, now)
             key.cooldown_until[family] = now + rest
             key.probing.add(family)
+            if store := _store():
+                store.set_key_rest(key.id, family, now + rest)
             logger.info("key %s rests %.1f s for %s after a %d", key.id, rest, family, status)
             ctx.master.event_loop.call_later(rest, self._changed)
         elif verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
@@ -276,9 +301,8 @@ class KeyPool:
             return
         key.state = state
         logger.warning("key %s is now %s (%s)", key.id, state, reason)
-        storage = ctx.master.addons.get("storage")
-        if storage and storage.store:
-            storage.store.set_key_health(key.id, None if state == ACTIVE else state, reason)
+        if store := _store():
+            store.set_key_health(key.id, None if state == ACTIVE else state, reason)
         if state == ACTIVE:
             self._changed()
 

@@ -21,6 +21,7 @@ from addons.apierrors import error_response, fail_closed
 from addons.body import parsed_body
 from addons.config import ConfigError
 from addons.families import parse_family_numbers
+from addons.store import StoreUnavailable
 from addons.routes import forward_route
 from addons.usage import CHARACTERS_PER_TOKEN, Usage
 
@@ -199,11 +200,17 @@ class QuotaKeeper:
             return
         meta["settled"] = True
         store = ctx.master.addons.get("storage").store
+        reservation = self.reservations.pop(flow, None)
         if usage is not None:
             meta["usage"] = {"input": usage.input, "output": usage.output, "estimated": usage.estimated}
-            store.add_to_counters(prompts=1, tokens=usage.total)
             ctx.master.addons.get("metrics").count_tokens(meta.get("family", ""), usage)
-        if reservation := self.reservations.pop(flow, None):
-            store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0)
+        try:
+            if usage is not None:
+                store.add_to_counters(prompts=1, tokens=usage.total)
+            if reservation:
+                store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0)
+        except StoreUnavailable as error:
+            # The reservation's lease runs out on its own: the request counts not at all rather than in part.
+            logger.warning("usage of a request could not be settled: %s", error)
         ctx.master.addons.get("promptlog").record(flow, usage, completion)
 

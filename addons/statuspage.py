@@ -81,7 +81,10 @@ class StatusPage:
             return
         route = flow.metadata.get("llmproxy", {}).get("route")
         if route == "health":
-            flow.response = http.Response.make(200, b"OK", {"content-type": "text/plain"})
+            if ctx.master.addons.get("storage").healthy():
+                flow.response = http.Response.make(200, b"OK", {"content-type": "text/plain"})
+            else:
+                flow.response = http.Response.make(503, b"store unavailable", {"content-type": "text/plain"})
         elif route == "status":
             body = json.dumps(self.facts(flow.request), indent=2)
             flow.response = http.Response.make(200, body, {"content-type": "application/json"})

@@ -68,11 +68,26 @@ def validate_fields(fields: dict) -> dict:
     return fields
 
 
+def import_records(users: list[dict]) -> list[tuple[dict, dict]]:
+    """(exported user, record to store) for each user of an export, validated before anything is written."""
+    records = []
+    for user in users:
+        if not isinstance(user, dict) or not isinstance(user.get("token_hash"), str) \
+                or len(user["token_hash"]) != 64:  # fmt: skip
+            raise UserError("Each imported user needs the 64-character 'token_hash' of an export.")
+        editable = validate_fields({k: v for k, v in user.items() if k in EDITABLE_FIELDS})
+        kept = {k: user[k] for k in ("created_at", "last_used_at", "ips", "prompt_count", "disabled_at",
+                                      "disabled_reason") if k in user}  # fmt: skip
+        records.append((user, {"id": user["token_hash"][:16], "token_hash": user["token_hash"],
+                               "created_at": time.time(), **kept, **editable}))  # fmt: skip
+    return records
+
+
 class SQLiteStore:
     """The embedded store: a single SQLite file in write-ahead-log mode, plus in-memory windows.
 
-    Rate-limit windows and in-flight counts live in memory: they are about the last minute, one process
-    serves them all, and losing them in a restart costs nothing.
+    Rate-limit windows, in-flight counts and key rests live in memory: they are about the last minutes, one
+    process serves them all, and losing them in a restart costs nothing.
     """
 
     def __init__(self, path: Path):
@@ -99,6 +114,7 @@ class SQLiteStore:
         self.db.execute("UPDATE usage SET reserved = 0")
         self._windows: dict[str, deque] = {}
         self._in_flight: dict[str, int] = {}
+        self._rests: dict[tuple[str, str], float] = {}
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -118,6 +134,17 @@ class SQLiteStore:
                 " changed_at = excluded.changed_at",
                 (key_id, state, reason, time.time()),
             )
+
+    def set_key_rest(self, key_id: str, family: str, until: float) -> None:
+        """Records that a key rests for a family until `until` (time.time()); shared by every instance."""
+        self._rests[(key_id, family)] = until
+
+    def key_rests(self) -> dict[tuple[str, str], float]:
+        """Every rest that has not ended yet: (key id, family) -> until."""
+        now = time.time()
+        for ended in [k for k, until in self._rests.items() if until <= now]:
+            del self._rests[ended]
+        return dict(self._rests)
 
     # -- users ---------------------------------------------------------------------------------------------
 
@@ -188,16 +215,7 @@ class SQLiteStore:
 
     def import_users(self, users: list[dict]) -> int:
         """Creates or replaces users from an export; returns how many."""
-        records = []
-        for user in users:
-            if not isinstance(user, dict) or not isinstance(user.get("token_hash"), str) \
-                    or len(user["token_hash"]) != 64:  # fmt: skip
-                raise UserError("Each imported user needs the 64-character 'token_hash' of an export.")
-            editable = validate_fields({k: v for k, v in user.items() if k in EDITABLE_FIELDS})
-            kept = {k: user[k] for k in ("created_at", "last_used_at", "ips", "prompt_count", "disabled_at",
-                                          "disabled_reason") if k in user}  # fmt: skip
-            records.append((user, {"id": user["token_hash"][:16], "token_hash": user["token_hash"],
-                                   "created_at": time.time(), **kept, **editable}))  # fmt: skip
+        records = import_records(users)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for user, record in records:
@@ -311,26 +329,58 @@ class SQLiteStore:
         self.db.close()
 
 
+class StoreUnavailable(RuntimeError):
+    """The shared store cannot be reached; requests that need it get 503 until it is back."""
+
+
+STORES = ("sqlite", "redis")
+
+
 class Storage:
     """Opens the configured store; other addons reach it as `ctx.master.addons.get("storage").store`."""
 
     def __init__(self):
-        self.store: SQLiteStore | None = None
+        self.store = None
 
     def load(self, loader):
         loader.add_option(
-            "data_dir", str, "data", "Folder for the SQLite store, relative to the working directory."
+            "data_dir", str, "data", "Folder for the SQLite store and logs, relative to the working directory."
         )
+        loader.add_option("store", str, "sqlite", "sqlite (one instance) or redis (several instances sharing state).")
+        loader.add_option("redis_url", str, "redis://127.0.0.1:6379/0", "The Redis server of STORE=redis.")
 
     def configure(self, updated):
-        if "data_dir" in updated:
-            if self.store:
-                self.store.close()
-            path = Path(ctx.options.data_dir) / "proxy.sqlite3"
+        if not updated & {"data_dir", "store", "redis_url"}:
+            return
+        if ctx.options.store not in STORES:
+            raise exceptions.OptionsError(f"STORE must be one of {', '.join(STORES)}.")
+        if self.store:
+            self.store.close()
+        if ctx.options.store == "redis":
+            from addons.redisstore import RedisStore  # only deployments with Redis need the client
+
             try:
-                self.store = SQLiteStore(path)
-            except (OSError, sqlite3.Error) as error:
-                raise exceptions.OptionsError(f"DATA_DIR: cannot open the store at {path}: {error}.") from None
+                self.store = RedisStore(ctx.options.redis_url)
+            except StoreUnavailable as error:
+                raise exceptions.OptionsError(str(error)) from None
+            return
+        path = Path(ctx.options.data_dir) / "proxy.sqlite3"
+        try:
+            self.store = SQLiteStore(path)
+        except (OSError, sqlite3.Error) as error:
+            raise exceptions.OptionsError(f"DATA_DIR: cannot open the store at {path}: {error}.") from None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other instances share this store (their key health and rests must be read from it)."""
+        return not isinstance(self.store, SQLiteStore)
+
+    def healthy(self) -> bool:
+        try:
+            self.store.counters()
+        except StoreUnavailable:
+            return False
+        return True
 
     def done(self):
         if self.store:

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.e2e
         ({"ALLOWED_MODEL_FAMILIES": "gpt4o,gpt99"}, [], "ALLOWED_MODEL_FAMILIES names an unknown family: 'gpt99'"),
         ({"REJECT_PHRASES": "(a+)+b", "REJECT_PHRASES_REGEX": "true"}, [], "could take exponential time"),
         ({"PROXY_ERROR_FORMAT": "html"}, [], "PROXY_ERROR_FORMAT must be one of error, completion"),
+        ({"STORE": "redis", "REDIS_URL": "redis://127.0.0.1:1/0"}, [], "unreachable"),
+        ({"STORE": "memcached"}, [], "STORE must be one of sqlite, redis"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_sentence(env, args, sentence):

@@ -28,7 +28,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness import ROOT, ProxyProcess
+import httpx
+
+from tests.harness import ROOT, ProxyProcess, RedisServer
 
 _LISTENING = re.compile(rb"listening (?:at|on) (?:http://)?127\.0\.0\.1:(\d+)")
 KEY = "sk-bench-one"
@@ -64,13 +66,15 @@ class Target:
     path: str
     pid: int | None  # the process in the middle, whose CPU and memory are reported; None for direct
 
+    token: str = KEY  # what the client presents: the fake's key for direct and bare, a user token for instances
+
     def request(self, prompt: str, stream: bool = False) -> bytes:
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}
         if stream:
             body["stream"] = True
         data = json.dumps(body).encode()
         head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAuthorization: Bearer {self.token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
         )
         return head.encode() + data
@@ -157,15 +161,17 @@ async def in_turns(targets: list[Target], prompt: str, stream: bool, rounds: int
     return samples
 
 
-async def throughput(target: Target, seconds: float) -> dict[str, float]:
-    """CONCURRENCY keep-alive connections sending requests back to back for a fixed time."""
+async def throughput(target: Target, seconds: float, also: tuple[Target, ...] = ()) -> dict[str, float]:
+    """CONCURRENCY keep-alive connections sending requests back to back for a fixed time; with `also`, the
+    connections are spread round-robin over `target` and those (a load balancer in front of instances)."""
     raw, counts = target.request(HELLO), collections.Counter()
-    conns = [await Connection.open(target.port) for _ in range(CONCURRENCY)]
+    ports = [member.port for member in (target, *also)]
+    conns = [(await Connection.open(ports[i % len(ports)]), ports[i % len(ports)]) for i in range(CONCURRENCY)]
 
-    async def worker(conn: Connection | None) -> None:
+    async def worker(conn: Connection | None, port: int) -> None:
         while time.perf_counter() < deadline:
             try:
-                conn = conn or await Connection.open(target.port)
+                conn = conn or await Connection.open(port)
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     status, _, _ = await conn.request(raw)
                 counts["ok" if status == 200 else f"HTTP {status}"] += 1
@@ -182,7 +188,7 @@ async def throughput(target: Target, seconds: float) -> dict[str, float]:
 
     server_cpu, client_cpu, started = cpu_seconds(target.pid), time.process_time(), time.perf_counter()
     deadline = started + seconds
-    await asyncio.gather(*(worker(conn) for conn in conns))
+    await asyncio.gather(*(worker(conn, port) for conn, port in conns))
     elapsed, requests = time.perf_counter() - started, max(1, sum(counts.values()))
     return {
         "rps": counts["ok"] / elapsed,
@@ -290,7 +296,7 @@ async def count_fake_requests(fake: Target, key_marker: str) -> int:
     return sum(key_marker in (recorded["key"] or "") for recorded in json.loads(body))
 
 
-async def measure(targets: list[Target], half_limited: Target, settings: Settings) -> dict:
+async def measure(targets: list[Target], half_limited: Target, shared: tuple[Target, Target], settings: Settings) -> dict:
     """Every measurement against every target: sequential ones taking turns, loads one target at a time; then
     this proxy against a copy of itself whose pool has half its keys always answering 429."""
     results = {"rss_start": {t.name: rss_mb(t.pid) for t in targets}, "latency": {}, "first_byte": {}}
@@ -313,6 +319,12 @@ async def measure(targets: list[Target], half_limited: Target, settings: Setting
     await asyncio.sleep(1)
     results["rss_end"] = {t.name: rss_mb(t.pid) for t in targets}
     results["token_count"] = time_token_count()
+    print("  throughput with the Redis store: 1 instance, then 2 ...", file=sys.stderr, flush=True)
+    one, two = shared
+    results["scale_out"] = {
+        "1 instance": (await throughput(one, settings.throughput_seconds))["rps"],
+        "2 instances": (await throughput(one, settings.throughput_seconds, also=(two,)))["rps"],
+    }
     results["failing_pool"] = {}
     for target in [targets[2], half_limited]:
         await clear_fake_records(targets[0])
@@ -388,6 +400,9 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
     print(f"  {'first SSE byte, median (ms)':<28}{good['first_byte']:>15.2f}{half['first_byte']:>19.2f}")
     print(f"  {'attempts on 429 keys':<28}{good['retries']:>15}{half['retries']:>19}")
     print(f"  [{'met' if half['success'] == 1 else 'MISSED'}] every request answered 200 despite the 429 keys")
+    single, double = results["scale_out"]["1 instance"], results["scale_out"]["2 instances"]
+    print(f"\nRedis store and user tokens, c={CONCURRENCY}: 1 instance {single:.0f} req/s, 2 instances behind a "
+          f"round-robin {double:.0f} req/s ({double / single:.2f}x) on {os.cpu_count()} cores")
     counted, milliseconds = results["token_count"]
     print(f"\ncounting a {counted:,}-token prompt (o200k_base, on a worker thread in the proxy): {milliseconds:.0f} ms")
 
@@ -427,7 +442,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
     logs = {"fake upstream": workdir / "fake.log", "bare mitmdump": workdir / "mitmdump.log"}
     processes: list[subprocess.Popen] = []
-    proxy = half_limited = None
+    proxy = half_limited = redis = None
+    instances: list[ProxyProcess] = []
     started, failed = time.monotonic(), True
     try:
         fake = spawn([sys.executable, "-m", "tests.fakeupstream", "--port", "0"], logs["fake upstream"], ROOT)
@@ -451,6 +467,12 @@ def main() -> int:
         logs["this proxy"], logs[HALF_LIMITED] = proxy.log_path, half_limited.log_path
         proxy.start()
         half_limited.start()
+        redis = RedisServer().start()
+        shared_env = {"OPENAI_KEY": "sk-bench-one,sk-bench-two", **upstreams, "STORE": "redis",
+                      "REDIS_URL": redis.url, "GATEKEEPER": "user_token", "ADMIN_KEY": "bench-admin"}  # fmt: skip
+        instances = [ProxyProcess(shared_env, args=["--set", "flow_detail=0"]).start() for _ in range(2)]
+        token = httpx.post(f"{instances[0].url}/admin/users", json={"nickname": "bench"},
+                           headers={"authorization": "Bearer bench-admin"}).json()["token"]  # fmt: skip
         targets = [
             Target("direct", fake_port, "/v1/chat/completions", None),
             Target("bare mitmdump", wait_for_port(bare, logs["bare mitmdump"]), "/v1/chat/completions", bare.pid),
@@ -459,7 +481,9 @@ def main() -> int:
         print(f"benchmark ({'quick' if settings is QUICK else 'full'}): {settings}; {os.cpu_count()} cores",
               file=sys.stderr)
         limited = Target(HALF_LIMITED, half_limited.port, targets[2].path, half_limited.process.pid)
-        results = asyncio.run(measure(targets, limited, settings))
+        shared = tuple(Target(f"instance {n}", p.port, targets[2].path, p.process.pid, token)
+                       for n, p in enumerate(instances, 1))  # fmt: skip
+        results = asyncio.run(measure(targets, limited, shared, settings))
         print()
         report(results, [t.name for t in targets], settings)
         print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
@@ -473,9 +497,11 @@ def main() -> int:
         print("benchmark failed", file=sys.stderr)
         return 1
     finally:
-        for process in (proxy, half_limited):
+        for process in (proxy, half_limited, *instances):
             if process:
                 process.stop()
+        if redis:
+            redis.stop()
         for process in reversed(processes):
             stop(process)
         if failed:  # the logs are kept only when they may be needed
@@ -483,7 +509,8 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(proxy.workdir, ignore_errors=True)
-            shutil.rmtree(half_limited.workdir, ignore_errors=True)
+            for process in (half_limited, *instances):
+                shutil.rmtree(process.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

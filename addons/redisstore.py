@@ -1,0 +1,395 @@
+"""The shared store: the same interface as SQLiteStore, kept in one Redis server for several proxy instances.
+
+Why Redis: instances behind one load balancer must agree on users, quotas, rate windows, requests in flight
+and key health, and Redis gives them one place with atomic scripts. Everything SQLiteStore keeps in memory
+lives here too. Every check-and-update is one Lua script or one MULTI block; Python never reads, decides,
+then writes. Keys, all under `prefix`:
+
+    key_health            hash     key id -> JSON [state, reason, changed_at]
+    key_rests             zset     JSON [key id, family], score = resting until
+    users                 set      every user id
+    user:{id}             hash     the user's columns; ips and token_limits as JSON; NULL = field absent
+    token:{token hash}    string   user id
+    usage:{id}            hash     "{family}:used" -> tokens
+    leases:{id}           zset     "{tokens}:{nonce}:{family}", score = expiry: the reservations in flight
+    counters              hash     name -> value
+    window:{identity}     zset     one member per counted request, score = time (expires after the window)
+    active                zset     identity -> time of its last counted request
+    in_flight:{identity}  zset     one member per request in flight, score = expiry
+
+Leases: SQLiteStore zeroes reservations at start-up, which would cancel other instances' live requests.
+Here each reservation is a member of the user's lease set that expires LEASE_SECONDS after it was made, so a
+crashed instance's reservations stop counting by themselves; the reserved figure of a family is the sum of
+its live leases (there is no "{family}:reserved" field to drift). `settle` gets the reserved amount back and
+removes the newest live lease of that amount and family; if the lease already ran out, there is nothing
+left to release. In-flight counts use the same idea with IN_FLIGHT_SECONDS. Times are the instances'
+`time.time()`, as in SQLiteStore: their clocks must be synchronised (NTP).
+"""
+
+import functools
+import json
+import secrets
+import time
+from urllib.parse import urlsplit
+
+import redis
+
+# StoreUnavailable is defined in store.py, where the addons that catch it import it from.
+from addons.store import (
+    _JSON_COLUMNS, _USER_COLUMNS, KeyHealth, StoreUnavailable, UserError, import_records, token_hash, validate_fields,
+)  # fmt: skip
+
+LEASE_SECONDS = 15 * 60
+IN_FLIGHT_SECONDS = 10 * 60
+_FLOAT_COLUMNS = ("created_at", "last_used_at", "expires_at", "disabled_at")
+_INT_COLUMNS = ("max_ips", "rate_limit", "prompt_count")
+
+# KEYS: usage, leases. ARGV: family, tokens, limit ("" = none), now, lease seconds, nonce. 1 if reserved.
+_RESERVE = """
+local family = ARGV[1]
+redis.call('HSETNX', KEYS[1], family .. ':used', 0)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+if ARGV[3] ~= '' then
+  local taken = tonumber(redis.call('HGET', KEYS[1], family .. ':used')) + tonumber(ARGV[2])
+  for _, lease in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local amount, leased = string.match(lease, '^(%d+):%x+:(.*)$')
+    if leased == family then taken = taken + tonumber(amount) end
+  end
+  if taken > tonumber(ARGV[3]) then return 0 end
+end
+redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[2] .. ':' .. ARGV[6] .. ':' .. family)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+# KEYS: usage, leases, user. ARGV: family, reserved, used, now.
+_SETTLE = """
+local family = ARGV[1]
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+for _, lease in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
+  local amount, leased = string.match(lease, '^(%d+):%x+:(.*)$')
+  if amount == ARGV[2] and leased == family then redis.call('ZREM', KEYS[2], lease) break end
+end
+if tonumber(ARGV[3]) ~= 0 then
+  if redis.call('HEXISTS', KEYS[1], family .. ':used') == 1 then
+    redis.call('HINCRBY', KEYS[1], family .. ':used', ARGV[3])
+  end
+  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HINCRBY', KEYS[3], 'prompt_count', 1) end
+end
+"""
+# KEYS: user. ARGV: ip, max_ips (0 = no limit), auto_ban ("1"/""), now, reason. The outcome; false: no user.
+_RECORD_VISIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local ips = cjson.decode(redis.call('HGET', KEYS[1], 'ips') or '[]')
+local outcome, known = 'ok', false
+for _, seen in ipairs(ips) do if seen == ARGV[1] then known = true end end
+if not known then
+  local max_ips = tonumber(ARGV[2])
+  if max_ips > 0 and #ips >= max_ips then outcome = (ARGV[3] == '1') and 'banned' or 'limited' end
+  if outcome ~= 'limited' then
+    table.insert(ips, ARGV[1])
+    redis.call('HSET', KEYS[1], 'ips', cjson.encode(ips))
+  end
+end
+redis.call('HSET', KEYS[1], 'last_used_at', ARGV[4])
+if outcome == 'banned' then redis.call('HSET', KEYS[1], 'disabled_at', ARGV[4], 'disabled_reason', ARGV[5]) end
+return outcome
+"""
+# KEYS: user. ARGV: number of pairs, field, value, ..., then fields to clear. 0 if there is no such user.
+_PATCH_USER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local pairs_count = tonumber(ARGV[1])
+for i = 2, pairs_count * 2, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = pairs_count * 2 + 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+return 1
+"""
+# KEYS: usage hashes. Every "{family}:used" field back to 0.
+_RESET_USAGE = """
+for _, key in ipairs(KEYS) do
+  for _, field in ipairs(redis.call('HKEYS', key)) do redis.call('HSET', key, field, 0) end
+end
+"""
+# KEYS: window, active. ARGV: identity, limit, now, cutoff, window ms, nonce. {allowed, count, oldest score}.
+_HIT_WINDOW = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+local count = redis.call('ZCARD', KEYS[1])
+local allowed = count < tonumber(ARGV[2])
+if allowed then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[6])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  count = count + 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {allowed and 1 or 0, count, oldest[2] or false}
+"""
+# KEYS: in-flight set. ARGV: limit (0 = none), now, expiry, nonce. 1 if entered.
+_ENTER = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if tonumber(ARGV[1]) > 0 and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
+"""
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else url
+
+
+def _unavailable(url: str, error: redis.exceptions.RedisError) -> StoreUnavailable:
+    if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return StoreUnavailable(f"Redis at {url} is unreachable ({type(error).__name__}).")
+    return StoreUnavailable(f"Redis at {url} refused a command ({type(error).__name__}: {error}).")
+
+
+def _guarded(cls):
+    """Makes every public method of `cls` raise StoreUnavailable instead of a Redis error."""
+
+    def guard(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except redis.exceptions.RedisError as error:
+                raise _unavailable(self.url, error) from error
+
+        return guarded
+
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_"):
+            setattr(cls, name, guard(member))
+    return cls
+
+
+def _encode(fields: dict) -> tuple[dict, list[str]]:
+    """User fields as hash values to set, and the fields that are NULL (absent from the hash)."""
+    values = {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items() if v is not None}
+    return values, [k for k, v in fields.items() if v is None]
+
+
+def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
+    user = {}
+    for column in _USER_COLUMNS:
+        value = raw.get(column)
+        if value is not None and column in _JSON_COLUMNS:
+            value = json.loads(value)
+        elif value is not None and column in _FLOAT_COLUMNS + _INT_COLUMNS:
+            value = float(value) if column in _FLOAT_COLUMNS else int(value)
+        user[column] = value
+    user["usage"] = {field.rpartition(":")[0]: {"used": int(used), "reserved": 0} for field, used in usage.items()}
+    for lease in leases:
+        amount, _, family = lease.split(":", 2)
+        if family in user["usage"]:
+            user["usage"][family]["reserved"] += int(amount)
+    return user
+
+
+@_guarded
+class RedisStore:
+    """SQLiteStore's interface on a Redis server shared by several instances."""
+
+    def __init__(self, url: str, prefix: str = "llmproxy:"):
+        self.url, self.prefix = _redacted(url), prefix
+        try:
+            self.redis = redis.Redis.from_url(
+                url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+            )  # fmt: skip
+            self.redis.ping()
+        except ValueError as error:
+            raise StoreUnavailable(f"{self.url} is not a usable Redis URL ({error}).") from None
+        except redis.exceptions.RedisError as error:
+            raise _unavailable(self.url, error) from None
+        script = self.redis.register_script
+        self._reserve, self._settle, self._record_visit = script(_RESERVE), script(_SETTLE), script(_RECORD_VISIT)
+        self._patch_user, self._reset_usage = script(_PATCH_USER), script(_RESET_USAGE)
+        self._hit_window, self._enter = script(_HIT_WINDOW), script(_ENTER)
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- keys ----------------------------------------------------------------------------------------------
+
+    def key_health(self) -> dict[str, KeyHealth]:
+        """Every key that is not active, by key id."""
+        return {key_id: KeyHealth(*json.loads(record))
+                for key_id, record in self.redis.hgetall(self._key("key_health")).items()}  # fmt: skip
+
+    def set_key_health(self, key_id: str, state: str | None, reason: str = "") -> None:
+        """Records a key as revoked or over quota; `state=None` makes it active again."""
+        if state is None:
+            self.redis.hdel(self._key("key_health"), key_id)
+        else:
+            self.redis.hset(self._key("key_health"), key_id, json.dumps([state, reason, time.time()]))
+
+    def set_key_rest(self, key_id: str, family: str, until: float) -> None:
+        """Records that a key rests for a family until `until` (time.time()); shared by every instance."""
+        self.redis.zadd(self._key("key_rests"), {json.dumps([key_id, family]): until})
+
+    def key_rests(self) -> dict[tuple[str, str], float]:
+        """Every rest that has not ended yet: (key id, family) -> until."""
+        with self.redis.pipeline() as pipe:
+            pipe.zremrangebyscore(self._key("key_rests"), "-inf", time.time())
+            pipe.zrange(self._key("key_rests"), 0, -1, withscores=True)
+            rests = pipe.execute()[1]
+        return {tuple(json.loads(member)): until for member, until in rests}
+
+    # -- users ---------------------------------------------------------------------------------------------
+
+    def _users(self, user_ids: list[str]) -> list[dict | None]:
+        """The users with these ids (None for a missing one), read in one snapshot."""
+        with self.redis.pipeline() as pipe:
+            for user_id in user_ids:
+                pipe.hgetall(self._key("user", user_id))
+                pipe.hgetall(self._key("usage", user_id))
+                pipe.zrangebyscore(self._key("leases", user_id), f"({time.time()}", "+inf")
+            replies = pipe.execute()
+        return [_decode(*replies[i : i + 3]) if replies[i] else None for i in range(0, len(replies), 3)]
+
+    def _queue_insert(self, pipe, record: dict) -> None:
+        """Queues the creation or replacement of a user, as SQLiteStore's upsert: absent fields stay."""
+        values, nulls = _encode({"type": "normal", "ips": [], "token_limits": {}, "prompt_count": 0, **record})
+        pipe.hset(self._key("user", record["id"]), mapping=values)
+        if nulls:
+            pipe.hdel(self._key("user", record["id"]), *nulls)
+        pipe.set(self._key("token", record["token_hash"]), record["id"])
+        pipe.sadd(self._key("users"), record["id"])
+
+    def _patch(self, user_id: str, fields: dict) -> None:
+        values, nulls = _encode(fields)
+        pairs = [part for pair in values.items() for part in pair]
+        self._patch_user(keys=[self._key("user", user_id)], args=[len(values), *pairs, *nulls])
+
+    def create_user(self, fields: dict) -> tuple[str, dict]:
+        """A new user with a fresh 256-bit token; returns (token, user). The token is not kept."""
+        fields = validate_fields(dict(fields))
+        token = secrets.token_urlsafe(32)
+        hashed = token_hash(token)
+        with self.redis.pipeline() as pipe:
+            self._queue_insert(pipe, {"id": hashed[:16], "token_hash": hashed, "created_at": time.time(), **fields})
+            pipe.execute()
+        return token, self.get_user(hashed[:16])
+
+    def get_user(self, user_id: str) -> dict | None:
+        return self._users([user_id])[0]
+
+    def user_by_token(self, token: str) -> dict | None:
+        user_id = self.redis.get(self._key("token", token_hash(token)))
+        return self.get_user(user_id) if user_id else None
+
+    def list_users(self) -> list[dict]:
+        users = [user for user in self._users(list(self.redis.smembers(self._key("users")))) if user]
+        return sorted(users, key=lambda user: (user["created_at"], user["id"]))
+
+    def update_user(self, user_id: str, fields: dict) -> dict | None:
+        """Sets editable fields; returns the user, or None if there is none with that id."""
+        fields = validate_fields(dict(fields))
+        if fields:
+            self._patch(user_id, fields)
+        return self.get_user(user_id)
+
+    def set_disabled(self, user_id: str, reason: str | None) -> dict | None:
+        """Disables a user with a reason, or (reason None) enables it again."""
+        self._patch(user_id, {"disabled_at": time.time() if reason is not None else None, "disabled_reason": reason})
+        return self.get_user(user_id)
+
+    def delete_user(self, user_id: str) -> bool:
+        user_key = self._key("user", user_id)
+
+        def delete(pipe) -> bool:
+            hashed = pipe.hget(user_key, "token_hash")
+            pipe.multi()
+            pipe.delete(user_key, self._key("usage", user_id), self._key("leases", user_id))
+            pipe.srem(self._key("users"), user_id)
+            if hashed:
+                pipe.delete(self._key("token", hashed))
+            return hashed is not None
+
+        return self.redis.transaction(delete, user_key, value_from_callable=True)
+
+    def export_users(self) -> list[dict]:
+        """Every user with its token hash (never the token), usage included, for import elsewhere."""
+        return self.list_users()
+
+    def import_users(self, users: list[dict]) -> int:
+        """Creates or replaces users from an export, all or none; returns how many."""
+        records = import_records(users)
+        with self.redis.pipeline() as pipe:  # MULTI ... EXEC
+            for user, record in records:
+                self._queue_insert(pipe, record)
+                for family, figures in (user.get("usage") or {}).items():
+                    pipe.hset(self._key("usage", record["id"]), f"{family}:used", int(figures.get("used", 0)))
+            pipe.execute()
+        return len(records)
+
+    def record_visit(self, user_id: str, ip: str, max_ips: int, auto_ban: bool) -> str:
+        """Notes a request from `ip`: "ok", "limited" (a new address over the limit, refused) or "banned"
+        (the same, and the user is now disabled). `max_ips` 0 means no limit."""
+        outcome = self._record_visit(keys=[self._key("user", user_id)],
+                                     args=[ip, max_ips or 0, "1" if auto_ban else "", time.time(),
+                                           "IP address limit exceeded."])  # fmt: skip
+        if outcome is None:
+            raise UserError(f"There is no user {user_id!r}.")
+        return outcome
+
+    # -- usage ---------------------------------------------------------------------------------------------
+
+    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None) -> bool:
+        """Sets `tokens` aside for a request, under a lease, if used + reserved + tokens stays within `limit`
+        (None: no limit)."""
+        return bool(self._reserve(
+            keys=[self._key("usage", user_id), self._key("leases", user_id)],
+            args=[family, int(tokens), "" if limit is None else limit, time.time(), LEASE_SECONDS,
+                  secrets.token_hex(8)],
+        ))  # fmt: skip
+
+    def settle(self, user_id: str, family: str, reserved: int, used: int) -> None:
+        """Replaces a reservation by what the request really used (0 for a failed request)."""
+        self._settle(keys=[self._key("usage", user_id), self._key("leases", user_id), self._key("user", user_id)],
+                     args=[family, int(reserved), int(used), time.time()])  # fmt: skip
+
+    def reset_usage(self, user_id: str | None = None) -> None:
+        """Starts a new quota period for one user or for all."""
+        user_ids = [user_id] if user_id is not None else self.redis.smembers(self._key("users"))
+        if user_ids:
+            self._reset_usage(keys=[self._key("usage", uid) for uid in user_ids])
+
+    def add_to_counters(self, **amounts: int) -> None:
+        with self.redis.pipeline() as pipe:
+            for name, amount in amounts.items():
+                pipe.hincrby(self._key("counters"), name, amount)
+            pipe.execute()
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(value) for name, value in self.redis.hgetall(self._key("counters")).items()}
+
+    # -- windows -------------------------------------------------------------------------------------------
+
+    def hit_rate_window(self, identity: str, limit: int, window: float) -> tuple[bool, int, float]:
+        """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at)."""
+        now = time.time()
+        allowed, count, oldest = self._hit_window(
+            keys=[self._key("window", identity), self._key("active")],
+            args=[identity, limit, now, now - window, max(1, int(window * 1000) + 1), secrets.token_hex(8)],
+        )  # fmt: skip
+        return bool(allowed), max(0, limit - count), float(oldest) + window if oldest else now
+
+    def active_identities(self, window: float) -> int:
+        """Identities with a counted request in the last `window` seconds."""
+        with self.redis.pipeline() as pipe:
+            pipe.zremrangebyscore(self._key("active"), "-inf", time.time() - window)
+            pipe.zcard(self._key("active"))
+            return pipe.execute()[1]
+
+    def enter(self, identity: str, limit: int) -> bool:
+        """Counts a request in flight for `identity` unless it already has `limit` (0: no limit); the count
+        lapses after IN_FLIGHT_SECONDS if `leave` never comes."""
+        now = time.time()
+        return bool(self._enter(keys=[self._key("in_flight", identity)],
+                                args=[limit or 0, now, now + IN_FLIGHT_SECONDS, secrets.token_hex(8)]))  # fmt: skip
+
+    def leave(self, identity: str) -> None:
+        self.redis.zpopmax(self._key("in_flight", identity))
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,123 @@
+"""Several proxy instances sharing one Redis: every promise holds across them."""
+
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import OPENAI_KEYS, proxy_env
+from tests.harness import ProxyProcess, RedisServer
+from tests.test_e2e_users import ADMIN_KEY, Admin
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/proxy/openai/v1/chat/completions"
+BODY = {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def instances(start_proxy, fake, redis_server):
+    def start(count: int = 3, **settings) -> list[ProxyProcess]:
+        env = proxy_env(fake, STORE="redis", REDIS_URL=redis_server.url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY,
+                        **settings)  # fmt: skip
+        return [start_proxy(env) for _ in range(count)]
+
+    return start
+
+
+def test_a_user_created_on_one_instance_works_on_the_others(instances):
+    a, b, c = instances()
+    token, user = Admin(a).create(nickname="Everywhere")
+    for proxy in (b, c):
+        response = httpx.post(f"{proxy.url}{CHAT}", json=BODY, headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+    assert Admin(c).user(user["id"])["prompt_count"] == 2
+    assert Admin(b).get("/users").json()["count"] == 1
+
+
+def test_the_rate_limit_is_one_limit_across_instances(instances):
+    proxies = instances(MODEL_RATE_LIMIT="4")
+    token, _ = Admin(proxies[0]).create()
+    auth = {"authorization": f"Bearer {token}"}
+    targets = itertools.islice(itertools.cycle(proxies), 12)
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=20).status_code,
+                                 targets))  # fmt: skip
+    assert sorted(statuses) == [200] * 4 + [429] * 8
+
+
+def test_fifty_parallel_requests_over_three_instances_against_a_quota_for_five(instances, fake):
+    proxies = instances()
+    token, user = Admin(proxies[0]).create(token_limits={"gpt4o": 5 * 106})  # 6 prompt + 100 output reserved each
+    for key in OPENAI_KEYS:
+        fake.set_key_behaviour(key, "slow", delay_ms=3000)  # all fifty are in flight at once
+    auth = {"authorization": f"Bearer {token}"}
+    targets = itertools.islice(itertools.cycle(proxies), 50)
+    with ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=30).status_code,
+                                 targets))  # fmt: skip
+    assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 50 - statuses.count(200)
+    usage = Admin(proxies[1]).user(user["id"])["usage"]["gpt4o"]
+    assert usage["reserved"] == 0 and 0 < usage["used"] <= 5 * 106
+
+
+def test_a_key_retired_on_one_instance_is_never_used_by_another(instances, fake):
+    a, b = instances(2, OPENAI_KEY="sk-dead-401,sk-alive")
+    token, _ = Admin(a).create()
+    auth = {"authorization": f"Bearer {token}"}
+    assert httpx.post(f"{a.url}{CHAT}", json=BODY, headers=auth).status_code == 200
+    assert [r.key for r in fake.requests] == ["sk-dead-401", "sk-alive"]
+    fake.requests.clear()
+    for _ in range(4):
+        assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 200
+    assert {r.key for r in fake.requests} == {"sk-alive"}
+    assert httpx.get(f"{b.url}/status").json()["openai"]["keys"]["revoked"] == 1
+
+
+def test_a_rest_learned_by_one_instance_is_respected_by_another(instances, fake):
+    fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=3)
+    a, b = instances(2, OPENAI_KEY="sk-only", MAX_QUEUED_PER_IDENTITY="5")
+    token, _ = Admin(a).create()
+    auth = {"authorization": f"Bearer {token}"}
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, f"{a.url}{CHAT}", json=BODY, headers=auth, timeout=20)
+        while not fake.requests:
+            time.sleep(0.05)
+        second = pool.submit(httpx.post, f"{b.url}{CHAT}", json=BODY, headers=auth, timeout=20)
+        assert first.result().status_code == second.result().status_code == 200
+    assert len(fake.requests) == 3  # one 429 on A; B waited for the rest A learned instead of trying the key
+    assert time.monotonic() - started >= 2.5
+
+
+def test_losing_redis_fails_closed_and_recovers(instances, redis_server, fake):
+    a, b = instances(2)
+    token, _ = Admin(a).create(token_limits={"gpt4o": 100000})
+    auth = {"authorization": f"Bearer {token}"}
+    assert httpx.post(f"{a.url}{CHAT}", json=BODY, headers=auth).status_code == 200
+    redis_server.stop()
+    fake.requests.clear()
+    for proxy in (a, b):
+        response = httpx.post(f"{proxy.url}{CHAT}", json=BODY, headers=auth, timeout=10)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+        claude = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", headers=auth, timeout=10, json={
+            "model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+        assert claude.status_code == 503 and claude.json()["type"] == "error"
+        assert httpx.get(f"{proxy.url}/health").status_code == 503
+    assert fake.requests == []  # nothing went upstream without its limits checked
+    redis_server.start()  # the same port again: an empty Redis, as after a restart without persistence
+    for proxy in (a, b):
+        assert httpx.get(f"{proxy.url}/health").status_code == 200
+    # The user lived only in Redis; an empty Redis knows no one, and says so rather than letting anyone in.
+    assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 401
+    token, _ = Admin(b).create()
+    assert httpx.post(f"{a.url}{CHAT}", json=BODY, headers={"authorization": f"Bearer {token}"}).status_code == 200

@@ -1,0 +1,390 @@
+"""One contract for both state stores: every test runs against SQLiteStore and against RedisStore.
+
+The Redis runs use a real `redis-server` on a free loopback port, started once for the session; each test gets
+its own key prefix. The tests at the end cover what only a shared store has: several instances on one
+server, leases that run out, and an unreachable server.
+"""
+
+import re
+import secrets
+import threading
+import time
+
+import pytest
+import redis
+
+from addons import redisstore
+from addons import store as store_module
+from addons.redisstore import IN_FLIGHT_SECONDS, LEASE_SECONDS, RedisStore
+from addons.store import KeyHealth, SQLiteStore, StoreUnavailable, UserError
+from tests.harness import RedisServer
+
+USER_KEYS = {
+    "id", "token_hash", "nickname", "type", "created_at", "last_used_at", "ips", "max_ips", "token_limits",
+    "rate_limit", "expires_at", "admin_note", "prompt_count", "disabled_at", "disabled_reason", "usage",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{secrets.token_hex(4)}:"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path, prefix):
+    if request.param == "sqlite":
+        opened = SQLiteStore(tmp_path / "proxy.sqlite3")
+    else:
+        opened = RedisStore(request.getfixturevalue("redis_url"), prefix)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def redis_store(redis_url, prefix):
+    opened = RedisStore(redis_url, prefix)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def shared(redis_url, prefix):
+    """A second instance on the server and prefix of `redis_store`."""
+    other = RedisStore(redis_url, prefix)
+    yield other
+    other.close()
+
+
+class Clock:
+    """Stands in for the `time` module of addons.redisstore, to jump ahead without waiting."""
+
+    def __init__(self, offset: float = 0):
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+
+# -- keys --------------------------------------------------------------------------------------------------
+
+
+def test_key_health(store):
+    assert store.key_health() == {}
+    store.set_key_health("k1", "revoked", "401 from upstream")
+    store.set_key_health("k2", "over_quota")
+    health = store.key_health()
+    assert set(health) == {"k1", "k2"} and isinstance(health["k1"], KeyHealth)
+    assert (health["k1"].state, health["k1"].reason) == ("revoked", "401 from upstream")
+    assert health["k2"].reason == "" and abs(health["k2"].changed_at - time.time()) < 5
+    store.set_key_health("k1", "over_quota", "billing")
+    store.set_key_health("k2", None)
+    assert {k: (h.state, h.reason) for k, h in store.key_health().items()} == {"k1": ("over_quota", "billing")}
+
+
+def test_key_rests_end_by_themselves(store):
+    now = time.time()
+    store.set_key_rest("k1", "gpt4o", now + 60)
+    store.set_key_rest("k1", "gpt4", now + 0.1)
+    store.set_key_rest("k2", "gpt4o", now - 1)
+    assert store.key_rests() == {("k1", "gpt4o"): pytest.approx(now + 60), ("k1", "gpt4"): pytest.approx(now + 0.1)}
+    store.set_key_rest("k1", "gpt4o", now + 30)  # a new rest replaces the old one
+    time.sleep(0.15)
+    assert store.key_rests() == {("k1", "gpt4o"): pytest.approx(now + 30)}
+
+
+# -- users -------------------------------------------------------------------------------------------------
+
+
+def test_create_and_read_users(store):
+    token, user = store.create_user({"nickname": "ann", "max_ips": 2, "token_limits": {"gpt4o": 100},
+                                     "expires_at": 5})  # fmt: skip
+    assert set(user) == USER_KEYS
+    assert user == {
+        "id": user["token_hash"][:16], "token_hash": store_module.token_hash(token), "nickname": "ann",
+        "type": "normal", "created_at": pytest.approx(time.time(), abs=5), "last_used_at": None, "ips": [],
+        "max_ips": 2, "token_limits": {"gpt4o": 100}, "rate_limit": None, "expires_at": 5.0, "admin_note": None,
+        "prompt_count": 0, "disabled_at": None, "disabled_reason": None, "usage": {},
+    }  # fmt: skip
+    assert type(user["expires_at"]) is float and type(user["created_at"]) is float
+    assert store.get_user(user["id"]) == user and store.user_by_token(token) == user
+    assert store.get_user("nobody") is None and store.user_by_token("not-a-token") is None
+    _, other = store.create_user({"type": "special", "nickname": ""})
+    assert other["nickname"] == "" and other["type"] == "special"
+    assert sorted(u["id"] for u in store.list_users()) == sorted([user["id"], other["id"]])
+    with pytest.raises(UserError):
+        store.create_user({"type": "admin"})
+    with pytest.raises(UserError):
+        store.create_user({"prompt_count": 3})
+
+
+def test_update_user_sets_editable_fields_only(store):
+    _, user = store.create_user({"nickname": "ann", "admin_note": "x"})
+    updated = store.update_user(user["id"], {"nickname": None, "rate_limit": 7, "token_limits": {"claude": 5}})
+    assert (updated["nickname"], updated["rate_limit"], updated["token_limits"], updated["admin_note"]) == (
+        None, 7, {"claude": 5}, "x")  # fmt: skip
+    assert store.get_user(user["id"]) == updated
+    for fields in ({"prompt_count": 0}, {"token_hash": "0" * 64}, {"ips": []}, {"disabled_at": None},
+                   {"max_ips": True}, {"rate_limit": "7"}, {"token_limits": {"gpt4o": -1}}):  # fmt: skip
+        with pytest.raises(UserError):
+            store.update_user(user["id"], fields)
+    assert store.update_user(user["id"], {}) == updated
+    assert store.update_user("nobody", {"nickname": "ghost"}) is None
+    assert store.get_user("nobody") is None and len(store.list_users()) == 1
+
+
+def test_set_disabled_and_delete(store):
+    token, user = store.create_user({})
+    disabled = store.set_disabled(user["id"], "Abuse.")
+    assert disabled["disabled_reason"] == "Abuse." and abs(disabled["disabled_at"] - time.time()) < 5
+    enabled = store.set_disabled(user["id"], None)
+    assert (enabled["disabled_at"], enabled["disabled_reason"]) == (None, None)
+    assert store.set_disabled("nobody", "x") is None
+    store.reserve(user["id"], "gpt4o", 10, None)
+    assert store.delete_user(user["id"]) is True
+    assert store.get_user(user["id"]) is None and store.user_by_token(token) is None and store.list_users() == []
+    assert store.delete_user(user["id"]) is False
+
+
+def test_export_import_round_trip(store):
+    _, ann = store.create_user({"nickname": "ann", "token_limits": {"gpt4o": 100}})
+    _, bob = store.create_user({"type": "temporary", "expires_at": 12.5})
+    store.record_visit(ann["id"], "10.0.0.1", 0, False)
+    store.reserve(ann["id"], "gpt4o", 40, 100)
+    store.settle(ann["id"], "gpt4o", 40, 30)
+    store.set_disabled(bob["id"], "Paused.")
+    exported = store.export_users()
+    assert sorted(u["id"] for u in exported) == sorted([ann["id"], bob["id"]])
+    for user in exported:
+        store.delete_user(user["id"])
+    assert store.import_users(exported) == 2
+    assert sorted(store.export_users(), key=lambda u: u["id"]) == sorted(exported, key=lambda u: u["id"])
+    assert store.get_user(ann["id"])["usage"] == {"gpt4o": {"used": 30, "reserved": 0}}
+    assert store.import_users([{"token_hash": ann["token_hash"], "nickname": "anne"}]) == 1  # replaces
+    assert store.get_user(ann["id"])["nickname"] == "anne"
+
+
+def test_import_is_all_or_nothing(store):
+    valid = {"token_hash": "a" * 64, "nickname": "fine"}
+    for bad in ({"token_hash": "short"}, {"token_hash": "b" * 64, "prompt_count": 1, "type": "root"}, "text"):
+        with pytest.raises(UserError):
+            store.import_users([valid, bad])
+    assert store.list_users() == []
+
+
+def test_record_visit_limits_addresses_and_bans(store):
+    _, user = store.create_user({})
+    assert store.record_visit(user["id"], "10.0.0.1", 2, False) == "ok"
+    assert store.record_visit(user["id"], "10.0.0.1", 2, False) == "ok"
+    assert store.record_visit(user["id"], "2001:db8::1", 2, False) == "ok"
+    assert store.record_visit(user["id"], "10.0.0.3", 2, False) == "limited"
+    seen = store.get_user(user["id"])
+    assert seen["ips"] == ["10.0.0.1", "2001:db8::1"] and seen["disabled_at"] is None
+    assert abs(seen["last_used_at"] - time.time()) < 5
+    assert store.record_visit(user["id"], "10.0.0.1", 2, True) == "ok"  # a known address is always fine
+    assert store.record_visit(user["id"], "10.0.0.3", 2, True) == "banned"
+    banned = store.get_user(user["id"])
+    assert banned["disabled_reason"] == "IP address limit exceeded." and banned["disabled_at"] is not None
+    assert banned["ips"] == ["10.0.0.1", "2001:db8::1", "10.0.0.3"]
+    _, free = store.create_user({})
+    assert all(store.record_visit(free["id"], f"10.1.0.{i}", 0, True) == "ok" for i in range(5))
+    assert len(store.get_user(free["id"])["ips"]) == 5
+
+
+# -- usage -------------------------------------------------------------------------------------------------
+
+
+def test_reserve_and_settle(store):
+    _, user = store.create_user({})
+    uid = user["id"]
+    assert store.reserve(uid, "gpt4o", 60, 100)
+    assert not store.reserve(uid, "gpt4o", 41, 100)
+    assert store.get_user(uid)["usage"] == {"gpt4o": {"used": 0, "reserved": 60}}
+    assert store.reserve(uid, "gpt4o", 40, 100)
+    store.settle(uid, "gpt4o", 60, 25)  # the request used less than it reserved
+    assert store.get_user(uid)["usage"]["gpt4o"] == {"used": 25, "reserved": 40}
+    store.settle(uid, "gpt4o", 40, 0)  # a failed request costs nothing and is not a prompt
+    after = store.get_user(uid)
+    assert after["usage"]["gpt4o"] == {"used": 25, "reserved": 0} and after["prompt_count"] == 1
+    assert store.reserve(uid, "gpt4o", 75, 100) and not store.reserve(uid, "gpt4o", 1, 100)
+    assert store.reserve(uid, "claude", 10**9, None)  # no limit
+    assert not store.reserve(uid, "gemini", 1, 0)
+    assert store.get_user(uid)["usage"]["gemini"] == {"used": 0, "reserved": 0}
+
+
+def test_concurrent_reservations_never_exceed_the_limit(store, request):
+    _, user = store.create_user({})
+    if request.node.callspec.params["store"] == "sqlite":  # single-threaded by design
+        results = [store.reserve(user["id"], "gpt4o", 1, 5) for _ in range(50)]
+    else:
+        results, start = [], threading.Barrier(50)
+
+        def reserve():
+            start.wait()
+            results.append(store.reserve(user["id"], "gpt4o", 1, 5))
+
+        threads = [threading.Thread(target=reserve) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert results.count(True) == 5 and len(results) == 50
+    assert store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 5}
+
+
+def test_reset_usage(store):
+    (_, ann), (_, bob) = store.create_user({}), store.create_user({})
+    for user in (ann, bob):
+        store.reserve(user["id"], "gpt4o", 10, None)
+        store.settle(user["id"], "gpt4o", 10, 10)
+        store.reserve(user["id"], "gpt4o", 5, None)
+    store.reset_usage(ann["id"])
+    assert store.get_user(ann["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 5}
+    assert store.get_user(bob["id"])["usage"]["gpt4o"] == {"used": 10, "reserved": 5}
+    store.reset_usage()
+    assert store.get_user(bob["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 5}
+    assert store.get_user(bob["id"])["prompt_count"] == 1
+
+
+def test_counters(store):
+    assert store.counters() == {}
+    store.add_to_counters(prompts=1, tokens=120)
+    store.add_to_counters(prompts=1, tokens=30, errors=0)
+    assert store.counters() == {"prompts": 2, "tokens": 150, "errors": 0}
+
+
+# -- windows -----------------------------------------------------------------------------------------------
+
+
+def test_rate_window_allows_exactly_the_limit(store):
+    first = time.time()
+    results = [store.hit_rate_window("user:a", 3, 0.4) for _ in range(4)]
+    assert [(allowed, remaining) for allowed, remaining, _ in results] == [(True, 2), (True, 1), (True, 0),
+                                                                           (False, 0)]  # fmt: skip
+    assert all(first + 0.4 <= reset_at <= time.time() + 0.4 for _, _, reset_at in results)
+    assert store.hit_rate_window("user:b", 3, 0.4)[:2] == (True, 2)  # windows are per identity
+    time.sleep(max(0, results[0][2] - time.time()) + 0.02)
+    allowed, remaining, _ = store.hit_rate_window("user:a", 3, 0.4)
+    assert allowed and remaining == 2
+
+
+def test_active_identities(store):
+    assert store.active_identities(60) == 0
+    store.hit_rate_window("user:a", 5, 60)
+    store.hit_rate_window("user:b", 1, 60)
+    store.hit_rate_window("user:b", 1, 60)  # refused: not counted, still active from the first
+    assert store.active_identities(60) == 2
+    time.sleep(0.06)
+    store.hit_rate_window("user:c", 5, 60)
+    assert store.active_identities(0.05) == 1
+
+
+def test_enter_and_leave(store):
+    assert store.enter("user:a", 2) and store.enter("user:a", 2)
+    assert not store.enter("user:a", 2)
+    assert store.enter("user:b", 2)  # per identity
+    store.leave("user:a")
+    assert store.enter("user:a", 2) and not store.enter("user:a", 2)
+    assert all(store.enter("user:c", 0) for _ in range(20))  # 0: no limit
+    store.leave("user:nobody")
+    assert store.enter("user:nobody", 1)
+
+
+# -- Redis only: several instances, leases, outages --------------------------------------------------------
+
+
+def test_instances_share_everything(redis_store, shared):
+    _, user = redis_store.create_user({})
+    assert shared.get_user(user["id"]) == user
+    assert redis_store.reserve(user["id"], "gpt4o", 60, 100) and not shared.reserve(user["id"], "gpt4o", 60, 100)
+    assert redis_store.hit_rate_window("user:a", 1, 60)[0] and not shared.hit_rate_window("user:a", 1, 60)[0]
+    assert redis_store.enter("user:a", 1) and not shared.enter("user:a", 1)
+    shared.leave("user:a")
+    assert redis_store.enter("user:a", 1)
+    redis_store.set_key_rest("k1", "gpt4o", time.time() + 60)
+    redis_store.set_key_health("k2", "revoked", "401")
+    assert set(shared.key_rests()) == {("k1", "gpt4o")} and set(shared.key_health()) == {"k2"}
+    assert shared.active_identities(60) == 1
+
+
+def test_reservations_of_a_crashed_instance_lapse(redis_store, shared, monkeypatch):
+    _, user = redis_store.create_user({})
+    assert shared.reserve(user["id"], "gpt4o", 80, 100)  # and then that instance dies without settling
+    assert redis_store.reserve(user["id"], "gpt4o", 20, 100) and not redis_store.reserve(user["id"], "gpt4o", 1, 100)
+    monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS - 60))
+    assert not redis_store.reserve(user["id"], "gpt4o", 1, 100)  # still within the lease
+    monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS + 1))
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 0}
+    assert redis_store.reserve(user["id"], "gpt4o", 100, 100)
+    redis_store.settle(user["id"], "gpt4o", 20, 20)  # the lapsed lease of 20 releases nothing
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 20, "reserved": 100}
+
+
+def test_settle_releases_the_newest_lease_so_a_lost_one_lapses_first(redis_store, shared, monkeypatch):
+    _, user = redis_store.create_user({})
+    assert shared.reserve(user["id"], "gpt4o", 5, None)  # lost with its instance
+    monkeypatch.setattr(redisstore, "time", Clock(600))
+    assert redis_store.reserve(user["id"], "gpt4o", 5, None)
+    redis_store.settle(user["id"], "gpt4o", 5, 5)
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 5, "reserved": 5}
+    monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS + 1))
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 5, "reserved": 0}
+
+
+def test_in_flight_slots_of_a_crashed_instance_lapse(redis_store, monkeypatch):
+    assert redis_store.enter("user:a", 1) and not redis_store.enter("user:a", 1)
+    monkeypatch.setattr(redisstore, "time", Clock(IN_FLIGHT_SECONDS + 1))
+    assert redis_store.enter("user:a", 1)
+
+
+def test_an_export_moves_between_backends(tmp_path, redis_store):
+    sqlite = SQLiteStore(tmp_path / "proxy.sqlite3")
+    try:
+        _, user = sqlite.create_user({"nickname": "ann", "max_ips": 3, "expires_at": 7, "admin_note": "vip"})
+        sqlite.record_visit(user["id"], "10.0.0.1", 3, False)
+        sqlite.reserve(user["id"], "gpt4o", 10, None)
+        sqlite.settle(user["id"], "gpt4o", 10, 9)
+        assert redis_store.import_users(sqlite.export_users()) == 1
+        assert redis_store.export_users() == sqlite.export_users()
+        assert sqlite.import_users(redis_store.export_users()) == 1
+        assert sqlite.export_users() == redis_store.export_users()
+    finally:
+        sqlite.close()
+
+
+def test_a_wrong_url_fails_at_construction():
+    port = RedisServer().port  # a free port nothing listens on
+    with pytest.raises(StoreUnavailable) as caught:
+        RedisStore(f"redis://127.0.0.1:{port}/0")
+    assert str(caught.value) == f"Redis at redis://127.0.0.1:{port}/0 is unreachable (ConnectionError)."
+    with pytest.raises(StoreUnavailable) as caught:
+        RedisStore(f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(StoreUnavailable, match="not a usable Redis URL"):
+        RedisStore("http://127.0.0.1/")
+
+
+def test_an_outage_raises_store_unavailable_and_the_store_recovers(prefix):
+    server = RedisServer().start()
+    opened = RedisStore(server.url, prefix)
+    try:
+        _, user = opened.create_user({})
+        server.stop()
+        for call in (opened.counters, lambda: opened.reserve(user["id"], "gpt4o", 1, 10)):
+            with pytest.raises(StoreUnavailable) as caught:
+                call()
+            assert re.fullmatch(rf"Redis at {re.escape(server.url)} is unreachable \(\w+\)\.", str(caught.value))
+            assert not isinstance(caught.value, redis.exceptions.RedisError)
+        server.start()  # the same port, an empty server: nothing was saved
+        assert opened.counters() == {}
+        _, user = opened.create_user({})
+        assert opened.reserve(user["id"], "gpt4o", 1, 10)  # scripts are loaded again
+    finally:
+        opened.close()
+        server.stop()
