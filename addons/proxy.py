@@ -19,6 +19,7 @@ from addons import (
     config,
     dispatcher,
     families,
+    flownotes,
     gatekeeper,
     guard,
     headers,
@@ -65,6 +66,7 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
         waitqueue.WaitQueue(),  # requests wait their turn, fairly, while every key of their family rests
         dispatcher.Dispatcher(pipe_socket),  # upstream call with the key added last; retries; SSE via the pipe
         refusals.RefusalFormat(),  # errors as real errors, or as assistant messages (PROXY_ERROR_FORMAT)
+        flownotes.FlowNotes(),  # mitmweb: each flow's decision as a comment and a marker; a bounded flow list
     ]
 
 

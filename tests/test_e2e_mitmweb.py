@@ -1,0 +1,65 @@
+"""The proxy under mitmweb: every flow annotated, nothing secret shown or saved, memory bounded."""
+
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import CANARY, proxy_env
+from tests.harness import ProxyProcess, _free_port
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/proxy/openai/v1/chat/completions"
+PROXY_KEY = f"pk-{CANARY}-client-secret"  # a client's token is as secret as the owner's keys
+
+
+@pytest.fixture
+def mitmweb(fake):
+    web_port = _free_port()
+    process = ProxyProcess(
+        proxy_env(fake, GATEKEEPER="proxy_key", PROXY_KEY=PROXY_KEY),
+        args=["--set", f"web_port={web_port}", "--set", "web_open_browser=false", "--set", "web_keep_flows=40"],
+        ui="web",
+    ).start()
+    token = re.search(r"\?token=([0-9a-f]+)", process.log()).group(1)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"authorization": f"Bearer {token}"})
+    yield process, api
+    process.stop()
+
+
+def test_flows_are_annotated_and_hold_no_secret(mitmweb, fake):
+    proxy, api = mitmweb
+    auth = {"authorization": f"Bearer {PROXY_KEY}"}
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        ok = client.post(CHAT, headers=auth, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+        with client.stream("POST", CHAT, headers=auth, json={"model": "gpt-4o", "stream": True,
+                           "messages": [{"role": "user", "content": "#fake:events=3"}]}) as stream:  # fmt: skip
+            "".join(stream.iter_text())
+        client.post(CHAT, headers=auth, json={"model": "gpt-4o", "messages": [
+            {"role": "user", "content": "#fake:status=400 #fake:echo_key=1"}]})  # fmt: skip
+        client.post(CHAT, headers={"authorization": "Bearer wrong"}, json={"model": "gpt-4o", "messages": []})
+        client.get("/proxy/openai/v1/organization/api_keys", headers=auth)
+    flows = api.get("/flows").json()
+    chats = [f for f in flows if f["request"]["path"].startswith("/v1/chat/completions")]
+    assert len(chats) == 3  # shown with the real API's path, not the pipe's
+    assert chats[0]["request"]["host"] == "127.0.0.1" and "pipe" not in str(flows)
+    comments = [f["comment"] for f in flows]
+    assert any(c.startswith("served") and "keys oai-" in c and "gpt4o" in c for c in comments)
+    assert any(c.startswith("unauthorized") for c in comments) and any(c.startswith("blocked path") for c in comments)
+    assert {f["marked"] for f in flows} >= {"✅", "⛔"}  # mitmweb shows the emoji of the marker shortcodes
+    for url in ("/flows", "/flows/dump", "/options", "/events", "/state"):
+        body = api.get(url).content
+        assert CANARY.encode() not in body, url
+    for flow in chats:
+        content = api.get(f"/flows/{flow['id']}/request/content.data").content
+        assert CANARY.encode() not in content
+
+
+def test_the_flow_list_stays_bounded(mitmweb):
+    proxy, api = mitmweb
+    with httpx.Client(base_url=proxy.url) as client:
+        for _ in range(120):
+            client.get("/health")
+    assert len(api.get("/flows").json()) <= 41
