@@ -2,6 +2,7 @@
 # One entry for everything: installs what is missing, then runs the proxy, the tests or the benchmark.
 #   ./run.sh [mitmproxy args]   the proxy (mitmdump, reverse mode, our addons)
 #   ./run.sh web [args]         the same under mitmweb
+#   ./run.sh local [args]       a regular (forward) proxy for apps whose API URL is hard-coded
 #   ./run.sh demo [args]        the proxy against the fake upstream the tests use, with demo keys
 #   ./run.sh test [pytest args] the whole test suite
 #   ./run.sh bench [args]       the benchmark: direct vs bare mitmdump vs this proxy
@@ -85,10 +86,10 @@ case "$command" in
         install_requirements "$root/tests/requirements.txt"
         exec "$venv/bin/python" -m tests.demo "$@"
         ;;
-    web)
+    web|local)
         shift
         ensure_venv
-        exec "$venv/bin/python" -m addons.proxy web "$@"
+        exec "$venv/bin/python" -m addons.proxy "$command" "$@"
         ;;
     *)
         ensure_venv

@@ -108,6 +108,7 @@ class Dispatcher:
 
     def __init__(self, pipe_socket: socket.socket | None = None):
         self.pipe_socket = pipe_socket
+        self.pipe_port = pipe_socket.getsockname()[1] if pipe_socket else 0
         self.session: aiohttp.ClientSession | None = None
         self.ready = asyncio.Event()
         self.piped: dict[str, PipedRequest] = {}
@@ -337,7 +338,9 @@ class Dispatcher:
         token = secrets.token_urlsafe(24)
         self.piped[token] = piped
         flow.metadata["llmproxy"]["pipe_token"] = token
-        # The listener's reverse target is the pipe; the hop needs the framing headers the allowlist removed.
+        # The pipe is the listener's reverse target already; in local (regular) mode the flow is pointed at it.
+        flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", self.pipe_port
+        # The hop needs the framing headers the allowlist removed.
         flow.request.headers["host"] = f"{flow.request.host}:{flow.request.port}"
         flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
         flow.request.path = PIPE_PREFIX + token

@@ -25,10 +25,11 @@ def check_versions() -> None:
             )
 
 
-def listen_mode(pipe_port: int, bind_address: str, port: int) -> str:
-    """The listener: reverse mode whose fixed target is the dispatcher's loopback pipe, never an API."""
+def listen_mode(pipe_port: int, bind_address: str, port: int, local: bool = False) -> str:
+    """The listener: reverse mode whose fixed target is the dispatcher's loopback pipe, never an API; or, for
+    `local`, a regular proxy (the router then handles the two APIs' hosts and passes other hosts through)."""
     host = f"[{bind_address}]" if ":" in bind_address else bind_address
-    return f"reverse:http://127.0.0.1:{pipe_port}@{host}:{port}"
+    return f"regular@{host}:{port}" if local else f"reverse:http://127.0.0.1:{pipe_port}@{host}:{port}"
 
 
 class EngineGuard:
@@ -40,8 +41,8 @@ class EngineGuard:
     must be the dispatcher's pipe, so a flow that escaped the addons reaches nothing but a refusal.
     """
 
-    def __init__(self, pipe_port: int):
-        self.pipe_target = f"reverse:http://127.0.0.1:{pipe_port}@"
+    def __init__(self, pipe_port: int, local: bool = False):
+        self.pipe_target = "regular@" if local else f"reverse:http://127.0.0.1:{pipe_port}@"
 
     def configure(self, updated):
         options = ctx.options

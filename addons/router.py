@@ -1,10 +1,13 @@
 """Decides what a request is, before anything else looks at it: a known route, or a rejection."""
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
 from addons import routes
-from addons.apierrors import api_of_path, error_response, fail_closed
+from addons.apierrors import ANTHROPIC, OPENAI, api_of_path, error_response, fail_closed
+
+API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 
 _CORS_ALLOWED_HEADERS = b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta"
 
@@ -19,8 +22,14 @@ class Router:
         loader.add_option(
             "max_request_body", str, "4m", "Largest request body accepted (k, m, g suffixes); larger ones get 413."
         )
+        loader.add_option(
+            "local_other_hosts", str, "pass",
+            "./run.sh local: pass (untouched) or block requests to hosts other than the two APIs.",
+        )  # fmt: skip
 
     def configure(self, updated):
+        if "local_other_hosts" in updated and ctx.options.local_other_hosts not in ("pass", "block"):
+            raise exceptions.OptionsError("LOCAL_OTHER_HOSTS must be pass or block.")
         if "max_request_body" in updated:
             try:
                 self.max_request_body = human.parse_size(ctx.options.max_request_body) or 0
@@ -40,8 +49,18 @@ class Router:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         raw_target = request.data.path
-        api = api_of_path(raw_target)
         meta = flow.metadata.setdefault("llmproxy", {})
+        if isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode):  # ./run.sh local
+            host_api = API_HOSTS.get(request.pretty_host)
+            if host_api is None:
+                if ctx.options.local_other_hosts == "block":
+                    meta["decision"] = "blocked_host"
+                    flow.response = error_response(OPENAI, 403, "This proxy only lets the LLM APIs through.", "host_blocked")
+                else:
+                    meta["passthrough"] = True  # not an API: not ours to touch
+                return
+            raw_target = f"/proxy/{host_api}".encode() + raw_target  # the API's own path, as under our prefix
+        api = api_of_path(raw_target)
         if self._too_large(request.headers.get("content-length", "0")):
             meta["decision"] = "too_large"
             flow.response = self._too_large_response(api)
