@@ -2,6 +2,7 @@
 
     python -m addons.proxy dump [mitmdump args]
     python -m addons.proxy web  [mitmweb args]
+    python -m addons.proxy local [web] [args]   (a forward proxy for apps with a hard-coded API URL)
 
 mitmproxy's `-s script` loading fails open (a script that breaks, or an option value it rejects, leaves
 mitmproxy forwarding without it), so the addons are part of the master here and a failure stops the process.
@@ -130,10 +131,13 @@ def with_addons(base: type, local: bool = False) -> type:
 def run(argv: list[str]) -> None:
     sys.argv[0] = PROGRAM  # mitmproxy prefixes its own option errors with it
     ui, args = (argv[0], argv[1:]) if argv and argv[0] in ("dump", "web", "local") else ("dump", argv)
+    local = ui == "local"
+    if local:  # `local web`: the forward proxy under mitmweb
+        ui, args = ("web", args[1:]) if args[:1] == ["web"] else ("dump", args)
     if ui == "web":
-        main.run(with_addons(WebMaster), cmdline.mitmweb, args)
+        main.run(with_addons(WebMaster, local), cmdline.mitmweb, args)
     else:
-        main.run(with_addons(DumpMaster, local=ui == "local"), cmdline.mitmdump, args)
+        main.run(with_addons(DumpMaster, local), cmdline.mitmdump, args)
 
 
 if __name__ == "__main__":

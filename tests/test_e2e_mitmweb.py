@@ -63,3 +63,14 @@ def test_the_flow_list_stays_bounded(mitmweb):
         for _ in range(120):
             client.get("/health")
     assert len(api.get("/flows").json()) <= 41
+
+
+def test_flow_files_written_with_w_hold_no_secret(fake, tmp_path):
+    dump = tmp_path / "flows.mitm"
+    with ProxyProcess(proxy_env(fake, GATEKEEPER="proxy_key", PROXY_KEY=PROXY_KEY), args=["-w", str(dump)]) as proxy:
+        auth = {"authorization": f"Bearer {PROXY_KEY}", "cookie": f"session={PROXY_KEY}"}
+        for content in ("hi", "#fake:status=400 #fake:echo_key=1"):
+            httpx.post(f"{proxy.url}{CHAT}", headers=auth, json={"model": "gpt-4o", "messages": [
+                {"role": "user", "content": content}]})  # fmt: skip
+    data = dump.read_bytes()
+    assert b"chat/completions" in data and CANARY.encode() not in data
