@@ -9,6 +9,8 @@ import collections
 
 from mitmproxy import ctx, http
 
+from addons.gatekeeper import identity_digest
+
 MARKERS = {"served": ":white_check_mark:", "local": ":information_source:", "preflight": ":information_source:"}
 REFUSED = ":no_entry:"
 FAILED = ":warning:"  # the upstream failed, or the client left
@@ -38,8 +40,10 @@ class FlowNotes:
         if status is None:
             decision = "client_left"
         parts = [decision.replace("_", " ")]
-        if user := meta.get("user"):
-            parts.append(f"user {user}")
+        if meta.get("user"):
+            parts.append(f"user {meta.get('nickname') or meta['user']}")
+        elif identity := meta.get("identity"):
+            parts.append(f"client {identity_digest(identity)}")
         for name in ("family", "model"):
             if meta.get(name):
                 parts.append(str(meta[name]))

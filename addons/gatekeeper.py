@@ -5,6 +5,7 @@ The client presents its token the way its SDK already does: `Authorization: Bear
 blank token never matches anything.
 """
 
+import hashlib
 import hmac
 import time
 
@@ -20,6 +21,11 @@ GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
 def secret_matches(presented: str, secret: str) -> bool:
     """Constant-time comparison in which an empty secret or token never matches."""
     return bool(presented.strip()) and bool(secret) and hmac.compare_digest(presented.encode(), secret.encode())
+
+
+def identity_digest(identity: str) -> str:
+    """An identity (user id or client address) as logs, metrics and mitmweb may show it: a short, stable hash."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def client_ip(flow: http.HTTPFlow) -> str:
@@ -102,7 +108,7 @@ class Gatekeeper:
                 message = "Forbidden: IP address limit exceeded." if visit == "banned" else \
                     "Forbidden: no more IP addresses allowed for this user token."  # fmt: skip
                 return self._refuse(flow, api, 403, message, "ip_limit")
-        meta.update(identity=f"user:{user['id']}", user=user["id"], user_type=user["type"])
+        meta.update(identity=f"user:{user['id']}", user=user["id"], user_type=user["type"], nickname=user["nickname"])
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, api: str, status: int, message: str, code: str) -> None:

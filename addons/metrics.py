@@ -5,7 +5,6 @@ streamed byte; time spent queued; retries. Tokens are counted when a request is 
 key states are read at scrape time. No label ever holds a key, a token, an address or prompt text.
 """
 
-import hashlib
 import json
 import logging
 
@@ -15,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
-from addons.gatekeeper import secret_matches
+from addons.gatekeeper import identity_digest, secret_matches
 from addons.headers import client_token
 from addons.usage import Usage
 
@@ -98,13 +97,8 @@ class Metrics:
         if route in ("health", "metrics"):
             return
         logger.info(json.dumps({
-            "route": route, "status": status, "decision": meta.get("decision"), "identity": _hashed(meta),
+            "route": route, "status": status, "decision": meta.get("decision"), "identity": identity_digest(meta["identity"]) if meta.get("identity") else None,
             "family": family or None, "model": meta.get("model"), "keys": meta.get("keys", []),
             "usage": meta.get("usage"), "queueMs": meta.get("queue_ms"), "upstreamMs": meta.get("upstream_ms"),
         }))  # fmt: skip
 
-
-def _hashed(meta: dict) -> str | None:
-    """The identity without the address or user id in clear: a short, stable hash."""
-    identity = meta.get("identity")
-    return hashlib.sha256(identity.encode()).hexdigest()[:12] if identity else None

@@ -5,7 +5,6 @@ completion (a stream's text put back together), and the tokens. Never a key or a
 (JSON lines, rotated by size) or `sqlite`.
 """
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -15,6 +14,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import human
 
 from addons.body import parsed_body
+from addons.gatekeeper import identity_digest
 from addons.usage import Usage
 
 BACKENDS = ("file", "sqlite")
@@ -58,7 +58,7 @@ class PromptLog:
             "endpoint": meta["route"],
             "model": meta.get("model"),
             "family": meta.get("family"),
-            "user": hashlib.sha256(meta.get("identity", "").encode()).hexdigest()[:16],
+            "user": identity_digest(meta.get("identity", "")),
             "prompt": prompt,
             "completion": completion,
             "inputTokens": usage.input,
