@@ -381,6 +381,18 @@ class RedisStore:
             pipe.zcard(self._key("active"))
             return pipe.execute()[1]
 
+    def record_wait(self, family: str, seconds: float) -> None:
+        """Notes how long a request of the family waited, for every instance's estimated wait."""
+        now = time.time()
+        self.redis.zadd(self._key("waits", family), {f"{seconds:.3f}:{secrets.token_hex(4)}": now})
+
+    def recent_waits(self, family: str, window: float) -> list[float]:
+        """The waits of the family's requests dispatched in the last `window` seconds, on any instance."""
+        with self.redis.pipeline() as pipe:
+            pipe.zremrangebyscore(self._key("waits", family), "-inf", time.time() - window)
+            pipe.zrange(self._key("waits", family), 0, -1)
+            return [float(member.split(":")[0]) for member in pipe.execute()[1]]
+
     def enter(self, identity: str, limit: int) -> bool:
         """Counts a request in flight for `identity` unless it already has `limit` (0: no limit); the count
         lapses after IN_FLIGHT_SECONDS if `leave` never comes."""

@@ -115,6 +115,7 @@ class SQLiteStore:
         self._windows: dict[str, deque] = {}
         self._in_flight: dict[str, int] = {}
         self._rests: dict[tuple[str, str], float] = {}
+        self._waits: dict[str, deque] = {}
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -311,6 +312,17 @@ class SQLiteStore:
         for identity in [i for i, hits in self._windows.items() if not hits or hits[-1] <= cutoff]:
             del self._windows[identity]
         return len(self._windows)
+
+    def record_wait(self, family: str, seconds: float) -> None:
+        """Notes how long a request of the family waited for a key, for the estimated wait."""
+        self._waits.setdefault(family, deque()).append((time.time(), seconds))
+
+    def recent_waits(self, family: str, window: float) -> list[float]:
+        """The waits of the family's requests dispatched in the last `window` seconds."""
+        waits = self._waits.get(family, deque())
+        while waits and waits[0][0] < time.time() - window:
+            waits.popleft()
+        return [seconds for _, seconds in waits]
 
     def enter(self, identity: str, limit: int) -> bool:
         """Counts a request in flight for `identity` unless it already has `limit` (0: no limit)."""

@@ -41,7 +41,6 @@ class FamilyQueue:
     """Waiters of one family, grouped by identity; identities take turns in `fair` mode."""
 
     by_identity: "OrderedDict[str, deque[Waiter]]" = field(default_factory=OrderedDict)
-    waits: deque = field(default_factory=deque)  # (finished at, seconds waited) of recent dispatches
     timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -151,7 +150,7 @@ class WaitQueue:
                 raise
             raise QueueRefusal(503, "queue_timeout", f"No key for {family} models became free within "
                                f"{ctx.options.queue_timeout} s; try again later.") from None  # fmt: skip
-        queue.waits.append((time.time(), time.time() - arrived))
+        ctx.master.addons.get("storage").store.record_wait(family, time.time() - arrived)
         return key
 
     def _pump_all(self) -> None:
@@ -177,10 +176,8 @@ class WaitQueue:
     def estimated_wait(self, api: str, family: str) -> float:
         """Seconds a request arriving now may wait: recent waits, or the time until a key frees."""
         queue = self.queue(api, family)
-        now = time.time()
-        while queue.waits and queue.waits[0][0] < now - WAIT_HISTORY_SECONDS:
-            queue.waits.popleft()
-        recent = sum(waited for _, waited in queue.waits) / len(queue.waits) if queue.waits else 0.0
+        waits = ctx.master.addons.get("storage").store.recent_waits(family, WAIT_HISTORY_SECONDS)
+        recent = sum(waits) / len(waits) if waits else 0.0
         if not len(queue):
             return recent
         rest = ctx.master.addons.get("keypool").seconds_until_free(api, family) or 0.0

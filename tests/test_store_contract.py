@@ -285,6 +285,16 @@ def test_active_identities(store):
     assert store.active_identities(0.05) == 1
 
 
+def test_recent_waits(store, monkeypatch):
+    store.record_wait("gpt4o", 2.5)
+    store.record_wait("gpt4o", 4.0)
+    store.record_wait("gpt4", 9.0)
+    assert sorted(store.recent_waits("gpt4o", 300)) == [2.5, 4.0]
+    later = time.time() + 301
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert store.recent_waits("gpt4o", 300) == [] and store.recent_waits("claude", 300) == []
+
+
 def test_enter_and_leave(store):
     assert store.enter("user:a", 2) and store.enter("user:a", 2)
     assert not store.enter("user:a", 2)
