@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import pytest
 import yaml
 from mitmproxy import http
+from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
 from multidict import CIMultiDict
 
@@ -143,6 +144,7 @@ async def test_a_failing_hook_answers_500_and_sends_nothing():
     with taddons.context(router, Exploding({"openai_key": ["sk-x"]}), dispatcher) as tctx:
         tctx.configure(router, max_request_body="4m")
         flow = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/proxy/openai/v1/chat/completions", authority=b""))
+        flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse("reverse:http://127.0.0.1:1")
         await router.requestheaders(flow)
         await dispatcher.request(flow)
     assert flow.response.status_code == 500
