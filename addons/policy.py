@@ -185,29 +185,34 @@ class RequestPolicy:
         meta = flow.metadata["llmproxy"]
         body = parsed_body(flow)
         try:
-            await self._apply(route.name, route.api, meta, body)
+            changed = await self._apply(route.name, route.api, meta, body)
         except PolicyError as refusal:
             meta["decision"] = "filtered" if refusal.code == "content_rejected" else "invalid_request"
             flow.response = error_response(route.dialect, 400, str(refusal), refusal.code)
             return
-        flow.request.content = json.dumps(body).encode()
+        if changed:  # a large body is serialised again only when the policy altered it
+            flow.request.content = json.dumps(body).encode()
 
-    async def _apply(self, route: str, api: str, meta: dict, body: dict) -> None:
-        """Validates and normalises `body` in place; raises PolicyError."""
+    async def _apply(self, route: str, api: str, meta: dict, body: dict) -> bool:
+        """Validates and normalises `body` in place; returns whether it changed; raises PolicyError."""
+        changed = False
         for field in REDIRECTING_FIELDS:
-            body.pop(field, None)
+            if field in body:
+                del body[field]
+                changed = True
         validate(route, body)
         if body.get("n", 1) > 1 and not ctx.options.allow_multiple_completions:
             raise PolicyError("This proxy answers one completion per request ('n' must be 1).", "n_not_allowed")
         self._filter(prompt_texts(body))
         if route not in _OUTPUT_FIELD:
-            return
+            return changed
         field = _OUTPUT_FIELD[route]
         if route == "openai.chat_completions" and "max_tokens" in body and "max_completion_tokens" not in body:
             field = "max_tokens"  # the older name, still accepted; the cap applies to whichever is sent
         cap = ctx.options.max_output_tokens_anthropic if api == ANTHROPIC else ctx.options.max_output_tokens_openai
         if cap and (body.get(field) is None or body[field] > cap):
             body[field] = cap
+            changed = True
         texts = prompt_texts(body)
         count = lambda: tokens.count_prompt(api, meta["model"], body)  # noqa: E731
         if sum(map(len, texts)) > INLINE_COUNT_LIMIT:
@@ -224,6 +229,7 @@ class RequestPolicy:
                 f"This request needs {prompt} prompt + {output} output = {prompt + output} tokens, more than the "
                 f"{min(limits)} allowed for {meta['model']} here.", "context_length_exceeded",
             )  # fmt: skip
+        return changed
 
     def _filter(self, texts: list[str]) -> None:
         for text in texts:
