@@ -85,29 +85,21 @@ def fail_closed(hook):
             return await hook(self, flow)
         except StoreUnavailable as error:
             logger.warning("%s.%s: %s", type(self).__name__, hook.__name__, error)
-            if flow.live and not (flow.response and flow.response.stream):
-                flow.response = error_response(
-                    api_of_path(flow.request.data.path), 503,
-                    "The proxy's shared store is unavailable; try again shortly.", "store_unavailable",
-                    {"retry-after": "5"},
-                )  # fmt: skip
-            flow.metadata.setdefault("llmproxy", {})["decision"] = "store_unavailable"
+            message = "The proxy's shared store is unavailable; try again shortly."
+            _end_flow(flow, 503, message, "store_unavailable", {"retry-after": "5"})
         except Exception as error:
-            logger.error(
-                "%s.%s failed on %s: %s: %s",
-                type(self).__name__,
-                hook.__name__,
-                flow.id,
-                type(error).__name__,
-                scrub.text(str(error)),
-            )
-            if flow.live and not (flow.response and flow.response.stream):
-                flow.response = error_response(
-                    api_of_path(flow.request.data.path),
-                    500,
-                    "The proxy hit an internal error while handling this request; it was not sent upstream.",
-                    "proxy_internal_error",
-                )
-            flow.metadata.setdefault("llmproxy", {})["decision"] = "internal_error"
+            name = f"{type(self).__name__}.{hook.__name__}"
+            logger.error("%s failed on %s: %s: %s", name, flow.id, type(error).__name__, scrub.text(str(error)))
+            message = "The proxy hit an internal error while handling this request; it was not sent upstream."
+            _end_flow(flow, 500, message, "proxy_internal_error")
 
     return guarded
+
+
+def _end_flow(flow: http.HTTPFlow, status: int, message: str, code: str, headers: dict | None = None) -> None:
+    """Answers the flow with an error in its client's API format, unless its answer is already streaming."""
+    meta = flow.metadata.setdefault("llmproxy", {})
+    if flow.live and not (flow.response and flow.response.stream):
+        dialect = meta.get("dialect") or api_of_path(flow.request.data.path)
+        flow.response = error_response(dialect, status, message, code, headers)
+    meta["decision"] = code.removeprefix("proxy_")

@@ -198,8 +198,8 @@ class Dispatcher:
         else:
             flow.response = http.Response.make(answer.status, answer.body, answer.headers)
             flow.request.url = meta["upstream_url"]  # only shown: with a response set, mitmproxy connects nowhere
-            billed = usage.from_json(answer.body) if answer.status < 400 else None
-            ctx.master.addons.get("quotakeeper").settle(flow, billed, usage.completion_text(answer.body))
+            billed, text = usage.read_answer(answer.body) if answer.status < 400 else (None, "")
+            ctx.master.addons.get("quotakeeper").settle(flow, billed, text)
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -423,7 +423,8 @@ class Dispatcher:
                     await response.write(sse_error_event(piped.route.dialect, 502, message, "upstream_broken"))
                     break
                 passed = meter.feed(chunk) if chunk else meter.flush()
-                meta.setdefault("first_byte_ms", round((time.time() - piped.flow.request.timestamp_start) * 1000))
+                if "first_byte_ms" not in meta:
+                    meta["first_byte_ms"] = round((time.time() - piped.flow.request.timestamp_start) * 1000)
                 await response.write(translator.feed(passed) if translator else passed)
                 if not chunk:
                     complete = True

@@ -193,13 +193,18 @@ class KeyPool:
         self._listeners: list[Callable[[], None]] = []
 
     def running(self):
-        for key in self.all_keys():
-            key.state = self._persisted_state(key)
+        self._load_health(self.all_keys())
 
-    @staticmethod
-    def _persisted_state(key: PoolKey) -> str:
+    def _load_health(self, keys: Iterable[PoolKey]) -> None:
+        """Takes each key's state from the store; tells the listeners when a key came back."""
         health = store.key_health() if (store := _store()) else {}
-        return health[key.id].state if key.id in health else ACTIVE
+        came_back = False
+        for key in keys:
+            was_active = key.state == ACTIVE
+            key.state = health[key.id].state if key.id in health else ACTIVE
+            came_back |= key.state == ACTIVE and not was_active
+        if came_back:
+            self._changed()
 
     def all_keys(self) -> Iterable[PoolKey]:
         return (key for keys in self.keys.values() for key in keys)
@@ -222,17 +227,13 @@ class KeyPool:
         storage = ctx.master.addons.get("storage")
         if not (storage and storage.shared):
             return
-        health, rests = storage.store.key_health(), storage.store.key_rests()
-        for key in self.all_keys():
-            was_active = key.state == ACTIVE
-            key.state = health[key.id].state if key.id in health else ACTIVE
-            if key.state == ACTIVE and not was_active:
-                self._changed()
+        self._load_health(self.all_keys())
+        rests = storage.store.key_rests()
+        by_id = {key.id: key for key in self.all_keys()}
         for (key_id, family), until in rests.items():
-            for key in self.all_keys():
-                if key.id == key_id and until > key.cooldown_until.get(family, 0):
-                    key.cooldown_until[family] = until
-                    key.probing.add(family)
+            if (key := by_id.get(key_id)) and until > key.cooldown_until.get(family, 0):
+                key.cooldown_until[family] = until
+                key.probing.add(family)
 
     def choose(self, api: str, family: str, exclude: Iterable[PoolKey] = ()) -> PoolKey | None:
         """The free key with the most headroom (least recently used among equals), now counted in flight."""
@@ -290,7 +291,7 @@ class KeyPool:
         for organization in organizations:
             if (key.secret, organization) not in known:
                 clone = PoolKey(key.api, key.secret, organization)
-                clone.state = self._persisted_state(clone)
+                self._load_health([clone])
                 self.keys[key.api].append(clone)
                 logger.info("key %s has organisation entry %s", key.id, clone.id)
         self._changed()

@@ -79,6 +79,8 @@ class Router:
         match = routes.lookup(request.data.method, raw_target)
         if match.route is not None:
             meta["route"] = match.route.name
+            if match.route.dialect:
+                meta["dialect"] = match.route.dialect  # the error format of everything that follows
             return
         meta["decision"] = "blocked_path"
         if request.data.method == b"GET" and raw_target.startswith(b"/proxy/") and self._is_browser(request):

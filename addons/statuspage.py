@@ -62,7 +62,7 @@ class StatusPage:
         self.started = time.time()
         self.build = ""
         self.template = ""
-        self._cached: tuple[float, dict] | None = None
+        self._cached: tuple[float, dict, dict] | None = None
 
     def load(self, loader):
         loader.add_option("server_title", str, "LLM key-sharing proxy", "Title of the status page.")
@@ -100,11 +100,12 @@ class StatusPage:
         """Everything the page shows. Public by design: never a key, a token or an address of a user."""
         now = time.time()
         if self._cached is None or now - self._cached[0] > FACTS_CACHE_SECONDS:
-            self._cached = (now, self._gather())
+            self._cached = (now, *self._gather())
         base = self._base_url(request)
         return {**self._cached[1], "endpoints": {api: f"{base}/proxy/{api}/v1" for api in (OPENAI, ANTHROPIC)}}
 
-    def _gather(self) -> dict:
+    def _gather(self) -> tuple[dict, dict]:
+        """(the page's facts, what only a PAGE_BODY template needs: every family and the users), cached together."""
         pool = ctx.master.addons.get("keypool")
         served = ctx.master.addons.get("dispatcher").served
         store = ctx.master.addons.get("storage").store
@@ -123,30 +124,33 @@ class StatusPage:
         }
         for api in (OPENAI, ANTHROPIC):
             facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
-        facts["families"] = self.family_facts()
+        every_family, with_keys = self.family_facts()
+        facts["families"] = {family: every_family[family] for family in with_keys}
         facts["config"] = self.public_config()
-        return facts
+        template_only = {"families": every_family, "users": store.list_users() if self.template else []}
+        return facts, template_only
 
     @staticmethod
-    def family_facts(every_family: bool = False) -> dict:
-        """Per model family (with keys, or all): key states, requests waiting, and the estimated wait."""
+    def family_facts() -> tuple[dict, list[str]]:
+        """Per model family: key states, requests waiting and the estimated wait; and the families with keys."""
         pool, queue = ctx.master.addons.get("keypool"), ctx.master.addons.get("waitqueue")
         families = ctx.master.addons.get("modelfamilies")
-        facts = {}
+        facts, with_keys = {}, []
         for api in (OPENAI, ANTHROPIC):
             for family in families.all_families(api):
                 keys = pool.counts(api, family)
-                if not keys["total"] and not every_family:
-                    continue
+                wait = queue.estimated_wait(api, family)
+                if keys["total"]:
+                    with_keys.append(family)
                 facts[family] = {
                     "activeKeys": keys["active"],
                     "revokedKeys": keys["revoked"],
                     "overQuotaKeys": keys["overQuota"],
                     "proomptersInQueue": len(queue.queue(api, family)),
-                    "estimatedQueueTime": format_wait(queue.estimated_wait(api, family)),
-                    "estimatedQueueSeconds": round(queue.estimated_wait(api, family)),
+                    "estimatedQueueTime": format_wait(wait),
+                    "estimatedQueueSeconds": round(wait),
                 }
-        return facts
+        return facts, with_keys
 
     @staticmethod
     def public_config() -> dict:
@@ -174,14 +178,15 @@ class StatusPage:
         values.update({f"endpoints:{api}": url for api, url in facts["endpoints"].items()})
         values.update({f"config:{name}": value for name, value in facts["config"].items()})
         values["config:page_body"] = template
-        families = self.family_facts(every_family=True)
+        template_only = self._cached[2]
+        families = dict(template_only["families"])
         for tag, members in _TAG_ALIASES.items():
             group = [families[m] for m in members if m in families]
             families[tag] = {field: sum(f[field] for f in group) for field in _FAMILY_FIELDS[:4]}
             families[tag]["estimatedQueueTime"] = format_wait(max((f["estimatedQueueSeconds"] for f in group), default=0))
         values.update({f"{family}:{field}": str(figures[field]) for family, figures in families.items()
                        for field in _FAMILY_FIELDS})  # fmt: skip
-        users = ctx.master.addons.get("storage").store.list_users()
+        users = template_only["users"]
         values["user:data"] = json.dumps([{"nickname": u["nickname"], "type": u["type"], "promptCount": u["prompt_count"],
                                            "createdAt": u["created_at"], "lastUsedAt": u["last_used_at"]} for u in users])  # fmt: skip
         values["user:aliases"] = json.dumps([u["nickname"] for u in users if u["nickname"]])

@@ -35,31 +35,22 @@ def _from_usage_object(usage: dict) -> Usage | None:
     return None
 
 
-def from_json(body: bytes) -> Usage | None:
-    """The usage of a buffered answer, or None when it reports none."""
+def read_answer(body: bytes) -> tuple[Usage | None, str]:
+    """A buffered answer's reported usage (None when it reports none) and its generated text, parsed once."""
     try:
         data = json.loads(body)
     except ValueError:
-        return None
-    return _from_usage_object(data.get("usage")) if isinstance(data, dict) else None
-
-
-def completion_text(body: bytes) -> str:
-    """The generated text of a buffered answer of either API (chat, completions, responses, messages)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return ""
+        return None, ""
     if not isinstance(data, dict):
-        return ""
+        return None, ""
     parts = []
-    for choice in data.get("choices") or []:
+    for choice in data.get("choices") or []:  # chat completions, completions
         parts.append(choice.get("text") or (choice.get("message") or {}).get("content") or "")
-    for item in data.get("output") or []:
+    for item in data.get("output") or []:  # Responses API
         parts.extend(c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict))
-    parts.extend(block.get("text", "") for block in data.get("content") or [] if isinstance(block, dict))
-    parts.append(data.get("completion") or "")
-    return "".join(part for part in parts if isinstance(part, str))
+    parts.extend(block.get("text", "") for block in data.get("content") or [] if isinstance(block, dict))  # Claude
+    parts.append(data.get("completion") or "")  # Claude text completions
+    return _from_usage_object(data.get("usage")), "".join(part for part in parts if isinstance(part, str))
 
 
 class StreamMeter:
