@@ -21,6 +21,12 @@ How a request is answered is decided by, in order of precedence:
    ``stall_ms=N``          when streaming, stall this long after the first content chunk
    ``reset_after=N``       when streaming, drop the connection after N content chunks
    ``body_bytes=N``        the answer's text is N bytes long
+   ``tool=NAME``           answer with a call to tool NAME (arguments from ``TOOL_INPUTS``) unless the
+                           last turn already carries a tool result; Responses calls are ``custom_tool_call``
+                           when the request defines NAME as a ``custom`` tool, else ``function_call``
+   ``redacted_thinking=1`` (Anthropic, with thinking on) add a ``redacted_thinking`` block
+   ``server_tool=1``       (Anthropic) a ``web_search`` server tool use and its result before the text
+   ``end=KIND``            (Responses) end ``incomplete`` (as at max_output_tokens) or ``failed``
 
 2. A per-key override: ``PUT /_fake/keys/{key}`` with ``{"behaviour": B, ...params}``,
    B one of ok, slow, rate_limit_for (param ``seconds``) or an error KIND above;
@@ -31,6 +37,16 @@ How a request is answered is decided by, in order of precedence:
 
 3. Markers in the key: ``-429`` rate limit, ``-401`` invalid key, ``-quota`` out of
    quota/credit, ``-500`` server error, ``-slow`` 300 ms delay; anything else is ok.
+
+The answer also follows the request as the real APIs do: Anthropic ``thinking`` (``enabled``,
+validated like the API, or ``adaptive``) starts it with a signed thinking block, and a Responses
+``reasoning`` object with a reasoning item (carrying ``encrypted_content`` when ``include`` asks for
+``reasoning.encrypted_content``). Unknown fields, roles and block types are answered normally: the
+fake must never be stricter than the proxy under test.
+
+Besides the usual OpenAI and Anthropic routes it answers ``POST /v1/responses/compact`` (Codex's
+remote compaction) and ``POST /v1/responses/input_tokens``; any other route, a websocket upgrade
+included, is recorded and answered 404.
 
 Run standalone with ``python -m tests.fakeupstream --port 0``.
 """
@@ -43,6 +59,7 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import struct
@@ -71,6 +88,16 @@ TEXT_KEYS = ("messages", "content", "text", "system", "prompt", "input", "instru
 OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "text-embedding-3-small")
 ANTHROPIC_MODELS = (("claude-sonnet-4-5", "Claude Sonnet 4.5"), ("claude-haiku-4-5", "Claude Haiku 4.5"),
                     ("claude-opus-4-1", "Claude Opus 4.1"))
+# What ``#fake:tool=NAME`` calls its tool with; a string is a freeform (``custom``) tool's input.
+TOOL_INPUTS: dict[str, Any] = {"Bash": {"command": "echo fake-tool-ran", "description": "Print a marker"},
+                               "exec": 'text("fake-tool-ran")', "get_weather": {"city": "Paris"}}
+THINKING = "Let me think about that."
+REASONING_TOKENS = 16
+ENDINGS = ("completed", "incomplete", "failed")
+BUDGET_TOO_SMALL = "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+BUDGET_TOO_BIG = ("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+                  "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+                  "#max-tokens-and-context-window-size")
 
 
 @dataclass
@@ -103,6 +130,10 @@ class Behaviour:
     stall_ms: int = 0
     reset_after: int | None = None
     body_bytes: int | None = None
+    tool: str | None = None
+    redacted_thinking: bool = False
+    server_tool: bool = False
+    end: str = "completed"
 
     def apply(self, name: str, value: Any) -> None:
         """Set one parameter from a directive or override; bad names or values are ignored."""
@@ -115,8 +146,13 @@ class Behaviour:
                 self.status = None if status < 400 else status
                 self.error = None if status < 400 else STATUS_KINDS.get(
                     status, "server_error" if status >= 500 else "bad_request")
-            elif name == "echo_key":
-                self.echo_key = str(value).lower() in ("1", "true", "yes")
+            elif name in ("echo_key", "redacted_thinking", "server_tool"):
+                setattr(self, name, str(value).lower() in ("1", "true", "yes"))
+            elif name == "tool":
+                self.tool = str(value) or None
+            elif name == "end":
+                if value in ENDINGS:
+                    self.end = value
             elif name in ("retry_after", "delay_ms", "events", "interval_ms", "stall_ms",
                           "reset_after", "body_bytes"):
                 setattr(self, name, max(0, int(value)))
@@ -160,19 +196,68 @@ class Call:
             text += " " + text
         return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
 
+    def pieces(self, text: str) -> list[str]:
+        """``text`` (tool input, thinking) split into ``events`` pieces, at least two: clients must join them."""
+        n = min(max(2, self.behaviour.events), len(text))
+        return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
+
+    def tool_call(self, has_result: bool) -> str | None:
+        """The tool to call, if ``#fake:tool`` asks for one and the turn has no tool result yet."""
+        return None if has_result else self.behaviour.tool
+
 
 Event = tuple[str | None, Any, bool]  # (SSE event name, data, is a content chunk)
 
 
 def _texts(value: Any) -> list[str]:
-    """All prompt strings in a request payload (messages, parts, system, prompt, input)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [t for item in value for t in _texts(item)]
-    if isinstance(value, dict):
-        return [t for k in TEXT_KEYS if k in value for t in _texts(value[k])]
-    return []
+    """All prompt strings in a request payload (messages, parts, system, prompt, input).
+
+    Walked with a stack, not recursion: any JSON shape, however deep, must be countable.
+    """
+    found, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed([item[k] for k in TEXT_KEYS if k in item]))
+    return found
+
+
+def _dict(value: Any) -> dict:
+    """``value`` if it is an object, else empty: odd shapes of known fields must not crash the fake."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _opaque(size: int = 192) -> str:
+    """A base64 blob like the APIs' signatures and encrypted contents."""
+    return base64.b64encode(os.urandom(size)).decode()
+
+
+def _tool_input(name: str) -> dict:
+    """A tool's input as a JSON object (a freeform tool's string is wrapped, objects are what APIs take)."""
+    value = TOOL_INPUTS.get(name, {})
+    return value if isinstance(value, dict) else {"input": value}
+
+
+def _find_tool(tools: Any, name: str) -> tuple[str, str | None] | None:
+    """Type and namespace of the Responses tool definition called ``name``, looking inside namespaces."""
+    pending: list[tuple[Any, str | None]] = [(tool, None) for tool in _list(tools)]
+    while pending:
+        tool, namespace = pending.pop(0)
+        if not isinstance(tool, dict):
+            continue
+        if tool.get("type") == "namespace":
+            pending += [(inner, str(tool.get("name"))) for inner in _list(tool.get("tools"))]
+        elif tool.get("name") == name:
+            return str(tool.get("type")), namespace
+    return None
 
 
 def _words(text: str) -> int:
@@ -199,6 +284,83 @@ def _mask(key: str) -> str:
     return f"{key[:3]}...{key[-4:]}" if len(key) > 8 else "***"
 
 
+def _response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict:
+    """A Responses API usage object."""
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def _response_message(call: Call, index: int, status: str) -> tuple[dict, str, list[tuple[str, dict, bool]]]:
+    """A Responses message output item, its text, and its stream events (named, unnumbered)."""
+    text, item_id = call.reply(), _id("msg_", 32)
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    item = {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": [part]}
+    where = {"item_id": item_id, "output_index": index, "content_index": 0}
+    steps = [("response.output_item.added", {"output_index": index, "item": item | {
+                 "status": "in_progress", "content": []}}, False),
+             ("response.content_part.added", where | {"part": part | {"text": ""}}, False)]
+    steps += [("response.output_text.delta", where | {"delta": p, "logprobs": []}, True) for p in call.chunks()]
+    steps += [("response.output_text.done", where | {"text": text, "logprobs": []}, False),
+              ("response.content_part.done", where | {"part": part}, False),
+              ("response.output_item.done", {"output_index": index, "item": item}, False)]
+    return item, text, steps
+
+
+def _response_tool_call(call: Call, name: str, definition: tuple[str, str | None] | None, index: int,
+                        status: str) -> tuple[dict, str, list[tuple[str, dict, bool]]]:
+    """A Responses ``custom_tool_call`` (for a ``custom`` tool) or ``function_call`` item, its input, and
+    its stream events."""
+    kind, namespace = definition or ("function", None)
+    if kind == "custom":  # freeform input: a plain string, streamed as such
+        value = TOOL_INPUTS.get(name, {})
+        text = value if isinstance(value, str) else json.dumps(value)
+        item = {"type": "custom_tool_call", "id": _id("ctc_", 48), "call_id": _id("call_"), "name": name,
+                "input": text, "status": status}
+        field, event = "input", "response.custom_tool_call_input"
+    else:
+        text = json.dumps(_tool_input(name))
+        item = {"type": "function_call", "id": _id("fc_", 48), "call_id": _id("call_"), "name": name,
+                "arguments": text, "status": status}
+        field, event = "arguments", "response.function_call_arguments"
+    if namespace is not None:
+        item["namespace"] = namespace
+    where = {"item_id": item["id"], "output_index": index}
+    steps = [("response.output_item.added", {"output_index": index, "item": item | {
+        field: "", "status": "in_progress"}}, False)]
+    steps += [(f"{event}.delta", where | {"delta": p}, True) for p in call.pieces(text)]
+    steps += [(f"{event}.done", where | {field: text}, False),
+              ("response.output_item.done", {"output_index": index, "item": item}, False)]
+    return item, text, steps
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _block_events(call: Call, index: int, block: dict) -> list[tuple[str, dict, bool]]:
+    """One Messages content block streamed the way the API streams its kind."""
+    def delta(body: dict, is_content: bool = True) -> tuple[str, dict, bool]:
+        return "content_block_delta", {"index": index, "delta": body}, is_content
+
+    kind, deltas = block["type"], []
+    opening = block
+    if kind == "text":
+        opening = block | {"text": ""}
+        deltas = [delta({"type": "text_delta", "text": p}) for p in call.chunks()]
+    elif kind == "thinking":
+        opening = block | {"thinking": "", "signature": ""}
+        deltas = [delta({"type": "thinking_delta", "thinking": p}) for p in call.pieces(block["thinking"])]
+        deltas.append(delta({"type": "signature_delta", "signature": block["signature"]}, False))
+    elif kind in ("tool_use", "server_tool_use"):
+        opening = block | {"input": {}}
+        deltas = [delta({"type": "input_json_delta", "partial_json": p})
+                  for p in call.pieces(json.dumps(block["input"]))]
+    # Anything else (redacted thinking, a server tool's result) arrives whole in its content_block_start.
+    return [("content_block_start", {"index": index, "content_block": opening}, False), *deltas,
+            ("content_block_stop", {"index": index}, False)]
+
+
 class FakeUpstream:
     """The fake server; ``start()`` it on a loop, or use ``start_in_thread()``."""
 
@@ -214,6 +376,8 @@ class FakeUpstream:
             ("POST", "/v1/chat/completions"): ("openai", self._chat),
             ("POST", "/v1/completions"): ("openai", self._completions),
             ("POST", "/v1/responses"): ("openai", self._responses),
+            ("POST", "/v1/responses/compact"): ("openai", self._compact),
+            ("POST", "/v1/responses/input_tokens"): ("openai", self._input_tokens),
             ("POST", "/v1/embeddings"): ("openai", self._embeddings),
             ("POST", "/v1/messages"): ("anthropic", self._messages),
             ("POST", "/v1/messages/count_tokens"): ("anthropic", self._count_tokens),
@@ -318,7 +482,7 @@ class FakeUpstream:
                 call.payload = json.loads(body)
                 if not isinstance(call.payload, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 return self._error(call, "bad_request", "We could not parse the JSON body of your request.")
         call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"))
         if call.behaviour.delay_ms:
@@ -326,6 +490,8 @@ class FakeUpstream:
         if call.behaviour.error:
             return self._error(call, call.behaviour.error)
         result = handler(call)
+        if isinstance(result, web.StreamResponse):  # a handler's own validation error
+            return result
         if isinstance(result, list):
             return await self._send_stream(call, result)
         return web.json_response(result, headers=self._headers(call))
@@ -494,26 +660,39 @@ class FakeUpstream:
     # -- OpenAI endpoints ----------------------------------------------------------
 
     def _chat(self, call: Call) -> dict | list[Event]:
-        """``POST /v1/chat/completions``."""
+        """``POST /v1/chat/completions``; a tool result is a last message with role ``tool``."""
         base = {"id": _id("chatcmpl-"), "created": int(time.time()), "model": call.model,
                 "system_fingerprint": "fp_fake"}
-        text = call.reply()
+        messages = _list(call.payload.get("messages"))
+        tool = call.tool_call(bool(messages) and _dict(messages[-1]).get("role") == "tool")
+        text = json.dumps(_tool_input(tool)) if tool else call.reply()
+        finish, call_id = ("tool_calls" if tool else "stop"), _id("call_")
         usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": _words(text),
                  "total_tokens": call.prompt_tokens + _words(text)}
         if not call.stream:
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if tool:
+                message |= {"content": None, "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": tool, "arguments": text}}]}
             return base | {"object": "chat.completion", "usage": usage, "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": "stop"}]}
-        with_usage = bool((call.payload.get("stream_options") or {}).get("include_usage"))
+                "index": 0, "message": message, "logprobs": None, "finish_reason": finish}]}
+        with_usage = bool(_dict(call.payload.get("stream_options")).get("include_usage"))
 
         def chunk(delta: dict, finish: str | None) -> dict:
             extra = {"usage": None} if with_usage else {}
             return base | {"object": "chat.completion.chunk", "choices": [
                 {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
 
-        events: list[Event] = [(None, chunk({"role": "assistant", "content": ""}, None), False)]
-        events += [(None, chunk({"content": piece}, None), True) for piece in call.chunks()]
-        events.append((None, chunk({}, "stop"), False))
+        if tool:  # the real API names the call in the first chunk, then streams its arguments
+            events: list[Event] = [(None, chunk({"role": "assistant", "content": None, "tool_calls": [{
+                "index": 0, "id": call_id, "type": "function", "function": {"name": tool, "arguments": ""}}]},
+                None), False)]
+            events += [(None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None), True)
+                       for piece in call.pieces(text)]
+        else:
+            events = [(None, chunk({"role": "assistant", "content": ""}, None), False)]
+            events += [(None, chunk({"content": piece}, None), True) for piece in call.chunks()]
+        events.append((None, chunk({}, finish), False))
         if with_usage:
             events.append((None, base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}, False))
         return events + [(None, "[DONE]", False)]
@@ -532,40 +711,68 @@ class FakeUpstream:
             return base | {"choices": [choice(text, "stop")], "usage": usage}
         events: list[Event] = [(None, base | {"choices": [choice(p, None)]}, True) for p in call.chunks()]
         events.append((None, base | {"choices": [choice("", "stop")]}, False))
-        if (call.payload.get("stream_options") or {}).get("include_usage"):
+        if _dict(call.payload.get("stream_options")).get("include_usage"):
             events.append((None, base | {"choices": [], "usage": usage}, False))
         return events + [(None, "[DONE]", False)]
 
     def _responses(self, call: Call) -> dict | list[Event]:
-        """``POST /v1/responses`` (Responses API), with the real streaming event sequence."""
-        text, item_id = call.reply(), _id("msg_", 32)
-        usage = {"input_tokens": call.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                 "output_tokens": _words(text), "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": call.prompt_tokens + _words(text)}
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
-        response = {"id": _id("resp_", 32), "object": "response", "created_at": int(time.time()),
-                    "status": "completed", "error": None, "incomplete_details": None,
-                    "instructions": call.payload.get("instructions"), "model": call.model, "output": [item],
+        """``POST /v1/responses`` (Responses API), with the real streaming event sequence.
+
+        The output is a reasoning item if the request has ``reasoning``, then a message or a tool call;
+        a tool result is a ``*_call_output`` item after the last user item.
+        """
+        payload, end = call.payload, call.behaviour.end
+        items = _list(payload.get("input"))
+        users = [n for n, item in enumerate(items) if _dict(item).get("role") == "user"]
+        tool = call.tool_call(any(_dict(item).get("type") in ("function_call_output", "custom_tool_call_output")
+                                  for item in items[users[-1] + 1 if users else 0:]))
+        output: list[dict] = []
+        steps: list[tuple[str, dict, bool]] = []
+        reasoning = isinstance(payload.get("reasoning"), dict)
+        if reasoning:  # no summary text: the fake only shows the item's shape
+            thought = {"type": "reasoning", "id": _id("rs_", 48), "summary": []}
+            if "reasoning.encrypted_content" in _list(payload.get("include")):
+                thought["encrypted_content"] = _opaque()
+            output.append(thought)
+            steps += [("response.output_item.added", {"output_index": 0, "item": thought}, False),
+                      ("response.output_item.done", {"output_index": 0, "item": thought}, False)]
+        status = "completed" if end == "completed" else "incomplete"
+        if tool:
+            tools = _list(payload.get("tools")) + [  # Codex also sends tools as ``additional_tools`` input items
+                t for item in items if _dict(item).get("type") == "additional_tools" for t in _list(item.get("tools"))]
+            item, text, more = _response_tool_call(call, tool, _find_tool(tools, tool), len(output), status)
+        else:
+            item, text, more = _response_message(call, len(output), status)
+        output.append(item)
+        steps += more
+        thinking_tokens = REASONING_TOKENS if reasoning else 0
+        response = {"id": _id("resp_", 32), "object": "response", "created_at": int(time.time()), "status": end,
+                    "error": {"code": "server_error", "message": "The model failed to generate a response."}
+                    if end == "failed" else None,
+                    "incomplete_details": {"reason": "max_output_tokens"} if end == "incomplete" else None,
+                    "instructions": payload.get("instructions"), "model": call.model, "output": output,
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "metadata": {},
-                    "temperature": 1.0, "top_p": 1.0, "usage": usage}
+                    "temperature": 1.0, "top_p": 1.0,
+                    "usage": _response_usage(call.prompt_tokens, _words(text) + thinking_tokens, thinking_tokens)}
         if not call.stream:
             return response
-        in_progress = response | {"status": "in_progress", "output": [], "usage": None}
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        steps: list[tuple[str, dict, bool]] = [
-            ("response.created", {"response": in_progress}, False),
-            ("response.in_progress", {"response": in_progress}, False),
-            ("response.output_item.added", {"output_index": 0, "item": item | {
-                "status": "in_progress", "content": []}}, False),
-            ("response.content_part.added", where | {"part": part | {"text": ""}}, False)]
-        steps += [("response.output_text.delta", where | {"delta": p, "logprobs": []}, True) for p in call.chunks()]
-        steps += [("response.output_text.done", where | {"text": text, "logprobs": []}, False),
-                  ("response.content_part.done", where | {"part": part}, False),
-                  ("response.output_item.done", {"output_index": 0, "item": item}, False),
-                  ("response.completed", {"response": response}, False)]
+        in_progress = response | {"status": "in_progress", "error": None, "incomplete_details": None,
+                                  "output": [], "usage": None}
+        steps = [("response.created", {"response": in_progress}, False),
+                 ("response.in_progress", {"response": in_progress}, False), *steps,
+                 (f"response.{end}", {"response": response}, False)]  # .completed, .incomplete or .failed
         return [(name, {"type": name, "sequence_number": n} | data, content)
                 for n, (name, data, content) in enumerate(steps)]
+
+    def _compact(self, call: Call) -> dict:
+        """``POST /v1/responses/compact``: the history folded into one opaque compaction item, never streamed."""
+        return {"id": _id("resp_", 32), "object": "response.compaction", "created_at": int(time.time()),
+                "output": [{"type": "compaction", "id": _id("cmp_", 48), "encrypted_content": _opaque(512)}],
+                "usage": _response_usage(call.prompt_tokens, 2 * REASONING_TOKENS, REASONING_TOKENS)}
+
+    def _input_tokens(self, call: Call) -> dict:
+        """``POST /v1/responses/input_tokens``."""
+        return {"object": "response.input_tokens", "input_tokens": call.prompt_tokens}
 
     def _embeddings(self, call: Call) -> dict:
         """``POST /v1/embeddings``: small deterministic vectors, float or base64."""
@@ -606,25 +813,62 @@ class FakeUpstream:
 
     # -- Anthropic endpoints -------------------------------------------------------
 
-    def _messages(self, call: Call) -> dict | list[Event]:
-        """``POST /v1/messages``, with the real streaming event sequence."""
-        text = call.reply()
+    def _messages(self, call: Call) -> dict | list[Event] | web.Response:
+        """``POST /v1/messages``, with the real streaming event sequence.
+
+        The content is a thinking block if thinking is on, a web search if asked, then a tool use or the
+        text; a tool result is a ``tool_result`` block in the last user message.
+        """
+        payload, b = call.payload, call.behaviour
+        thinking = _dict(payload.get("thinking"))
+        if thinking.get("type") == "enabled":  # the API's own checks, so a client's budgets meet them here too
+            budget, max_tokens = thinking.get("budget_tokens"), payload.get("max_tokens")
+            if not _is_int(budget) or budget < 1024:
+                return self._error(call, "bad_request", BUDGET_TOO_SMALL)
+            if _is_int(max_tokens) and budget >= max_tokens:
+                return self._error(call, "bad_request", BUDGET_TOO_BIG)
+        thinks = thinking.get("type") in ("enabled", "adaptive")
+        users = [message for message in _list(payload.get("messages")) if _dict(message).get("role") == "user"]
+        tool = call.tool_call(bool(users) and any(
+            _dict(block).get("type") == "tool_result" for block in _list(users[-1].get("content"))))
+        blocks: list[dict] = []
+        if thinks:  # the signature comes even when the text is omitted: clients must send it back
+            blocks.append({"type": "thinking", "thinking": "" if thinking.get("display") == "omitted" else THINKING,
+                           "signature": _opaque()})
+            if b.redacted_thinking:
+                blocks.append({"type": "redacted_thinking", "data": _opaque(256)})
+        if b.server_tool:
+            search_id = _id("srvtoolu_01", 22)
+            blocks += [{"type": "server_tool_use", "id": search_id, "name": "web_search", "input": {"query": "fake"}},
+                       {"type": "web_search_tool_result", "tool_use_id": search_id, "content": [{
+                           "type": "web_search_result", "url": "https://example.com/", "title": "Example",
+                           "encrypted_content": _opaque(), "page_age": None}]}]
+        if tool:
+            blocks.append({"type": "tool_use", "id": _id("toolu_01", 22), "name": tool, "input": _tool_input(tool)})
+        else:
+            blocks.append({"type": "text", "text": call.reply()})
+        answer = json.dumps(blocks[-1]["input"]) if tool else blocks[-1]["text"]
+        usage = {"input_tokens": call.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+                 "output_tokens": _words(answer) + (_words(THINKING) if thinks else 0), "service_tier": "standard"}
+        if b.server_tool:
+            usage["server_tool_use"] = {"web_search_requests": 1}
+        stop = "tool_use" if tool else "end_turn"
         message = {"id": _id("msg_01", 22), "type": "message", "role": "assistant", "model": call.model,
-                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
-                   "usage": {"input_tokens": call.prompt_tokens, "output_tokens": _words(text)}}
+                   "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": usage}
         if not call.stream:
             return message
-        start = message | {"content": [], "stop_reason": None,
-                           "usage": {"input_tokens": call.prompt_tokens, "output_tokens": 1}}
-        steps: list[tuple[str, dict, bool]] = [
-            ("message_start", {"message": start}, False),
-            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}, False),
-            ("ping", {}, False)]
-        steps += [("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}, True)
-                  for p in call.chunks()]
-        steps += [("content_block_stop", {"index": 0}, False),
-                  ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                     "usage": {"output_tokens": _words(text)}}, False),
+        start = message | {"content": [], "stop_reason": None, "usage": {
+            name: value for name, value in usage.items() if name != "server_tool_use"} | {"output_tokens": 1}}
+        steps: list[tuple[str, dict, bool]] = [("message_start", {"message": start}, False)]
+        for index, block in enumerate(blocks):
+            events = _block_events(call, index, block)
+            steps += (events[:1] + [("ping", {}, False)] + events[1:]) if index == 0 else events
+        # The final usage repeats the input and cache figures, as the current API does.
+        final = {name: usage[name] for name in ("input_tokens", "cache_creation_input_tokens",
+                                                "cache_read_input_tokens", "output_tokens", "server_tool_use")
+                 if name in usage}
+        steps += [("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": final}, False),
                   ("message_stop", {}, False)]
         return [(name, {"type": name} | data, content) for name, data, content in steps]
 

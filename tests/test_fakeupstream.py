@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fakeupstream import REPLY, start_in_thread, stop_in_thread
+from tests.fakeupstream import BUDGET_TOO_BIG, BUDGET_TOO_SMALL, REPLY, THINKING, start_in_thread, stop_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,6 +179,239 @@ def test_streams_are_incremental_and_can_reset(fake):
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines.extend(line for line in response.iter_lines() if line)
     assert len(lines) == 3 and "[DONE]" not in lines[-1]
+
+
+BASH_INPUT = {"command": "echo fake-tool-ran", "description": "Print a marker"}
+
+
+def test_anthropic_tool_use_until_a_tool_result_arrives(fake):
+    client = ant(fake)
+    asked = user("list files #fake:tool=Bash")
+    message = client.messages.create(model="m", max_tokens=50, messages=asked)
+    [block] = message.content
+    assert (block.type, block.name, block.input, message.stop_reason) == ("tool_use", "Bash", BASH_INPUT, "tool_use")
+    assert block.id.startswith("toolu_01")
+    with client.messages.stream(model="m", max_tokens=50, messages=asked) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert final.content[0].input == BASH_INPUT and final.stop_reason == "tool_use"
+    assert sum(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events) >= 2
+    result = {"type": "tool_result", "tool_use_id": block.id, "content": "ok"}
+    answered = asked + [{"role": "assistant", "content": [block.model_dump()]}, {"role": "user", "content": [result]}]
+    done = client.messages.create(model="m", max_tokens=50, messages=answered)
+    assert done.content[0].text == REPLY and done.stop_reason == "end_turn"
+    unknown = client.messages.create(model="m", max_tokens=50, messages=user("#fake:tool=mcp__x__y"))
+    assert unknown.content[0].input == {}
+
+
+def test_chat_tool_calls_until_a_tool_message_arrives(fake):
+    client = oai(fake)
+    asked = user("weather? #fake:tool=get_weather")
+    completion = client.chat.completions.create(model="m", messages=asked)
+    [call] = completion.choices[0].message.tool_calls
+    assert completion.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model="m", messages=asked, stream=True))
+    pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert len(pieces) >= 3 and pieces[0].function.name == "get_weather" and pieces[0].id.startswith("call_")
+    assert {p.id for p in pieces[1:]} == {None} and {p.index for p in pieces} == {0}
+    assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    answered = asked + [completion.choices[0].message.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    done = client.chat.completions.create(model="m", messages=answered)
+    assert done.choices[0].message.content == REPLY and done.choices[0].finish_reason == "stop"
+
+
+def test_responses_function_custom_and_namespaced_tool_calls(fake):
+    client = oai(fake)
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    response = client.responses.create(model="m", input="weather? #fake:tool=get_weather", tools=[weather])
+    [item] = response.output
+    assert (item.type, item.name, item.status, item.namespace) == ("function_call", "get_weather", "completed", None)
+    assert item.id.startswith("fc_") and item.call_id.startswith("call_")
+    assert json.loads(item.arguments) == {"city": "Paris"}
+    with client.responses.stream(model="m", input="#fake:tool=get_weather", tools=[weather]) as stream:
+        events = list(stream)
+    names = [e.type for e in events]
+    assert names[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert names[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert set(names[3:-3]) == {"response.function_call_arguments.delta"} and len(names[3:-3]) >= 2
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert json.loads("".join(e.delta for e in events[3:-3])) == {"city": "Paris"}
+
+    # A custom (freeform) tool, defined in an additional_tools input item inside a namespace, as Codex does.
+    code = {"type": "namespace", "name": "code_mode", "description": "d", "tools": [
+        {"type": "custom", "name": "exec", "description": "Run JavaScript"}]}
+    items = [{"type": "additional_tools", "tools": [code]}, {"role": "user", "content": "run #fake:tool=exec"}]
+    [item] = client.responses.create(model="m", input=items).output
+    assert (item.type, item.name, item.namespace, item.input) == (
+        "custom_tool_call", "exec", "code_mode", 'text("fake-tool-ran")')
+    assert item.id.startswith("ctc_") and item.status == "completed"
+    events = list(client.responses.create(model="m", input=items, stream=True))
+    deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+    assert len(deltas) >= 2 and "".join(deltas) == 'text("fake-tool-ran")'
+    assert [e.input for e in events if e.type == "response.custom_tool_call_input.done"] == ['text("fake-tool-ran")']
+    assert events[-2].item.type == "custom_tool_call" and events[-1].type == "response.completed"
+
+    # Once a call's output follows the last user item, the answer is text again.
+    answered = items + [item.model_dump(exclude_none=True),
+                        {"type": "custom_tool_call_output", "call_id": item.call_id, "output": "fake-tool-ran"}]
+    assert client.responses.create(model="m", input=answered).output_text == REPLY
+    again = answered + [{"role": "user", "content": "and again"}]
+    assert client.responses.create(model="m", input=again).output[0].type == "custom_tool_call"
+
+
+def test_anthropic_thinking_blocks_and_their_validation(fake):
+    client = ant(fake)
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    message = client.messages.create(model="m", max_tokens=2048, thinking=thinking, messages=user("hi"))
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == THINKING and len(message.content[0].signature) > 100
+    with client.messages.stream(model="m", max_tokens=2048, thinking=thinking,
+                                messages=user("hi #fake:redacted_thinking=1")) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "redacted_thinking", "text"]
+    assert final.content[0].thinking == THINKING and len(final.content[0].signature) > 100
+    assert len(final.content[1].data) > 100 and final.content[2].text == REPLY
+    assert sum(e.type == "content_block_delta" and e.delta.type == "thinking_delta" for e in events) >= 2
+    assert sum(e.type == "content_block_delta" and e.delta.type == "signature_delta" for e in events) == 1
+    assert [e.index for e in events if e.type == "content_block_start"] == [0, 1, 2]
+
+    omitted = {"type": "adaptive", "display": "omitted"}
+    with client.messages.stream(model="m", max_tokens=50, thinking=omitted, messages=user("hi")) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert final.content[0].thinking == "" and len(final.content[0].signature) > 100
+    assert not any(e.type == "content_block_delta" and e.delta.type == "thinking_delta" for e in events)
+    assert [b.type for b in client.messages.create(model="m", max_tokens=50, thinking={"type": "disabled"},
+                                                   messages=user("hi")).content] == ["text"]
+
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(model="m", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1000},
+                               messages=user("hi"))
+    assert err.value.body["error"] == {"type": "invalid_request_error", "message": BUDGET_TOO_SMALL}
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(model="m", max_tokens=1024, thinking=thinking, messages=user("hi"))
+    assert err.value.body["error"]["message"] == BUDGET_TOO_BIG and err.value.body["type"] == "error"
+
+
+def test_anthropic_server_tool_and_thinking_before_a_tool_use(fake):
+    client = ant(fake)
+    message = client.messages.create(model="m", max_tokens=50, messages=user("news? #fake:server_tool=1"))
+    use, result, text = message.content
+    assert (use.type, use.name, use.input) == ("server_tool_use", "web_search", {"query": "fake"})
+    assert use.id.startswith("srvtoolu_01") and result.tool_use_id == use.id
+    assert result.type == "web_search_tool_result" and result.content[0].url == "https://example.com/"
+    assert text.text == REPLY and message.usage.server_tool_use.web_search_requests == 1
+    with client.messages.stream(model="m", max_tokens=50, messages=user("#fake:server_tool=1")) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert final.content[0].input == {"query": "fake"} and final.usage.server_tool_use.web_search_requests == 1
+    with client.messages.stream(model="m", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048},
+                                messages=user("#fake:tool=get_weather")) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "tool_use"] and final.stop_reason == "tool_use"
+    assert final.content[1].input == {"city": "Paris"}
+
+
+def test_anthropic_usage_as_the_api_reports_it(fake):
+    client = httpx.Client(base_url=fake.url, headers={"x-api-key": "k", "anthropic-version": "2023-06-01"})
+    body = {"model": "m", "max_tokens": 50, "messages": user("one two three")}
+    usage = client.post("/v1/messages", json=body).json()["usage"]
+    assert usage == {"input_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                     "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+                     "output_tokens": 5, "service_tier": "standard"}
+    with client.stream("POST", "/v1/messages", json=body | {"stream": True}) as response:
+        data = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert data[0]["message"]["usage"] == usage | {"output_tokens": 1}
+    assert data[-2]["usage"] == {"input_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                                 "output_tokens": 5}
+    with ant(fake).messages.stream(model="m", max_tokens=50, messages=user("one two three")) as stream:
+        final = stream.get_final_message()
+    assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.service_tier) == (3, 5, "standard")
+    assert final.usage.cache_creation.ephemeral_1h_input_tokens == 0
+
+
+def test_responses_reasoning_and_endings(fake):
+    client = oai(fake)
+    response = client.responses.create(model="m", input="hi", reasoning={"effort": "low"},
+                                       include=["reasoning.encrypted_content"])
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.id.startswith("rs_") and reasoning.summary == []
+    assert len(reasoning.encrypted_content) > 100 and message.content[0].text == REPLY
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
+    plain = client.responses.create(model="m", input="hi", reasoning={"effort": "low"})
+    assert plain.output[0].encrypted_content is None and plain.output_text == REPLY
+    events = list(client.responses.create(model="m", input="hi", reasoning={}, stream=True))
+    assert [e.type for e in events[2:4]] == ["response.output_item.added", "response.output_item.done"]
+    assert events[4].output_index == 1 and events[-1].response.output[0].type == "reasoning"
+
+    events = list(client.responses.create(model="m", input="long #fake:end=incomplete", stream=True))
+    last = events[-1]
+    assert last.type == "response.incomplete" and last.response.status == "incomplete"
+    assert last.response.incomplete_details.reason == "max_output_tokens" and last.response.usage.output_tokens > 0
+    assert not any(e.type == "response.completed" for e in events)
+    assert client.responses.create(model="m", input="#fake:end=incomplete").status == "incomplete"
+
+    events = list(client.responses.create(model="m", input="x #fake:end=failed", stream=True))
+    last = events[-1]
+    assert last.type == "response.failed" and last.response.status == "failed"
+    assert last.response.error.code == "server_error" and last.response.usage.total_tokens > 0
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_compaction_and_input_token_routes(fake):
+    client = oai(fake)
+    compacted = client.responses.compact(model="gpt-5.1-codex", input=[{"role": "user", "content": "a b c"}])
+    assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
+    [item] = compacted.output
+    assert item.type == "compaction" and item.id.startswith("cmp_") and len(item.encrypted_content) > 100
+    assert compacted.usage.input_tokens == 3 and compacted.usage.total_tokens > 3
+    counted = client.responses.input_tokens.count(model="m", input="one two three four")
+    assert (counted.object, counted.input_tokens) == ("response.input_tokens", 4)
+    raw = httpx.Client(base_url=fake.url)
+    assert raw.post("/v1/responses/compact", json={"model": "m"}).status_code == 401
+    assert raw.post("/v1/responses/input_tokens", headers={"x-api-key": "k"}, json={}).status_code == 401
+    assert [r.path for r in fake.requests] == ["/v1/responses/compact", "/v1/responses/input_tokens"] * 2
+
+
+def test_websocket_upgrade_is_recorded_and_unknown(fake):
+    headers = {"Authorization": "Bearer sk-x", "Connection": "Upgrade", "Upgrade": "websocket",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    response = httpx.get(fake.url + "/v1/responses", headers=headers)
+    assert response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
+    [recorded] = fake.wait_for_requests(1)
+    assert (recorded.method, recorded.path) == ("GET", "/v1/responses")
+    assert ("Upgrade", "websocket") in recorded.headers
+
+
+def test_unknown_shapes_are_answered_not_refused(fake):
+    client = httpx.Client(base_url=fake.url, headers={
+        "x-api-key": "k", "anthropic-version": "2023-06-01", "Authorization": "Bearer sk-x"})
+    nested: object = "deep"
+    for _ in range(500):
+        nested = [nested]
+    odd_messages = {"model": "m", "max_tokens": 50, "future_field": {"x": 1}, "thinking": "yes",
+                    "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+                    "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": [
+                        {"type": "hologram", "blob": 1}, {"type": "text", "text": "hi"}, nested, None, 7]}]}
+    answered = client.post("/v1/messages", json=odd_messages)
+    assert answered.status_code == 200 and answered.json()["usage"]["input_tokens"] == 5
+    assert client.post("/v1/messages/count_tokens", json=odd_messages | {"messages": "not a list"}).status_code == 200
+    odd_chat = {"model": "m", "messages": [{"role": "developer", "content": [{"type": "input_audio"}]}, "x"],
+                "stream_options": "yes", "stream": True, "tools": "none", "verbosity": "low"}
+    assert client.post("/v1/chat/completions", json=odd_chat).status_code == 200
+    odd_responses = {"model": "m", "input": [{"type": "local_shell_call"}, 3, {"role": "critic", "content": "x"}],
+                     "tools": [{"type": "namespace"}, "web_search", {"type": "custom"}], "reasoning": None,
+                     "include": "everything", "prompt_cache_key": "k", "text": {"verbosity": "low"}}
+    assert client.post("/v1/responses", json=odd_responses).json()["output"][0]["type"] == "message"
+    # Not defined as a custom tool (the namespace is malformed): a function call, its string input wrapped.
+    [call] = client.post("/v1/responses", json=odd_responses | {"tools": [{"type": "namespace", "tools": 5}],
+                                                                "input": "#fake:tool=exec"}).json()["output"]
+    assert (call["type"], call["name"]) == ("function_call", "exec")
+    assert json.loads(call["arguments"]) == {"input": 'text("fake-tool-ran")'}
 
 
 def test_command_line():
