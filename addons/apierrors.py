@@ -8,6 +8,7 @@ these bodies, so a user sees a sentence, not a traceback.
 import functools
 import json
 import logging
+import re
 
 from mitmproxy import http
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
 SERVICE_NAMES = {OPENAI: "OpenAI", ANTHROPIC: "Anthropic"}
+_SLASH_RUNS = re.compile(rb"//+")
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -26,6 +28,7 @@ _ANTHROPIC_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    426: "invalid_request_error",
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
@@ -66,9 +69,14 @@ def sse_error_event(api: str, status: int, message: str, code: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def merge_slashes(raw_path: bytes) -> bytes:
+    """`raw_path` with each run of slashes as one (`/proxy/openai/v1//chat` -> `/proxy/openai/v1/chat`)."""
+    return _SLASH_RUNS.sub(b"/", raw_path)
+
+
 def api_of_path(raw_path: bytes) -> str:
     """Which API's error format a request target expects."""
-    return ANTHROPIC if raw_path.startswith(b"/proxy/anthropic") else OPENAI
+    return ANTHROPIC if merge_slashes(raw_path).startswith(b"/proxy/anthropic") else OPENAI
 
 
 def fail_closed(hook):

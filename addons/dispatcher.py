@@ -71,6 +71,10 @@ class Answer:
     stream: aiohttp.ClientResponse | None = None
 
     @classmethod
+    def refusal(cls, api: str, refusal: QueueRefusal) -> "Answer":
+        return cls.error(api, refusal.status, str(refusal), refusal.code, refusal.retry_after)
+
+    @classmethod
     def error(cls, api: str, status: int, message: str, code: str, retry_after: float | None = None) -> "Answer":
         extra = [(b"retry-after", str(max(1, round(retry_after))).encode())] if retry_after else []
         return cls(
@@ -181,8 +185,13 @@ class Dispatcher:
         meta = flow.metadata["llmproxy"]
         await asyncio.wait_for(self.ready.wait(), 10)
         meta.update(keys=[], upstream_url=str(self.upstreams[route.api].join(URL(route.upstream_path))))
-        queue = ctx.master.addons.get("waitqueue")
-        if meta.get("stream") and queue.would_wait(route.api, meta["family"]):
+        try:
+            waits = ctx.master.addons.get("waitqueue").would_wait(flow, route.api, meta["family"])
+        except QueueRefusal as refusal:  # decided before anything was sent: a real status, streaming or not
+            meta["decision"] = refusal.code
+            self._respond(flow, Answer.refusal(route.dialect, refusal))
+            return
+        if meta.get("stream") and waits:
             # A streaming client hears from us at once (headers, heartbeats) while its request waits for a key.
             piped = PipedRequest(flow, route)
             piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=piped.follow_position))
@@ -196,10 +205,15 @@ class Dispatcher:
         if answer.stream is not None:
             self._point_at_pipe(flow, PipedRequest(flow, route, answer))
         else:
-            flow.response = http.Response.make(answer.status, answer.body, answer.headers)
-            flow.request.url = meta["upstream_url"]  # only shown: with a response set, mitmproxy connects nowhere
-            billed, text = usage.read_answer(answer.body) if answer.status < 400 else (None, "")
-            ctx.master.addons.get("quotakeeper").settle(flow, billed, text)
+            self._respond(flow, answer)
+
+    @staticmethod
+    def _respond(flow: http.HTTPFlow, answer: Answer) -> None:
+        """A complete answer becomes the flow's response, and its usage is billed (nothing for an error)."""
+        flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+        flow.request.url = flow.metadata["llmproxy"]["upstream_url"]  # only shown: mitmproxy connects nowhere
+        billed, text = usage.read_answer(answer.body) if answer.status < 400 else (None, "")
+        ctx.master.addons.get("quotakeeper").settle(flow, billed, text)
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -254,7 +268,7 @@ class Dispatcher:
                     key = await queue.acquire(flow, api, family, arrived, on_queued)
                 except QueueRefusal as refusal:
                     meta["decision"] = refusal.code
-                    return Answer.error(route.dialect, refusal.status, str(refusal), refusal.code, refusal.retry_after)
+                    return Answer.refusal(route.dialect, refusal)
             elif (key := pool.choose(api, family, exclude=[failed_key])) is None:
                 return answer
             meta["queue_ms"] = round((time.time() - arrived) * 1000)

@@ -9,6 +9,7 @@ import re
 import weakref
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
 
 from addons.apierrors import ANTHROPIC, api_of_path, error_response, fail_closed
 from addons.routes import forward_route
@@ -23,15 +24,25 @@ CLIENT_CREDENTIALS = (
     "openai-project",
 )
 
-_REQUEST_ALLOWED = frozenset(
-    {"content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta", "openai-beta", "idempotency-key"}
-)
+_REQUEST_ALLOWED = frozenset({
+    "content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta", "openai-beta", "idempotency-key",
+    "anthropic-dangerous-direct-browser-access",  # sent by the Anthropic SDK in browsers and by Claude Code
+})  # fmt: skip
 _REQUEST_ALLOWED_PREFIXES = ("x-stainless-",)  # the official SDKs' platform headers; nothing account-related
 
 _RESPONSE_ALLOWED = frozenset(
     {"content-type", "cache-control", "retry-after", "retry-after-ms", "x-request-id", "request-id", "date"}
 )
 _RESPONSE_ALLOWED_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+# What a browser script may read of an answer, beyond the CORS-safelisted headers: every header the proxy passes
+# on or makes that a client acts on (waits, limits, errors, ids). Listed by name: `*` is not read everywhere.
+EXPOSED_HEADERS = ", ".join([
+    "retry-after", "retry-after-ms", "x-request-id", "request-id", "x-proxy-error", "x-proxy-error-status",
+    "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",  # the proxy's own per-user limit
+    *(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
+    *(f"anthropic-ratelimit-{kind}-{part}" for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+      for part in ("limit", "remaining", "reset")),
+])  # fmt: skip
 
 # The token a client presented, kept beside the flow (never on it) for the gatekeeper and the admin API.
 _client_tokens: "weakref.WeakKeyDictionary[http.HTTPFlow, str]" = weakref.WeakKeyDictionary()
@@ -93,9 +104,13 @@ class HeaderHygiene:
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # Removed before any other addon, mitmweb or a flow dump can see them.
-        if flow.metadata.get("llmproxy", {}).get("passthrough"):
+        meta = flow.metadata.setdefault("llmproxy", {})
+        if meta.get("passthrough"):
             return
+        # RFC 9112 §9.6: a client that asks to close gets `Connection: close` on the answer. Read now, because
+        # the allowlist removes the header from forwarded requests (mitmproxy would then keep the socket open).
+        meta["client_closes"] = http1.connection_close(flow.request.http_version, flow.request.headers)
+        # Removed before any other addon, mitmweb or a flow dump can see them.
         if token := _presented_token(flow.request.headers):
             _client_tokens[flow] = token
         for name in CLIENT_CREDENTIALS:
@@ -120,6 +135,13 @@ class HeaderHygiene:
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta, headers = flow.metadata.get("llmproxy", {}), flow.response.headers
+        if meta.get("passthrough"):
+            return
         # Browser-based chat clients call the proxy cross-origin; they never send cookies, so `*` is safe.
-        flow.response.headers["access-control-allow-origin"] = "*"
-        flow.response.headers.pop("server", None)
+        headers["access-control-allow-origin"] = "*"
+        headers["access-control-expose-headers"] = EXPOSED_HEADERS
+        headers.pop("server", None)
+        # Node's connection pools reuse a socket unless the answer says it closes; saying it is what RFC 9112 asks.
+        if meta.get("client_closes"):  # never for HTTP/2 clients: they cannot send `Connection`
+            headers["connection"] = "close"

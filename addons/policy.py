@@ -1,5 +1,10 @@
-"""What may be asked of the owner's keys: a well-formed body, one completion, bounded output and context, and
-no refused phrase anywhere the model will read.
+"""What may be asked of the owner's keys: one completion, bounded output and context, and no refused phrase
+anywhere the model will read.
+
+The upstream is the authority on what a valid request is: the APIs change every month, and a proxy that holds a
+frozen model of them refuses the newest clients. So the policy checks only the fields it reads itself (output
+caps, `stream`, `n`, thinking budgets) and leaves every other field, role and block type as the client sent it;
+the filter and the token count walk the whole body generically (`tokens.model_input`).
 
 Runs after the model's family is known and before the rate limit counts the request, so that a refused request
 costs its sender nothing. Fields that would redirect or re-authenticate a call (`api_base`, `api_key`, ...) are
@@ -7,6 +12,7 @@ removed: they never decide where a request goes or which key it uses, and the up
 """
 
 import asyncio
+import fnmatch
 import json
 import logging
 import re
@@ -18,15 +24,14 @@ from addons import tokens
 from addons.apierrors import ANTHROPIC, error_response, fail_closed
 from addons.body import parsed_body
 from addons.families import parse_family_numbers
-from addons.routes import forward_route
+from addons.routes import Route, forward_route
 
 logger = logging.getLogger(__name__)
 
 REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "api_type", "api_version", "extra_headers", "extra_query",
                       "extra_body", "organization", "project", "headers", "timeout", "default_headers")  # fmt: skip
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-ANTHROPIC_ROLES = ("user", "assistant")
-# Routes whose prompt is counted and whose output is capped: (body field with the output cap, its limit setting).
+# Routes whose output is capped: the body field with the output cap.
 _OUTPUT_FIELD = {
     "openai.chat_completions": "max_completion_tokens",
     "openai.completions": "max_tokens",
@@ -35,15 +40,21 @@ _OUTPUT_FIELD = {
     "anthropic.complete": "max_tokens_to_sample",
     "anthropic.chat_completions": "max_tokens",
 }
+OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
+MIN_THINKING_BUDGET = 1024  # Anthropic refuses a smaller thinking.budget_tokens
 INLINE_COUNT_LIMIT = 20_000  # characters; longer prompts are counted on a worker thread, off the event loop
 _CJK = re.compile("[\u2e80-\u2ef3\u2f00-\u2fd5\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4db5\u4e00-\u9fd5"
                   "\uf900-\ufad9]")  # fmt: skip
 # A quantified group that itself contains a quantifier can backtrack exponentially: (a+)+, (a|aa)*, (.*)*.
 _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+?}](?:[^()\\]|\\.)*\)[*+?{]|\((?:[^()\\]|\\.)*\|(?:[^()\\]|\\.)*\)[*+{]")
+# Context windows by model-name pattern (or family name), first match first; a model no entry names has no window
+# here and the upstream decides. Each figure is the largest window the model can have (current Claude models: 1M
+# tokens with the `context-1m` beta header), so the default table never refuses a request the upstream accepts.
 DEFAULT_CONTEXT_WINDOWS = [
-    "gpt6=1000000", "gpt5=400000", "gpt4.1=1047576", "gpt4o=128000", "gpt4-turbo=128000", "gpt4-32k=32768",
-    "gpt4=8192", "o=200000", "turbo=16385", "embeddings=8192", "claude-opus=200000", "claude-sonnet=200000",
-    "claude-haiku=200000", "claude=200000",
+    "claude-3*=200000", "claude-*=1000000", "gpt-4.1*=1047576", "gpt-4o*=128000", "chatgpt-4o*=128000",
+    "gpt-4-turbo*=128000", "gpt-4-*-preview=128000", "gpt-4-32k*=32768", "gpt-4=8192", "gpt-4-0*=8192",
+    "gpt-3.5-turbo-instruct*=4096", "gpt-3.5-turbo*=16385", "o1*=200000", "o3*=200000", "o4*=200000",
+    "gpt-5*=1050000",
 ]  # fmt: skip
 
 
@@ -60,66 +71,51 @@ def _require(condition: bool, message: str) -> None:
         raise PolicyError(message)
 
 
-def _positive_int(body: dict, field: str, required: bool = False) -> None:
-    value = body.get(field)
-    if value is None:
-        _require(not required, f"'{field}' is required.")
-        return
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             f"'{field}' must be a positive whole number.")  # fmt: skip
+def _whole_number(value, where: str) -> None:
+    """A field the policy reads: absent, or a positive whole number."""
+    _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+             f"'{where}' must be a positive whole number.")  # fmt: skip
 
 
-def _check_content(content, where: str, allow_null: bool) -> None:
-    if content is None:
-        _require(allow_null, f"'{where}.content' is required.")
-    elif isinstance(content, list):
-        for number, part in enumerate(content):
-            _require(isinstance(part, dict) and isinstance(part.get("type"), str),
-                     f"'{where}.content[{number}]' must be an object with a 'type'.")  # fmt: skip
-    else:
-        _require(isinstance(content, str), f"'{where}.content' must be a string or a list of parts.")
-
-
-def _check_messages(body: dict, roles: tuple[str, ...], nullable_roles: tuple[str, ...]) -> None:
+def _check_chat_messages(body: dict) -> None:
+    """The OpenAI-format Claude endpoint translates messages itself, so it reads (and checks) their roles."""
     messages = body.get("messages")
     _require(isinstance(messages, list) and messages, "'messages' must be a non-empty list.")
     for number, message in enumerate(messages):
         where = f"messages[{number}]"
         _require(isinstance(message, dict), f"'{where}' must be an object.")
-        _require(message.get("role") in roles, f"'{where}.role' must be one of {', '.join(roles)}.")
-        _check_content(message.get("content"), where, allow_null=message["role"] in nullable_roles)
+        _require(message.get("role") in OPENAI_ROLES, f"'{where}.role' must be one of {', '.join(OPENAI_ROLES)}.")
+        content = message.get("content")
+        _require(content is None or isinstance(content, str) or
+                 (isinstance(content, list) and all(isinstance(part, dict) for part in content)),
+                 f"'{where}.content' must be a string or a list of parts.")  # fmt: skip
+        _require(_are_functions(message.get("tool_calls")), f"'{where}.tool_calls' must be a list of function calls.")
+    _require(_are_functions(body.get("tools")), "'tools' must be a list of function tools.")
+
+
+def _are_functions(items) -> bool:
+    """Absent, or a list of objects whose `function` (when of type function) names it: OpenAI tools, tool calls."""
+    return items is None or (isinstance(items, list) and all(isinstance(item, dict) and (
+        item.get("type", "function") != "function"
+        or (isinstance(item.get("function"), dict) and isinstance(item["function"].get("name"), str))
+    ) for item in items))  # fmt: skip
 
 
 def validate(route: str, body: dict) -> None:
-    """Checks the shape of the body for its route; raises PolicyError naming the field."""
+    """Checks the fields the policy itself reads; raises PolicyError naming the field. Everything else is the
+    upstream's to judge."""
     _require(isinstance(body.get("stream", False), bool), "'stream' must be true or false.")
-    if route in ("openai.chat_completions", "anthropic.chat_completions"):
-        _check_messages(body, OPENAI_ROLES, nullable_roles=("assistant", "function"))
-        _positive_int(body, "max_tokens")
-        _positive_int(body, "max_completion_tokens")
-        _positive_int(body, "n")
-    elif route in ("anthropic.messages", "anthropic.count_tokens"):
-        _check_messages(body, ANTHROPIC_ROLES, nullable_roles=())
-        system = body.get("system")
-        _require(system is None or isinstance(system, (str, list)), "'system' must be a string or a list of blocks.")
-        _positive_int(body, "max_tokens", required=route == "anthropic.messages")
-    elif route == "openai.completions":
-        _require(isinstance(body.get("prompt"), (str, list)), "'prompt' must be a string or a list.")
-        _positive_int(body, "max_tokens")
-        _positive_int(body, "n")
-    elif route == "openai.responses":
-        _require(isinstance(body.get("input"), (str, list)), "'input' must be a string or a list.")
-        _positive_int(body, "max_output_tokens")
-    elif route == "openai.embeddings":
-        _require(isinstance(body.get("input"), (str, list)), "'input' must be a string or a list.")
-    elif route == "anthropic.complete":
-        _require(isinstance(body.get("prompt"), str), "'prompt' must be a string.")
-        _positive_int(body, "max_tokens_to_sample", required=True)
-
-
-def prompt_texts(body: dict) -> list[str]:
-    """Everything the model will read: system prompt, every message, every text part."""
-    return tokens.texts_of([body.get(f) for f in ("system", "messages", "prompt", "input", "instructions")])
+    for field in (*OUTPUT_FIELDS, "n"):
+        _whole_number(body.get(field), field)
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict):
+        _whole_number(thinking.get("budget_tokens"), "thinking.budget_tokens")
+    if route == "openai.responses":
+        _require(body.get("background") is not True,
+                 "This proxy does not run background responses ('background': true): it must see the answer to "
+                 "account for it. Stream the response instead.")  # fmt: skip
+    if route == "anthropic.chat_completions":
+        _check_chat_messages(body)
 
 
 def safe_pattern(pattern: str) -> re.Pattern:
@@ -145,7 +141,7 @@ class RequestPolicy:
         loader.add_option("max_context_tokens_openai", int, 0, "Cap on prompt + output tokens (OpenAI); 0: none.")
         loader.add_option("max_context_tokens_anthropic", int, 0, "Cap on prompt + output tokens (Claude); 0: none.")
         loader.add_option("model_context_windows", Sequence[str], DEFAULT_CONTEXT_WINDOWS,
-                          "Each family's own context window: family=tokens.")  # fmt: skip
+                          "Context windows: model-pattern=tokens (or family=tokens), first match first.")  # fmt: skip
         loader.add_option("allow_multiple_completions", bool, False, "Allow n > 1 (several answers per request).")
         loader.add_option("reject_phrases", Sequence[str], [], "Phrases refused anywhere in a prompt (any case).")
         loader.add_option("reject_phrases_regex", bool, False, "Treat REJECT_PHRASES as regular expressions.")
@@ -185,7 +181,7 @@ class RequestPolicy:
         meta = flow.metadata["llmproxy"]
         body = parsed_body(flow)
         try:
-            changed = await self._apply(route.name, route.api, meta, body)
+            changed = await self._apply(route, meta, body)
         except PolicyError as refusal:
             meta["decision"] = "filtered" if refusal.code == "content_rejected" else "invalid_request"
             flow.response = error_response(route.dialect, 400, str(refusal), refusal.code)
@@ -193,43 +189,70 @@ class RequestPolicy:
         if changed:  # a large body is serialised again only when the policy altered it
             flow.request.content = json.dumps(body).encode()
 
-    async def _apply(self, route: str, api: str, meta: dict, body: dict) -> bool:
-        """Validates and normalises `body` in place; returns whether it changed; raises PolicyError."""
+    async def _apply(self, route: Route, meta: dict, body: dict) -> bool:
+        """Checks and normalises `body` in place; returns whether it changed; raises PolicyError."""
         changed = False
         for field in REDIRECTING_FIELDS:
             if field in body:
                 del body[field]
                 changed = True
-        validate(route, body)
+        validate(route.name, body)
         if body.get("n", 1) > 1 and not ctx.options.allow_multiple_completions:
             raise PolicyError("This proxy answers one completion per request ('n' must be 1).", "n_not_allowed")
-        self._filter(prompt_texts(body))
-        if route not in _OUTPUT_FIELD:
+        found = tokens.model_input(body)
+        self._filter(found.texts + found.names)
+        if route.counts_tokens:
             return changed
-        field = _OUTPUT_FIELD[route]
-        if route == "openai.chat_completions" and "max_tokens" in body and "max_completion_tokens" not in body:
-            field = "max_tokens"  # the older name, still accepted; the cap applies to whichever is sent
-        cap = ctx.options.max_output_tokens_anthropic if api == ANTHROPIC else ctx.options.max_output_tokens_openai
-        if cap and (body.get(field) is None or body[field] > cap):
-            body[field] = cap
-            changed = True
-        texts = prompt_texts(body)
-        count = lambda: tokens.count_prompt(api, meta["model"], body)  # noqa: E731
-        if sum(map(len, texts)) > INLINE_COUNT_LIMIT:
+        output, capped = self._cap_output(route, body)
+        count = lambda: tokens.count_prompt(route.api, meta["model"], found)  # noqa: E731
+        if sum(map(len, found.texts)) > INLINE_COUNT_LIMIT:
             prompt = await asyncio.get_running_loop().run_in_executor(None, count)
         else:
             prompt = count()
-        meta["prompt_tokens"] = prompt
-        output = body.get(field) or 0
-        limits = [limit for limit in (
-            ctx.options.max_context_tokens_anthropic if api == ANTHROPIC else ctx.options.max_context_tokens_openai,
-            self.windows.get(meta["family"], 0)) if limit]  # fmt: skip
-        if limits and prompt + output > min(limits):
+        meta["prompt_tokens"] = prompt.high
+        anthropic = route.api == ANTHROPIC
+        cap = ctx.options.max_context_tokens_anthropic if anthropic else ctx.options.max_context_tokens_openai
+        if cap and prompt.high + output > cap:
             raise PolicyError(
-                f"This request needs {prompt} prompt + {output} output = {prompt + output} tokens, more than the "
-                f"{min(limits)} allowed for {meta['model']} here.", "context_length_exceeded",
+                f"This request needs about {prompt.high} prompt + {output} output = {prompt.high + output} tokens, "
+                f"more than the {cap} allowed here.", "context_length_exceeded",
             )  # fmt: skip
-        return changed
+        window = self._window_of(meta["model"], meta["family"])
+        if window and prompt.low > window:
+            raise PolicyError(
+                f"This prompt has at least {prompt.low} tokens, more than the {window}-token context window of "
+                f"{meta['model']}.", "context_length_exceeded",
+            )  # fmt: skip
+        return changed or capped
+
+    @staticmethod
+    def _cap_output(route: Route, body: dict) -> tuple[int, bool]:
+        """Applies the owner's output cap; returns (the request's output limit, or 0 when it names none; changed).
+
+        A lowered Claude `max_tokens` lowers a thinking budget that no longer fits under it, or the upstream
+        would refuse the request; when even the smallest budget does not fit, thinking is turned off."""
+        if route.name not in _OUTPUT_FIELD:
+            return 0, False
+        field = _OUTPUT_FIELD[route.name]
+        if route.name == "openai.chat_completions" and "max_tokens" in body and "max_completion_tokens" not in body:
+            field = "max_tokens"  # the older name, still accepted; the cap applies to whichever is sent
+        cap = ctx.options.max_output_tokens_anthropic if route.api == ANTHROPIC else ctx.options.max_output_tokens_openai
+        if not cap or (body.get(field) is not None and body[field] <= cap):
+            return body.get(field) or 0, False
+        body[field] = cap
+        thinking = body.get("thinking")
+        if route.api == ANTHROPIC and isinstance(thinking, dict) and (thinking.get("budget_tokens") or 0) >= cap:
+            if cap - 1 >= MIN_THINKING_BUDGET:
+                thinking["budget_tokens"] = cap - 1
+            else:
+                body["thinking"] = {"type": "disabled"}
+        return cap, True
+
+    def _window_of(self, model: str, family: str) -> int:
+        """The model's context window from MODEL_CONTEXT_WINDOWS (a model pattern or a family name); 0: unknown."""
+        model = model.lower()
+        return next((tokens for name, tokens in self.windows.items()
+                     if name == family or fnmatch.fnmatchcase(model, name.lower())), 0)  # fmt: skip
 
     def _filter(self, texts: list[str]) -> None:
         for text in texts:

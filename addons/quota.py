@@ -170,7 +170,7 @@ class QuotaKeeper:
                 body["stream_options"] = {**options, "include_usage": True}
                 flow.request.content = json.dumps(body).encode()
                 meta["usage_chunk_added"] = True
-        if not (user_id := meta.get("user")) or route.name == "anthropic.count_tokens":
+        if not (user_id := meta.get("user")) or route.counts_tokens:
             return
         store = ctx.master.addons.get("storage").store
         user = store.get_user(user_id)

@@ -2,6 +2,7 @@
 
 import math
 import time
+import weakref
 
 from mitmproxy import ctx, exceptions, http
 
@@ -13,16 +14,25 @@ WINDOW = 60.0
 
 class RateLimiter:
     """A sliding one-minute window per identity; `special` users are exempt. Counts only requests that passed
-    every check before it, so a malformed or unauthorised request costs its sender nothing."""
+    every check before it, so a malformed or unauthorised request costs its sender nothing, and gives the count
+    back when the request never got an upstream answer (no key, over quota, queue refusal or timeout, upstream
+    unreachable, client gone): a frontend that retries such refusals must not lock itself out. Token counts have
+    a window of their own: they generate nothing, and Claude Code sends them between prompts."""
+
+    def __init__(self):
+        # Each counted request's hit in its window, for the refund; beside the flow, not in its metadata.
+        self._hits: "weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str, str]]" = weakref.WeakKeyDictionary()
 
     def load(self, loader):
         loader.add_option("model_rate_limit", int, 4, "Generation requests per minute per identity; 0 turns it off.")
+        loader.add_option("count_tokens_rate_limit", int, 60,
+                          "Token-count requests per minute per identity (their own window); 0 turns it off.")  # fmt: skip
         loader.add_option(
             "max_concurrent_per_identity", int, 0, "Generation requests one identity may have in flight; 0: any."
         )
 
     def configure(self, updated):
-        for name in ("model_rate_limit", "max_concurrent_per_identity"):
+        for name in ("model_rate_limit", "count_tokens_rate_limit", "max_concurrent_per_identity"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
 
@@ -35,18 +45,21 @@ class RateLimiter:
             return
         store = ctx.master.addons.get("storage").store
         identity = meta["identity"]
-        limit = self._limit_for(meta)
+        bucket, limit = ("count_tokens", ctx.options.count_tokens_rate_limit) if route.counts_tokens \
+            else ("", self._limit_for(meta))  # fmt: skip
         if limit:
-            allowed, remaining, reset_at = store.hit_rate_window(identity, limit, WINDOW)
+            allowed, remaining, reset_at, hit = store.hit_rate_window(identity, limit, WINDOW, bucket)
             meta["rate_limit"] = [limit, remaining, math.ceil(reset_at)]
             if not allowed:
                 meta["decision"] = "rate_limited"
                 wait = max(1, math.ceil(reset_at - time.time()))
+                kind = "token-count requests" if route.counts_tokens else "requests"
                 flow.response = error_response(
-                    route.dialect, 429, f"This proxy allows {limit} requests per minute; try again in {wait} s.",
+                    route.dialect, 429, f"This proxy allows {limit} {kind} per minute; try again in {wait} s.",
                     "rate_limited", {"retry-after": str(wait)},
                 )  # fmt: skip
                 return
+            self._hits[flow] = (identity, hit, bucket)
         if not store.enter(identity, ctx.options.max_concurrent_per_identity):
             meta["decision"] = "too_many_in_flight"
             flow.response = error_response(
@@ -78,8 +91,11 @@ class RateLimiter:
     async def error(self, flow: http.HTTPFlow) -> None:
         self._leave(flow)
 
-    @staticmethod
-    def _leave(flow: http.HTTPFlow) -> None:
+    def _leave(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get("llmproxy", {})
+        store = ctx.master.addons.get("storage").store
         if meta.pop("in_flight", False):
-            ctx.master.addons.get("storage").store.leave(meta["identity"])
+            store.leave(meta["identity"])
+        hit = self._hits.pop(flow, None)
+        if hit and "upstream_status" not in meta:  # refused by the proxy itself, or the client left first
+            store.refund_rate_window(*hit)

@@ -108,14 +108,15 @@ for _, key in ipairs(KEYS) do
   for _, field in ipairs(redis.call('HKEYS', key)) do redis.call('HSET', key, field, 0) end
 end
 """
-# KEYS: window, active. ARGV: identity, limit, now, cutoff, window ms, nonce. {allowed, count, oldest score}.
+# KEYS: window, active. ARGV: identity, limit, now, cutoff, window ms, nonce, '1' to mark the identity active.
+# {allowed, count, oldest score}.
 _HIT_WINDOW = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 local count = redis.call('ZCARD', KEYS[1])
 local allowed = count < tonumber(ARGV[2])
 if allowed then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[6])
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  if ARGV[7] == '1' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
   count = count + 1
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -365,14 +366,23 @@ class RedisStore:
 
     # -- windows -------------------------------------------------------------------------------------------
 
-    def hit_rate_window(self, identity: str, limit: int, window: float) -> tuple[bool, int, float]:
-        """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at)."""
-        now = time.time()
+    def hit_rate_window(self, identity: str, limit: int, window: float, bucket: str = "") -> tuple[bool, int, float, str]:
+        """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at, the hit's
+        name for `refund_rate_window`). A `bucket` is a window of its own (token counts); only requests of the
+        default bucket make an identity active."""
+        now, hit = time.time(), secrets.token_hex(8)
         allowed, count, oldest = self._hit_window(
-            keys=[self._key("window", identity), self._key("active")],
-            args=[identity, limit, now, now - window, max(1, int(window * 1000) + 1), secrets.token_hex(8)],
+            keys=[self._window_key(identity, bucket), self._key("active")],
+            args=[identity, limit, now, now - window, max(1, int(window * 1000) + 1), hit, "0" if bucket else "1"],
         )  # fmt: skip
-        return bool(allowed), max(0, limit - count), float(oldest) + window if oldest else now
+        return bool(allowed), max(0, limit - count), float(oldest) + window if oldest else now, hit
+
+    def refund_rate_window(self, identity: str, hit: str, bucket: str = "") -> None:
+        """Takes back a counted request: the proxy itself refused it after the count, so it costs nothing."""
+        self.redis.zrem(self._window_key(identity, bucket), hit)
+
+    def _window_key(self, identity: str, bucket: str) -> str:
+        return self._key("window", bucket, identity) if bucket else self._key("window", identity)
 
     def active_identities(self, window: float) -> int:
         """Identities with a counted request in the last `window` seconds."""

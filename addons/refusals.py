@@ -17,6 +17,8 @@ from addons.routes import ROUTES_BY_NAME
 
 ERROR_FORMATS = ("error", "completion")
 _CHAT_ROUTES = ("openai.chat_completions", "anthropic.chat_completions")
+# The routes whose answers are assistant messages, so that a refusal can be one too.
+_MESSAGE_ROUTES = (*_CHAT_ROUTES, "openai.completions", "openai.responses", "anthropic.messages", "anthropic.complete")
 
 
 def _sse(events: list[tuple[str | None, dict | str]]) -> bytes:
@@ -93,8 +95,7 @@ class RefusalFormat:
         route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
         response = flow.response
         if ctx.options.proxy_error_format != "completion" or route is None or response.stream \
-                or response.status_code < 400 or route.name in ("openai.embeddings", "anthropic.count_tokens") \
-                or not route.api:  # fmt: skip
+                or response.status_code < 400 or route.name not in _MESSAGE_ROUTES:  # fmt: skip
             return
         try:
             error = json.loads(response.content).get("error", {})

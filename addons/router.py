@@ -9,7 +9,8 @@ from addons.apierrors import ANTHROPIC, OPENAI, api_of_path, error_response, fai
 
 API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 
-_CORS_ALLOWED_HEADERS = b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta"
+_CORS_ALLOWED_HEADERS = (b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta, "
+                         b"anthropic-dangerous-direct-browser-access")
 
 
 class Router:
@@ -76,6 +77,22 @@ class Router:
             meta["decision"] = "preflight"
             flow.response = self._preflight(request)
             return
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            # 426, not 404 or 405: Codex retries those for seconds before it falls back to HTTPS; 426 at once.
+            meta["decision"] = "blocked_path"
+            flow.response = error_response(
+                api, 426, "This proxy does not accept WebSocket connections; send the request as HTTPS POST.",
+                "websocket_not_supported",
+            )  # fmt: skip
+            return
+        if routes.STORED_RESPONSE_PATH.fullmatch(routes.request_path(raw_target)):
+            meta["decision"] = "blocked_path"
+            flow.response = error_response(
+                api, 404, "This proxy does not serve stored responses (GET, DELETE or cancel of "
+                "/v1/responses/{id}): its keys belong to different organisations. Keep the output you need, "
+                "or send the whole conversation again.", "stored_responses_not_served",
+            )  # fmt: skip
+            return
         match = routes.lookup(request.data.method, raw_target)
         if match.route is not None:
             meta["route"] = match.route.name
@@ -83,7 +100,8 @@ class Router:
                 meta["dialect"] = match.route.dialect  # the error format of everything that follows
             return
         meta["decision"] = "blocked_path"
-        if request.data.method == b"GET" and raw_target.startswith(b"/proxy/") and self._is_browser(request):
+        if request.data.method == b"GET" and routes.request_path(raw_target).startswith(b"/proxy/") \
+                and self._is_browser(request):  # fmt: skip
             flow.response = http.Response.make(302, b"", {"location": "/"})
         elif match.allowed_methods:
             flow.response = error_response(

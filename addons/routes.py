@@ -1,15 +1,16 @@
 """The routes the proxy answers, as an exact table of request targets.
 
-Nothing is canonicalised: a raw request target either equals one of the finite set of targets below or
-it is rejected. `..`, `%2e`, `//`, `;`, a trailing slash, other case, NUL or non-ASCII bytes can never equal
-an entry, so no decoding rule can be tricked into reaching another upstream path. The upstream path is
-taken from this table, never from the client's bytes.
+One normalisation only: runs of slashes become one (as Envoy's `merge_slashes` does), because chat frontends
+join a base URL that ends in `/` with `/v1/...`. Nothing else is canonicalised: the path then either equals one
+of the finite set of targets below or it is rejected. `..`, `%2e`, `;`, a trailing slash, other case, NUL or
+non-ASCII bytes can never equal an entry, so no decoding rule can be tricked into reaching another upstream
+path. The upstream path is taken from this table, never from the client's bytes.
 """
 
 import re
 from dataclasses import dataclass
 
-from addons.apierrors import ANTHROPIC, OPENAI
+from addons.apierrors import ANTHROPIC, OPENAI, merge_slashes
 
 FORWARD = "forward"  # sent upstream with a pool key
 LOCAL = "local"  # answered by the proxy itself
@@ -23,6 +24,8 @@ class Route:
     kind: str
     upstream_path: str = ""
     client_format: str = ""  # the API format the client speaks, when it is not the upstream's
+    counts_tokens: bool = False  # a token count: no generation, so its own rate limit and no quota
+
 
     @property
     def dialect(self) -> str:
@@ -35,13 +38,15 @@ _SERVICE_ROUTES = {
         ("chat_completions", "POST", FORWARD, "/v1/chat/completions"),
         ("completions", "POST", FORWARD, "/v1/completions"),
         ("responses", "POST", FORWARD, "/v1/responses"),
+        ("responses_compact", "POST", FORWARD, "/v1/responses/compact"),  # Codex's remote compaction
+        ("responses_input_tokens", "POST", FORWARD, "/v1/responses/input_tokens", "", True),
         ("embeddings", "POST", FORWARD, "/v1/embeddings"),
         ("models", "GET", LOCAL, "/v1/models"),
     ],
     ANTHROPIC: [
         ("messages", "POST", FORWARD, "/v1/messages"),
         ("chat_completions", "POST", FORWARD, "/v1/messages", OPENAI),  # OpenAI format, translated
-        ("count_tokens", "POST", FORWARD, "/v1/messages/count_tokens"),
+        ("count_tokens", "POST", FORWARD, "/v1/messages/count_tokens", "", True),
         ("complete", "POST", FORWARD, "/v1/complete"),
         ("models", "GET", LOCAL, "/v1/models"),
     ],
@@ -54,13 +59,17 @@ _PAGES = [("status_page", "/"), ("status", "/status"), ("health", "/health"), ("
 _QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&,\-]*)?")
 # The admin API's paths are parametric (user ids); the admin addon matches them exactly against its own table.
 _ADMIN_PATH = re.compile(rb"/admin/[a-z0-9_.\-]+(/[a-z0-9_.\-]+)*")
+# A stored Responses API object (`GET`/`DELETE /v1/responses/{id}`, `.../cancel`, `.../input_items`): it lives
+# in the organisation of whichever key created it, so the proxy answers these itself (router: a clear refusal).
+STORED_RESPONSE_PATH = re.compile(rb"/proxy/openai(/v1)?/responses/resp_[A-Za-z0-9_\-]+(/cancel|/input_items)?")
 
 
 def _build_table() -> dict[bytes, list[Route]]:
     table: dict[bytes, list[Route]] = {}
     for api, entries in _SERVICE_ROUTES.items():
-        for name, method, kind, upstream_path, *client_format in entries:
-            route = Route(f"{api}.{name}", api, method, kind, upstream_path, *client_format)
+        for name, method, kind, upstream_path, *extra in entries:
+            route = Route(f"{api}.{name}", api, method, kind, upstream_path, *extra)
+            client_format = route.client_format
             own_path = "/v1/chat/completions" if client_format else upstream_path
             for client_path in (own_path, own_path.removeprefix("/v1")):  # `/v1` is optional
                 table.setdefault(f"/proxy/{api}{client_path}".encode(), []).append(route)
@@ -83,9 +92,14 @@ class Match:
     allowed_methods: tuple[str, ...] = ()  # non-empty when the path is known but the method is not
 
 
+def request_path(raw_target: bytes) -> bytes:
+    """The path of a raw request target, runs of slashes merged; the query is not part of it."""
+    return merge_slashes(raw_target.partition(b"?")[0])
+
+
 def lookup(method: bytes, raw_target: bytes) -> Match:
     """Matches the raw method and request target (path and query, as the client sent them)."""
-    path, _, query = raw_target.partition(b"?")
+    path, query = request_path(raw_target), raw_target.partition(b"?")[2]
     if query and not _QUERY.fullmatch(b"?" + query):
         return Match()
     if _ADMIN_PATH.fullmatch(path):
@@ -102,8 +116,8 @@ def lookup(method: bytes, raw_target: bytes) -> Match:
 
 
 def is_known_path(raw_target: bytes) -> bool:
-    path = raw_target.partition(b"?")[0]
-    return path in TABLE or bool(_ADMIN_PATH.fullmatch(path))
+    path = request_path(raw_target)
+    return path in TABLE or bool(_ADMIN_PATH.fullmatch(path) or STORED_RESPONSE_PATH.fullmatch(path))
 
 
 def forward_route(flow) -> Route | None:

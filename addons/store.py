@@ -83,6 +83,10 @@ def import_records(users: list[dict]) -> list[tuple[dict, dict]]:
     return records
 
 
+def _window_name(identity: str, bucket: str) -> str:
+    return f"{bucket}\0{identity}" if bucket else identity
+
+
 class SQLiteStore:
     """The embedded store: a single SQLite file in write-ahead-log mode, plus in-memory windows.
 
@@ -294,24 +298,32 @@ class SQLiteStore:
 
     # -- windows (memory) ----------------------------------------------------------------------------------
 
-    def hit_rate_window(self, identity: str, limit: int, window: float) -> tuple[bool, int, float]:
-        """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at)."""
+    def hit_rate_window(self, identity: str, limit: int, window: float, bucket: str = "") -> tuple[bool, int, float, str]:
+        """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at, the hit's
+        name for `refund_rate_window`). A `bucket` is a window of its own (token counts); only requests of the
+        default bucket make an identity active."""
         now = time.time()
-        hits = self._windows.setdefault(identity, deque())
+        hits = self._windows.setdefault(_window_name(identity, bucket), deque())
         while hits and hits[0] <= now - window:
             hits.popleft()
         allowed = len(hits) < limit
         if allowed:
             hits.append(now)
         reset_at = hits[0] + window if hits else now
-        return allowed, max(0, limit - len(hits)), reset_at
+        return allowed, max(0, limit - len(hits)), reset_at, repr(now)
+
+    def refund_rate_window(self, identity: str, hit: str, bucket: str = "") -> None:
+        """Takes back a counted request: the proxy itself refused it after the count, so it costs nothing."""
+        hits = self._windows.get(_window_name(identity, bucket), deque())
+        if float(hit) in hits:
+            hits.remove(float(hit))
 
     def active_identities(self, window: float) -> int:
         """Identities with a counted request in the last `window` seconds."""
         cutoff = time.time() - window
-        for identity in [i for i, hits in self._windows.items() if not hits or hits[-1] <= cutoff]:
-            del self._windows[identity]
-        return len(self._windows)
+        for name in [name for name, hits in self._windows.items() if not hits or hits[-1] <= cutoff]:
+            del self._windows[name]
+        return sum("\0" not in name for name in self._windows)
 
     def record_wait(self, family: str, seconds: float) -> None:
         """Notes how long a request of the family waited for a key, for the estimated wait."""

@@ -1,8 +1,9 @@
 """Token usage as the upstream reports it, from a JSON answer or from an SSE stream as it passes.
 
 For a stream the meter reads every event: OpenAI's final `usage` chunk (which the proxy asks for and, when the
-client did not, removes again), the Responses API's `response.completed`, Anthropic's `message_start` and
-`message_delta`. When a stream ends early the count is estimated from the text that did reach the client.
+client did not, removes again), the Responses API's last event (`response.completed`, `response.incomplete` or
+`response.failed`: whichever ends the stream carries the usage), Anthropic's `message_start` and `message_delta`.
+When a stream ends early the count is estimated from the text that did reach the client.
 """
 
 import json
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 from addons.apierrors import ANTHROPIC
 
+_RESPONSE_ENDINGS = ("response.completed", "response.incomplete", "response.failed")
 CHARACTERS_PER_TOKEN = 4  # the usual English average of both tokenizers; only used when the upstream's figure is missing
 
 
@@ -64,6 +66,7 @@ class StreamMeter:
         self.input_seen = 0
         self.text_characters = 0
         self.text_parts: list[str] = []
+        self._anthropic_usage: dict = {}
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -100,8 +103,9 @@ class StreamMeter:
         if self.api == ANTHROPIC:
             self._read_anthropic(payload)
             return True
-        if payload.get("type") == "response.completed":
-            self.usage = _from_usage_object(payload.get("response", {}).get("usage")) or self.usage
+        if payload.get("type") in _RESPONSE_ENDINGS:
+            response = payload.get("response") if isinstance(payload.get("response"), dict) else {}
+            self.usage = _from_usage_object(response.get("usage")) or self.usage
         elif isinstance(delta := payload.get("delta"), str):  # Responses API text deltas
             self._text(delta)
         for choice in payload.get("choices") or []:
@@ -120,10 +124,13 @@ class StreamMeter:
     def _read_anthropic(self, payload: dict) -> None:
         kind = payload.get("type")
         if kind == "message_start":
-            started = _from_usage_object(payload.get("message", {}).get("usage")) or Usage()
-            self.input_seen = started.input
+            message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
+            self._anthropic_usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+            self.input_seen = (_from_usage_object(self._anthropic_usage) or Usage()).input
         elif kind == "content_block_delta":
-            self._text((payload.get("delta") or {}).get("text") or "")
-        elif kind == "message_delta":
-            output = int((payload.get("usage") or {}).get("output_tokens") or 0)
-            self.usage = Usage(self.input_seen, output)
+            delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
+            self._text(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
+        elif kind == "message_delta" and isinstance(payload.get("usage"), dict):
+            # The final figures; newer API versions repeat the input and cache figures here, older ones do not.
+            self._anthropic_usage = {"input_tokens": 0, **self._anthropic_usage, **payload["usage"]}
+            self.usage = _from_usage_object(self._anthropic_usage)

@@ -109,13 +109,27 @@ class WaitQueue:
     def queue(self, api: str, family: str) -> FamilyQueue:
         return self.queues.setdefault((api, family), FamilyQueue())
 
-    def would_wait(self, api: str, family: str) -> bool:
-        """Whether a request of this family arriving now would have to queue."""
+    def would_wait(self, flow: http.HTTPFlow, api: str, family: str) -> bool:
+        """Whether the request would have to queue if it arrived now; raises QueueRefusal when it may not wait at
+        all, so that a refusal goes out as an error status before any byte of a stream."""
         pool = ctx.master.addons.get("keypool")
-        if len(self.queue(api, family)):
-            return True
         now = time.time()
-        return not any(key.is_free(family, now) for key in pool.serving(api, family))
+        if not len(self.queue(api, family)) and any(key.is_free(family, now) for key in pool.serving(api, family)):
+            return False
+        self._check_may_wait(flow, api, family)
+        return True
+
+    def _check_may_wait(self, flow: http.HTTPFlow, api: str, family: str) -> None:
+        """Raises QueueRefusal when no key serves the family, the queue is off, or the identity waits already."""
+        rest = ctx.master.addons.get("keypool").seconds_until_free(api, family)
+        if rest is None:
+            raise QueueRefusal(503, "no_keys_available", f"This proxy has no working key for {family} models.")
+        if ctx.options.queue_mode == "none":
+            raise QueueRefusal(429, "no_key_free", f"Every key for {family} models is busy; try again shortly.",
+                               retry_after=max(1.0, rest))  # fmt: skip
+        if self.queue(api, family).count(identity_of(flow)) >= ctx.options.max_queued_per_identity:
+            raise QueueRefusal(429, "too_many_queued", "You already have a request waiting for a key; "
+                               "wait for it to finish before sending another.", retry_after=max(1.0, rest))  # fmt: skip
 
     async def acquire(self, flow: http.HTTPFlow, api: str, family: str, arrived: float, on_queued=None) -> PoolKey:
         """A free key for the request, waiting for one if needed. Raises QueueRefusal."""
@@ -123,17 +137,8 @@ class WaitQueue:
         queue = self.queue(api, family)
         if not len(queue) and (key := pool.choose(api, family)):
             return key
-        rest = pool.seconds_until_free(api, family)
-        if rest is None:
-            raise QueueRefusal(503, "no_keys_available", f"This proxy has no working key for {family} models.")
-        if ctx.options.queue_mode == "none":
-            raise QueueRefusal(429, "no_key_free", f"Every key for {family} models is busy; try again shortly.",
-                               retry_after=max(1.0, rest))  # fmt: skip
-        identity = identity_of(flow)
-        if queue.count(identity) >= ctx.options.max_queued_per_identity:
-            raise QueueRefusal(429, "too_many_queued", "You already have a request waiting for a key; "
-                               "wait for it to finish before sending another.", retry_after=max(1.0, rest))  # fmt: skip
-        waiter = Waiter(identity, arrived)
+        self._check_may_wait(flow, api, family)
+        waiter = Waiter(identity_of(flow), arrived)
         queue.add(waiter)
         flow.metadata["llmproxy"]["queued"] = True
         self._pump(api, family)

@@ -75,6 +75,15 @@ class ProxyProcess:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, pattern: str, timeout: float = 10) -> re.Match:
+        """The first match of `pattern` in the log, waiting for the process to print it."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.log())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pattern!r} did not appear in the proxy's log:\n{self.log()}")
+            time.sleep(0.05)
+        return match
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -1,7 +1,5 @@
 """The proxy under mitmweb: every flow annotated, nothing secret shown or saved, memory bounded."""
 
-import re
-
 import httpx
 import pytest
 
@@ -22,7 +20,7 @@ def mitmweb(fake):
         args=["--set", f"web_port={web_port}", "--set", "web_open_browser=false", "--set", "web_keep_flows=40"],
         ui="web",
     ).start()
-    token = re.search(r"\?token=([0-9a-f]+)", process.log()).group(1)
+    token = process.wait_for_log(r"\?token=([0-9a-f]+)").group(1)  # mitmweb may print it after the listener
     api = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"authorization": f"Bearer {token}"})
     yield process, api
     process.stop()

@@ -30,8 +30,6 @@ HOSTILE_TARGETS = [
     b"/proxy/openai/v1/chat/completions/../../organization/api_keys",
     b"/proxy/openai/v1/../v1/chat/completions",
     b"/proxy/openai/v1/./chat/completions",
-    b"/proxy/openai//v1/chat/completions",
-    b"/proxy/openai/v1/chat//completions",
     b"/proxy/openai/v1/chat/completions/",
     b"/proxy/openai/v1/%2e%2e/chat/completions",
     b"/proxy/openai/v1/chat%2fcompletions",
@@ -104,6 +102,63 @@ def test_unknown_targets_are_refused_locally(proxy, fake, method, target):
 
 
 @pytest.mark.parametrize(
+    "target, upstream_path",
+    [
+        (b"/proxy/openai//v1/chat/completions", "/v1/chat/completions"),
+        (b"/proxy/openai/v1//chat/completions", "/v1/chat/completions"),  # a base URL typed with a trailing slash
+        (b"//proxy//openai///v1/chat//completions?x=1", "/v1/chat/completions"),
+        (b"/proxy/anthropic//v1/messages", "/v1/messages"),
+    ],
+)
+def test_repeated_slashes_are_merged_before_routing(proxy, fake, target, upstream_path):
+    body = BODY if b"openai" in target else b'{"model": "claude-sonnet-5", "max_tokens": 5, "messages": []}'
+    status, _, _ = raw_request(proxy, b"POST " + target + b" HTTP/1.1", body=body)
+    assert status == 200
+    assert [r.path for r in fake.requests] == [upstream_path]
+
+
+def test_websocket_upgrades_get_426_so_codex_falls_back_to_https_at_once(proxy, fake):
+    upgrade = b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    status, _, content = raw_request(proxy, b"GET /proxy/openai/v1/responses HTTP/1.1", upgrade, body=b"")
+    assert status == 426 and json.loads(content)["error"]["code"] == "websocket_not_supported"
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "method, target",
+    [
+        (b"GET", b"/proxy/openai/v1/responses/resp_0123abcd"),
+        (b"DELETE", b"/proxy/openai/v1/responses/resp_0123abcd"),
+        (b"POST", b"/proxy/openai/v1/responses/resp_0123abcd/cancel"),
+        (b"GET", b"/proxy/openai/v1/responses/resp_0123abcd/input_items"),
+    ],
+)
+def test_stored_responses_are_refused_with_a_reason(proxy, fake, method, target):
+    status, _, content = raw_request(proxy, method + b" " + target + b" HTTP/1.1", body=b"")
+    assert status == 404
+    error = json.loads(content)["error"]
+    assert error["code"] == "stored_responses_not_served" and "stored responses" in error["message"]
+    assert fake.requests == []
+
+
+def test_codex_compaction_and_input_token_counts_are_forwarded(proxy, fake):
+    body = {"model": "gpt-5.4", "input": [{"role": "user", "content": "hello"}], "instructions": "be brief"}
+    compact = httpx.post(f"{proxy.url}/proxy/openai/v1/responses/compact", json=body)
+    counted = httpx.post(f"{proxy.url}/proxy/openai/v1/responses/input_tokens", json=body)
+    assert compact.status_code == 200 and compact.json()["usage"]["input_tokens"] > 0
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
+    assert [r.path for r in fake.requests] == ["/v1/responses/compact", "/v1/responses/input_tokens"]
+    assert all(json.loads(r.body) == body for r in fake.requests)
+
+
+def test_background_responses_are_refused_because_the_proxy_could_not_account_for_them(proxy, fake):
+    response = httpx.post(f"{proxy.url}/proxy/openai/v1/responses",
+                          json={"model": "gpt-5.4", "input": "x", "background": True})  # fmt: skip
+    assert response.status_code == 400 and "background" in response.json()["error"]["message"]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
     "request_line",
     [
         b"POST http://127.0.0.1:9/v1/chat/completions HTTP/1.1",
@@ -156,6 +211,18 @@ def test_cors_preflight_is_answered_locally(proxy, fake):
     assert "authorization" in response.headers["access-control-allow-headers"]
     assert "access-control-allow-credentials" not in response.headers
     assert fake.requests == []
+
+
+def test_browsers_may_read_the_headers_clients_act_on(proxy, fake):
+    served = httpx.post(f"{proxy.url}/proxy/openai/v1/chat/completions", content=BODY,
+                        headers={"origin": "https://chat.example"})  # fmt: skip
+    refused = httpx.get(f"{proxy.url}/proxy/anthropic/v1/files", headers={"origin": "https://chat.example"})
+    for response in (served, refused):
+        exposed = {name.strip() for name in response.headers["access-control-expose-headers"].split(",")}
+        assert {"retry-after", "x-proxy-error", "request-id", "x-request-id", "x-ratelimit-remaining",
+                "x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"} <= exposed
+        assert response.headers["access-control-allow-origin"] == "*"
+    assert "x-ratelimit-remaining-requests" in served.headers
 
 
 @pytest.mark.parametrize("size", [5 * 1024 * 1024, 9 * 1024 * 1024])

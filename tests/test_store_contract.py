@@ -265,13 +265,22 @@ def test_counters(store):
 def test_rate_window_allows_exactly_the_limit(store):
     first = time.time()
     results = [store.hit_rate_window("user:a", 3, 0.4) for _ in range(4)]
-    assert [(allowed, remaining) for allowed, remaining, _ in results] == [(True, 2), (True, 1), (True, 0),
-                                                                           (False, 0)]  # fmt: skip
-    assert all(first + 0.4 <= reset_at <= time.time() + 0.4 for _, _, reset_at in results)
+    assert [(allowed, remaining) for allowed, remaining, *_ in results] == [(True, 2), (True, 1), (True, 0),
+                                                                            (False, 0)]  # fmt: skip
+    assert all(first + 0.4 <= reset_at <= time.time() + 0.4 for _, _, reset_at, _ in results)
     assert store.hit_rate_window("user:b", 3, 0.4)[:2] == (True, 2)  # windows are per identity
     time.sleep(max(0, results[0][2] - time.time()) + 0.02)
-    allowed, remaining, _ = store.hit_rate_window("user:a", 3, 0.4)
+    allowed, remaining, *_ = store.hit_rate_window("user:a", 3, 0.4)
     assert allowed and remaining == 2
+
+
+def test_a_refunded_hit_frees_its_place_in_the_window(store):
+    first = store.hit_rate_window("user:a", 2, 60)
+    assert store.hit_rate_window("user:a", 2, 60)[:2] == (True, 0)
+    store.refund_rate_window("user:a", first[3])
+    assert store.hit_rate_window("user:a", 2, 60)[:2] == (True, 0)  # the refunded place was free again
+    assert not store.hit_rate_window("user:a", 2, 60)[0]
+    assert store.hit_rate_window("user:a", 1, 60, "count_tokens")[:2] == (True, 0)  # a bucket is a window of its own
 
 
 def test_active_identities(store):
@@ -279,6 +288,7 @@ def test_active_identities(store):
     store.hit_rate_window("user:a", 5, 60)
     store.hit_rate_window("user:b", 1, 60)
     store.hit_rate_window("user:b", 1, 60)  # refused: not counted, still active from the first
+    store.hit_rate_window("user:d", 1, 60, "count_tokens")  # token counts make no one active
     assert store.active_identities(60) == 2
     time.sleep(0.06)
     store.hit_rate_window("user:c", 5, 60)

@@ -44,8 +44,8 @@ def test_routes_refuse_near_misses(target):
 
 def test_upstream_paths_come_from_the_table():
     assert {route.upstream_path for route in routes.ROUTES_BY_NAME.values() if route.kind == routes.FORWARD} == {
-        "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
-        "/v1/messages", "/v1/messages/count_tokens", "/v1/complete",
+        "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/responses/compact",
+        "/v1/responses/input_tokens", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens", "/v1/complete",
     }  # fmt: skip
 
 
@@ -171,7 +171,7 @@ def test_chat_prompt_count_follows_openais_formula():
 
     # 3 per message + role + content, + 3 priming: the OpenAI cookbook's counting for current models.
     body = {"messages": [{"role": "system", "content": "hello world"}, {"role": "user", "content": "hello world"}]}
-    assert tokens.count_prompt("openai", "gpt-4o", body) == 3 + 1 + 2 + 3 + 1 + 2 + 3
+    assert tokens.count_prompt("openai", "gpt-4o", tokens.model_input(body)).high == 3 + 1 + 2 + 3 + 1 + 2 + 3
     assert tokens.encoding_for("gpt-4-0613") == "cl100k_base" and tokens.encoding_for("gpt-5.4-mini") == "o200k_base"
 
 
@@ -214,3 +214,68 @@ def test_claude_stream_becomes_openai_chunks_event_by_event():
     assert roles == ["user", "assistant", "user", "assistant", "user"]  # a user turn first, consecutive ones merged
     assert request["messages"][3]["content"] == [{"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}]
     assert request["messages"][4]["content"][0]["type"] == "tool_result"
+
+
+def _png(width: int, height: int, padding: int = 0) -> str:
+    """A base64 PNG header of the given size (the counter reads only the header), padded to look large."""
+    import base64
+    import struct
+
+    header = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + struct.pack(">II", width, height) + b"\x08\x06\x00\x00\x00"
+    return base64.b64encode(header + b"\x00" * padding).decode()
+
+
+def test_images_count_by_the_providers_formulas_not_as_base64_text():
+    from addons import tokens
+
+    big = _png(1000, 500, padding=3_000_000)  # 4 MB of base64: as text it would be about a million tokens
+    claude = {"messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [  # an image inside a tool result counts too
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": big}}]}]}]}
+    count = tokens.count_prompt("anthropic", "claude-sonnet-5", tokens.model_input(claude))
+    assert count.low == 667 and 667 < count.high < 700  # 1000 x 500 / 750, plus a few framing tokens
+    openai_image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png(2048, 4096)}"}}
+    assert tokens.image_tokens("openai", openai_image).low == 85 + 170 * 6  # 768 x 1536: 2 x 3 tiles
+    low_detail = {"type": "input_image", "image_url": f"data:image/png;base64,{_png(4000, 4000)}", "detail": "low"}
+    assert tokens.image_tokens("openai", low_detail) == tokens.Estimate(85, 85)
+    linked = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    assert tokens.image_tokens("anthropic", linked) == tokens.Estimate(0, tokens.ANTHROPIC_IMAGE_MAX)
+
+
+@pytest.mark.parametrize(
+    "header, size",
+    [
+        (b"GIF89a\x40\x01\xf0\x00", (320, 240)),
+        (b"\xff\xd8\xff\xe0\x00\x04\x00\x00\xff\xc0\x00\x11\x08\x01\xe0\x02\x80\x03", (640, 480)),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00\x7f\x02\x00\xdf\x01\x00", (640, 480)),
+    ],
+)
+def test_image_sizes_are_read_from_the_header(header, size):
+    from addons import tokens
+
+    assert tokens.image_size(header) == size
+
+
+def test_pdf_pages_and_opaque_blobs_have_stated_figures():
+    import base64
+    import zlib
+
+    from addons import tokens
+
+    plain = b"%PDF-1.4\n2 0 obj << /Type /Pages /Kids [3 0 R 4 0 R] /Count 2 >> endobj"
+    compressed = b"%PDF-1.5\n5 0 obj << /Type /ObjStm /Filter /FlateDecode >>stream\n" + \
+        zlib.compress(b"<< /Count 12 /Type /Pages /Kids [] >>") + b"\nendstream"  # fmt: skip
+    assert (tokens.pdf_pages(plain), tokens.pdf_pages(compressed), tokens.pdf_pages(b"%PDF-1.7 ?")) == (2, 12, None)
+    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                               "data": base64.b64encode(plain).decode()}}  # fmt: skip
+    assert tokens.document_tokens(document) == tokens.Estimate(0, 2 * tokens.PDF_PAGE_TOKENS)
+    unreadable = {"type": "input_file", "file_id": "file-abc"}
+    assert tokens.document_tokens(unreadable).high == tokens.PDF_MAX_PAGES * tokens.PDF_PAGE_TOKENS
+    reasoning = {"input": [{"type": "reasoning", "encrypted_content": "A" * 4000, "summary": []},
+                           {"type": "message", "role": "user", "content": "hi"}]}  # fmt: skip
+    found = tokens.model_input(reasoning)
+    assert found.texts == ["hi"] and len(found.blobs) == 1
+    count = tokens.count_prompt("openai", "gpt-5.4", found)
+    assert count.low == 1 and count.high == 1 + 4 * 2 + 3 + 750  # 3,000 decoded bytes at 4 a token
+    signed = {"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "S" * 900}]}]}
+    assert tokens.model_input(signed).texts == [""] and tokens.model_input(signed).blobs == []  # the empty thinking
