@@ -65,6 +65,24 @@ ensure_test_programs() {
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >&2
 }
 
+# The end-to-end tests run the real coding-agent CLIs (tests/clients/package.json) through the proxy; npm installs
+# them unless the same lock was installed before. A failure only skips those tests, so it does not stop the suite.
+ensure_test_clients() {
+    local dir="$root/tests/clients" stamp="$root/tests/clients/node_modules/.installed-lock" digest
+    digest=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && return 0
+    if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "run.sh: installing nodejs and npm for the client tests" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm) >&2 || true
+    fi
+    echo "run.sh: installing the test clients in tests/clients" >&2
+    if (cd "$dir" && npm ci --no-audit --no-fund) >&2; then
+        echo "$digest" >"$stamp"
+    else
+        echo "run.sh: could not install the test clients (npm ci in tests/clients failed); their tests will skip" >&2
+    fi
+}
+
 command=${1:-}
 case "$command" in
     test)
@@ -72,6 +90,7 @@ case "$command" in
         ensure_venv
         install_requirements "$root/tests/requirements.txt"
         ensure_test_programs
+        ensure_test_clients
         exec "$venv/bin/python" -m pytest -c "$root/tests/pytest.ini" --rootdir "$root" "$@"
         ;;
     bench)
