@@ -315,3 +315,30 @@ def test_restart_and_kill_lose_no_user_and_no_completed_usage(fake, tmp_path):
     assert details["nickname"] == "Durable"
     used = details["usage"]["gpt4o"]["used"]
     assert billed <= used <= billed + 50  # at most the one request in flight at the kill was billed unseen
+
+
+@pytest.mark.parametrize("ending", ["completed", "incomplete", "failed"])
+def test_a_responses_stream_is_billed_from_whichever_event_ends_it(user_proxy, fake, ending):
+    """Codex's streams end in response.completed, .incomplete (max_output_tokens) or .failed; each carries the
+    usage the owner pays for, and that figure, not an estimate, is what the user is billed."""
+    proxy, admin = user_proxy()
+    token, user = admin.create(nickname="Codex user")
+    client = openai.OpenAI(base_url=f"{proxy.url}/proxy/openai/v1", api_key=token, max_retries=0)
+    directive = "" if ending == "completed" else f" #fake:end={ending}"
+    stream = client.responses.create(model="gpt-5.4", input=f"say hi{directive}", stream=True,
+                                     reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])  # fmt: skip
+    last = list(stream)[-1]
+    assert last.type == f"response.{ending}"
+    reported = last.response.usage.input_tokens + last.response.usage.output_tokens
+    assert admin.user(user["id"])["usage"]["gpt5"]["used"] == reported
+
+
+def test_a_claude_stream_is_billed_from_its_final_figures(user_proxy, fake):
+    proxy, admin = user_proxy()
+    token, user = admin.create(nickname="Claude Code user")
+    claude = anthropic.Anthropic(base_url=f"{proxy.url}/proxy/anthropic", api_key=token, max_retries=0)
+    with claude.messages.stream(model="claude-sonnet-5", max_tokens=4096, thinking={"type": "enabled",
+                                "budget_tokens": 2048}, messages=[{"role": "user", "content": "hi"}]) as stream:  # fmt: skip
+        final = stream.get_final_message()
+    reported = final.usage.input_tokens + final.usage.output_tokens
+    assert admin.user(user["id"])["usage"]["claude-sonnet"]["used"] == reported
