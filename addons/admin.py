@@ -185,7 +185,11 @@ class AdminApi:
 
     def list_keys(self, flow, query) -> http.Response:
         pool = ctx.master.addons.get("keypool")
+        health = self._store().key_health()
         keys = [{"id": key.id, "service": key.api, "organization": key.organization is not None, "state": key.state,
+                 "reason": health[key.id].reason if key.id in health else None,
+                 "retired_at": health[key.id].changed_at if key.id in health else None,
+                 "suspected": key.suspected, "suspected_families": sorted(key.suspected_families),
                  "families": sorted(key.families) if key.families is not None else None,
                  "resting": {f: round(until - time.time(), 1) for f, until in key.cooldown_until.items()
                              if until > time.time()}} for key in pool.all_keys()]  # fmt: skip

@@ -41,7 +41,7 @@ from addons.apierrors import (
     fail_closed,
     sse_error_event,
 )
-from addons.keypool import PoolKey, Verdict
+from addons.keypool import RETIRING, PoolKey, Verdict
 from addons.routes import Route, forward_route
 from addons.waitqueue import QueueRefusal
 
@@ -262,19 +262,25 @@ class Dispatcher:
         arrived = time.time()
         answer: Answer | None = None
         failed_key: PoolKey | None = None  # the key of a server error, retried once on another key
+        suspected = False  # a request may make one key suspect; a second such answer is the request's own fault
         for _ in range(MAX_ATTEMPTS):
             if failed_key is None:
                 try:
                     key = await queue.acquire(flow, api, family, arrived, on_queued)
                 except QueueRefusal as refusal:
+                    if suspected and refusal.code == "no_keys_available":
+                        break  # the only key is suspect: the upstream's own answer says more than ours
                     meta["decision"] = refusal.code
                     return Answer.refusal(route.dialect, refusal)
             elif (key := pool.choose(api, family, exclude=[failed_key])) is None:
                 return answer
             meta["queue_ms"] = round((time.time() - arrived) * 1000)
             meta["keys"].append(key.id)
-            answer, verdict = await self._attempt(flow, route, key)
-            if verdict in (Verdict.RATE_LIMITED, Verdict.REVOKED, Verdict.OVER_QUOTA):
+            answer, verdict = await self._attempt(flow, route, key, may_suspect=not suspected)
+            if verdict is Verdict.RATE_LIMITED:
+                continue
+            if verdict in RETIRING and not suspected:
+                suspected = True
                 continue
             if verdict is Verdict.SERVER_ERROR and failed_key is None:
                 failed_key = key
@@ -285,7 +291,8 @@ class Dispatcher:
             self.served[api] += 1
         return answer
 
-    async def _attempt(self, flow: http.HTTPFlow, route: Route, key: PoolKey) -> tuple[Answer, Verdict]:
+    async def _attempt(self, flow: http.HTTPFlow, route: Route, key: PoolKey,
+                       may_suspect: bool) -> tuple[Answer, Verdict]:
         """One upstream call with one key, and what its answer means. The key is always given back."""
         meta = flow.metadata["llmproxy"]
         pool, family = ctx.master.addons.get("keypool"), meta["family"]
@@ -300,13 +307,13 @@ class Dispatcher:
             pool.abandon(key, family)
             raise
         client_headers = headers.client_response_headers(upstream.headers)
-        verdict = pool.release(key, family, upstream.status, upstream.headers, body or b"")
+        verdict = pool.release(key, family, upstream.status, upstream.headers, body or b"", meta["model"], may_suspect)
         if body is None:
             return Answer(upstream.status, client_headers, stream=upstream), verdict
         if not upstream.ok:
             logger.info("upstream %s answered %d with key %s", route.api, upstream.status, key.id)
             body = scrub.body(body)
-        if route.client_format and verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR):
+        if route.client_format and verdict is not Verdict.RATE_LIMITED:  # an answer the client may get
             body = translate.message_to_chat(body)
         return Answer(upstream.status, client_headers, body), verdict
 

@@ -4,6 +4,11 @@ OpenAI: `GET /v1/models` tells whether the key works and which families it can u
 names its organisations, and each extra organisation becomes a pool entry of its own. Anthropic: `GET /v1/models`.
 Working keys are checked every `key_check_interval`; retired ones far more rarely, and they come back when the
 upstream says they work again.
+
+It also decides every suspicion: an answer to a client's request that would retire a key (or bar it from a family)
+only makes the key suspect, because a client can provoke such answers. The checker then sends its own probe with
+no client input: a generation request with an empty message list, which a working key gets refused as invalid
+(no tokens spent) and a dead key gets refused as dead, for the suspect's model. Its answer decides.
 """
 
 import asyncio
@@ -18,6 +23,9 @@ from yarl import URL
 from addons.apierrors import ANTHROPIC, OPENAI
 from addons.headers import DEFAULT_ANTHROPIC_VERSION
 from addons.keypool import ACTIVE, OVER_QUOTA, REVOKED, PoolKey, Verdict, classify
+
+PROBE_PATHS = {OPENAI: "/v1/chat/completions", ANTHROPIC: "/v1/messages"}
+USER_AGENT = "llm-key-proxy/key-check"  # the checker's own requests say so, in upstream logs and in the tests
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ class KeyChecker:
         self.checked_at: dict[str, float] = {}
         self.failures: dict[str, int] = {}
         self._task: asyncio.Task | None = None
+        self._probes: dict[tuple[str, str], asyncio.Task] = {}  # (key id, family) -> its running confirmation
 
     def load(self, loader):
         loader.add_option("check_keys", bool, True, "Check keys at start-up and periodically.")
@@ -80,9 +89,7 @@ class KeyChecker:
 
     async def check(self, key: PoolKey, session: aiohttp.ClientSession, base, pool) -> None:
         """One check of one key; network trouble is retried with exponential back-off."""
-        headers = dict(key.auth_headers())
-        if key.api == ANTHROPIC:
-            headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
+        headers = _headers(key)
         self.checked_at[key.id] = time.time()
         try:
             async with session.get(base.join(URL("/v1/models")), headers=headers) as response:
@@ -105,6 +112,36 @@ class KeyChecker:
         else:
             logger.info("key %s check got %d; keeping its state", key.id, status)
 
+    def confirm(self, key: PoolKey, suspected: Verdict, family: str, model: str) -> None:
+        """Starts the probe that decides a suspicion (one at a time per key and family)."""
+        if (key.id, family) in self._probes:
+            return
+        probe = asyncio.create_task(self._confirm(key, suspected, family, model))
+        self._probes[(key.id, family)] = probe
+        probe.add_done_callback(lambda _: self._probes.pop((key.id, family), None))
+
+    async def _confirm(self, key: PoolKey, suspected: Verdict, family: str, model: str) -> None:
+        pool, dispatcher = ctx.master.addons.get("keypool"), ctx.master.addons.get("dispatcher")
+        await dispatcher.ready.wait()
+        headers = _headers(key)
+        url = dispatcher.upstreams[key.api].join(URL(PROBE_PATHS[key.api]))
+        try:
+            async with dispatcher.session.post(url, json={"model": model, "messages": [], "max_tokens": 1},
+                                               headers=headers) as response:  # fmt: skip
+                status, body = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            pool.clear_suspicion(key, family, f"its probe could not reach the API ({type(error).__name__})")
+            return
+        verdict = classify(status, body)
+        reason = f"an answer to a request said {suspected.value}; the checker's probe confirmed it with HTTP {status}"
+        if verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
+            pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, reason)
+        elif verdict is Verdict.FAMILY_FORBIDDEN:
+            pool.forbid_family(key, family, reason)
+            pool.clear_suspicion(key, family, "only the family was refused")
+        else:
+            pool.clear_suspicion(key, family, f"the checker's probe got HTTP {status}, so the request caused it")
+
     @staticmethod
     async def _extra_organizations(key: PoolKey, session, base, headers) -> list[str]:
         """The key's organisations other than its default one (OpenAI only)."""
@@ -118,6 +155,14 @@ class KeyChecker:
                 return [str(org["id"]) for org in data if org.get("id") and not org.get("is_default")]
             except (ValueError, KeyError, TypeError, AttributeError):
                 return []
+
+
+def _headers(key: PoolKey) -> dict[str, str]:
+    """The headers of the checker's own requests with `key`."""
+    headers = {"user-agent": USER_AGENT, **dict(key.auth_headers())}
+    if key.api == ANTHROPIC:
+        headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
+    return headers
 
 
 def _model_ids(body: bytes) -> list[str]:

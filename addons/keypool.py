@@ -35,36 +35,70 @@ class Verdict(Enum):
 
     SUCCESS = "success"
     RATE_LIMITED = "rate_limited"  # cool the key down for this family, try another key
-    REVOKED = "revoked"  # retire the key, try another
-    OVER_QUOTA = "over_quota"  # retire the key, try another
+    REVOKED = "revoked"  # the key is suspected revoked: confirmed by the checker's own call before it retires
+    OVER_QUOTA = "over_quota"  # the same, for an account without quota or credit
+    FAMILY_FORBIDDEN = "family_forbidden"  # the key may not use this family's models (confirmed the same way)
     SERVER_ERROR = "server_error"  # try one other key, if one is free
-    CLIENT_ERROR = "client_error"  # the request itself is wrong: pass the answer on
+    CLIENT_ERROR = "client_error"  # the request itself is wrong: pass the answer on, touch no key
 
 
-def _error_text(body: bytes) -> str:
-    """The upstream error's type, code and message, lower-cased, for classification."""
+RETIRING = (Verdict.REVOKED, Verdict.OVER_QUOTA, Verdict.FAMILY_FORBIDDEN)
+# What each API's machine-readable error fields (`type`, `code`) say about the key, by status. Never the free-text
+# message: both APIs echo the request in it ("Unrecognized request argument supplied: billing", "billing: Extra
+# inputs are not permitted"), so a client could name any marker word. Sources: OpenAI, "Error codes" (API guide):
+# 401 invalid_api_key / invalid authentication, 403 unsupported_country_region_territory, 429 rate_limit_exceeded /
+# insufficient_quota / billing_not_active (and access_terminated, seen in the field); Anthropic, "Errors" (API
+# reference): 401 authentication_error, 402 billing_error, 403 permission_error, 429 rate_limit_error,
+# 529 overloaded_error.
+_KEY_ERRORS: dict[str, Verdict] = {
+    "insufficient_quota": Verdict.OVER_QUOTA,
+    "billing_not_active": Verdict.OVER_QUOTA,
+    "billing_hard_limit_reached": Verdict.OVER_QUOTA,
+    "billing_error": Verdict.OVER_QUOTA,
+    "access_terminated": Verdict.REVOKED,
+    "account_deactivated": Verdict.REVOKED,
+    "invalid_api_key": Verdict.REVOKED,
+    "authentication_error": Verdict.REVOKED,
+    "unsupported_country_region_territory": Verdict.CLIENT_ERROR,  # the proxy's location, the same for every key
+}
+# Anthropic reports an empty credit balance only in the text of a 400 invalid_request_error. In an answer to a
+# client's request that text is a suspicion (it may echo the request); the checker's probe, which carries no client
+# input, decides.
+_CREDIT_TEXT = "credit balance is too low"
+
+
+def _error_fields(body: bytes) -> tuple[set[str], str]:
+    """The error's machine-readable `type` and `code` values, and its message lower-cased."""
     try:
-        error = json.loads(body).get("error", {})
+        error = json.loads(body).get("error")
     except (ValueError, AttributeError):
-        return body[:2000].decode("utf-8", "replace").lower()
+        return set(), ""
     if not isinstance(error, dict):
-        return str(error).lower()
-    return " ".join(str(error.get(field, "")) for field in ("type", "code", "message")).lower()
+        return set(), ""
+    fields = {value for name in ("type", "code") if isinstance(value := error.get(name), str)}
+    message = error.get("message")
+    return fields, message.lower() if isinstance(message, str) else ""
 
 
 def classify(status: int, body: bytes) -> Verdict:
-    """Reads an upstream status and error body the way both APIs document them."""
+    """Reads an upstream status and error body the way both APIs document them: status and `type`/`code` only."""
     if status < 300:
         return Verdict.SUCCESS
-    text = _error_text(body) if status >= 400 else ""
-    if any(marker in text for marker in ("insufficient_quota", "billing_not_active", "credit balance", "billing")):
-        return Verdict.OVER_QUOTA
-    if status in (401, 403) or "access_terminated" in text or "invalid_api_key" in text:
+    fields, message = _error_fields(body) if status >= 400 else (set(), "")
+    if verdicts := [_KEY_ERRORS[field] for field in fields if field in _KEY_ERRORS]:
+        return verdicts[0]
+    if status == 401:
         return Verdict.REVOKED
-    if status in (429, 529) or "overloaded" in text:
+    if status == 402:
+        return Verdict.OVER_QUOTA
+    if status == 403:
+        return Verdict.FAMILY_FORBIDDEN
+    if status in (429, 529):
         return Verdict.RATE_LIMITED
     if status >= 500:
         return Verdict.SERVER_ERROR
+    if status == 400 and "invalid_request_error" in fields and _CREDIT_TEXT in message:
+        return Verdict.OVER_QUOTA
     return Verdict.CLIENT_ERROR
 
 
@@ -149,6 +183,10 @@ class PoolKey:
     cooldown_until: dict[str, float] = field(default_factory=dict)  # family -> time.time()
     limits: dict[str, Limits] = field(default_factory=dict)  # family -> latest figures
     probing: set[str] = field(default_factory=set)  # families where one request tests a key after its rest
+    # A suspicion from one answer, out of rotation until the checker's probe decides: the suspected state (revoked,
+    # over quota) for the whole key, or families it may not be allowed to use.
+    suspected: str | None = None
+    suspected_families: set[str] = field(default_factory=set)
     in_flight: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -168,7 +206,8 @@ class PoolKey:
         return headers
 
     def serves(self, family: str) -> bool:
-        return self.state == ACTIVE and (self.families is None or family in self.families)
+        return self.state == ACTIVE and not self.suspected and family not in self.suspected_families and (
+            self.families is None or family in self.families)
 
     def headroom(self, family: str, now: float) -> float:
         """How much of its rate limit the key has left for `family`: 1 when unknown or reset since."""
@@ -257,8 +296,12 @@ class KeyPool:
                 for k in keys]  # fmt: skip
         return max(0.0, min(ends) - now)
 
-    def release(self, key: PoolKey, family: str, status: int, headers: Mapping[str, str], body: bytes) -> Verdict:
-        """Ends a request made with `key` and learns from its answer; returns what the answer means."""
+    def release(self, key: PoolKey, family: str, status: int, headers: Mapping[str, str], body: bytes,
+                model: str = "", may_suspect: bool = True) -> Verdict:
+        """Ends a request made with `key` and learns from its answer; returns what the answer means.
+
+        An answer that would retire the key only makes it suspect (`may_suspect`: the request has not already
+        made another key suspect), and the checker's probe, which carries no client input, decides."""
         key.in_flight[family] = max(0, key.in_flight.get(family, 0) - 1)
         now = time.time()
         if (limits := read_limits(headers, now)) is not None:
@@ -274,11 +317,38 @@ class KeyPool:
                 store.set_key_rest(key.id, family, now + rest)
             logger.info("key %s rests %.1f s for %s after a %d", key.id, rest, family, status)
             ctx.master.event_loop.call_later(rest, self._changed)
-        elif verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
-            self.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, f"upstream answered {status}")
-        if verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR):
+        elif verdict in RETIRING and may_suspect:
+            self._suspect(key, verdict, family, model, status)
+        if verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR) or not may_suspect:
             self._changed()  # a probing key proved itself, or a slot was given back
         return verdict
+
+    def _suspect(self, key: PoolKey, verdict: Verdict, family: str, model: str, status: int) -> None:
+        """Takes the key (or the family on it) out of rotation and asks the checker to confirm with `model`."""
+        if verdict is Verdict.FAMILY_FORBIDDEN:
+            key.suspected_families.add(family)
+        else:
+            key.suspected = REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA
+        logger.warning("key %s is suspected %s after a %d; the key checker confirms", key.id, verdict.value, status)
+        ctx.master.addons.get("keychecker").confirm(key, verdict, family, model)
+
+    def clear_suspicion(self, key: PoolKey, family: str, reason: str) -> None:
+        """The checker found the key (or its family) working: back into rotation."""
+        key.suspected = None
+        key.suspected_families.discard(family)
+        logger.info("key %s is back: %s", key.id, reason)
+        self._changed()
+
+    def forbid_family(self, key: PoolKey, family: str, reason: str) -> None:
+        """The checker confirmed that the key may not use the family's models, as it learns other capabilities."""
+        key.suspected_families.discard(family)
+        key.families = (set(key.families) if key.families is not None else set(self._families(key.api))) - {family}
+        logger.warning("key %s no longer serves %s (%s)", key.id, family, reason)
+        self._changed()
+
+    @staticmethod
+    def _families(api: str) -> list[str]:
+        return ctx.master.addons.get("modelfamilies").all_families(api)
 
     def abandon(self, key: PoolKey, family: str) -> None:
         """Ends a request that got no answer (network error, timeout, client gone)."""
@@ -298,6 +368,7 @@ class KeyPool:
 
     def set_state(self, key: PoolKey, state: str, reason: str) -> None:
         """Retires a key or brings it back; persisted, so a restart does not hand a dead key out again."""
+        key.suspected = None
         if key.state == state:
             return
         key.state = state

@@ -42,7 +42,10 @@ The answer also follows the request as the real APIs do: Anthropic ``thinking`` 
 validated like the API, or ``adaptive``) starts it with a signed thinking block, and a Responses
 ``reasoning`` object with a reasoning item (carrying ``encrypted_content`` when ``include`` asks for
 ``reasoning.encrypted_content``). Unknown fields, roles and block types are answered normally: the
-fake must never be stricter than the proxy under test.
+fake must never be stricter than the proxy under test. With ``strict_fields`` set (tests of what
+the proxy makes of refusals), an unknown top-level field is refused as the real APIs refuse it, with
+its name echoed in the message: ``Unrecognized request argument supplied: NAME`` (OpenAI) and
+``NAME: Extra inputs are not permitted`` (Anthropic).
 
 Besides the usual OpenAI and Anthropic routes it answers ``POST /v1/responses/compact`` (Codex's
 remote compaction) and ``POST /v1/responses/input_tokens``; any other route, a websocket upgrade
@@ -94,6 +97,19 @@ TOOL_INPUTS: dict[str, Any] = {"Bash": {"command": "echo fake-tool-ran", "descri
 THINKING = "Let me think about that."
 REASONING_TOKENS = 16
 ENDINGS = ("completed", "incomplete", "failed")
+# The top-level fields each API accepts, for ``strict_fields``.
+KNOWN_FIELDS = {
+    "/v1/chat/completions": {
+        "model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "temperature",
+        "top_p", "n", "stop", "tools", "tool_choice", "response_format", "user", "seed", "logprobs", "top_logprobs",
+        "presence_penalty", "frequency_penalty", "logit_bias", "parallel_tool_calls", "reasoning_effort",
+        "verbosity", "prediction", "store", "metadata", "service_tier", "modalities", "audio", "prompt_cache_key",
+        "safety_identifier", "web_search_options"},
+    "/v1/messages": {
+        "model", "messages", "max_tokens", "system", "stream", "temperature", "top_p", "top_k", "stop_sequences",
+        "tools", "tool_choice", "metadata", "thinking", "service_tier", "context_management", "output_config",
+        "container", "mcp_servers"},
+}
 BUDGET_TOO_SMALL = "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
 BUDGET_TOO_BIG = ("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
                   "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
@@ -369,6 +385,7 @@ class FakeUpstream:
         self.host = "127.0.0.1"
         self.port = 0
         self._overrides: dict[str, dict[str, Any]] = {}
+        self.strict_fields = False  # refuse unknown top-level fields as the real APIs do, echoing their names
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -411,9 +428,10 @@ class FakeUpstream:
             self._runner = None
 
     def reset(self) -> None:
-        """Forget recorded requests and per-key overrides."""
+        """Forget recorded requests and per-key overrides; lenient about fields again."""
         self.requests.clear()
         self._overrides.clear()
+        self.strict_fields = False
 
     def set_key_behaviour(self, key: str, behaviour: str = "ok", **params: Any) -> None:
         """Override how ``key`` is answered (same as ``PUT /_fake/keys/{key}``)."""
@@ -484,6 +502,11 @@ class FakeUpstream:
                     raise ValueError("not an object")
             except (ValueError, RecursionError):
                 return self._error(call, "bad_request", "We could not parse the JSON body of your request.")
+            known = KNOWN_FIELDS.get(request.path, call.payload.keys()) if self.strict_fields else call.payload.keys()
+            if unknown := sorted(set(call.payload) - set(known)):
+                message = f"{unknown[0]}: Extra inputs are not permitted" if api == "anthropic" else \
+                    f"Unrecognized request argument supplied: {unknown[0]}"
+                return self._error(call, "bad_request", message)
         call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"))
         if call.behaviour.delay_ms:
             await asyncio.sleep(call.behaviour.delay_ms / 1000)

@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CANARY, proxy_env
+from tests.conftest import ANTHROPIC_KEYS, CANARY, OPENAI_KEYS, proxy_env
+from tests.test_e2e_keypool import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client
 
 pytestmark = pytest.mark.e2e
@@ -152,6 +153,11 @@ def test_canary_key_appears_nowhere(start_proxy, fake):
             for stream in (False, True):
                 record(client.post(CHAT, json=chat(content, stream)))
                 record(client.post(MESSAGES, json=message(content, stream)))
+        # A key retires only when the checker's own probe confirms it: every key really dies now.
+        for key in [*OPENAI_KEYS, *ANTHROPIC_KEYS]:
+            fake.set_key_behaviour(key, "invalid_key", echo_key=1)
+        for path, body in ((CHAT, chat("dying")), (MESSAGES, message("dying"))):
+            wait_until(lambda: (record(response := client.post(path, json=body)) or response.status_code == 503))
         record(client.post(CHAT, content=b"{not json"))
         record(client.post(MESSAGES, content=b"[" * 10000))
         for path in ["/", "/status", "/health", "/proxy/openai/v1/models", "/proxy/anthropic/v1/models",

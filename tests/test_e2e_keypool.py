@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from addons.keychecker import USER_AGENT as KEY_CHECK_AGENT
 from tests.conftest import proxy_env
 from tests.test_e2e_sdk import anthropic_client, openai_client
 
@@ -25,8 +26,13 @@ def pool_env(fake, openai_keys: list[str], **overrides) -> dict[str, str]:
     return proxy_env(fake, OPENAI_KEY=",".join(openai_keys), **overrides)
 
 
+def by_clients(fake) -> list:
+    """The requests the fake got from clients through the proxy, without the key checker's own."""
+    return [recorded for recorded in fake.requests if ("user-agent", KEY_CHECK_AGENT) not in recorded.headers]
+
+
 def keys_used(fake) -> list[str]:
-    return [recorded.key for recorded in fake.requests if recorded.path == "/v1/chat/completions"]
+    return [recorded.key for recorded in by_clients(fake) if recorded.path == "/v1/chat/completions"]
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
@@ -62,7 +68,7 @@ def test_revoked_key_is_never_used_again_also_after_a_restart(start_proxy, fake,
     for _ in range(3):
         openai_client(proxy).chat.completions.create(**chat("Hello"))
     assert keys_used(fake) == ["sk-dead-401", "sk-alive", "sk-alive", "sk-alive"]
-    assert httpx.get(f"{proxy.url}/status").json()["openai"]["keys"]["revoked"] == 1
+    wait_until(lambda: httpx.get(f"{proxy.url}/status").json()["openai"]["keys"]["revoked"] == 1)  # probe confirmed
     proxy.stop()
     fake.reset()
     restarted = start_proxy(env)
@@ -72,18 +78,20 @@ def test_revoked_key_is_never_used_again_also_after_a_restart(start_proxy, fake,
     assert httpx.get(f"{restarted.url}/status").json()["openai"]["keys"]["revoked"] == 1
 
 
-def test_over_quota_keys_retire_and_an_empty_pool_says_so(start_proxy, fake):
+def test_over_quota_keys_retire_one_per_request_and_an_empty_pool_says_so(start_proxy, fake):
     proxy = start_proxy(proxy_env(fake, ANTHROPIC_KEY="sk-ant-a-quota,sk-ant-b-quota"))
-    with pytest.raises(Exception) as raised:
-        anthropic_client(proxy).messages.create(
-            model="claude-sonnet-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
-        )
-    assert raised.value.status_code == 503
-    assert httpx.get(f"{proxy.url}/status").json()["anthropic"]["keys"]["overQuota"] == 2
+    message = {"model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    first = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", json=message)
+    # One request makes at most one key suspect; the second key's identical answer goes back as the API gave it.
+    assert first.status_code == 400 and "credit balance" in first.json()["error"]["message"]
+    wait_until(lambda: httpx.get(f"{proxy.url}/status").json()["anthropic"]["keys"]["overQuota"] == 1)
+    second = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", json=message)
+    assert second.status_code == 400  # the last key turned suspect: the client gets the API's own words
+    wait_until(lambda: httpx.get(f"{proxy.url}/status").json()["anthropic"]["keys"]["overQuota"] == 2)
     fake.reset()
-    response = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", json={"model": "claude-sonnet-5",
-                          "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
-    assert response.status_code == 503 and fake.requests == []
+    response = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", json=message)
+    assert response.status_code == 503 and response.json()["error"]["type"] == "overloaded_error"
+    assert fake.requests == []
 
 
 def test_server_error_is_retried_once_on_another_key(start_proxy, fake):

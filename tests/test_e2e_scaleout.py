@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, RedisServer
+from tests.test_e2e_keypool import by_clients, wait_until
 from tests.test_e2e_users import ADMIN_KEY, Admin
 
 pytestmark = pytest.mark.e2e
@@ -75,7 +76,8 @@ def test_a_key_retired_on_one_instance_is_never_used_by_another(instances, fake)
     token, _ = Admin(a).create()
     auth = {"authorization": f"Bearer {token}"}
     assert httpx.post(f"{a.url}{CHAT}", json=BODY, headers=auth).status_code == 200
-    assert [r.key for r in fake.requests] == ["sk-dead-401", "sk-alive"]
+    assert [r.key for r in by_clients(fake)] == ["sk-dead-401", "sk-alive"]
+    wait_until(lambda: httpx.get(f"{a.url}/status").json()["openai"]["keys"]["revoked"] == 1)  # the probe confirmed
     fake.requests.clear()
     for _ in range(4):
         assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 200

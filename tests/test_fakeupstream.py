@@ -425,3 +425,17 @@ def test_command_line():
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=5) == 0
+
+
+def test_strict_fields_refuse_unknown_fields_echoing_their_names(fake):
+    fake.strict_fields = True
+    chat = httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-x"},
+                      json={"model": "gpt-4o", "messages": [], "billing": 1})  # fmt: skip
+    assert chat.status_code == 400
+    assert chat.json()["error"]["message"] == "Unrecognized request argument supplied: billing"
+    messages = httpx.post(f"{fake.url}/v1/messages", headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
+                          json={"model": "claude-x", "max_tokens": 5, "messages": [], "insufficient_quota": 1})  # fmt: skip
+    assert messages.json()["error"]["message"] == "insufficient_quota: Extra inputs are not permitted"
+    fake.reset()
+    assert httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-x"},
+                      json={"model": "gpt-4o", "messages": [], "future": 1}).status_code == 200  # fmt: skip

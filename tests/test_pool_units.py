@@ -21,7 +21,18 @@ from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
         (400, b'{"type": "error", "error": {"type": "invalid_request_error", "message": '
               b'"Your credit balance is too low to access the Anthropic API."}}', Verdict.OVER_QUOTA),
         (401, b'{"error": {"code": "invalid_api_key"}}', Verdict.REVOKED),
-        (403, b'{"type": "error", "error": {"type": "permission_error"}}', Verdict.REVOKED),
+        (403, b'{"type": "error", "error": {"type": "permission_error"}}', Verdict.FAMILY_FORBIDDEN),
+        (403, b'{"error": {"code": "unsupported_country_region_territory"}}', Verdict.CLIENT_ERROR),
+        (402, b'{"type": "error", "error": {"type": "billing_error", "message": "x"}}', Verdict.OVER_QUOTA),
+        (401, b'{"type": "error", "error": {"type": "authentication_error"}}', Verdict.REVOKED),
+        # Both APIs echo the request in their messages: marker words there mean nothing.
+        (400, b'{"error": {"message": "Unrecognized request argument supplied: insufficient_quota billing '
+              b'invalid_api_key billing_not_active access_terminated", "type": "invalid_request_error", '
+              b'"code": null}}', Verdict.CLIENT_ERROR),
+        (400, b'{"type": "error", "error": {"type": "invalid_request_error", "message": "billing: Extra inputs are '
+              b'not permitted; insufficient_quota: invalid_api_key"}}', Verdict.CLIENT_ERROR),
+        (404, b'{"error": {"message": "The model `billing` does not exist", "code": "model_not_found"}}',
+         Verdict.CLIENT_ERROR),
         (529, b'{"type": "error", "error": {"type": "overloaded_error"}}', Verdict.RATE_LIMITED),
         (500, b"not json", Verdict.SERVER_ERROR),
         (400, b'{"error": {"message": "max_tokens is too large"}}', Verdict.CLIENT_ERROR),
@@ -60,9 +71,21 @@ def test_retry_after_prefers_the_explicit_header():
     assert retry_after({}, 0) == 10
 
 
+class ConfirmationsAsked:
+    """Stands in for the key checker: records which suspicions the pool asked it to confirm."""
+
+    name = "keychecker"
+
+    def __init__(self):
+        self.asked = []
+
+    def confirm(self, key, verdict, family, model):
+        self.asked.append((key.id, verdict, family, model))
+
+
 async def test_choice_follows_headroom_then_least_recent_use():
-    pool = KeyPool({"openai_key": ["sk-a", "sk-b", "sk-c"]})
-    with taddons.context(pool):
+    pool, checker = KeyPool({"openai_key": ["sk-a", "sk-b", "sk-c"]}), ConfirmationsAsked()
+    with taddons.context(pool, checker):
         a, b, c = pool.keys["openai"]
         now = time.time()
         pool.release(pool.choose("openai", "gpt4o"), "gpt4o", 200, {
@@ -71,9 +94,10 @@ async def test_choice_follows_headroom_then_least_recent_use():
         assert a.headroom("gpt4o", now) == pytest.approx(0.2)
         assert [pool.choose("openai", "gpt4o") for _ in range(2)] == [b, c]  # fresh keys first, oldest use first
         pool.release(c, "gpt4o", 429, {"retry-after": "30"}, b'{"error": {"type": "requests"}}')
-        pool.release(b, "gpt4o", 401, {}, b"{}")
-        assert b.state == REVOKED and a.state == ACTIVE
-        assert pool.choose("openai", "gpt4o") is a  # c rests, b is retired
+        pool.release(b, "gpt4o", 401, {}, b"{}", "gpt-4o")
+        assert b.suspected == REVOKED and b.state == a.state == ACTIVE  # suspected until the checker confirms
+        assert checker.asked == [(b.id, Verdict.REVOKED, "gpt4o", "gpt-4o")]
+        assert pool.choose("openai", "gpt4o") is a  # c rests, b is suspect
         assert pool.choose("openai", "gpt4") is c  # the rest is per family: c serves gpt4, used before a
         assert pool.choose("openai", "gpt4o", exclude=[a]) is None
         a.cooldown_until["gpt4o"] = time.time() + 5
