@@ -15,7 +15,8 @@ from mitmproxy import ctx, http
 from addons.apierrors import OPENAI, error_response, fail_closed
 from addons.gatekeeper import client_ip, secret_matches
 from addons.headers import client_token
-from addons.store import EDITABLE_FIELDS, UserError
+from addons.pricing import usd
+from addons.store import EDITABLE_FIELDS, USAGE_FIGURES, UserError
 
 FAILED_LOGIN_LIMIT = 5
 FAILED_LOGIN_WINDOW = 300.0
@@ -40,9 +41,22 @@ _ROUTES = [
 _COMPILED = [(method, re.compile(pattern), handler) for method, pattern, handler in _ROUTES]
 
 
+def usage_view(figures: dict) -> dict:
+    """A family's usage figures as the APIs show them: costs in USD rather than the store's nano-dollars."""
+    shown = {name: value for name, value in figures.items() if name not in ("cost_nanousd", "reserved_nanousd")}
+    return {**shown, "cost_usd": usd(figures["cost_nanousd"]), "reserved_usd": usd(figures["reserved_nanousd"])}
+
+
 def public_user(user: dict) -> dict:
-    """A user as the admin API shows it: everything but the token hash."""
-    return {key: value for key, value in user.items() if key != "token_hash"}
+    """A user as the admin API shows it: everything but the token hash, with costs in USD and their sum."""
+    shown = {key: value for key, value in user.items() if key != "token_hash"}
+    shown["usage"] = {family: usage_view(figures) for family, figures in user["usage"].items()}
+    shown["cost_usd"] = usd(sum(figures["cost_nanousd"] for figures in user["usage"].values()))
+    return shown
+
+
+def _usd_or_none(nanodollars: int | None) -> float | None:
+    return None if nanodollars is None else usd(nanodollars)
 
 
 def _json(status: int, body) -> http.Response:
@@ -76,13 +90,16 @@ class AdminApi:
         if user is None:
             return error_response(OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token")
         quota = ctx.master.addons.get("quotakeeper")
-        families = set(user["usage"]) | set(user["token_limits"]) | set(quota.quotas)
+        families = set(user["usage"]) | set(user["token_limits"]) | set(quota.quotas) | set(quota.cost_quotas)
+        shown, unused = public_user(user), usage_view(dict.fromkeys(USAGE_FIGURES, 0))
         return _json(200, {
             "nickname": user["nickname"], "type": user["type"], "promptCount": user["prompt_count"],
             "disabled": user["disabled_at"] is not None, "disabledReason": user["disabled_reason"],
-            "expiresAt": user["expires_at"],
-            "usage": {family: {"used": user["usage"].get(family, {}).get("used", 0),
-                               "limit": quota.limit_for(user, family)} for family in sorted(families)},
+            "expiresAt": user["expires_at"], "costUsd": shown["cost_usd"],
+            "costLimitUsd": _usd_or_none(quota.cost_limit_for(user, "total")),
+            "usage": {family: {**shown["usage"].get(family, unused), "limit": quota.limit_for(user, family),
+                               "cost_limit_usd": _usd_or_none(quota.cost_limit_for(user, family))}
+                      for family in sorted(families - {"total"})},
         })  # fmt: skip
 
     def _admin(self, flow: http.HTTPFlow) -> http.Response:
@@ -134,13 +151,15 @@ class AdminApi:
         return _json(200, public_user(user))
 
     def list_users(self, flow, query) -> http.Response:
-        users = [public_user(user) for user in self._store().list_users()]
+        stored = self._store().list_users()
+        users = [public_user(user) for user in stored]
         fields = query.get("sort", ["prompt_count,last_used_at"])[0].split(",")
         if unknown := [field for field in fields if users and field not in users[0]]:
             raise UserError(f"Cannot sort by {unknown[0]!r}.")
         for field in reversed(fields):  # largest first, missing values last, as the original did
             users.sort(key=lambda u: (u[field] is not None, u[field] if u[field] is not None else 0), reverse=True)
-        return _json(200, {"users": users, "count": len(users)})
+        total = sum(figures["cost_nanousd"] for user in stored for figures in user["usage"].values())
+        return _json(200, {"users": users, "count": len(users), "cost_usd": usd(total)})
 
     def create_user(self, flow, query) -> http.Response:
         token, user = self._store().create_user(self._body(flow))

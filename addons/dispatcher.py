@@ -213,6 +213,8 @@ class Dispatcher:
         flow.response = http.Response.make(answer.status, answer.body, answer.headers)
         flow.request.url = flow.metadata["llmproxy"]["upstream_url"]  # only shown: mitmproxy connects nowhere
         billed, text = usage.read_answer(answer.body) if answer.status < 400 else (None, "")
+        if answer.status < 400:
+            ctx.master.addons.get("affinity").answered(flow, answer.body)
         ctx.master.addons.get("quotakeeper").settle(flow, billed, text)
 
     @fail_closed
@@ -272,8 +274,9 @@ class Dispatcher:
                         break  # the only key is suspect: the upstream's own answer says more than ours
                     meta["decision"] = refusal.code
                     return Answer.refusal(route.dialect, refusal)
-            elif (key := pool.choose(api, family, exclude=[failed_key])) is None:
-                return answer
+                ctx.master.addons.get("affinity").keep(flow, key)
+            elif meta.get("pinned") or (key := pool.choose(api, family, exclude=[failed_key])) is None:
+                return answer  # a pinned request's conversation lives on its one key
             meta["queue_ms"] = round((time.time() - arrived) * 1000)
             meta["keys"].append(key.id)
             answer, verdict = await self._attempt(flow, route, key, may_suspect=not suspected)
@@ -459,6 +462,7 @@ class Dispatcher:
                 upstream.close()
             quota = ctx.master.addons.get("quotakeeper")
             quota.settle(piped.flow, meter.finish(quota.prompt_estimate_of(piped.flow)), "".join(meter.text_parts))
+            ctx.master.addons.get("affinity").streamed(piped.flow, meter.response_id)
         return response
 
     async def _serve_unrouted(self, request: web.Request) -> web.Response:

@@ -131,11 +131,13 @@ class Limits:
 
     fraction_left: float  # the scarcer of requests and tokens, 0..1
     until: float  # when the window resets (time.time())
+    requests: tuple[float, float] | None = None  # the request count's (limit, remaining), when reported
+    sent: int = 0  # requests sent with the key since these figures came, which they cannot count yet
 
 
 def read_limits(headers: Mapping[str, str], now: float) -> Limits | None:
     """Rate-limit headers of either API (`x-ratelimit-*`, `anthropic-ratelimit-*`) as one figure."""
-    fractions, resets = [], []
+    fractions, resets, requests = [], [], None
     for prefix in ("x-ratelimit-", "anthropic-ratelimit-"):
         for kind in ("requests", "tokens"):
             if prefix == "x-ratelimit-":
@@ -149,9 +151,10 @@ def read_limits(headers: Mapping[str, str], now: float) -> Limits | None:
             if total > 0:
                 fractions.append(max(0.0, left / total))
                 resets.append(_seconds_until(headers.get(reset, ""), now) or 0.0)
+                requests = (total, left) if kind == "requests" else requests
     if not fractions:
         return None
-    return Limits(min(fractions), now + max(0.0, max(resets)))
+    return Limits(min(fractions), now + max(0.0, max(resets)), requests)
 
 
 def retry_after(headers: Mapping[str, str], now: float) -> float:
@@ -169,6 +172,15 @@ def _store():
     """The state store, when the proxy runs with one (unit tests of the pool run without)."""
     storage = ctx.master.addons.get("storage")
     return storage.store if storage else None
+
+
+@dataclass(frozen=True)
+class KeyAffinity:
+    """The key a request's conversation lives on (decided by addons/affinity.py)."""
+
+    key_id: str
+    pinned: bool = False  # the key holds state of the conversation that no other key can read: it or none
+    min_headroom: float = 0.0  # a key with less headroom (0..1) than this gives way to the key with the most
 
 
 @dataclass
@@ -210,9 +222,16 @@ class PoolKey:
             self.families is None or family in self.families)
 
     def headroom(self, family: str, now: float) -> float:
-        """How much of its rate limit the key has left for `family`: 1 when unknown or reset since."""
+        """How much of its rate limit the key has left for `family`, the requests sent since the figures came
+        taken off (several conversations on one key would otherwise all see the last request left): 1 when unknown
+        or reset since."""
         limits = self.limits.get(family)
-        return 1.0 if limits is None or limits.until <= now else limits.fraction_left
+        if limits is None or limits.until <= now:
+            return 1.0
+        if not (limits.requests and limits.sent):
+            return limits.fraction_left
+        limit, remaining = limits.requests
+        return max(0.0, min(limits.fraction_left, (remaining - limits.sent) / limit))
 
     def is_free(self, family: str, now: float) -> bool:
         if self.cooldown_until.get(family, 0) > now or self.headroom(family, now) <= 0:
@@ -274,21 +293,36 @@ class KeyPool:
                 key.cooldown_until[family] = until
                 key.probing.add(family)
 
-    def choose(self, api: str, family: str, exclude: Iterable[PoolKey] = ()) -> PoolKey | None:
-        """The free key with the most headroom (least recently used among equals), now counted in flight."""
+    def choose(self, api: str, family: str, exclude: Iterable[PoolKey] = (),
+               affinity: KeyAffinity | None = None) -> PoolKey | None:
+        """The free key with the most headroom (least recently used among equals), now counted in flight.
+
+        An affinity's key is taken instead while it is free and has `min_headroom` left (or as much as the best
+        key); a pinned affinity takes its key or none."""
         now = time.time()
         excluded = {key.id for key in exclude}
-        free = [k for k in self.serving(api, family) if k.id not in excluded and k.is_free(family, now)]
+        free = [k for k in self.candidates(api, family, affinity) if k.id not in excluded and k.is_free(family, now)]
         if not free:
             return None
         key = max(free, key=lambda k: (k.headroom(family, now), -k.last_used))
+        kept = next((k for k in free if affinity and k.id == affinity.key_id), None)
+        if kept and kept.headroom(family, now) >= min(affinity.min_headroom, key.headroom(family, now)):
+            key = kept
+        if (limits := key.limits.get(family)) is not None:
+            limits.sent += 1
         key.last_used = now
         key.in_flight[family] = key.in_flight.get(family, 0) + 1
         return key
 
-    def seconds_until_free(self, api: str, family: str) -> float | None:
-        """When the first resting key of the family can be used again; None if no key serves the family."""
+    def candidates(self, api: str, family: str, affinity: KeyAffinity | None = None) -> list[PoolKey]:
+        """The keys that serve the family, only the affinity's own when it is pinned."""
         keys = self.serving(api, family)
+        return [k for k in keys if k.id == affinity.key_id] if affinity and affinity.pinned else keys
+
+    def seconds_until_free(self, api: str, family: str, affinity: KeyAffinity | None = None) -> float | None:
+        """When the first resting key of the family (or the pinned key) can be used again; None if no key serves
+        the family."""
+        keys = self.candidates(api, family, affinity)
         if not keys:
             return None
         now = time.time()

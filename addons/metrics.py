@@ -1,8 +1,8 @@
 """`GET /metrics` in Prometheus' text format, and one structured log line per request.
 
 Counted per request when it ends: requests by route, family and status; upstream latency and time to the first
-streamed byte; time spent queued; retries. Tokens are counted when a request is settled. Queue lengths, waits and
-key states are read at scrape time. No label ever holds a key, a token, an address or prompt text.
+streamed byte; time spent queued; retries. Tokens and costs are counted when a request is settled. Queue lengths,
+waits and key states are read at scrape time. No label ever holds a key, a token, an address or prompt text.
 """
 
 import json
@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
 from addons.gatekeeper import identity_digest, secret_matches
 from addons.headers import client_token
+from addons.pricing import usd
 from addons.usage import Usage
 
 logger = logging.getLogger("llmproxy.requests")
@@ -49,6 +50,17 @@ class Metrics:
                                 ["route", "family", "status"], registry=self.registry)  # fmt: skip
         self.tokens = Counter("llmproxy_tokens", "Tokens by family and direction", ["family", "direction"],
                               registry=self.registry)  # fmt: skip
+        self.tokens_by_kind = Counter(
+            "llmproxy_tokens_by_kind", "Tokens by family and the price they are billed at: input (uncached), "
+            "cache_read, cache_write_5m, cache_write_1h, output (reasoning included)", ["family", "kind"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.reasoning = Counter("llmproxy_reasoning_tokens", "Output tokens spent reasoning", ["family"],
+                                 registry=self.registry)  # fmt: skip
+        self.web_searches = Counter("llmproxy_web_searches", "Web searches the provider bills per call", ["family"],
+                                    registry=self.registry)  # fmt: skip
+        self.cost = Counter("llmproxy_cost_usd", "Cost in USD at the configured prices", ["family"],
+                            registry=self.registry)  # fmt: skip
         self.retries = Counter("llmproxy_retries", "Upstream attempts beyond the first", ["family"], registry=self.registry)
         self.upstream = Histogram("llmproxy_upstream_seconds", "Time to the upstream's response headers", ["route"],
                                   buckets=_SECONDS, registry=self.registry)  # fmt: skip
@@ -61,9 +73,15 @@ class Metrics:
     def load(self, loader):
         loader.add_option("metrics_need_admin_key", bool, False, "Serve /metrics only with the ADMIN_KEY.")
 
-    def count_tokens(self, family: str, usage: Usage) -> None:
-        self.tokens.labels(family, "in").inc(usage.input)
+    def count_usage(self, family: str, usage: Usage, cost: int) -> None:
+        """A settled request's tokens, searches and cost (nano-dollars)."""
+        self.tokens.labels(family, "in").inc(usage.prompt)
         self.tokens.labels(family, "out").inc(usage.output)
+        for kind in ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output"):
+            self.tokens_by_kind.labels(family, kind).inc(getattr(usage, kind))
+        self.reasoning.labels(family).inc(usage.reasoning)
+        self.web_searches.labels(family).inc(usage.web_searches)
+        self.cost.labels(family).inc(usd(cost))
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -42,6 +42,10 @@ _OUTPUT_FIELD = {
 }
 OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
 MIN_THINKING_BUDGET = 1024  # Anthropic refuses a smaller thinking.budget_tokens
+# Typed tools the client runs itself, by type prefix: they cost tokens only. Every other typed tool (web search,
+# web fetch, code execution, file search, image generation, MCP, and types no API has yet) the provider runs.
+_CLIENT_RUN_TOOLS = ("function", "custom", "bash_", "text_editor_", "computer_", "memory_", "local_shell", "shell",
+                     "apply_patch")  # fmt: skip
 INLINE_COUNT_LIMIT = 20_000  # characters; longer prompts are counted on a worker thread, off the event loop
 _CJK = re.compile("[\u2e80-\u2ef3\u2f00-\u2fd5\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4db5\u4e00-\u9fd5"
                   "\uf900-\ufad9]")  # fmt: skip
@@ -101,6 +105,19 @@ def _are_functions(items) -> bool:
     ) for item in items))  # fmt: skip
 
 
+def server_tools(body: dict) -> list[str]:
+    """What a request asks the provider to run itself: the types of its server tools (also among Codex's
+    `additional_tools` input items), Anthropic's `mcp_servers`, OpenAI chat's `web_search_options`."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    for item in body.get("input") if isinstance(body.get("input"), list) else []:
+        if isinstance(item, dict) and item.get("type") == "additional_tools" and isinstance(item.get("tools"), list):
+            tools = tools + item["tools"]
+    found = [tool["type"] for tool in tools if isinstance(tool, dict) and isinstance(tool.get("type"), str)
+             and not tool["type"].startswith(_CLIENT_RUN_TOOLS)]  # fmt: skip
+    asked = [field for field in ("mcp_servers", "web_search_options") if body.get(field) not in (None, [])]
+    return list(dict.fromkeys(found + asked))
+
+
 def validate(route: str, body: dict) -> None:
     """Checks the fields the policy itself reads; raises PolicyError naming the field. Everything else is the
     upstream's to judge."""
@@ -143,6 +160,8 @@ class RequestPolicy:
         loader.add_option("model_context_windows", Sequence[str], DEFAULT_CONTEXT_WINDOWS,
                           "Context windows: model-pattern=tokens (or family=tokens), first match first.")  # fmt: skip
         loader.add_option("allow_multiple_completions", bool, False, "Allow n > 1 (several answers per request).")
+        loader.add_option("allow_server_tools", bool, True,
+                          "Pass on tools the provider runs itself (web search, code execution, ...).")  # fmt: skip
         loader.add_option("reject_phrases", Sequence[str], [], "Phrases refused anywhere in a prompt (any case).")
         loader.add_option("reject_phrases_regex", bool, False, "Treat REJECT_PHRASES as regular expressions.")
         loader.add_option("reject_disallowed", bool, False, "Refuse prompts with CJK ideographs, as the original.")
@@ -199,6 +218,10 @@ class RequestPolicy:
         validate(route.name, body)
         if body.get("n", 1) > 1 and not ctx.options.allow_multiple_completions:
             raise PolicyError("This proxy answers one completion per request ('n' must be 1).", "n_not_allowed")
+        if not ctx.options.allow_server_tools and not route.counts_tokens and (provider_run := server_tools(body)):
+            raise PolicyError(f"This proxy does not pass on tools the provider runs itself "
+                              f"({', '.join(provider_run)}); send only tools your client runs.",
+                              "server_tools_not_allowed")  # fmt: skip
         found = tokens.model_input(body)
         self._filter(found.texts + found.names)
         if route.counts_tokens:

@@ -61,7 +61,7 @@ class PromptLog:
             "user": identity_digest(meta.get("identity", "")),
             "prompt": prompt,
             "completion": completion,
-            "inputTokens": usage.input,
+            "inputTokens": usage.prompt,
             "outputTokens": usage.output,
         }
         directory = Path(ctx.options.data_dir)

@@ -17,6 +17,7 @@ from mitmproxy.tools.web.master import WebMaster
 
 from addons import (
     admin,
+    affinity,
     config,
     dispatcher,
     families,
@@ -60,8 +61,9 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket, local: bool = False
         families.ModelFamilies(),  # the requested model's family; unknown or disallowed models refused
         policy.RequestPolicy(),  # body validation, output and context caps, prompt filters, token count
         translate.ClaudeChatTranslator(),  # OpenAI-format requests for Claude become Messages API requests
+        affinity.Affinity(),  # the conversation's key: prompt caches and Responses API state stay on one key
         ratelimit.RateLimiter(),  # requests per minute and in flight, per identity
-        quota.QuotaKeeper(),  # reserves the worst case against the user's token quota; settles afterwards
+        quota.QuotaKeeper(),  # reserves the worst case against the user's token and USD quotas; settles afterwards
         keypool.KeyPool(secrets),  # the owner's keys, their health and rate-limit headroom
         keychecker.KeyChecker(),  # background checks: revoked, over quota, families, organisations
         waitqueue.WaitQueue(),  # requests wait their turn, fairly, while every key of their family rests

@@ -1,9 +1,9 @@
-"""Token quotas per user and model family, with a hard cap that holds under concurrency.
+"""Token and USD quotas per user and model family, with a hard cap that holds under concurrency.
 
-Before a request goes upstream, its worst case (prompt tokens plus the most output it may produce) is reserved
-against the user's quota in one atomic step; afterwards the reservation is replaced by what the upstream
-reported, or released when the request failed. Fifty parallel requests against a quota for five cannot pass
-more than five, and a failed request costs nothing.
+Before a request goes upstream, its worst case (prompt tokens plus the most output it may produce, and those tokens
+priced at the model's prices) is reserved against the user's quotas in one atomic step; afterwards the reservation
+is replaced by what the upstream reported and what that cost, or released when the request failed. Fifty parallel
+requests against a quota for five cannot pass more than five, and a failed request costs nothing.
 """
 
 import asyncio
@@ -21,8 +21,9 @@ from addons.apierrors import error_response, fail_closed
 from addons.body import parsed_body
 from addons.config import ConfigError
 from addons.families import parse_family_numbers
+from addons.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of, usd
 from addons.store import StoreUnavailable
-from addons.routes import forward_route
+from addons.routes import ROUTES_BY_NAME, forward_route
 from addons.usage import CHARACTERS_PER_TOKEN, Usage
 
 logger = logging.getLogger(__name__)
@@ -89,19 +90,41 @@ def legacy_quota_settings(environment: dict[str, str], families: list[str]) -> l
     return entries
 
 
+def over_quota_message(user: dict, family: str, tokens: int, cost: int, limit: int | None, cost_limit: int | None,
+                       total_cost_limit: int | None) -> str:
+    """Why a reservation did not fit, from the user's figures as read just before (requests in flight included):
+    the first quota the request's worst case is over, else the first quota there is."""
+    figures = user["usage"].get(family, {})
+    taken = figures.get("used", 0) + figures.get("reserved", 0)
+    if limit is not None and (taken + tokens > limit or cost_limit is None and total_cost_limit is None):
+        return (f"This request could use up to {tokens} tokens, more than is left of your {family} quota "
+                f"({max(0, limit - taken)} of {limit}).")  # fmt: skip
+    spent = figures.get("cost_nanousd", 0) + figures.get("reserved_nanousd", 0)
+    if cost_limit is not None and (spent + cost > cost_limit or total_cost_limit is None):
+        quota, name = cost_limit, f"{family} budget"
+    else:
+        quota, name = total_cost_limit, "budget for all models"
+        spent = sum(f.get("cost_nanousd", 0) + f.get("reserved_nanousd", 0) for f in user["usage"].values())
+    return (f"This request could cost up to {format_usd(usd(cost))}, more than is left of your {name} "
+            f"({format_usd(usd(max(0, quota - spent)))} of {format_usd(usd(quota))}).")
+
+
 @dataclass
 class Reservation:
     user: str
     family: str
     tokens: int
     prompt_estimate: int
+    cost: int  # nano-dollars
 
 
 class QuotaKeeper:
-    """Reserves before dispatch, settles afterwards; also counts prompts and tokens for the status page."""
+    """Reserves before dispatch, settles afterwards; also counts prompts, tokens and costs for the status page."""
 
     def __init__(self):
         self.quotas: dict[str, int] = {}
+        self.cost_quotas: dict[str, int] = {}  # nano-dollars by family, and "total"
+        self.prices: list[tuple[str, Price]] = []
         self.schedule = ""
         self.reservations: "weakref.WeakKeyDictionary[http.HTTPFlow, Reservation]" = weakref.WeakKeyDictionary()
         self._task: asyncio.Task | None = None
@@ -112,6 +135,14 @@ class QuotaKeeper:
             "Tokens per user and family per quota period: family=tokens. TOKEN_QUOTA_<FAMILY> sets one too.",
         )  # fmt: skip
         loader.add_option(
+            "cost_quotas", Sequence[str], [],
+            "USD per user per quota period: family=usd for a family, total=usd for all families together.",
+        )  # fmt: skip
+        loader.add_option(
+            "model_prices", Sequence[str], DEFAULT_PRICES,
+            "USD per million tokens, model-pattern=input/output/cache read/cache write 5m/1h/web searches per 1,000.",
+        )  # fmt: skip
+        loader.add_option(
             "quota_refresh_period", str, "",
             "When quotas start afresh: hourly, daily, or a cron expression; empty: never.",
         )  # fmt: skip
@@ -119,6 +150,11 @@ class QuotaKeeper:
     def configure(self, updated):
         if "token_quotas" in updated:
             self.quotas = parse_family_numbers("token_quotas", ctx.options.token_quotas)
+        if "cost_quotas" in updated:
+            families = ctx.master.addons.get("modelfamilies").all_families()
+            self.cost_quotas = parse_cost_quotas(ctx.options.cost_quotas, families)
+        if "model_prices" in updated:
+            self.prices = parse_prices(ctx.options.model_prices)
         if "quota_refresh_period" in updated:
             period = ctx.options.quota_refresh_period.strip()
             schedule = _SCHEDULES.get(period, period)
@@ -157,6 +193,17 @@ class QuotaKeeper:
         limit = user["token_limits"].get(family, self.quotas.get(family, 0))
         return limit or None
 
+    def cost_limit_for(self, user: dict, family: str) -> int | None:
+        """The user's USD quota in nano-dollars for the family, or for all families together if `family` is
+        "total" (None: unlimited)."""
+        if user["type"] == "special":
+            return None
+        return self.cost_quotas.get(family) or None
+
+    def price_for(self, meta: dict) -> Price:
+        """The price of the request's model."""
+        return price_of(self.prices, ROUTES_BY_NAME[meta["route"]].api, meta["model"], meta["family"])
+
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
@@ -175,18 +222,17 @@ class QuotaKeeper:
         store = ctx.master.addons.get("storage").store
         user = store.get_user(user_id)
         family = meta["family"]
-        limit = self.limit_for(user, family)
+        limit, cost_limit, total_cost_limit = (self.limit_for(user, family), self.cost_limit_for(user, family),
+                                               self.cost_limit_for(user, "total"))  # fmt: skip
         estimate = meta.get("prompt_tokens") or prompt_estimate(body)
-        tokens = estimate + output_reservation(body)
-        if not store.reserve(user_id, family, tokens, limit):
-            used = user["usage"].get(family, {}).get("used", 0)
+        output = output_reservation(body)
+        tokens, cost = estimate + output, self.price_for(meta).worst_case(estimate, output)
+        if not store.reserve(user_id, family, tokens, limit, cost, cost_limit, total_cost_limit):
             meta["decision"] = "over_quota"
-            flow.response = error_response(
-                route.dialect, 429, f"This request could use up to {tokens} tokens, more than is left of your "
-                f"{family} quota ({max(0, limit - used)} of {limit}).", "quota_exceeded",
-            )  # fmt: skip
+            message = over_quota_message(user, family, tokens, cost, limit, cost_limit, total_cost_limit)
+            flow.response = error_response(route.dialect, 429, message, "quota_exceeded")
             return
-        self.reservations[flow] = Reservation(user_id, family, tokens, estimate)
+        self.reservations[flow] = Reservation(user_id, family, tokens, estimate, cost)
 
     def prompt_estimate_of(self, flow: http.HTTPFlow) -> int:
         reservation = self.reservations.get(flow)
@@ -201,14 +247,20 @@ class QuotaKeeper:
         meta["settled"] = True
         store = ctx.master.addons.get("storage").store
         reservation = self.reservations.pop(flow, None)
+        family, cost = meta.get("family", ""), 0
         if usage is not None:
-            meta["usage"] = {"input": usage.input, "output": usage.output, "estimated": usage.estimated}
-            ctx.master.addons.get("metrics").count_tokens(meta.get("family", ""), usage)
+            cost = self.price_for(meta).cost(usage)
+            meta["usage"] = {"input": usage.prompt, "output": usage.output, "estimated": usage.estimated,
+                             "cost_usd": usd(cost)}  # fmt: skip
+            ctx.master.addons.get("metrics").count_usage(family, usage, cost)
         try:
             if usage is not None:
-                store.add_to_counters(prompts=1, tokens=usage.total)
+                store.add_to_counters(**{"prompts": 1, "tokens": usage.total, "cost_nanousd": cost,
+                                         f"tokens:{family}": usage.total, f"cost_nanousd:{family}": cost})  # fmt: skip
             if reservation:
-                store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0)
+                spent = {**usage.counts(), "cost_nanousd": cost} if usage else None
+                store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0,
+                             reservation.cost, spent)  # fmt: skip
         except StoreUnavailable as error:
             # The reservation's lease runs out on its own: the request counts not at all rather than in part.
             logger.warning("usage of a request could not be settled: %s", error)

@@ -10,24 +10,28 @@ then writes. Keys, all under `prefix`:
     users                 set      every user id
     user:{id}             hash     the user's columns; ips and token_limits as JSON; NULL = field absent
     token:{token hash}    string   user id
-    usage:{id}            hash     "{family}:used" -> tokens
-    leases:{id}           zset     "{tokens}:{nonce}:{family}", score = expiry: the reservations in flight
+    usage:{id}            hash     "{family}:used" -> tokens, "{family}:{spent figure}" -> amount
+    leases:{id}           zset     "{tokens}:{nano-dollars}:{nonce}:{family}", score = expiry: reservations in flight
     counters              hash     name -> value
     window:{identity}     zset     one member per counted request, score = time (expires after the window)
     active                zset     identity -> time of its last counted request
     in_flight:{identity}  zset     one member per request in flight, score = expiry
+    affinity:{space}      hash     name -> value (a conversation's or a response's key id)
+    affinity_used:{space} zset     name, score = time of its last use (the LRU order and the TTL)
 
 Leases: SQLiteStore zeroes reservations at start-up, which would cancel other instances' live requests.
 Here each reservation is a member of the user's lease set that expires LEASE_SECONDS after it was made, so a
 crashed instance's reservations stop counting by themselves; the reserved figure of a family is the sum of
-its live leases (there is no "{family}:reserved" field to drift). `settle` gets the reserved amount back and
-removes the newest live lease of that amount and family; if the lease already ran out, there is nothing
+its live leases (there is no "{family}:reserved" field to drift). `settle` gets the reserved amounts back and
+removes the newest live lease of those amounts and family; if the lease already ran out, there is nothing
 left to release. In-flight counts use the same idea with IN_FLIGHT_SECONDS. Times are the instances'
 `time.time()`, as in SQLiteStore: their clocks must be synchronised (NTP).
 """
 
 import functools
+import itertools
 import json
+import re
 import secrets
 import time
 from urllib.parse import urlsplit
@@ -36,44 +40,64 @@ import redis
 
 # StoreUnavailable is defined in store.py, where the addons that catch it import it from.
 from addons.store import (
-    _JSON_COLUMNS, _USER_COLUMNS, KeyHealth, StoreUnavailable, UserError, import_records, token_hash, validate_fields,
+    _JSON_COLUMNS, _USER_COLUMNS, SPENT_FIGURES, USAGE_FIGURES, KeyHealth, StoreUnavailable, UserError, import_records,
+    spent_amounts, token_hash, validate_fields,
 )  # fmt: skip
 
 LEASE_SECONDS = 15 * 60
 IN_FLIGHT_SECONDS = 10 * 60
 _FLOAT_COLUMNS = ("created_at", "last_used_at", "expires_at", "disabled_at")
+# A lease as the scripts write it; one that does not match (a lease of an older version) counts for nothing.
+_LEASE = re.compile(r"(?P<tokens>\d+):(?P<cost>\d+):[0-9a-f]+:(?P<family>.*)", re.DOTALL)
 _INT_COLUMNS = ("max_ips", "rate_limit", "prompt_count")
 
-# KEYS: usage, leases. ARGV: family, tokens, limit ("" = none), now, lease seconds, nonce. 1 if reserved.
+# KEYS: usage, leases. ARGV: family, tokens, token limit, now, lease seconds, nonce, cost, cost limit, total cost limit
+# (costs in nano-dollars; a limit "" = none). 1 if reserved.
 _RESERVE = """
-local family = ARGV[1]
+local family, cost_field = ARGV[1], ':cost_nanousd'
 redis.call('HSETNX', KEYS[1], family .. ':used', 0)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
-if ARGV[3] ~= '' then
-  local taken = tonumber(redis.call('HGET', KEYS[1], family .. ':used')) + tonumber(ARGV[2])
-  for _, lease in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    local amount, leased = string.match(lease, '^(%d+):%x+:(.*)$')
-    if leased == family then taken = taken + tonumber(amount) end
+if ARGV[3] ~= '' or ARGV[8] ~= '' or ARGV[9] ~= '' then
+  local tokens = tonumber(redis.call('HGET', KEYS[1], family .. ':used')) + tonumber(ARGV[2])
+  local cost, total = tonumber(ARGV[7]), tonumber(ARGV[7])
+  local figures = redis.call('HGETALL', KEYS[1])
+  for i = 1, #figures, 2 do
+    if string.sub(figures[i], -#cost_field) == cost_field then
+      total = total + tonumber(figures[i + 1])
+      if figures[i] == family .. cost_field then cost = cost + tonumber(figures[i + 1]) end
+    end
   end
-  if taken > tonumber(ARGV[3]) then return 0 end
+  for _, lease in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local leased_tokens, leased_cost, leased = string.match(lease, '^(%d+):(%d+):%x+:(.*)$')
+    if leased then
+      total = total + tonumber(leased_cost)
+      if leased == family then tokens, cost = tokens + tonumber(leased_tokens), cost + tonumber(leased_cost) end
+    end
+  end
+  if (ARGV[3] ~= '' and tokens > tonumber(ARGV[3])) or (ARGV[8] ~= '' and cost > tonumber(ARGV[8]))
+      or (ARGV[9] ~= '' and total > tonumber(ARGV[9])) then return 0 end
 end
-redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[2] .. ':' .. ARGV[6] .. ':' .. family)
+local lease = ARGV[2] .. ':' .. ARGV[7] .. ':' .. ARGV[6] .. ':' .. family
+redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), lease)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
 """
-# KEYS: usage, leases, user. ARGV: family, reserved, used, now.
+# KEYS: usage, leases, user. ARGV: family, reserved tokens, reserved cost, now, then pairs of a figure and the amount
+# to add, "used" first.
 _SETTLE = """
 local family = ARGV[1]
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
 for _, lease in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
-  local amount, leased = string.match(lease, '^(%d+):%x+:(.*)$')
-  if amount == ARGV[2] and leased == family then redis.call('ZREM', KEYS[2], lease) break end
+  local tokens, cost, leased = string.match(lease, '^(%d+):(%d+):%x+:(.*)$')
+  if tokens == ARGV[2] and cost == ARGV[3] and leased == family then redis.call('ZREM', KEYS[2], lease) break end
 end
-if tonumber(ARGV[3]) ~= 0 then
-  if redis.call('HEXISTS', KEYS[1], family .. ':used') == 1 then
-    redis.call('HINCRBY', KEYS[1], family .. ':used', ARGV[3])
+if redis.call('HEXISTS', KEYS[1], family .. ':used') == 1 then
+  for i = 5, #ARGV, 2 do
+    if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', KEYS[1], family .. ':' .. ARGV[i], ARGV[i + 1]) end
   end
-  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HINCRBY', KEYS[3], 'prompt_count', 1) end
+end
+if tonumber(ARGV[6]) ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'prompt_count', 1)
 end
 """
 # KEYS: user. ARGV: ip, max_ips (0 = no limit), auto_ban ("1"/""), now, reason. The outcome; false: no user.
@@ -131,6 +155,34 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
 redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3])))
 return 1
 """
+# KEYS: affinity, affinity_used. ARGV: name, now, cutoff. The value, refreshed as used; false when unknown or old.
+_AFFINITY = """
+local used = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not used or tonumber(used) <= tonumber(ARGV[3]) then return false end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+# KEYS: affinity, affinity_used. ARGV: name, value, expected ('' = none), now, cutoff, capacity. The value after.
+_BIND_AFFINITY = """
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[5], 'LIMIT', 0, 100)) do
+  redis.call('HDEL', KEYS[1], old)
+  redis.call('ZREM', KEYS[2], old)
+end
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local used = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not used or tonumber(used) <= tonumber(ARGV[5]) then current = '' end
+if current == ARGV[3] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  current = ARGV[2]
+end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+if excess > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #oldest, 2 do redis.call('HDEL', KEYS[1], oldest[i]) end
+end
+return current
+"""
 
 
 def _redacted(url: str) -> str:
@@ -169,6 +221,11 @@ def _encode(fields: dict) -> tuple[dict, list[str]]:
     return values, [k for k, v in fields.items() if v is None]
 
 
+def _limit(limit: int | None) -> int | str:
+    """A limit as the scripts take it: "" for none."""
+    return "" if limit is None else int(limit)
+
+
 def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
     user = {}
     for column in _USER_COLUMNS:
@@ -178,11 +235,14 @@ def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
         elif value is not None and column in _FLOAT_COLUMNS + _INT_COLUMNS:
             value = float(value) if column in _FLOAT_COLUMNS else int(value)
         user[column] = value
-    user["usage"] = {field.rpartition(":")[0]: {"used": int(used), "reserved": 0} for field, used in usage.items()}
+    user["usage"] = {}
+    for field, amount in usage.items():
+        family, _, figure = field.rpartition(":")
+        user["usage"].setdefault(family, dict.fromkeys(USAGE_FIGURES, 0))[figure] = int(amount)
     for lease in leases:
-        amount, _, family = lease.split(":", 2)
-        if family in user["usage"]:
-            user["usage"][family]["reserved"] += int(amount)
+        if (held := _LEASE.fullmatch(lease)) and held["family"] in user["usage"]:
+            user["usage"][held["family"]]["reserved"] += int(held["tokens"])
+            user["usage"][held["family"]]["reserved_nanousd"] += int(held["cost"])
     return user
 
 
@@ -205,6 +265,7 @@ class RedisStore:
         self._reserve, self._settle, self._record_visit = script(_RESERVE), script(_SETTLE), script(_RECORD_VISIT)
         self._patch_user, self._reset_usage = script(_PATCH_USER), script(_RESET_USAGE)
         self._hit_window, self._enter = script(_HIT_WINDOW), script(_ENTER)
+        self._affinity, self._bind_affinity = script(_AFFINITY), script(_BIND_AFFINITY)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -319,7 +380,8 @@ class RedisStore:
             for user, record in records:
                 self._queue_insert(pipe, record)
                 for family, figures in (user.get("usage") or {}).items():
-                    pipe.hset(self._key("usage", record["id"]), f"{family}:used", int(figures.get("used", 0)))
+                    pipe.hset(self._key("usage", record["id"]), mapping={
+                        f"{family}:{name}": int(figures.get(name, 0)) for name in ("used", *SPENT_FIGURES)})
             pipe.execute()
         return len(records)
 
@@ -335,19 +397,24 @@ class RedisStore:
 
     # -- usage ---------------------------------------------------------------------------------------------
 
-    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None) -> bool:
-        """Sets `tokens` aside for a request, under a lease, if used + reserved + tokens stays within `limit`
-        (None: no limit)."""
+    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None, cost: int = 0,
+                cost_limit: int | None = None, total_cost_limit: int | None = None) -> bool:
+        """Sets `tokens` and `cost` (nano-dollars) aside for a request, under a lease, if, with them, the family's
+        used + reserved tokens stay within `limit`, its cost within `cost_limit`, and the user's cost over every
+        family within `total_cost_limit` (None: no limit)."""
         return bool(self._reserve(
             keys=[self._key("usage", user_id), self._key("leases", user_id)],
-            args=[family, int(tokens), "" if limit is None else limit, time.time(), LEASE_SECONDS,
-                  secrets.token_hex(8)],
+            args=[family, int(tokens), _limit(limit), time.time(), LEASE_SECONDS, secrets.token_hex(8), int(cost),
+                  _limit(cost_limit), _limit(total_cost_limit)],
         ))  # fmt: skip
 
-    def settle(self, user_id: str, family: str, reserved: int, used: int) -> None:
-        """Replaces a reservation by what the request really used (0 for a failed request)."""
+    def settle(self, user_id: str, family: str, reserved: int, used: int, reserved_cost: int = 0,
+               spent: dict[str, int] | None = None) -> None:
+        """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
+        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request)."""
+        pairs = zip(("used", *SPENT_FIGURES), (int(used), *spent_amounts(spent)))
         self._settle(keys=[self._key("usage", user_id), self._key("leases", user_id), self._key("user", user_id)],
-                     args=[family, int(reserved), int(used), time.time()])  # fmt: skip
+                     args=[family, int(reserved), int(reserved_cost), time.time(), *itertools.chain(*pairs)])
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all."""
@@ -415,3 +482,21 @@ class RedisStore:
 
     def close(self) -> None:
         self.redis.close()
+
+    # -- affinity: which key holds a conversation's cache or a response's state ----------------------------
+
+    def affinity(self, space: str, name: str, ttl: float) -> str | None:
+        """What `name` is bound to in `space`, or None when it is unknown or was not used for `ttl` seconds;
+        a hit counts as a use."""
+        now = time.time()
+        return self._affinity(keys=[self._key("affinity", space), self._key("affinity_used", space)],
+                              args=[name, now, now - ttl])  # fmt: skip
+
+    def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float,
+                      capacity: int) -> str:
+        """Binds `name` to `value` if it is bound to `expected` now (None: to nothing), and returns what it is
+        bound to afterwards. Names unused for `ttl` seconds are forgotten, and beyond `capacity` names in the
+        space the least recently used."""
+        now = time.time()
+        return self._bind_affinity(keys=[self._key("affinity", space), self._key("affinity_used", space)],
+                                   args=[name, value, expected or "", now, now - ttl, capacity])  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, SERVICE_NAMES, fail_closed
+from addons.pricing import format_usd, usd
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 _KEY_SETTINGS = {OPENAI: "OPENAI_KEY", ANTHROPIC: "ANTHROPIC_KEY"}
@@ -68,6 +69,7 @@ class StatusPage:
         loader.add_option("server_title", str, "LLM key-sharing proxy", "Title of the status page.")
         loader.add_option("build_info", str, "", "Build shown on the status page; empty means the git commit.")
         loader.add_option("page_body", str, "", "Base64 HTML replacing the status page; {tags} are filled in.")
+        loader.add_option("show_token_costs", bool, False, "Show tokens and their cost per family on the status page.")
 
     def configure(self, updated):
         if "build_info" in updated:
@@ -125,6 +127,11 @@ class StatusPage:
         for api in (OPENAI, ANTHROPIC):
             facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
         every_family, with_keys = self.family_facts()
+        if ctx.options.show_token_costs:
+            facts["costUsd"] = usd(counters.get("cost_nanousd", 0))
+            for family, figures in every_family.items():
+                figures.update(tokens=counters.get(f"tokens:{family}", 0),
+                               costUsd=usd(counters.get(f"cost_nanousd:{family}", 0)))  # fmt: skip
         facts["families"] = {family: every_family[family] for family in with_keys}
         facts["config"] = self.public_config()
         template_only = {"families": every_family, "users": store.list_users() if self.template else []}
@@ -186,6 +193,7 @@ class StatusPage:
             families[tag]["estimatedQueueTime"] = format_wait(max((f["estimatedQueueSeconds"] for f in group), default=0))
         values.update({f"{family}:{field}": str(figures[field]) for family, figures in families.items()
                        for field in _FAMILY_FIELDS})  # fmt: skip
+        values.update(self._cost_tags(facts, families))
         users = template_only["users"]
         values["user:data"] = json.dumps([{"nickname": u["nickname"], "type": u["type"], "promptCount": u["prompt_count"],
                                            "createdAt": u["created_at"], "lastUsedAt": u["last_used_at"]} for u in users])  # fmt: skip
@@ -194,6 +202,17 @@ class StatusPage:
         escaped = {tag: html.escape(value) for tag, value in values.items()}
         escaped["headerHtml"] = self.header_html(facts)  # our own markup; every value inside it is escaped
         return _TAG.sub(lambda match: escaped.get(match.group(1), match.group(0)), template)
+
+    @staticmethod
+    def _cost_tags(facts: dict, families: dict) -> dict[str, str]:
+        """{cost}, {FAMILY:tokens} and {FAMILY:cost}; empty unless SHOW_TOKEN_COSTS is on."""
+        shown = "costUsd" in facts
+        tags = {"cost": format_usd(facts["costUsd"]) if shown else ""}
+        for family in families:
+            members = [families[m] for m in _TAG_ALIASES.get(family, [family]) if m in families]
+            tokens, cost = (sum(member.get(field, 0) for member in members) for field in ("tokens", "costUsd"))
+            tags[f"{family}:tokens"], tags[f"{family}:cost"] = (str(tokens), format_usd(cost)) if shown else ("", "")
+        return tags
 
     @staticmethod
     def _base_url(request: http.Request) -> str:
@@ -231,24 +250,27 @@ class StatusPage:
         )
 
     @staticmethod
-    def _family_table(families: dict) -> str:
+    def _family_table(families: dict, costs: bool) -> str:
         if not families:
             return ""
         rows = "".join(
             f"<tr><th>{html.escape(name)}</th><td data-label='Working keys'>{f['activeKeys']}</td>"
             f"<td data-label=Waiting>{f['proomptersInQueue']}</td>"
-            f"<td data-label='Estimated wait'>{html.escape(f['estimatedQueueTime'])}</td></tr>"
+            f"<td data-label='Estimated wait'>{html.escape(f['estimatedQueueTime'])}</td>"
+            + (f"<td data-label='Tokens (cost)'>{f['tokens']} ({format_usd(f['costUsd'])})</td>" if costs else "")
+            + "</tr>"
             for name, f in families.items()
         )
         return (
             "<h2>Model families</h2><table><tr><th>Family</th><th>Working keys</th><th>Waiting</th>"
-            f"<th>Estimated wait</th></tr>{rows}</table>"
+            f"<th>Estimated wait</th>{'<th>Tokens (cost)</th>' if costs else ''}</tr>{rows}</table>"
         )
 
     @staticmethod
     def render(facts: dict) -> str:
         """The default page: readable on a phone, no JavaScript, every value escaped."""
         e = html.escape
+        cost = f" ({format_usd(facts['costUsd'])})" if "costUsd" in facts else ""
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -268,8 +290,8 @@ code {{ word-break: break-all; }}
 </style></head>
 <body>
 {StatusPage.header_html(facts)}
-{StatusPage._family_table(facts["families"])}
-<p>Up for {facts["uptime"]} s &middot; {facts["proompts"]} prompts, {facts["tookens"]} tokens served &middot;
+{StatusPage._family_table(facts["families"], "costUsd" in facts)}
+<p>Up for {facts["uptime"]} s &middot; {facts["proompts"]} prompts, {facts["tookens"]} tokens served{cost} &middot;
 {facts["proomptersNow"]} users active now &middot; build {e(facts["build"])} &middot; <a href="/status">JSON</a></p>
 </body></html>
 """

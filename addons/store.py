@@ -33,6 +33,12 @@ _USER_COLUMNS = (
     "id", "token_hash", "nickname", "type", "created_at", "last_used_at", "ips", "max_ips", "token_limits",
     "rate_limit", "expires_at", "admin_note", "prompt_count", "disabled_at", "disabled_reason",
 )  # fmt: skip
+# What a settled request adds to its user's figures of a family besides the tokens token quotas count (`used`): its
+# cost in nano-dollars (10⁻⁹ USD, whole numbers, so that sums and quota checks are exact in both stores) and its
+# tokens by the kinds addons/usage.py reads. Like `used`, they start afresh with each quota period.
+SPENT_FIGURES = ("cost_nanousd", "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "reasoning",
+                 "web_searches")  # fmt: skip
+USAGE_FIGURES = ("used", "reserved", "reserved_nanousd", *SPENT_FIGURES)  # a family's figures, as get_user shows them
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,13 @@ def import_records(users: list[dict]) -> list[tuple[dict, dict]]:
     return records
 
 
+def spent_amounts(spent: dict[str, int] | None) -> list[int]:
+    """The amounts of SPENT_FIGURES in `spent`, in their order (0 for those it leaves out)."""
+    if unknown := set(spent or {}) - set(SPENT_FIGURES):
+        raise ValueError(f"not a spent figure: {min(unknown)!r}")
+    return [int((spent or {}).get(name, 0)) for name in SPENT_FIGURES]
+
+
 def _window_name(identity: str, bucket: str) -> str:
     return f"{bucket}\0{identity}" if bucket else identity
 
@@ -112,14 +125,22 @@ class SQLiteStore:
                 used INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (user_id, family));
             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS affinity (space TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+                used_at REAL NOT NULL, PRIMARY KEY (space, name));
+            CREATE INDEX IF NOT EXISTS affinity_by_use ON affinity (space, used_at);
             """
         )
+        present = {column for _, column, *_ in self.db.execute("PRAGMA table_info(usage)")}
+        for column in USAGE_FIGURES:
+            if column not in present:  # a store written before costs were recorded
+                self.db.execute(f"ALTER TABLE usage ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         # Reservations belong to requests in flight; after a restart none is.
-        self.db.execute("UPDATE usage SET reserved = 0")
+        self.db.execute("UPDATE usage SET reserved = 0, reserved_nanousd = 0")
         self._windows: dict[str, deque] = {}
         self._in_flight: dict[str, int] = {}
         self._rests: dict[tuple[str, str], float] = {}
         self._waits: dict[str, deque] = {}
+        self._affinity_sizes: dict[str, int] = {}
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -160,8 +181,8 @@ class SQLiteStore:
         user = dict(zip(_USER_COLUMNS, row))
         for column in _JSON_COLUMNS:
             user[column] = json.loads(user[column])
-        user["usage"] = {family: {"used": used, "reserved": reserved} for family, used, reserved in self.db.execute(
-            "SELECT family, used, reserved FROM usage WHERE user_id = ?", (user["id"],))}  # fmt: skip
+        user["usage"] = {family: dict(zip(USAGE_FIGURES, figures)) for family, *figures in self.db.execute(
+            f"SELECT family, {', '.join(USAGE_FIGURES)} FROM usage WHERE user_id = ?", (user["id"],))}  # fmt: skip
         return user
 
     def create_user(self, fields: dict) -> tuple[str, dict]:
@@ -226,9 +247,13 @@ class SQLiteStore:
             for user, record in records:
                 self._insert_user(record)
                 for family, figures in (user.get("usage") or {}).items():
+                    kept = ("used", *SPENT_FIGURES)
                     self.db.execute(
-                        "INSERT INTO usage (user_id, family, used) VALUES (?, ?, ?) ON CONFLICT (user_id, family)"
-                        " DO UPDATE SET used = excluded.used", (record["id"], family, int(figures.get("used", 0))))
+                        f"INSERT INTO usage (user_id, family, {', '.join(kept)}) VALUES (?, ?{', ?' * len(kept)})"
+                        f" ON CONFLICT (user_id, family) DO UPDATE SET"
+                        f" {', '.join(f'{name} = excluded.{name}' for name in kept)}",
+                        (record["id"], family, *(int(figures.get(name, 0)) for name in kept)),
+                    )  # fmt: skip
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -262,30 +287,42 @@ class SQLiteStore:
 
     # -- usage ---------------------------------------------------------------------------------------------
 
-    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None) -> bool:
-        """Sets `tokens` aside for a request if used + reserved + tokens stays within `limit` (None: no limit)."""
+    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None, cost: int = 0,
+                cost_limit: int | None = None, total_cost_limit: int | None = None) -> bool:
+        """Sets `tokens` and `cost` (nano-dollars) aside for a request if, with them, the family's used + reserved
+        tokens stay within `limit`, its cost within `cost_limit`, and the user's cost over every family within
+        `total_cost_limit` (None: no limit)."""
         self.db.execute("INSERT OR IGNORE INTO usage (user_id, family) VALUES (?, ?)", (user_id, family))
         return bool(self.db.execute(
-            "UPDATE usage SET reserved = reserved + ? WHERE user_id = ? AND family = ?"
-            " AND (? IS NULL OR used + reserved + ? <= ?)",
-            (tokens, user_id, family, limit, tokens, limit),
+            "UPDATE usage SET reserved = reserved + :tokens, reserved_nanousd = reserved_nanousd + :cost"
+            " WHERE user_id = :user AND family = :family AND (:limit IS NULL OR used + reserved + :tokens <= :limit)"
+            " AND (:cost_limit IS NULL OR cost_nanousd + reserved_nanousd + :cost <= :cost_limit)"
+            " AND (:total_limit IS NULL OR :cost + (SELECT SUM(cost_nanousd + reserved_nanousd) FROM usage"
+            " WHERE user_id = :user) <= :total_limit)",
+            {"tokens": tokens, "cost": cost, "user": user_id, "family": family, "limit": limit,
+             "cost_limit": cost_limit, "total_limit": total_cost_limit},
         ).rowcount)  # fmt: skip
 
-    def settle(self, user_id: str, family: str, reserved: int, used: int) -> None:
-        """Replaces a reservation by what the request really used (0 for a failed request)."""
+    def settle(self, user_id: str, family: str, reserved: int, used: int, reserved_cost: int = 0,
+               spent: dict[str, int] | None = None) -> None:
+        """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
+        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request)."""
         self.db.execute(
-            "UPDATE usage SET reserved = MAX(0, reserved - ?), used = used + ? WHERE user_id = ? AND family = ?",
-            (reserved, used, user_id, family),
+            f"UPDATE usage SET reserved = MAX(0, reserved - ?), reserved_nanousd = MAX(0, reserved_nanousd - ?),"
+            f" used = used + ?, {', '.join(f'{name} = {name} + ?' for name in SPENT_FIGURES)}"
+            " WHERE user_id = ? AND family = ?",
+            (reserved, reserved_cost, used, *spent_amounts(spent), user_id, family),
         )
         if used:
             self.db.execute("UPDATE users SET prompt_count = prompt_count + 1 WHERE id = ?", (user_id,))
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all."""
+        zeroed = ", ".join(f"{name} = 0" for name in ("used", *SPENT_FIGURES))
         if user_id is None:
-            self.db.execute("UPDATE usage SET used = 0")
+            self.db.execute(f"UPDATE usage SET {zeroed}")
         else:
-            self.db.execute("UPDATE usage SET used = 0 WHERE user_id = ?", (user_id,))
+            self.db.execute(f"UPDATE usage SET {zeroed} WHERE user_id = ?", (user_id,))
 
     def add_to_counters(self, **amounts: int) -> None:
         for name, amount in amounts.items():
@@ -351,6 +388,50 @@ class SQLiteStore:
 
     def close(self) -> None:
         self.db.close()
+
+    # -- affinity: which key holds a conversation's cache or a response's state ----------------------------
+
+    def affinity(self, space: str, name: str, ttl: float) -> str | None:
+        """What `name` is bound to in `space`, or None when it is unknown or was not used for `ttl` seconds;
+        a hit counts as a use."""
+        now = time.time()
+        row = self.db.execute("SELECT value FROM affinity WHERE space = ? AND name = ? AND used_at > ?",
+                              (space, name, now - ttl)).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        self.db.execute("UPDATE affinity SET used_at = ? WHERE space = ? AND name = ?", (now, space, name))
+        return row[0]
+
+    def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float,
+                      capacity: int) -> str:
+        """Binds `name` to `value` if it is bound to `expected` now (None: to nothing), and returns what it is
+        bound to afterwards. Names unused for `ttl` seconds are forgotten, and beyond `capacity` names in the
+        space the least recently used."""
+        now = time.time()
+        if space not in self._affinity_sizes:  # counted once; afterwards followed, as one process owns the file
+            (self._affinity_sizes[space],) = self.db.execute(
+                "SELECT COUNT(*) FROM affinity WHERE space = ?", (space,)).fetchone()  # fmt: skip
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            size = self._affinity_sizes[space]
+            size -= self.db.execute(
+                "DELETE FROM affinity WHERE space = ? AND used_at <= ?", (space, now - ttl)).rowcount  # fmt: skip
+            row = self.db.execute("SELECT value FROM affinity WHERE space = ? AND name = ?", (space, name)).fetchone()
+            current = value if (row[0] if row else None) == expected else row[0]
+            self.db.execute(
+                "INSERT INTO affinity (space, name, value, used_at) VALUES (?, ?, ?, ?) ON CONFLICT (space, name)"
+                " DO UPDATE SET value = excluded.value, used_at = excluded.used_at", (space, name, current, now))
+            size += row is None
+            if size > capacity:
+                size -= self.db.execute(
+                    "DELETE FROM affinity WHERE rowid IN (SELECT rowid FROM affinity WHERE space = ?"
+                    " ORDER BY used_at LIMIT ?)", (space, size - capacity)).rowcount  # fmt: skip
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._affinity_sizes[space] = size
+        return current
 
 
 class StoreUnavailable(RuntimeError):

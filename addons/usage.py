@@ -1,13 +1,14 @@
-"""Token usage as the upstream reports it, from a JSON answer or from an SSE stream as it passes.
+"""Token usage as the upstream reports it, from a JSON answer or from an SSE stream as it passes, by the kinds the
+providers price differently: input, cache reads, cache writes (5-minute and 1-hour), output, and web searches.
 
 For a stream the meter reads every event: OpenAI's final `usage` chunk (which the proxy asks for and, when the
 client did not, removes again), the Responses API's last event (`response.completed`, `response.incomplete` or
 `response.failed`: whichever ends the stream carries the usage), Anthropic's `message_start` and `message_delta`.
-When a stream ends early the count is estimated from the text that did reach the client.
+When a stream ends early the output is estimated from the text that did reach the client.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from addons.apierrors import ANTHROPIC
 
@@ -17,24 +18,70 @@ CHARACTERS_PER_TOKEN = 4  # the usual English average of both tokenizers; only u
 
 @dataclass
 class Usage:
+    """A request's tokens by price. The prompt is split into `input` (billed at the input price) and the tokens
+    read from or written to the prompt cache; `reasoning` is the part of `output` the model spent thinking."""
+
     input: int = 0
     output: int = 0
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    reasoning: int = 0
+    web_searches: int = 0
     estimated: bool = False
 
     @property
+    def prompt(self) -> int:
+        return self.input + self.cache_read + self.cache_write_5m + self.cache_write_1h
+
+    @property
     def total(self) -> int:
-        return self.input + self.output
+        """What token quotas count: every prompt token, cached or not, and every output token."""
+        return self.prompt + self.output
+
+    def counts(self) -> dict[str, int]:
+        return {name: value for name, value in asdict(self).items() if name != "estimated"}
 
 
-def _from_usage_object(usage: dict) -> Usage | None:
+def _count(figures, name: str) -> int:
+    value = figures.get(name) if isinstance(figures, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _from_usage_object(usage) -> Usage | None:
     if not isinstance(usage, dict):
         return None
-    if "prompt_tokens" in usage:  # chat completions, completions, embeddings
-        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-    if "input_tokens" in usage:  # Responses API, Anthropic (cache reads and writes are input too)
-        cached = sum(int(usage.get(k) or 0) for k in ("cache_creation_input_tokens", "cache_read_input_tokens"))
-        return Usage(int(usage.get("input_tokens") or 0) + cached, int(usage.get("output_tokens") or 0))
-    return None
+    if "prompt_tokens" in usage:  # chat completions, completions, embeddings: cached tokens are part of the prompt
+        cached = _count(usage.get("prompt_tokens_details"), "cached_tokens")
+        return Usage(max(0, _count(usage, "prompt_tokens") - cached), _count(usage, "completion_tokens"), cached,
+                     reasoning=_count(usage.get("completion_tokens_details"), "reasoning_tokens"))  # fmt: skip
+    if "input_tokens" not in usage:
+        return None
+    # Responses API: cached tokens are part of input_tokens. Anthropic: cache reads and writes are not, and the
+    # writes are split by lifetime under cache_creation (an answer without the split wrote 5-minute entries).
+    cached = _count(usage.get("input_tokens_details"), "cached_tokens")
+    split = usage.get("cache_creation")
+    one_hour = _count(split, "ephemeral_1h_input_tokens")
+    writes = _count(usage, "cache_creation_input_tokens") if "cache_creation_input_tokens" in usage \
+        else _count(split, "ephemeral_5m_input_tokens") + one_hour  # fmt: skip
+    return Usage(
+        input=max(0, _count(usage, "input_tokens") - cached),
+        output=_count(usage, "output_tokens"),
+        cache_read=cached + _count(usage, "cache_read_input_tokens"),
+        cache_write_5m=writes - min(one_hour, writes),
+        cache_write_1h=min(one_hour, writes),
+        reasoning=_count(usage.get("output_tokens_details"), "reasoning_tokens"),
+        web_searches=_count(usage.get("server_tool_use"), "web_search_requests"),
+    )
+
+
+def _from_answer(answer: dict) -> Usage | None:
+    """The usage of a whole answer: its usage object, and the web searches among a Responses answer's items."""
+    usage = _from_usage_object(answer.get("usage"))
+    if usage is not None and isinstance(answer.get("output"), list):
+        usage.web_searches += sum(isinstance(item, dict) and item.get("type") == "web_search_call"
+                                  for item in answer["output"])  # fmt: skip
+    return usage
 
 
 def read_answer(body: bytes) -> tuple[Usage | None, str]:
@@ -52,7 +99,7 @@ def read_answer(body: bytes) -> tuple[Usage | None, str]:
         parts.extend(c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict))
     parts.extend(block.get("text", "") for block in data.get("content") or [] if isinstance(block, dict))  # Claude
     parts.append(data.get("completion") or "")  # Claude text completions
-    return _from_usage_object(data.get("usage")), "".join(part for part in parts if isinstance(part, str))
+    return _from_answer(data), "".join(part for part in parts if isinstance(part, str))
 
 
 class StreamMeter:
@@ -63,11 +110,12 @@ class StreamMeter:
         self.drop_usage_chunk = drop_usage_chunk  # the proxy asked for OpenAI's usage chunk; the client did not
         self.keep_text = keep_text  # for the prompt log
         self.usage: Usage | None = None
-        self.input_seen = 0
+        self.started: Usage | None = None  # Anthropic's figures at message_start: the prompt's, final already
         self.text_characters = 0
         self.text_parts: list[str] = []
         self._anthropic_usage: dict = {}
         self._pending = b""
+        self.response_id: str | None = None  # the Responses API's response, named in its first event (affinity)
 
     def feed(self, chunk: bytes) -> bytes:
         self._pending += chunk
@@ -83,11 +131,11 @@ class StreamMeter:
         return rest if self.drop_usage_chunk else b""
 
     def finish(self, prompt_estimate: int) -> Usage:
-        """The stream's usage: the upstream's figures, or an estimate from what was streamed."""
+        """The stream's usage: the upstream's figures, or an estimate of the output from what was streamed."""
         if self.usage is not None:
             return self.usage
         output = -(-self.text_characters // CHARACTERS_PER_TOKEN)
-        return Usage(self.input_seen or prompt_estimate, output, estimated=True)
+        return replace(self.started or Usage(prompt_estimate), output=output, estimated=True)
 
     def _read(self, event: bytes) -> bool:
         """Learns from one event; False when the event is to be left out."""
@@ -103,9 +151,11 @@ class StreamMeter:
         if self.api == ANTHROPIC:
             self._read_anthropic(payload)
             return True
+        if payload.get("type") == "response.created" and isinstance(created := payload.get("response"), dict):
+            self.response_id = created.get("id") if isinstance(created.get("id"), str) else None
         if payload.get("type") in _RESPONSE_ENDINGS:
             response = payload.get("response") if isinstance(payload.get("response"), dict) else {}
-            self.usage = _from_usage_object(response.get("usage")) or self.usage
+            self.usage = _from_answer(response) or self.usage
         elif isinstance(delta := payload.get("delta"), str):  # Responses API text deltas
             self._text(delta)
         for choice in payload.get("choices") or []:
@@ -126,7 +176,7 @@ class StreamMeter:
         if kind == "message_start":
             message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
             self._anthropic_usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
-            self.input_seen = (_from_usage_object(self._anthropic_usage) or Usage()).input
+            self.started = _from_usage_object(self._anthropic_usage)
         elif kind == "content_block_delta":
             delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
             self._text(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")

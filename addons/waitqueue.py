@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.keypool import PoolKey
+from addons.keypool import KeyAffinity, PoolKey
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,12 @@ class QueueRefusal(Exception):
 class Waiter:
     identity: str
     arrived: float
+    affinity: KeyAffinity | None = None
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _pinned_key(affinity: KeyAffinity | None) -> str | None:
+    return affinity.key_id if affinity and affinity.pinned else None
 
 
 @dataclass
@@ -58,21 +63,29 @@ class FamilyQueue:
                     del self.by_identity[identity]
                 return
 
-    def pop_next(self) -> Waiter:
-        """The oldest waiter of the identity whose turn it is; that identity goes to the back of the line."""
-        identity, waiters = next(iter(self.by_identity.items()))
-        waiter = waiters.popleft()
-        del self.by_identity[identity]
+    def take(self, waiter: Waiter) -> None:
+        """Removes a waiter that is being served; its identity goes to the back of the line."""
+        identity = next(identity for identity, waiters in self.by_identity.items() if waiter in waiters)
+        waiters = self.by_identity.pop(identity)
+        waiters.remove(waiter)
         if waiters:
             self.by_identity[identity] = waiters
-        return waiter
+
+    def in_turn(self) -> list[Waiter]:
+        """The waiters in the order the queue serves them: identities take turns, each in arrival order."""
+        lines = [list(waiters) for waiters in self.by_identity.values()]
+        return [line[turn] for turn in range(max(map(len, lines), default=0)) for line in lines if turn < len(line)]
 
     def position(self, waiter: Waiter) -> int:
         """1-based place in the order the queue would serve, for the client's heartbeat."""
-        lines = [list(waiters) for waiters in self.by_identity.values()]
-        order = [w for turn in range(max(map(len, lines), default=0)) for line in lines if turn < len(line)
-                 for w in [line[turn]]]  # fmt: skip
+        order = self.in_turn()
         return order.index(waiter) + 1 if waiter in order else 0
+
+    def holds_back(self, affinity: KeyAffinity | None) -> bool:
+        """Whether a request arriving now must wait behind the waiters: some may take the key it would take.
+        A waiter pinned to a key takes no other, so it holds back only requests pinned to the same key."""
+        pinned = _pinned_key(affinity)
+        return any(_pinned_key(w.affinity) in (None, pinned) for waiters in self.by_identity.values() for w in waiters)
 
     def count(self, identity: str) -> int:
         return sum(w.identity == identity for waiters in self.by_identity.values() for w in waiters)
@@ -112,16 +125,20 @@ class WaitQueue:
     def would_wait(self, flow: http.HTTPFlow, api: str, family: str) -> bool:
         """Whether the request would have to queue if it arrived now; raises QueueRefusal when it may not wait at
         all, so that a refusal goes out as an error status before any byte of a stream."""
-        pool = ctx.master.addons.get("keypool")
+        pool, affinity = ctx.master.addons.get("keypool"), ctx.master.addons.get("affinity").of(flow)
         now = time.time()
-        if not len(self.queue(api, family)) and any(key.is_free(family, now) for key in pool.serving(api, family)):
+        if not self.queue(api, family).holds_back(affinity) and any(
+                key.is_free(family, now) for key in pool.candidates(api, family, affinity)):  # fmt: skip
             return False
-        self._check_may_wait(flow, api, family)
+        self._check_may_wait(flow, api, family, affinity)
         return True
 
-    def _check_may_wait(self, flow: http.HTTPFlow, api: str, family: str) -> None:
-        """Raises QueueRefusal when no key serves the family, the queue is off, or the identity waits already."""
-        rest = ctx.master.addons.get("keypool").seconds_until_free(api, family)
+    def _check_may_wait(self, flow: http.HTTPFlow, api: str, family: str, affinity: KeyAffinity | None) -> None:
+        """Raises QueueRefusal when no key serves the family (or the pinned key no longer serves), the queue is
+        off, or the identity waits already."""
+        rest = ctx.master.addons.get("keypool").seconds_until_free(api, family, affinity)
+        if rest is None and _pinned_key(affinity):
+            raise QueueRefusal(400, *ctx.master.addons.get("affinity").unavailable(flow))
         if rest is None:
             raise QueueRefusal(503, "no_keys_available", f"This proxy has no working key for {family} models.")
         if ctx.options.queue_mode == "none":
@@ -133,12 +150,12 @@ class WaitQueue:
 
     async def acquire(self, flow: http.HTTPFlow, api: str, family: str, arrived: float, on_queued=None) -> PoolKey:
         """A free key for the request, waiting for one if needed. Raises QueueRefusal."""
-        pool = ctx.master.addons.get("keypool")
+        pool, affinity = ctx.master.addons.get("keypool"), ctx.master.addons.get("affinity").of(flow)
         queue = self.queue(api, family)
-        if not len(queue) and (key := pool.choose(api, family)):
+        if not queue.holds_back(affinity) and (key := pool.choose(api, family, affinity=affinity)):
             return key
-        self._check_may_wait(flow, api, family)
-        waiter = Waiter(identity_of(flow), arrived)
+        self._check_may_wait(flow, api, family, affinity)
+        waiter = Waiter(identity_of(flow), arrived, affinity)
         queue.add(waiter)
         flow.metadata["llmproxy"]["queued"] = True
         self._pump(api, family)
@@ -153,7 +170,8 @@ class WaitQueue:
                 pool.abandon(waiter.granted.result(), family)  # granted in the same instant: give it back
             if isinstance(stop, asyncio.CancelledError):
                 raise
-            raise QueueRefusal(503, "queue_timeout", f"No key for {family} models became free within "
+            awaited = "The key that holds this conversation" if _pinned_key(affinity) else f"No key for {family} models"
+            raise QueueRefusal(503, "queue_timeout", f"{awaited} did not become free within "
                                f"{ctx.options.queue_timeout} s; try again later.") from None  # fmt: skip
         ctx.master.addons.get("storage").store.record_wait(family, time.time() - arrived)
         return key
@@ -163,20 +181,33 @@ class WaitQueue:
             self._pump(api, family)
 
     def _pump(self, api: str, family: str) -> None:
-        """Hands free keys to waiters in turn; when none is free, wakes up again when the next rest ends."""
+        """Hands free keys to waiters in turn (a pinned waiter only its key); when no waiter can be served, wakes
+        up again when the next rest a waiter waits for ends."""
         pool = ctx.master.addons.get("keypool")
         queue = self.queue(api, family)
-        while len(queue):
-            key = pool.choose(api, family)
-            if key is None:
-                rest = pool.seconds_until_free(api, family)
-                if rest is not None and rest > 0:
-                    if queue.timer:
-                        queue.timer.cancel()
-                    queue.timer = ctx.master.event_loop.call_later(rest, self._pump, api, family)
-                return
-            waiter = queue.pop_next()
+        while grant := self._next_grant(pool, queue, api, family):
+            waiter, key = grant
+            queue.take(waiter)
             waiter.granted.set_result(key)
+        affinities = {_pinned_key(w.affinity): w.affinity for w in queue.in_turn()}.values()
+        rests = [rest for a in affinities if (rest := pool.seconds_until_free(api, family, a)) is not None]
+        if rests and min(rests) > 0:
+            if queue.timer:
+                queue.timer.cancel()
+            queue.timer = ctx.master.event_loop.call_later(min(rests), self._pump, api, family)
+
+    @staticmethod
+    def _next_grant(pool, queue: FamilyQueue, api: str, family: str) -> tuple[Waiter, PoolKey] | None:
+        """The first waiter in turn that a free key can serve, with that key. Waiters that want what an earlier one
+        could not get (any key, or the same pinned key) are not asked again."""
+        refused: set[str | None] = set()
+        for waiter in queue.in_turn():
+            if (pinned := _pinned_key(waiter.affinity)) in refused:
+                continue
+            if key := pool.choose(api, family, affinity=waiter.affinity):
+                return waiter, key
+            refused.add(pinned)
+        return None
 
     def estimated_wait(self, api: str, family: str) -> float:
         """Seconds a request arriving now may wait: recent waits, or the time until a key frees."""

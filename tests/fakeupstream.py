@@ -47,6 +47,11 @@ the proxy makes of refusals), an unknown top-level field is refused as the real 
 its name echoed in the message: ``Unrecognized request argument supplied: NAME`` (OpenAI) and
 ``NAME: Extra inputs are not permitted`` (Anthropic).
 
+Each key stands for an organisation of its own (``KeyAccounts``): it has its own prompt cache, whose
+reads and writes the usage reports (OpenAI ``cached_tokens``, Anthropic ``cache_read_input_tokens`` and
+``cache_creation_input_tokens``), and a key override's ``budget`` (requests per ``budget_seconds``,
+default 60) is a request rate limit with honest ``x-ratelimit-*`` / ``anthropic-ratelimit-*`` figures.
+
 Besides the usual OpenAI and Anthropic routes it answers ``POST /v1/responses/compact`` (Codex's
 remote compaction) and ``POST /v1/responses/input_tokens``; any other route, a websocket upgrade
 included, is recorded and answered 404.
@@ -69,6 +74,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -186,6 +192,9 @@ class Call:
     payload: dict[str, Any]
     behaviour: Behaviour
     started: float = field(default_factory=time.monotonic)
+    cache_read: int = 0  # prompt tokens read from the key's prompt cache (KeyAccounts)
+    cache_written: int = 0  # prompt tokens written to it
+    limit_headers: dict[str, str] = field(default_factory=dict)  # the key's budget, when it has one
 
     @property
     def stream(self) -> bool:
@@ -300,9 +309,9 @@ def _mask(key: str) -> str:
     return f"{key[:3]}...{key[-4:]}" if len(key) > 8 else "***"
 
 
-def _response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict:
+def _response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int, cached: int = 0) -> dict:
     """A Responses API usage object."""
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}
 
@@ -385,6 +394,7 @@ class FakeUpstream:
         self.host = "127.0.0.1"
         self.port = 0
         self._overrides: dict[str, dict[str, Any]] = {}
+        self._accounts = KeyAccounts()
         self.strict_fields = False  # refuse unknown top-level fields as the real APIs do, echoing their names
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -431,6 +441,7 @@ class FakeUpstream:
         """Forget recorded requests and per-key overrides; lenient about fields again."""
         self.requests.clear()
         self._overrides.clear()
+        self._accounts = KeyAccounts()
         self.strict_fields = False
 
     def set_key_behaviour(self, key: str, behaviour: str = "ok", **params: Any) -> None:
@@ -508,10 +519,13 @@ class FakeUpstream:
                     f"Unrecognized request argument supplied: {unknown[0]}"
                 return self._error(call, "bad_request", message)
         call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"))
+        if request.method == "POST" and (budget := self._overrides.get(call.key, {}).get("budget")) is not None:
+            self._accounts.charge(call, int(budget), float(self._overrides[call.key].get("budget_seconds", 60)))
         if call.behaviour.delay_ms:
             await asyncio.sleep(call.behaviour.delay_ms / 1000)
         if call.behaviour.error:
             return self._error(call, call.behaviour.error)
+        self._accounts.use_cache(call, body)
         result = handler(call)
         if isinstance(result, web.StreamResponse):  # a handler's own validation error
             return result
@@ -576,14 +590,14 @@ class FakeUpstream:
                 "anthropic-ratelimit-requests-limit": "500", "anthropic-ratelimit-requests-remaining": remaining,
                 "anthropic-ratelimit-requests-reset": reset, "anthropic-ratelimit-tokens-limit": "100000",
                 "anthropic-ratelimit-tokens-remaining": "99000", "anthropic-ratelimit-tokens-reset": reset,
-                "x-robots-tag": "none"}
+                "x-robots-tag": "none"} | call.limit_headers
         return common | {
             "openai-organization": OPENAI_ORG, "openai-project": OPENAI_PROJECT, "openai-version": "2020-10-01",
             "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
             "x-request-id": _id("req_", 32), "x-ratelimit-limit-requests": "500",
             "x-ratelimit-remaining-requests": remaining, "x-ratelimit-reset-requests": "120ms",
             "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29990",
-            "x-ratelimit-reset-tokens": "20ms"}
+            "x-ratelimit-reset-tokens": "20ms"} | call.limit_headers
 
     def _error(self, call: Call, kind: str, message: str | None = None) -> web.Response:
         """An error response in the API's own format."""
@@ -691,7 +705,8 @@ class FakeUpstream:
         text = json.dumps(_tool_input(tool)) if tool else call.reply()
         finish, call_id = ("tool_calls" if tool else "stop"), _id("call_")
         usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": _words(text),
-                 "total_tokens": call.prompt_tokens + _words(text)}
+                 "total_tokens": call.prompt_tokens + _words(text),
+                 "prompt_tokens_details": {"cached_tokens": call.cache_read, "audio_tokens": 0}}
         if not call.stream:
             message = {"role": "assistant", "content": text, "refusal": None}
             if tool:
@@ -776,7 +791,8 @@ class FakeUpstream:
                     "instructions": payload.get("instructions"), "model": call.model, "output": output,
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "metadata": {},
                     "temperature": 1.0, "top_p": 1.0,
-                    "usage": _response_usage(call.prompt_tokens, _words(text) + thinking_tokens, thinking_tokens)}
+                    "usage": _response_usage(call.prompt_tokens, _words(text) + thinking_tokens, thinking_tokens,
+                                             call.cache_read)}
         if not call.stream:
             return response
         in_progress = response | {"status": "in_progress", "error": None, "incomplete_details": None,
@@ -871,8 +887,9 @@ class FakeUpstream:
         else:
             blocks.append({"type": "text", "text": call.reply()})
         answer = json.dumps(blocks[-1]["input"]) if tool else blocks[-1]["text"]
-        usage = {"input_tokens": call.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                 "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        usage = {"input_tokens": call.prompt_tokens - call.cache_read - call.cache_written,
+                 "cache_creation_input_tokens": call.cache_written, "cache_read_input_tokens": call.cache_read,
+                 "cache_creation": {"ephemeral_5m_input_tokens": call.cache_written, "ephemeral_1h_input_tokens": 0},
                  "output_tokens": _words(answer) + (_words(THINKING) if thinks else 0), "service_tier": "standard"}
         if b.server_tool:
             usage["server_tool_use"] = {"web_search_requests": 1}
@@ -908,6 +925,74 @@ class FakeUpstream:
                                for p in call.chunks()]
         events.append(("completion", base | {"completion": "", "stop_reason": "stop_sequence"}, False))
         return events
+
+
+# -- each key's organisation: its prompt cache and its request budget -------------------------------------------
+
+CACHE_BLOCK = 128  # words: prompts are cached in steps of this many (OpenAI caches in 128-token steps)
+CACHE_MINIMUM = 1024  # words: shorter prompts are never cached (both APIs' minimum for most models)
+CACHE_LIFETIME = 300.0  # seconds a cached prefix lives after its last use (both APIs' default)
+CACHED_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
+PROMPT_ORDER = ("system", "instructions", "messages", "input", "prompt")  # the order in which the APIs read a prompt
+
+
+class KeyAccounts:
+    """What the organisation behind each key keeps from one request to the next.
+
+    The prompt cache: a prompt is its words in PROMPT_ORDER, cut into blocks of CACHE_BLOCK words (a rest shorter
+    than a block is never cached). The leading blocks that the same key saw, for the same model, within
+    CACHE_LIFETIME are read from the cache; the blocks after them are written to it. OpenAI caches every prompt of
+    CACHE_MINIMUM words or more; Anthropic only a request that has ``cache_control`` somewhere.
+
+    The request budget: ``budget`` requests per ``budget_seconds`` window, the window starting with the key's
+    first request after the last one ended; over it, a 429 with ``retry-after`` until the window ends.
+    """
+
+    def __init__(self) -> None:
+        self._caches: dict[str | None, OrderedDict[bytes, float]] = {}  # key -> prefix digest -> last use
+        self._windows: dict[str | None, list[float]] = {}  # key -> [window start, requests counted]
+
+    def use_cache(self, call: Call, body: bytes) -> None:
+        """Reads and writes the key's cache for the call's prompt; sets ``cache_read`` and ``cache_written``."""
+        if call.request.path not in CACHED_PATHS or (call.api == "anthropic" and b'"cache_control"' not in body):
+            return
+        words = " ".join(_texts([call.payload.get(name) for name in PROMPT_ORDER])).split()
+        if len(words) < CACHE_MINIMUM:
+            return
+        running, prefixes = hashlib.sha256(call.model.encode()), []
+        for start in range(0, len(words) - CACHE_BLOCK + 1, CACHE_BLOCK):
+            running.update(" ".join(words[start:start + CACHE_BLOCK]).encode() + b"\n")
+            prefixes.append(running.copy().digest())
+        cache, now = self._caches.setdefault(call.key, OrderedDict()), time.monotonic()
+        while cache and next(iter(cache.values())) <= now - CACHE_LIFETIME:
+            cache.popitem(last=False)
+        hits = next((n for n, prefix in enumerate(prefixes) if prefix not in cache), len(prefixes))
+        for prefix in prefixes:
+            cache[prefix] = now
+            cache.move_to_end(prefix)
+        call.cache_read, call.cache_written = hits * CACHE_BLOCK, (len(prefixes) - hits) * CACHE_BLOCK
+
+    def charge(self, call: Call, budget: int, seconds: float) -> None:
+        """Counts the call against the key's budget, or makes it a rate limit; sets the limit headers."""
+        now = time.monotonic()
+        window = self._windows.get(call.key)
+        if window is None or now >= window[0] + seconds:
+            window = self._windows[call.key] = [now, 0]
+        reset = window[0] + seconds - now
+        if window[1] >= budget:
+            call.behaviour.error, call.behaviour.retry_after = "rate_limit", max(1, math.ceil(reset))
+        else:
+            window[1] += 1
+        remaining = str(budget - int(window[1]))
+        if call.api == "anthropic":
+            at = (datetime.now(timezone.utc) + timedelta(seconds=reset)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            call.limit_headers = {"anthropic-ratelimit-requests-limit": str(budget),
+                                  "anthropic-ratelimit-requests-remaining": remaining,
+                                  "anthropic-ratelimit-requests-reset": at}
+        else:
+            call.limit_headers = {"x-ratelimit-limit-requests": str(budget),
+                                  "x-ratelimit-remaining-requests": remaining,
+                                  "x-ratelimit-reset-requests": f"{reset:.3f}s"}
 
 
 def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> FakeUpstream:

@@ -223,8 +223,8 @@ def test_key_checker_retires_dead_keys_learns_families_and_organisations(start_p
 
     wait_until(settled)
     fake.reset()
-    for _ in range(2):
-        openai_client(proxy).chat.completions.create(**chat("Hello"))
+    for n in range(2):  # two conversations, so that each takes the least recently used entry
+        openai_client(proxy).chat.completions.create(**chat(f"Hello {n}"))
     organizations = {dict(r.headers).get("openai-organization") for r in fake.requests}
     assert organizations == {None, "org-second"}  # the default org needs no header; the other one is named
     with pytest.raises(openai.APIStatusError) as raised:

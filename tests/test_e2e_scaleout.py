@@ -123,3 +123,19 @@ def test_losing_redis_fails_closed_and_recovers(instances, redis_server, fake):
     assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 401
     token, _ = Admin(b).create()
     assert httpx.post(f"{a.url}{CHAT}", json=BODY, headers={"authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_fifty_parallel_requests_over_three_instances_against_a_usd_quota_for_five(instances, fake):
+    # Each request reserves 8 prompt tokens at gpt-4o's $2.50 and 100 output tokens at $10 per million: $0.00102.
+    proxies = instances(COST_QUOTAS="total=0.0051")
+    token, user = Admin(proxies[0]).create()
+    for key in OPENAI_KEYS:
+        fake.set_key_behaviour(key, "slow", delay_ms=3000)  # all fifty are in flight at once
+    auth = {"authorization": f"Bearer {token}"}
+    targets = itertools.islice(itertools.cycle(proxies), 50)
+    with ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=30).status_code,
+                                 targets))  # fmt: skip
+    assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 50 - statuses.count(200)
+    shown = Admin(proxies[1]).user(user["id"])
+    assert shown["usage"]["gpt4o"]["reserved_usd"] == 0 and 0 < shown["cost_usd"] <= 0.0051

@@ -59,8 +59,8 @@ def test_openai_chat_completion_streamed(proxy, fake):
 
 def test_keys_rotate_least_recently_used(proxy, fake):
     client = openai_client(proxy)
-    for _ in range(4):
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    for n in range(4):  # four conversations (one would stay on its key): each takes the least recently used key
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": f"x {n}"}])
     used = [recorded.key for recorded in fake.requests]
     assert set(used) == set(OPENAI_KEYS)
     assert used[0] != used[1] and used[:2] == used[2:]

@@ -6,12 +6,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import anthropic
 import httpx
 import openai
 import pytest
 
+from tests import fakeupstream
 from tests.fakeupstream import BUDGET_TOO_BIG, BUDGET_TOO_SMALL, REPLY, THINKING, start_in_thread, stop_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -439,3 +441,66 @@ def test_strict_fields_refuse_unknown_fields_echoing_their_names(fake):
     fake.reset()
     assert httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-x"},
                       json={"model": "gpt-4o", "messages": [], "future": 1}).status_code == 200  # fmt: skip
+
+
+# -- each key's organisation: its prompt cache and its request budget ---------------------------------------------
+
+LONG = " ".join(f"w{n}" for n in range(2000))  # 15 whole blocks of 128 words, and 80 words that are never cached
+
+
+def test_each_key_has_its_own_prompt_cache(fake):
+    first = oai(fake, "sk-a").chat.completions.create(model="gpt-4o", messages=user(LONG)).usage
+    assert (first.prompt_tokens, first.prompt_tokens_details.cached_tokens) == (2000, 0)
+    turn = user(LONG) + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more " * 300}]
+    again = oai(fake, "sk-a").chat.completions.create(model="gpt-4o", messages=turn).usage
+    assert (again.prompt_tokens, again.prompt_tokens_details.cached_tokens) == (2301, 1920)  # what turn 1 wrote
+    assert oai(fake, "sk-b").chat.completions.create(model="gpt-4o", messages=turn).usage \
+        .prompt_tokens_details.cached_tokens == 0  # another key: another organisation, another cache
+    assert oai(fake, "sk-a").chat.completions.create(model="gpt-4o-mini", messages=turn).usage \
+        .prompt_tokens_details.cached_tokens == 0  # another model
+    assert oai(fake, "sk-a").responses.create(model="gpt-4o", input=turn).usage \
+        .input_tokens_details.cached_tokens == 2176  # all 17 blocks of the turn, written by the second request
+    assert oai(fake, "sk-a").chat.completions.create(model="gpt-4o", messages=user("w0 w1")).usage \
+        .prompt_tokens_details.cached_tokens == 0  # under 1,024 words nothing is cached
+
+
+def test_claude_caches_with_cache_control_and_reports_reads_and_writes(fake):
+    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+
+    def usage(key="sk-ant-a", **fields):
+        usage = ant(fake, key).messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=user("go"),
+                                               **fields).usage  # fmt: skip
+        return usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens
+
+    assert usage(system=system) == (81, 1920, 0)
+    assert usage(system=system) == (81, 0, 1920)
+    assert usage("sk-ant-b", system=system) == (81, 1920, 0)
+    assert usage(system=LONG) == (2001, 0, 0)  # no cache_control: Anthropic caches nothing
+
+
+def test_a_cached_prefix_lives_five_minutes_after_its_last_use(monkeypatch):
+    accounts, clock = fakeupstream.KeyAccounts(), [time.monotonic()]
+    monkeypatch.setattr(fakeupstream, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+
+    def read_after(seconds: float) -> int:
+        clock[0] += seconds
+        call = fakeupstream.Call(SimpleNamespace(path="/v1/chat/completions"), "openai", "sk-a",
+                                 {"model": "m", "messages": user(LONG)}, fakeupstream.Behaviour())  # fmt: skip
+        accounts.use_cache(call, b"")
+        return call.cache_read
+
+    assert [read_after(0), read_after(299), read_after(299), read_after(301)] == [0, 1920, 1920, 0]
+
+
+def test_a_key_budget_is_a_rate_limit_with_honest_headers(fake):
+    fake.set_key_behaviour("sk-budget", "ok", budget=2, budget_seconds=30)
+    answers = [httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-budget"},
+                          json={"model": "gpt-4o", "messages": user("hi")}) for _ in range(3)]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["1", "0", "0"]
+    assert {a.headers["x-ratelimit-limit-requests"] for a in answers} == {"2"}
+    assert 28 <= float(answers[0].headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 30
+    assert 28 <= int(answers[2].headers["retry-after"]) <= 30
+    claude = httpx.post(f"{fake.url}/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": user("hi")},
+                        headers={"x-api-key": "sk-budget", "anthropic-version": "2023-06-01"})  # fmt: skip
+    assert claude.status_code == 429 and claude.headers["anthropic-ratelimit-requests-remaining"] == "0"

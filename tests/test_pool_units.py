@@ -5,7 +5,9 @@ import time
 import pytest
 from mitmproxy.test import taddons
 
-from addons.keypool import ACTIVE, REVOKED, KeyPool, Verdict, classify, parse_duration, read_limits, retry_after
+from addons.keypool import (
+    ACTIVE, REVOKED, KeyAffinity, KeyPool, Limits, Verdict, classify, parse_duration, read_limits, retry_after,
+)  # fmt: skip
 from addons.quota import DEFAULT_OUTPUT_RESERVATION, cron_matches, output_reservation, prompt_estimate
 from addons.usage import StreamMeter, Usage
 from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
@@ -114,11 +116,17 @@ async def test_fair_turns_and_positions():
             queue.add(waiter)
         assert [queue.position(w) for w in (a1, b1, a2, a3)] == [1, 2, 3, 4]
         assert queue.count("a") == 3
-        assert [queue.pop_next() for _ in range(4)] == [a1, b1, a2, a3]
+
+        def serve_next() -> Waiter:
+            waiter = queue.in_turn()[0]
+            queue.take(waiter)
+            return waiter
+
+        assert [serve_next() for _ in range(4)] == [a1, b1, a2, a3]
         tctx.options.queue_mode = "fifo"
         for waiter in (a1, a2, a3, b1):
             queue.add(waiter)
-        assert [queue.pop_next() for _ in range(4)] == [a1, a2, a3, b1]
+        assert [serve_next() for _ in range(4)] == [a1, a2, a3, b1]
 
 
 @pytest.mark.parametrize(
@@ -165,3 +173,58 @@ def test_reservations_are_an_upper_bound():
     assert prompt_estimate(body) >= 300 // 4 and output_reservation(body) == 50
     assert output_reservation({"max_output_tokens": 7}) == 7
     assert output_reservation({}) == DEFAULT_OUTPUT_RESERVATION
+
+
+async def test_a_conversation_keeps_its_key_while_it_has_headroom():
+    pool = KeyPool({"openai_key": ["sk-a", "sk-b", "sk-c"]})
+    with taddons.context(pool):
+        a, b, c = pool.keys["openai"]
+        keep_b = KeyAffinity(b.id, min_headroom=0.1)
+        assert [pool.choose("openai", "gpt4o", affinity=keep_b) for _ in range(3)] == [b, b, b]
+        assert pool.choose("openai", "gpt4o") is a  # a new conversation: the least recently used
+        pool.release(b, "gpt4o", 200, {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "5",
+                                       "x-ratelimit-reset-requests": "60s"}, b"")  # fmt: skip
+        assert pool.choose("openai", "gpt4o", affinity=keep_b) is c  # below 10 % left: the key with the most
+        for key in (a, c):
+            key.limits["gpt4o"] = Limits(0.02, time.time() + 60)
+        assert pool.choose("openai", "gpt4o", affinity=keep_b) is b  # every key is low: it stays
+        b.cooldown_until["gpt4o"] = time.time() + 30
+        assert pool.choose("openai", "gpt4o", affinity=keep_b) in (a, c)  # its key rests: it moves
+        pinned = KeyAffinity(b.id, pinned=True)
+        assert pool.choose("openai", "gpt4o", affinity=pinned) is None  # pinned: that key or none
+        assert 29 < pool.seconds_until_free("openai", "gpt4o", pinned) <= 30
+        assert pool.seconds_until_free("openai", "gpt4o", KeyAffinity("oai-gone", pinned=True)) is None
+
+
+async def test_a_waiter_pinned_to_a_resting_key_lets_the_others_pass():
+    pool, queue = KeyPool({"openai_key": ["sk-a", "sk-b"]}), WaitQueue()
+    with taddons.context(pool, queue):
+        a, b = pool.keys["openai"]
+        a.cooldown_until["gpt4o"] = b.cooldown_until["gpt4o"] = time.time() + 30
+        family_queue = queue.queue("openai", "gpt4o")
+        now = time.time()
+        pinned, unpinned = Waiter("x", now, KeyAffinity(a.id, pinned=True)), Waiter("y", now)
+        family_queue.add(pinned)
+        assert not family_queue.holds_back(None) and not family_queue.holds_back(KeyAffinity(b.id, pinned=True))
+        assert family_queue.holds_back(KeyAffinity(a.id, pinned=True))
+        family_queue.add(unpinned)
+        assert family_queue.holds_back(KeyAffinity(b.id, pinned=True))  # an unpinned waiter may take any key
+        b.cooldown_until["gpt4o"] = 0
+        queue._pump("openai", "gpt4o")
+        assert unpinned.granted.result() is b and not pinned.granted.done()
+        assert family_queue.in_turn() == [pinned]
+
+
+async def test_requests_sent_since_the_figures_came_count_against_the_headroom():
+    pool = KeyPool({"openai_key": ["sk-a", "sk-b"]})
+    with taddons.context(pool):
+        a, b = pool.keys["openai"]
+        pool.release(pool.choose("openai", "gpt4o"), "gpt4o", 200, {
+            "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
+            "x-ratelimit-reset-requests": "60s"}, b"")  # fmt: skip
+        b.limits["gpt4o"] = Limits(0.1, time.time() + 60, (10, 1))
+        stay_on_a = KeyAffinity(a.id)
+        assert [pool.choose("openai", "gpt4o", affinity=stay_on_a) for _ in range(2)] == [a, a]
+        assert a.headroom("gpt4o", time.time()) == 0 and not a.is_free("gpt4o", time.time())
+        assert pool.choose("openai", "gpt4o", affinity=stay_on_a) is b  # a's two requests left are spoken for
+        assert pool.choose("openai", "gpt4o") is None

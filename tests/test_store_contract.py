@@ -7,6 +7,7 @@ server, leases that run out, and an unreachable server.
 
 import re
 import secrets
+import sqlite3
 import threading
 import time
 
@@ -16,7 +17,7 @@ import redis
 from addons import redisstore
 from addons import store as store_module
 from addons.redisstore import IN_FLIGHT_SECONDS, LEASE_SECONDS, RedisStore
-from addons.store import KeyHealth, SQLiteStore, StoreUnavailable, UserError
+from addons.store import USAGE_FIGURES, KeyHealth, SQLiteStore, StoreUnavailable, UserError
 from tests.harness import RedisServer
 
 USER_KEYS = {
@@ -60,6 +61,11 @@ def shared(redis_url, prefix):
     other = RedisStore(redis_url, prefix)
     yield other
     other.close()
+
+
+def figures(**given: int) -> dict:
+    """A family's usage figures: those given, and 0 for the rest."""
+    return {**dict.fromkeys(USAGE_FIGURES, 0), **given}
 
 
 class Clock:
@@ -165,7 +171,7 @@ def test_export_import_round_trip(store):
         store.delete_user(user["id"])
     assert store.import_users(exported) == 2
     assert sorted(store.export_users(), key=lambda u: u["id"]) == sorted(exported, key=lambda u: u["id"])
-    assert store.get_user(ann["id"])["usage"] == {"gpt4o": {"used": 30, "reserved": 0}}
+    assert store.get_user(ann["id"])["usage"] == {"gpt4o": figures(used=30, reserved=0)}
     assert store.import_users([{"token_hash": ann["token_hash"], "nickname": "anne"}]) == 1  # replaces
     assert store.get_user(ann["id"])["nickname"] == "anne"
 
@@ -205,17 +211,17 @@ def test_reserve_and_settle(store):
     uid = user["id"]
     assert store.reserve(uid, "gpt4o", 60, 100)
     assert not store.reserve(uid, "gpt4o", 41, 100)
-    assert store.get_user(uid)["usage"] == {"gpt4o": {"used": 0, "reserved": 60}}
+    assert store.get_user(uid)["usage"] == {"gpt4o": figures(used=0, reserved=60)}
     assert store.reserve(uid, "gpt4o", 40, 100)
     store.settle(uid, "gpt4o", 60, 25)  # the request used less than it reserved
-    assert store.get_user(uid)["usage"]["gpt4o"] == {"used": 25, "reserved": 40}
+    assert store.get_user(uid)["usage"]["gpt4o"] == figures(used=25, reserved=40)
     store.settle(uid, "gpt4o", 40, 0)  # a failed request costs nothing and is not a prompt
     after = store.get_user(uid)
-    assert after["usage"]["gpt4o"] == {"used": 25, "reserved": 0} and after["prompt_count"] == 1
+    assert after["usage"]["gpt4o"] == figures(used=25, reserved=0) and after["prompt_count"] == 1
     assert store.reserve(uid, "gpt4o", 75, 100) and not store.reserve(uid, "gpt4o", 1, 100)
     assert store.reserve(uid, "claude", 10**9, None)  # no limit
     assert not store.reserve(uid, "gemini", 1, 0)
-    assert store.get_user(uid)["usage"]["gemini"] == {"used": 0, "reserved": 0}
+    assert store.get_user(uid)["usage"]["gemini"] == figures(used=0, reserved=0)
 
 
 def test_concurrent_reservations_never_exceed_the_limit(store, request):
@@ -235,7 +241,7 @@ def test_concurrent_reservations_never_exceed_the_limit(store, request):
         for thread in threads:
             thread.join()
     assert results.count(True) == 5 and len(results) == 50
-    assert store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 5}
+    assert store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=0, reserved=5)
 
 
 def test_reset_usage(store):
@@ -245,10 +251,10 @@ def test_reset_usage(store):
         store.settle(user["id"], "gpt4o", 10, 10)
         store.reserve(user["id"], "gpt4o", 5, None)
     store.reset_usage(ann["id"])
-    assert store.get_user(ann["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 5}
-    assert store.get_user(bob["id"])["usage"]["gpt4o"] == {"used": 10, "reserved": 5}
+    assert store.get_user(ann["id"])["usage"]["gpt4o"] == figures(used=0, reserved=5)
+    assert store.get_user(bob["id"])["usage"]["gpt4o"] == figures(used=10, reserved=5)
     store.reset_usage()
-    assert store.get_user(bob["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 5}
+    assert store.get_user(bob["id"])["usage"]["gpt4o"] == figures(used=0, reserved=5)
     assert store.get_user(bob["id"])["prompt_count"] == 1
 
 
@@ -340,10 +346,10 @@ def test_reservations_of_a_crashed_instance_lapse(redis_store, shared, monkeypat
     monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS - 60))
     assert not redis_store.reserve(user["id"], "gpt4o", 1, 100)  # still within the lease
     monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS + 1))
-    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 0, "reserved": 0}
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=0, reserved=0)
     assert redis_store.reserve(user["id"], "gpt4o", 100, 100)
     redis_store.settle(user["id"], "gpt4o", 20, 20)  # the lapsed lease of 20 releases nothing
-    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 20, "reserved": 100}
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=20, reserved=100)
 
 
 def test_settle_releases_the_newest_lease_so_a_lost_one_lapses_first(redis_store, shared, monkeypatch):
@@ -352,9 +358,9 @@ def test_settle_releases_the_newest_lease_so_a_lost_one_lapses_first(redis_store
     monkeypatch.setattr(redisstore, "time", Clock(600))
     assert redis_store.reserve(user["id"], "gpt4o", 5, None)
     redis_store.settle(user["id"], "gpt4o", 5, 5)
-    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 5, "reserved": 5}
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=5, reserved=5)
     monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS + 1))
-    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == {"used": 5, "reserved": 0}
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=5, reserved=0)
 
 
 def test_in_flight_slots_of_a_crashed_instance_lapse(redis_store, monkeypatch):
@@ -408,3 +414,147 @@ def test_an_outage_raises_store_unavailable_and_the_store_recovers(prefix):
     finally:
         opened.close()
         server.stop()
+
+
+# -- affinity: conversations and responses bound to keys -----------------------------------------------------
+
+
+def test_affinity_binds_only_over_what_the_caller_saw(store):
+    assert store.affinity("session", "s1", 3600) is None
+    assert store.bind_affinity("session", "s1", "k1", None, 3600, 10) == "k1"
+    assert store.bind_affinity("session", "s1", "k2", None, 3600, 10) == "k1"  # someone bound it first: theirs wins
+    assert store.bind_affinity("session", "s1", "k2", "k3", 3600, 10) == "k1"
+    assert store.bind_affinity("session", "s1", "k2", "k1", 3600, 10) == "k2"  # a move from what it was
+    assert store.affinity("session", "s1", 3600) == "k2"
+    assert store.affinity("response", "s1", 3600) is None  # spaces are apart
+
+
+def test_affinity_forgets_after_the_ttl(store, monkeypatch):
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    store.bind_affinity("session", "s1", "k1", None, 3600, 10)
+    now[0] += 3000
+    assert store.affinity("session", "s1", 3600) == "k1"  # a use renews it
+    now[0] += 3000
+    assert store.affinity("session", "s1", 3600) == "k1"
+    now[0] += 3601
+    assert store.affinity("session", "s1", 3600) is None
+    assert store.bind_affinity("session", "s1", "k2", None, 3600, 10) == "k2"  # a forgotten name binds afresh
+
+
+def test_affinity_keeps_the_most_recently_used_within_its_capacity(store):
+    for name in ("a", "b", "c"):
+        store.bind_affinity("session", name, "k1", None, 3600, 3)
+        time.sleep(0.002)  # distinct times of use
+    assert store.affinity("session", "a", 3600) == "k1"  # now the most recent
+    time.sleep(0.002)
+    store.bind_affinity("session", "d", "k2", None, 3600, 3)
+    assert [store.affinity("session", name, 3600) for name in "abcd"] == ["k1", None, "k1", "k2"]
+    store.bind_affinity("session", "a", "k3", "k1", 3600, 3)  # a move adds no name
+    assert [store.affinity("session", name, 3600) for name in "abcd"] == ["k3", None, "k1", "k2"]
+
+
+def test_instances_agree_on_affinity(redis_store, shared):
+    assert redis_store.bind_affinity("session", "s1", "k1", None, 3600, 10) == "k1"
+    assert shared.affinity("session", "s1", 3600) == "k1"
+    assert shared.bind_affinity("session", "s1", "k2", None, 3600, 10) == "k1"
+
+
+# -- costs: USD quotas and usage by kind -------------------------------------------------------------------
+
+# A Claude request with cache reads, both kinds of cache writes and three web searches, as quota.py settles it.
+SPENT = {"cost_nanousd": 54_900_000, "input": 50, "output": 400, "cache_read": 10_000, "cache_write_5m": 1_000,
+         "cache_write_1h": 2_000, "reasoning": 0, "web_searches": 3}  # fmt: skip
+
+
+def test_costs_are_reserved_settled_and_reset_with_the_tokens(store):
+    _, user = store.create_user({})
+    uid = user["id"]
+    assert store.reserve(uid, "claude", 20_000, None, 60_000_000, 100_000_000)
+    assert not store.reserve(uid, "claude", 1, None, 40_000_001, 100_000_000)  # over the family's USD quota
+    assert store.get_user(uid)["usage"]["claude"] == figures(reserved=20_000, reserved_nanousd=60_000_000)
+    store.settle(uid, "claude", 20_000, 13_450, 60_000_000, SPENT)
+    assert store.get_user(uid)["usage"]["claude"] == figures(used=13_450, **SPENT)
+    assert store.reserve(uid, "claude", 1, None, 45_100_000, 100_000_000)  # exactly what is left
+    assert not store.reserve(uid, "claude", 1, None, 1, 100_000_000)
+    store.settle(uid, "claude", 1, 0, 45_100_000)  # a failed request costs nothing and is not a prompt
+    after = store.get_user(uid)
+    assert after["usage"]["claude"] == figures(used=13_450, **SPENT) and after["prompt_count"] == 1
+    store.reset_usage(uid)
+    assert store.get_user(uid)["usage"]["claude"] == figures()
+    with pytest.raises(ValueError):
+        store.settle(uid, "claude", 0, 1, 0, {"dollars": 1})
+
+
+def test_a_total_cost_quota_holds_over_every_family(store):
+    _, user = store.create_user({})
+    uid = user["id"]
+    assert store.reserve(uid, "gpt4o", 10, None, 300, None, 1000)
+    store.settle(uid, "gpt4o", 10, 10, 300, {"cost_nanousd": 200})
+    assert store.reserve(uid, "claude", 10, None, 500, None, 1000)  # 200 spent + 500 held
+    assert not store.reserve(uid, "o", 1, None, 301, None, 1000)
+    assert not store.reserve(uid, "o", 1, None, 300, 299, 1000)  # the family's own quota holds too
+    assert store.reserve(uid, "o", 1, None, 300, 300, 1000)
+    assert not store.reserve(uid, "gpt4o", 1, None, 0, None, 999)
+    assert store.reserve(uid, "gpt4o", 10, 20, 0)  # a token quota alone
+    assert not store.reserve(uid, "gpt4o", 1, 20, 0)
+
+
+def test_concurrent_cost_reservations_never_exceed_the_limit(store, request):
+    _, user = store.create_user({})
+    worst_case = 1_015_000  # 6 prompt tokens and 100 output tokens of gpt-4o
+
+    def reserve():
+        return store.reserve(user["id"], "gpt4o", 106, None, worst_case, None, 5 * worst_case)
+
+    if request.node.callspec.params["store"] == "sqlite":  # single-threaded by design
+        results = [reserve() for _ in range(50)]
+    else:
+        results, start = [], threading.Barrier(50)
+
+        def run():
+            start.wait()
+            results.append(reserve())
+
+        threads = [threading.Thread(target=run) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert results.count(True) == 5 and len(results) == 50
+    assert store.get_user(user["id"])["usage"]["gpt4o"] == figures(reserved=530, reserved_nanousd=5 * worst_case)
+
+
+def test_an_export_carries_costs_and_usage_by_kind(store):
+    _, user = store.create_user({})
+    store.reserve(user["id"], "claude", 20_000, None, 60_000_000)
+    store.settle(user["id"], "claude", 20_000, 13_450, 60_000_000, SPENT)
+    exported = store.export_users()
+    store.delete_user(user["id"])
+    assert store.import_users(exported) == 1
+    assert store.get_user(user["id"])["usage"] == {"claude": figures(used=13_450, **SPENT)}
+
+
+def test_a_sqlite_store_of_an_earlier_version_gains_the_cost_columns(tmp_path):
+    path = tmp_path / "proxy.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE usage (user_id TEXT NOT NULL, family TEXT NOT NULL, used INTEGER NOT NULL DEFAULT 0,"
+            " reserved INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, family));"
+            " INSERT INTO usage VALUES ('u1', 'gpt4o', 70, 5);"
+        )  # fmt: skip
+    db.close()
+    opened = SQLiteStore(path)
+    try:
+        row = opened.db.execute(f"SELECT {', '.join(USAGE_FIGURES)} FROM usage").fetchone()
+        assert dict(zip(USAGE_FIGURES, row)) == figures(used=70)
+    finally:
+        opened.close()
+
+
+def test_a_lease_of_an_earlier_version_counts_for_nothing(redis_store):
+    _, user = redis_store.create_user({})
+    assert redis_store.reserve(user["id"], "gpt4o", 10, None)
+    redis_store.redis.zadd(redis_store._key("leases", user["id"]), {"50:0123456701234567:gpt4o": time.time() + 60})
+    assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(reserved=10)
+    assert redis_store.reserve(user["id"], "gpt4o", 90, 100)

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.fakeupstream import CACHE_BLOCK, CACHE_MINIMUM
 from tests.harness import ROOT, ProxyProcess, RedisServer
 
 _LISTENING = re.compile(rb"listening (?:at|on) (?:http://)?127\.0\.0\.1:(\d+)")
@@ -51,12 +53,13 @@ class Settings:
     streams: int
     ramp_seconds: float
     failing_pool_requests: int
+    agent_turns: int  # turns of each agent conversation in the affinity row
 
 
 FULL = Settings(latency_requests=1000, throughput_seconds=8, first_byte_tries=10, streams=500, ramp_seconds=1.0,
-                failing_pool_requests=200)  # fmt: skip
+                failing_pool_requests=200, agent_turns=12)  # fmt: skip
 QUICK = Settings(latency_requests=200, throughput_seconds=2, first_byte_tries=3, streams=50, ramp_seconds=0.5,
-                 failing_pool_requests=50)  # fmt: skip
+                 failing_pool_requests=50, agent_turns=4)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,16 @@ class Target:
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}
         if stream:
             body["stream"] = True
-        data = json.dumps(body).encode()
-        head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAuthorization: Bearer {self.token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-        )
-        return head.encode() + data
+        return post_request(self.port, self.path, body, self.token)
+
+
+def post_request(port: int, path: str, body: dict, token: str | None = None) -> bytes:
+    """A raw HTTP/1.1 POST of `body` as JSON."""
+    data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n")  # fmt: skip
+    return head.encode() + data
 
 
 class Connection:
@@ -88,8 +95,10 @@ class Connection:
         self.reusable = True
 
     @classmethod
-    async def open(cls, port: int) -> "Connection":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
+    async def open(cls, port: int, local_address: str | None = None) -> "Connection":
+        """A connection from `local_address` (another loopback address is another client), else 127.0.0.1."""
+        return cls(*await asyncio.open_connection("127.0.0.1", port, local_addr=(local_address, 0) if local_address
+                                                  else None))  # fmt: skip
 
     async def request(self, raw: bytes) -> tuple[int, bytes, float | None]:
         """Sends one request; returns the status, the body and when the body's first byte arrived."""
@@ -274,6 +283,78 @@ async def failing_pool(target: Target, n: int, concurrency: int = 8) -> dict[str
             "first_byte": statistics.median(firsts)}
 
 
+# -- affinity: agent conversations on a pool of rate-limited keys, each key with its own prompt cache ------------
+
+AGENT_KEYS = 8
+AGENT_SESSIONS = 20
+AGENT_PREFIX_WORDS = 6000  # the agent's instructions: long, and the same in every turn (the fake counts words)
+AGENT_TURN_WORDS = (2000, 3000)  # what each turn adds: tool output, files read
+AGENT_GENERATION_MS = 500  # how long the fake takes to answer a turn
+AGENT_BUDGET = (30, 5)  # each key's rate limit: requests per window of seconds
+WITH_AFFINITY, WITHOUT_AFFINITY = "with affinity", "without (AFFINITY=false)"
+AGENT_PROXIES = {WITH_AFFINITY: ("on", "true"), WITHOUT_AFFINITY: ("off", "false")}  # the keys' tag, AFFINITY
+
+
+def agent_keys(tag: str) -> list[str]:
+    return [f"sk-bench-{tag}-{n}" for n in range(AGENT_KEYS)]
+
+
+def cacheable(prompt_tokens: int) -> int:
+    """What the fake's cache keeps of a prompt: its whole blocks, once it is long enough."""
+    return prompt_tokens // CACHE_BLOCK * CACHE_BLOCK if prompt_tokens >= CACHE_MINIMUM else 0
+
+
+async def agent_sessions(fake: Target, proxy: Target, turns: int, run: int) -> collections.Counter:
+    """AGENT_SESSIONS agent conversations at once through `proxy`, each from its own client address, over its
+    keys (tagged with its name; fresh caches, AGENT_BUDGET each). Returns the prompt tokens, the tokens read from
+    the cache, the ideal read (every turn after the first reads all that the turn before wrote), turns, time and
+    429s. `run` makes the conversations new ones to the proxy; their prompts are the same in every run."""
+    await clear_fake_records(fake)
+    conn = await Connection.open(fake.port)
+    for key in agent_keys(proxy.name):
+        spec = json.dumps({"behaviour": "ok", "budget": AGENT_BUDGET[0], "budget_seconds": AGENT_BUDGET[1]}).encode()
+        await conn.request(f"PUT /_fake/keys/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(spec)}\r\n\r\n".encode() + spec)  # fmt: skip
+    conn.close()
+    totals = collections.Counter()
+
+    async def conversation(n: int) -> None:
+        rng = random.Random(n)  # the same conversations in both runs
+
+        def words(count: int) -> str:
+            return " ".join(f"w{rng.randrange(50_000)}" for _ in range(count))
+
+        instructions = f"You are agent {n}. #fake:delay_ms={AGENT_GENERATION_MS} {words(AGENT_PREFIX_WORDS)}"
+        history, previous = [], 0
+        conn = await Connection.open(proxy.port, f"127.0.0.{10 + n}")
+        try:
+            for turn in range(turns):
+                history.append({"role": "user", "content": words(rng.randint(*AGENT_TURN_WORDS))})
+                body = {"model": "gpt-4o", "instructions": instructions, "input": history, "store": False,
+                        "prompt_cache_key": f"agent-{n}-run-{run}"}  # fmt: skip
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    status, answer, _ = await conn.request(post_request(proxy.port, proxy.path, body))
+                if status != 200:
+                    totals["errors"] += 1
+                    return
+                answer = json.loads(answer)
+                prompt, read = answer["usage"]["input_tokens"], answer["usage"]["input_tokens_details"]["cached_tokens"]
+                totals.update(prompt=prompt, read=read, ideal=cacheable(previous) if turn else 0, turns=1)
+                previous = prompt
+                history.append({"role": "assistant", "content": answer["output"][-1]["content"][0]["text"]})
+        except CLIENT_ERRORS:
+            totals["errors"] += 1
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(conversation(n) for n in range(AGENT_SESSIONS)))
+    elapsed = time.perf_counter() - started
+    attempts = await count_fake_requests(fake, f"sk-bench-{proxy.name}-")
+    totals.update(seconds=elapsed, rate_limited=attempts - totals["turns"])
+    return totals
+
+
 def time_token_count() -> tuple[int, float]:
     """The proxy's prompt count of a chat request of about 100,000 tokens: (tokens, median ms of 3)."""
     from addons import tokens
@@ -296,9 +377,11 @@ async def count_fake_requests(fake: Target, key_marker: str) -> int:
     return sum(key_marker in (recorded["key"] or "") for recorded in json.loads(body))
 
 
-async def measure(targets: list[Target], half_limited: Target, shared: tuple[Target, Target], settings: Settings) -> dict:
+async def measure(targets: list[Target], half_limited: Target, shared: tuple[Target, Target],
+                  agents: dict[str, Target], settings: Settings) -> dict:
     """Every measurement against every target: sequential ones taking turns, loads one target at a time; then
-    this proxy against a copy of itself whose pool has half its keys always answering 429."""
+    this proxy against a copy of itself whose pool has half its keys always answering 429; then agent
+    conversations through a proxy with affinity and one without."""
     results = {"rss_start": {t.name: rss_mb(t.pid) for t in targets}, "latency": {}, "first_byte": {}}
     print("  latency and first SSE byte, the targets taking turns ...", file=sys.stderr, flush=True)
     for name, samples in (await in_turns(targets, HELLO, False, settings.latency_requests // 50, 50)).items():
@@ -331,6 +414,13 @@ async def measure(targets: list[Target], half_limited: Target, shared: tuple[Tar
         print(f"  pool with rate-limited keys: {target.name} ...", file=sys.stderr, flush=True)
         results["failing_pool"][target.name] = await failing_pool(target, settings.failing_pool_requests)
         results["failing_pool"][target.name]["retries"] = await count_fake_requests(targets[0], "-429")
+    results["affinity"] = {name: collections.Counter() for name in agents}
+    for name in agents:  # the first agent conversations a process sees are slower; they warm up and are not counted
+        await agent_sessions(targets[0], agents[name], 2, run=-1)
+    for run, name in enumerate([*agents, *reversed(agents)]):  # in turns, so that a drift of the machine hits both
+        print(f"  agent conversations, {name} ...", file=sys.stderr, flush=True)
+        results["affinity"][name].update(await agent_sessions(targets[0], agents[name], settings.agent_turns, run))
+    await clear_fake_records(targets[0])
     return results
 
 
@@ -405,6 +495,36 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
           f"round-robin {double:.0f} req/s ({double / single:.2f}x) on {os.cpu_count()} cores")
     counted, milliseconds = results["token_count"]
     print(f"\ncounting a {counted:,}-token prompt (o200k_base, on a worker thread in the proxy): {milliseconds:.0f} ms")
+    report_affinity(results["affinity"], settings)
+
+
+def report_affinity(runs: dict[str, dict], settings: Settings) -> None:
+    on, off = runs[WITH_AFFINITY], runs[WITHOUT_AFFINITY]
+    print(f"\naffinity: {AGENT_SESSIONS} agent conversations at once, {settings.agent_turns} turns each "
+          f"({AGENT_PREFIX_WORDS:,}-token instructions, {AGENT_TURN_WORDS[0]:,}-{AGENT_TURN_WORDS[1]:,} tokens "
+          f"added a turn, {AGENT_GENERATION_MS} ms to answer), on {AGENT_KEYS} keys of {AGENT_BUDGET[0]} requests "
+          f"per {AGENT_BUDGET[1]} s, each with its own prompt cache:")
+    rows = [
+        ("cache reads, share of input tokens", lambda r: f"{r['read'] / max(1, r['prompt']):.1%}"),
+        ("ideal (every later turn reads the last)", lambda r: f"{r['ideal'] / max(1, r['prompt']):.1%}"),
+        ("cache reads, share of the ideal", lambda r: f"{r['read'] / max(1, r['ideal']):.1%}"),
+        ("turns per second", lambda r: f"{r['turns'] / r['seconds']:.1f}"),
+        ("turns answered", lambda r: f"{r['turns']}"),
+        ("upstream 429s (extra attempts)", lambda r: f"{r['rate_limited']}"),
+        ("errors", lambda r: f"{r['errors']}"),
+    ]
+    print(f"  {'':<42}{WITH_AFFINITY:>16}{WITHOUT_AFFINITY:>28}")
+    for label, cell in rows:
+        print(f"  {label:<42}{cell(on):>16}{cell(off):>28}")
+    share, speed = on["read"] / max(1, on["ideal"]), (on["turns"] / on["seconds"]) / (off["turns"] / off["seconds"])
+    for text, met in [
+        (f"with affinity at least 95 % of the ideal cache reads ({share:.1%})", share >= 0.95),
+        (f"no loss of throughput ({speed:.2f}x the turns per second without)", speed >= 0.95),
+        (f"no more 429s than without ({on['rate_limited']} vs {off['rate_limited']})",
+         on["rate_limited"] <= off["rate_limited"]),
+        ("every turn answered", on["errors"] == off["errors"] == 0),
+    ]:
+        print(f"  [{'met' if met else 'MISSED'}] {text}")
 
 
 def spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
@@ -443,6 +563,7 @@ def main() -> int:
     logs = {"fake upstream": workdir / "fake.log", "bare mitmdump": workdir / "mitmdump.log"}
     processes: list[subprocess.Popen] = []
     proxy = half_limited = redis = None
+    agent_proxies: dict[str, ProxyProcess] = {}
     instances: list[ProxyProcess] = []
     started, failed = time.monotonic(), True
     try:
@@ -465,8 +586,13 @@ def main() -> int:
             args=["--set", "flow_detail=0"],
         )
         logs["this proxy"], logs[HALF_LIMITED] = proxy.log_path, half_limited.log_path
+        for name, (tag, setting) in AGENT_PROXIES.items():
+            agent_proxies[name] = ProxyProcess({**upstreams, "OPENAI_KEY": ",".join(agent_keys(tag)),
+                                                "AFFINITY": setting}, args=["--set", "flow_detail=0"])  # fmt: skip
         proxy.start()
         half_limited.start()
+        for process in agent_proxies.values():
+            process.start()
         redis = RedisServer().start()
         shared_env = {"OPENAI_KEY": "sk-bench-one,sk-bench-two", **upstreams, "STORE": "redis",
                       "REDIS_URL": redis.url, "GATEKEEPER": "user_token", "ADMIN_KEY": "bench-admin"}  # fmt: skip
@@ -483,7 +609,9 @@ def main() -> int:
         limited = Target(HALF_LIMITED, half_limited.port, targets[2].path, half_limited.process.pid)
         shared = tuple(Target(f"instance {n}", p.port, targets[2].path, p.process.pid, token)
                        for n, p in enumerate(instances, 1))  # fmt: skip
-        results = asyncio.run(measure(targets, limited, shared, settings))
+        agents = {name: Target(AGENT_PROXIES[name][0], process.port, "/proxy/openai/v1/responses", process.process.pid)
+                  for name, process in agent_proxies.items()}  # fmt: skip
+        results = asyncio.run(measure(targets, limited, shared, agents, settings))
         print()
         report(results, [t.name for t in targets], settings)
         print(f"\nbenchmark took {time.monotonic() - started:.0f} s")
@@ -497,7 +625,7 @@ def main() -> int:
         print("benchmark failed", file=sys.stderr)
         return 1
     finally:
-        for process in (proxy, half_limited, *instances):
+        for process in (proxy, half_limited, *instances, *agent_proxies.values()):
             if process:
                 process.stop()
         if redis:
@@ -509,7 +637,7 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(proxy.workdir, ignore_errors=True)
-            for process in (half_limited, *instances):
+            for process in (half_limited, *instances, *agent_proxies.values()):
                 shutil.rmtree(process.workdir, ignore_errors=True)
 
 

@@ -1,0 +1,195 @@
+"""Affinity: a conversation stays on the key that served it.
+
+Prompt caches belong to an organisation (OpenAI routes by prefix and `prompt_cache_key`, Anthropic caches per
+organisation), so a conversation that moves between keys pays the cache write again on every key. Responses API
+state belongs to the organisation that made it: a `previous_response_id` exists only there, and so does the key to
+`encrypted_content` (reasoning and compaction items that `store: false` clients such as Codex send back).
+
+- A conversation is named by, in order, `prompt_cache_key`, `metadata.user_id`, the client's session header
+  (Claude Code's `x-claude-code-session-id`, Codex's `session-id`), else the system prompt and the first user
+  message; always together with the identity and the model family. It keeps its key while that key is free and has
+  `affinity_min_headroom` percent of its rate limit left (or as much as any key); otherwise it moves to the key
+  with the most headroom and stays there. A new conversation goes to the key with the most headroom.
+- A stored response's id names the key that made it and the identity that asked. A `previous_response_id`
+  follow-up is sent to that key only: it waits while the key rests, and is refused with a clear error when the key
+  was retired or the response is someone else's. A request carrying `encrypted_content` waits for its
+  conversation's key in the same way.
+
+Both maps live in the store (in Redis, one map for every instance), at most `affinity_max_sessions` names each,
+least recently used first out, and forget a name unused for `affinity_ttl` seconds.
+"""
+
+import hashlib
+import json
+
+from mitmproxy import ctx, exceptions, http
+
+from addons import tokens
+from addons.apierrors import OPENAI, error_response, fail_closed
+from addons.body import parsed_body
+from addons.gatekeeper import identity_digest
+from addons.keypool import KeyAffinity, PoolKey
+from addons.routes import forward_route
+
+SESSIONS, RESPONSES = "session", "response"  # the store's two affinity spaces
+SESSION_HEADERS = ("x-claude-code-session-id", "session-id")  # read here, never forwarded (headers.py)
+RESPONSE_ROUTE = "openai.responses"  # the one route whose answers a follow-up can name (if stored, the default)
+
+
+def response_id(body: bytes) -> str | None:
+    """The id of a buffered Responses API answer."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer.get("id") if isinstance(answer, dict) and isinstance(answer.get("id"), str) else None
+
+
+def _opening(body: dict) -> list[str] | None:
+    """The text of the system prompt and of the first user message, which every turn of a conversation repeats
+    (cache markers, which clients move from turn to turn, are no text); None when the request has no user message."""
+    turns = body.get("messages") or body.get("input")
+    if isinstance(turns, str):  # a Responses input given as one text
+        turns = [{"role": "user", "content": turns}]
+    if not isinstance(turns, list):
+        return None
+    turns = [turn for turn in turns if isinstance(turn, dict)]
+    first_user = next((turn for turn in turns if turn.get("role") == "user"), None)
+    if first_user is None:
+        return None
+    system = next((turn for turn in turns if turn.get("role") in ("system", "developer")), None)
+    return tokens.model_input({"system": body.get("system"), "instructions": body.get("instructions"),
+                               "messages": [system, first_user]}).texts  # fmt: skip
+
+
+def conversation(body: dict, client_session: str | None) -> tuple[str, str] | None:
+    """What names the request's conversation, as (source, value); None when nothing does."""
+    if isinstance(key := body.get("prompt_cache_key"), str) and key:
+        return "prompt_cache_key", key
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if isinstance(user := metadata.get("user_id"), str) and user:
+        return "metadata.user_id", user
+    if client_session:
+        return "header", client_session
+    if (opening := _opening(body)) is not None:
+        return "opening", json.dumps(opening)
+    return None
+
+
+def carries_encrypted_content(body: dict) -> bool:
+    """Whether a Responses request sends back items only the organisation that made them can read."""
+    items = body.get("input") if isinstance(body.get("input"), list) else []
+    return any(isinstance(item, dict) and isinstance(item.get("encrypted_content"), str) for item in items)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+class Affinity:
+    """Names each request's conversation and the key it lives on; remembers the keys of new responses."""
+
+    def load(self, loader):
+        loader.add_option("affinity", bool, True,
+                          "Keep a conversation on the key that served it (prompt caches, Responses API state).")
+        loader.add_option("affinity_min_headroom", int, 10,
+                          "Percent of its rate limit a conversation's key must have left to keep the conversation.")
+        loader.add_option("affinity_max_sessions", int, 100_000,
+                          "Conversations remembered (and as many response ids); the least recently used go first.")
+        loader.add_option("affinity_ttl", int, 86_400, "Seconds a conversation or response id is remembered unused.")
+
+    def configure(self, updated):
+        if "affinity_min_headroom" in updated and not 0 <= ctx.options.affinity_min_headroom <= 100:
+            raise exceptions.OptionsError("AFFINITY_MIN_HEADROOM must be a percentage from 0 to 100.")
+        for name in ("affinity_max_sessions", "affinity_ttl"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name.upper()} must be at least 1.")
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """The client's session header is read before the header allowlist removes it; only its digest is kept."""
+        if not ctx.options.affinity or forward_route(flow) is None:
+            return
+        if value := next((v for name in SESSION_HEADERS if (v := flow.request.headers.get(name, "").strip())), ""):
+            flow.metadata["llmproxy"]["client_session"] = _digest(value)
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not ctx.options.affinity or (route := forward_route(flow)) is None:
+            return
+        meta, body = flow.metadata["llmproxy"], parsed_body(flow)
+        store = ctx.master.addons.get("storage").store
+        previous = body.get("previous_response_id") if route.api == OPENAI else None
+        if isinstance(previous, str):
+            if bound := store.affinity(RESPONSES, previous, ctx.options.affinity_ttl):
+                key_id, _, owner = bound.partition(" ")
+                if owner != identity_digest(meta["identity"]):
+                    meta["decision"] = "previous_response_not_found"
+                    flow.response = error_response(route.dialect, 400, f"Previous response with id '{previous}' "
+                                                   "not found.", "previous_response_not_found")  # fmt: skip
+                    return
+                meta.update(affinity_key=key_id, pinned="previous_response")
+            return  # the rest of the conversation is upstream, not in the request: it names no conversation
+        if route.counts_tokens or not (named := conversation(body, meta.get("client_session"))):
+            return  # a token count uses no cache and must not move a conversation
+        meta["session"] = _digest(meta["identity"], meta["family"], *named)
+        if key_id := store.affinity(SESSIONS, meta["session"], ctx.options.affinity_ttl):
+            meta["affinity_key"] = key_id
+            if carries_encrypted_content(body):
+                meta["pinned"] = "encrypted_content"
+
+    @staticmethod
+    def of(flow: http.HTTPFlow) -> KeyAffinity | None:
+        """The key the request's conversation lives on, for the pool's choice; None for a new conversation."""
+        meta = flow.metadata["llmproxy"]
+        if not (key_id := meta.get("affinity_key")):
+            return None
+        return KeyAffinity(key_id, bool(meta.get("pinned")), ctx.options.affinity_min_headroom / 100)
+
+    @staticmethod
+    def keep(flow: http.HTTPFlow, key: PoolKey) -> None:
+        """The request's conversation now lives on `key`: it was new, or its key could not serve it."""
+        meta = flow.metadata["llmproxy"]
+        if not (session := meta.get("session")) or key.id == meta.get("affinity_key"):
+            return
+        store = ctx.master.addons.get("storage").store
+        meta["affinity_key"] = store.bind_affinity(SESSIONS, session, key.id, meta.get("affinity_key"),
+                                                   ctx.options.affinity_ttl, ctx.options.affinity_max_sessions)
+
+    def answered(self, flow: http.HTTPFlow, body: bytes) -> None:
+        """A buffered answer was passed on: remembers the key of the response it stored."""
+        if self._stores_response(flow):
+            self._remember_response(flow, response_id(body))
+
+    def streamed(self, flow: http.HTTPFlow, made: str | None) -> None:
+        """A streamed answer ended: remembers the key of the response `made`, named in its events."""
+        if self._stores_response(flow):
+            self._remember_response(flow, made)
+
+    @staticmethod
+    def _stores_response(flow: http.HTTPFlow) -> bool:
+        """Whether the request's answer is a response the upstream stored, which a follow-up may name."""
+        if not ctx.options.affinity or flow.metadata["llmproxy"].get("route") != RESPONSE_ROUTE:
+            return False
+        return parsed_body(flow).get("store") is not False
+
+    @staticmethod
+    def _remember_response(flow: http.HTTPFlow, made: str | None) -> None:
+        """Notes the key that made a response (the last one tried) and whom it was made for."""
+        meta = flow.metadata["llmproxy"]
+        if made and meta.get("keys"):
+            ctx.master.addons.get("storage").store.bind_affinity(
+                RESPONSES, made, f"{meta['keys'][-1]} {identity_digest(meta['identity'])}", None,
+                ctx.options.affinity_ttl, ctx.options.affinity_max_sessions)  # fmt: skip
+
+    @staticmethod
+    def unavailable(flow: http.HTTPFlow) -> tuple[str, str]:
+        """(code, message) for a request whose conversation's state is held by a key that no longer serves."""
+        if flow.metadata["llmproxy"].get("pinned") == "previous_response":
+            previous = parsed_body(flow)["previous_response_id"]
+            return "previous_response_not_found", (
+                f"The response {previous} was made with a key this proxy no longer uses, and only that key's "
+                "organisation holds it. Send the conversation again without previous_response_id.")  # fmt: skip
+        return "conversation_key_retired", (
+            "This conversation sends back encrypted content that only the key it was made with can read, and this "
+            "proxy no longer uses that key. Start the conversation anew.")  # fmt: skip
