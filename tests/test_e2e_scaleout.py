@@ -56,17 +56,22 @@ def test_the_rate_limit_is_one_limit_across_instances(instances):
     assert sorted(statuses) == [200] * 4 + [429] * 8
 
 
-def test_fifty_parallel_requests_over_three_instances_against_a_quota_for_five(instances, fake):
-    proxies = instances()
-    token, user = Admin(proxies[0]).create(token_limits={"gpt4o": 5 * 106})  # 6 prompt + 100 output reserved each
+def fifty_in_flight_at_once(proxies, fake, token: str) -> None:
+    """Fifty requests of one user spread over the instances, all in flight at once: at most five may pass."""
     for key in OPENAI_KEYS:
-        fake.set_key_behaviour(key, "slow", delay_ms=3000)  # all fifty are in flight at once
+        fake.set_key_behaviour(key, "slow", delay_ms=3000)
     auth = {"authorization": f"Bearer {token}"}
     targets = itertools.islice(itertools.cycle(proxies), 50)
     with ThreadPoolExecutor(50) as pool:
         statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=30).status_code,
                                  targets))  # fmt: skip
     assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 50 - statuses.count(200)
+
+
+def test_fifty_parallel_requests_over_three_instances_against_a_quota_for_five(instances, fake):
+    proxies = instances()
+    token, user = Admin(proxies[0]).create(token_limits={"gpt4o": 5 * 106})  # 6 prompt + 100 output reserved each
+    fifty_in_flight_at_once(proxies, fake, token)
     usage = Admin(proxies[1]).user(user["id"])["usage"]["gpt4o"]
     assert usage["reserved"] == 0 and 0 < usage["used"] <= 5 * 106
 
@@ -129,13 +134,6 @@ def test_fifty_parallel_requests_over_three_instances_against_a_usd_quota_for_fi
     # Each request reserves 8 prompt tokens at gpt-4o's $2.50 and 100 output tokens at $10 per million: $0.00102.
     proxies = instances(COST_QUOTAS="total=0.0051")
     token, user = Admin(proxies[0]).create()
-    for key in OPENAI_KEYS:
-        fake.set_key_behaviour(key, "slow", delay_ms=3000)  # all fifty are in flight at once
-    auth = {"authorization": f"Bearer {token}"}
-    targets = itertools.islice(itertools.cycle(proxies), 50)
-    with ThreadPoolExecutor(50) as pool:
-        statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=30).status_code,
-                                 targets))  # fmt: skip
-    assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 50 - statuses.count(200)
+    fifty_in_flight_at_once(proxies, fake, token)
     shown = Admin(proxies[1]).user(user["id"])
     assert shown["usage"]["gpt4o"]["reserved_usd"] == 0 and 0 < shown["cost_usd"] <= 0.0051

@@ -224,22 +224,28 @@ def test_reserve_and_settle(store):
     assert store.get_user(uid)["usage"]["gemini"] == figures(used=0, reserved=0)
 
 
+def fifty_at_once(reserve, request) -> list[bool]:
+    """Fifty calls of `reserve`: released together from fifty threads against Redis, one after another against
+    SQLite (single-threaded by design)."""
+    if request.node.callspec.params["store"] == "sqlite":
+        return [reserve() for _ in range(50)]
+    results, start = [], threading.Barrier(50)
+
+    def run():
+        start.wait()
+        results.append(reserve())
+
+    threads = [threading.Thread(target=run) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def test_concurrent_reservations_never_exceed_the_limit(store, request):
     _, user = store.create_user({})
-    if request.node.callspec.params["store"] == "sqlite":  # single-threaded by design
-        results = [store.reserve(user["id"], "gpt4o", 1, 5) for _ in range(50)]
-    else:
-        results, start = [], threading.Barrier(50)
-
-        def reserve():
-            start.wait()
-            results.append(store.reserve(user["id"], "gpt4o", 1, 5))
-
-        threads = [threading.Thread(target=reserve) for _ in range(50)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    results = fifty_at_once(lambda: store.reserve(user["id"], "gpt4o", 1, 5), request)
     assert results.count(True) == 5 and len(results) == 50
     assert store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=0, reserved=5)
 
@@ -507,20 +513,7 @@ def test_concurrent_cost_reservations_never_exceed_the_limit(store, request):
     def reserve():
         return store.reserve(user["id"], "gpt4o", 106, None, worst_case, None, 5 * worst_case)
 
-    if request.node.callspec.params["store"] == "sqlite":  # single-threaded by design
-        results = [reserve() for _ in range(50)]
-    else:
-        results, start = [], threading.Barrier(50)
-
-        def run():
-            start.wait()
-            results.append(reserve())
-
-        threads = [threading.Thread(target=run) for _ in range(50)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    results = fifty_at_once(reserve, request)
     assert results.count(True) == 5 and len(results) == 50
     assert store.get_user(user["id"])["usage"]["gpt4o"] == figures(reserved=530, reserved_nanousd=5 * worst_case)
 
