@@ -116,6 +116,12 @@ def with_addons(base: type, local: bool = False) -> type:
                 rest = [addon for addon in self.addons.chain if addon not in ours]
                 position = next(i for i, addon in enumerate(rest) if type(addon).__name__ == "ScriptLoader") + 1
                 self.addons.chain = rest[:position] + ours + rest[position:]
+                # It adjusts the layer mitmproxy's NextLayer chose, so it must come right after it.
+                head_limit = guard.RequestHeadLimit()  # request lines over 8 KiB, heads over 64 KiB: refused
+                self.addons.add(head_limit)
+                self.addons.chain.remove(head_limit)
+                next_layer = next(i for i, addon in enumerate(self.addons.chain) if type(addon).__name__ == "NextLayer")
+                self.addons.chain.insert(next_layer + 1, head_limit)
                 our_options = {name: o.typespec for name, o in options.items() if name not in builtin_options}
                 options.update(**sources.options(our_options))
                 # As mitmproxy does for scripts: every addon sees every option once, set or default.

@@ -9,6 +9,9 @@ from addons.apierrors import ANTHROPIC, OPENAI, api_of_path, error_response, fai
 
 API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 
+# What each client connection's protocol (ALPN) may call itself; a cleartext HTTP/1 connection has none.
+_VERSIONS_SPOKEN = {b"h2": ("HTTP/2.0",), b"h3": ("HTTP/3",)}
+
 _CORS_ALLOWED_HEADERS = (b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta, "
                          b"anthropic-dangerous-direct-browser-access")
 
@@ -62,6 +65,14 @@ class Router:
                 return
             raw_target = f"/proxy/{host_api}".encode() + raw_target  # the API's own path, as under our prefix
         api = api_of_path(raw_target)
+        if request.http_version not in _VERSIONS_SPOKEN.get(flow.client_conn.alpn, ("HTTP/1.0", "HTTP/1.1")):
+            # mitmproxy takes any `HTTP/d.d`; `HTTP/2.0` on an HTTP/1 connection would skip the absolute-form check.
+            meta["decision"] = "blocked_path"
+            flow.response = error_response(
+                api, 505, f"This proxy speaks HTTP/1.0 and HTTP/1.1 here, not {request.http_version}.",
+                "http_version_not_supported",
+            )  # fmt: skip
+            return
         if self._too_large(request.headers.get("content-length", "0")):
             meta["decision"] = "too_large"
             flow.response = self._too_large_response(api)

@@ -57,7 +57,7 @@ def test_fields_the_policy_reads_are_checked_naming_the_field(proxy, fake, path,
     "raw, message",
     [
         (b'{"model": "gpt-4o", "model": "gpt-5", "messages": [{"role": "user", "content": "x"}]}', "'model' twice"),
-        (b'{"model": "gpt-4o", "messages": ' + b"[" * 50000 + b"]" * 50000 + b"}", "nested too deeply"),
+        (b'{"model": "gpt-4o", "messages": ' + b"[" * 50000 + b"]" * 50000 + b"}", "nested deeper than 64 levels"),
         (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]', "must be JSON"),
     ],
 )
