@@ -1,0 +1,100 @@
+"""Property-based tests where bytes become meaning: request bodies, token headers and upstream answers.
+
+The invariants: what reaches the fake upstream is exactly what the proxy checked, or nothing; no input makes the
+proxy answer 500; no upstream answer turns a success into a failure. Examples are derandomised (the same every
+run, so the suite stays deterministic) and bounded in number, so this file runs in about half a minute.
+"""
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from addons.body import MAX_NESTING
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/proxy/openai/v1/chat/completions"
+MESSAGES = "/proxy/anthropic/v1/messages"
+
+# One shared proxy per test function; the fake is reset inside each example, since fixtures run once per test.
+EXAMPLES = settings(
+    max_examples=150, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+
+INT64 = (-(2**63), 2**63 - 1)
+# Plain JSON every parser reads alike: 64-bit integers, finite doubles, text without lone surrogates.
+plain_json = st.recursive(
+    st.none() | st.booleans() | st.integers(*INT64) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+# Raw JSON fragments two parsers could read differently, each with the words of the proxy's refusal.
+AMBIGUOUS = [
+    (b'"\\ud800"', "surrogate"), (b'"a\\udc00"', "surrogate"), (b'"\\ude00\\ud83d"', "surrogate"),
+    (b"NaN", "NaN"), (b"Infinity", "Infinity"), (b"-Infinity", "Infinity"),
+    (b"1e400", "range"), (b"-2e308", "range"), (b"9223372036854775808", "range"), (b"-9223372036854775809", "range"),
+    (b"1" * 4301, "range"), (b'{"a": 1, "a": 2}', "twice"),
+]  # fmt: skip
+# Raw fragments every parser reads alike, which a naive check might refuse.
+UNAMBIGUOUS = [b'"\\ud83d\\ude00"', b'"\\u0000"', b"-0", b"1E5", b"1e-400", b"9223372036854775807", b'"[{"']
+# Encodings Python's json would guess; only UTF-8 without a byte-order mark is what the upstream reads.
+OTHER_ENCODINGS = ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+
+
+@st.composite
+def bodies(draw) -> tuple[bytes, str | None]:
+    """A chat body holding generated JSON and maybe one raw fragment; with the refusal's words, or None."""
+    value = json.dumps(draw(plain_json), ensure_ascii=draw(st.booleans())).encode()
+    kind = draw(st.sampled_from(["plain", "ambiguous", "unambiguous", "deep"]))
+    refusal = None
+    if kind == "ambiguous":
+        probe, refusal = draw(st.sampled_from(AMBIGUOUS))
+    elif kind == "unambiguous":
+        probe = draw(st.sampled_from(UNAMBIGUOUS))
+    elif kind == "deep":
+        levels = draw(st.integers(1, MAX_NESTING + 8))
+        probe = b"[" * levels + b"]" * levels
+        # The body and `metadata` are the first two levels.
+        refusal = f"deeper than {MAX_NESTING}" if levels + 2 > MAX_NESTING else None
+    else:
+        probe = b"null"
+    raw = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "metadata": {"value": %s, ' \
+          b'"probe": %s}}' % (value, probe)  # fmt: skip
+    if encoding := draw(st.sampled_from([None] * 4 + OTHER_ENCODINGS)):
+        raw = raw.decode().encode(encoding)
+        refusal = "byte-order mark" if encoding == "utf-8-sig" else "UTF-8"
+    return raw, refusal
+
+
+@EXAMPLES
+@given(body=bodies())
+def test_a_body_reaches_the_upstream_byte_for_byte_or_not_at_all(proxy, fake, body):
+    raw, refusal = body
+    fake.reset()
+    response = httpx.post(f"{proxy.url}{CHAT}", content=raw, headers={"content-type": "application/json"})
+    if refusal is None:
+        assert response.status_code == 200, response.text
+        assert [request.body for request in fake.requests] == [raw]
+    else:
+        assert response.status_code == 400 and refusal in response.json()["error"]["message"]
+        assert fake.requests == []
+
+
+@EXAMPLES
+@given(value=plain_json, field=st.sampled_from(["max_tokens", "stream", "n", "model", "messages", "temperature"]))
+def test_any_value_in_a_field_the_policy_reads_is_served_or_refused_never_a_500(proxy, fake, value, field):
+    fake.reset()
+    body = {"model": "claude-sonnet-5", "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
+    body[field] = value
+    response = httpx.post(f"{proxy.url}{MESSAGES}", json=body)
+    assert response.status_code < 500, response.text
+    if "x-proxy-error" in response.headers:  # the proxy's own refusal: nothing went upstream
+        assert response.json()["type"] == "error" and fake.requests == []
+    else:  # the upstream's answer, whatever it was, to exactly what the proxy checked
+        (recorded,) = fake.requests
+        assert json.loads(recorded.body) == body
+
