@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 from mitmproxy import ctx, http
 
 from addons.apierrors import OPENAI, error_response, fail_closed
-from addons.gatekeeper import client_ip, secret_matches
+from addons.gatekeeper import client_ip, secret_matches, user_of_token
 from addons.headers import client_token
 from addons.pricing import usd
 from addons.store import EDITABLE_FIELDS, USAGE_FIGURES, UserError
@@ -84,9 +84,7 @@ class AdminApi:
         flow.metadata["llmproxy"]["decision"] = "local"
 
     def _own_usage(self, flow: http.HTTPFlow) -> http.Response:
-        store = ctx.master.addons.get("storage").store
-        token = client_token(flow)
-        user = store.user_by_token(token) if token.strip() else None
+        user = user_of_token(client_token(flow))
         if user is None:
             return error_response(OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token")
         quota = ctx.master.addons.get("quotakeeper")

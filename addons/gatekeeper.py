@@ -1,8 +1,8 @@
 """Who may use the proxy: everyone (`none`), holders of one shared `PROXY_KEY`, or users with personal tokens.
 
 The client presents its token the way its SDK already does: `Authorization: Bearer ...` (OpenAI SDK) or
-`x-api-key` (Anthropic SDK), on either API's routes. Secrets are compared in constant time, and an empty or
-blank token never matches anything.
+`x-api-key` (Anthropic SDK), on either API's routes. A token is compared byte for byte, in constant time, with
+only the spaces and tabs HTTP allows around a header value taken off; an empty secret never matches anything.
 """
 
 import hashlib
@@ -19,8 +19,31 @@ GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
 
 
 def secret_matches(presented: str, secret: str) -> bool:
-    """Constant-time comparison in which an empty secret or token never matches."""
-    return bool(presented.strip()) and bool(secret) and hmac.compare_digest(presented.encode(), secret.encode())
+    """Whether `presented` (as `presented_token` read it) is `secret`, byte for byte, in constant time.
+
+    Both are encoded as mitmproxy decoded the header, so a byte that is not UTF-8 is compared as the byte it was
+    instead of raising. An empty secret never matches.
+    """
+    return bool(secret) and hmac.compare_digest(_as_sent(presented), _as_sent(secret))
+
+
+def user_of_token(token: str) -> dict | None:
+    """The user whose token was presented, or None. A token that is not UTF-8 is nobody's: tokens are text."""
+    if not token or not _is_utf8(token):
+        return None
+    return ctx.master.addons.get("storage").store.user_by_token(token)
+
+
+def _as_sent(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a byte that was not UTF-8, decoded by mitmproxy as a lone surrogate
+        return False
+    return True
 
 
 def identity_digest(identity: str) -> str:
@@ -92,7 +115,7 @@ class Gatekeeper:
     def _check_user(self, flow: http.HTTPFlow, api: str, token: str, ip: str) -> None:
         meta = flow.metadata["llmproxy"]
         store = ctx.master.addons.get("storage").store
-        user = store.user_by_token(token) if token.strip() else None
+        user = user_of_token(token)
         if user is None:
             return self._refuse(flow, api, 401, "A valid user token is required.", "invalid_user_token")
         if user["disabled_at"] is None and user["type"] == "temporary" and user["expires_at"] \

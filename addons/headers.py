@@ -48,6 +48,9 @@ EXPOSED_HEADERS = ", ".join([
 _client_tokens: "weakref.WeakKeyDictionary[http.HTTPFlow, str]" = weakref.WeakKeyDictionary()
 
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §5.6.3: the only whitespace HTTP allows around a field value. str.strip() would also take a no-break
+# space, U+3000 or \x1f off a token, and so accept a token that is not the one configured.
+OPTIONAL_WHITESPACE = " \t"
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
@@ -61,12 +64,17 @@ def client_token(flow: http.HTTPFlow) -> str:
     return _client_tokens.get(flow, "")
 
 
-def _presented_token(headers: http.Headers) -> str:
-    authorization = headers.get("authorization", "")
-    scheme, _, credentials = authorization.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return (headers.get("x-api-key") or headers.get("api-key") or "").strip()
+def presented_token(headers: http.Headers) -> str:
+    """The token exactly as sent, less the spaces and tabs around it; every other character is part of it.
+
+    mitmproxy decodes header values as UTF-8 with surrogateescape, so a byte that is not UTF-8 stays in the token
+    as a lone surrogate, which `gatekeeper.secret_matches` compares as the byte it was.
+    """
+    authorization = headers.get("authorization", "").strip(OPTIONAL_WHITESPACE)
+    scheme, _, credentials = authorization.partition(" ")  # RFC 9110 §11.4: scheme, 1*SP, credentials
+    if scheme.lower() == "bearer" and (credentials := credentials.strip(OPTIONAL_WHITESPACE)):
+        return credentials
+    return (headers.get("x-api-key") or headers.get("api-key") or "").strip(OPTIONAL_WHITESPACE)
 
 
 def upstream_request_headers(headers: http.Headers, api: str) -> http.Headers:
@@ -111,7 +119,7 @@ class HeaderHygiene:
         # the allowlist removes the header from forwarded requests (mitmproxy would then keep the socket open).
         meta["client_closes"] = http1.connection_close(flow.request.http_version, flow.request.headers)
         # Removed before any other addon, mitmweb or a flow dump can see them.
-        if token := _presented_token(flow.request.headers):
+        if token := presented_token(flow.request.headers):
             _client_tokens[flow] = token
         for name in CLIENT_CREDENTIALS:
             flow.request.headers.pop(name, None)

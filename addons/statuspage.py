@@ -30,11 +30,11 @@ def git_build() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=2
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=2, check=False
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=2,
+            cwd=root, capture_output=True, text=True, timeout=2, check=False,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -44,6 +44,8 @@ def git_build() -> str:
 FACTS_CACHE_SECONDS = 1.5
 _TAG = re.compile(r"\{([A-Za-z][A-Za-z0-9_.\-]*(?::[A-Za-z][A-Za-z0-9_.\-]*)?)\}")
 _FAMILY_FIELDS = ("activeKeys", "revokedKeys", "overQuotaKeys", "proomptersInQueue", "estimatedQueueTime")
+# The page's key figures and the KeyPool.counts state each one shows.
+_KEY_FIELDS = {"activeKeys": "active", "revokedKeys": "revoked", "overQuotaKeys": "overQuota"}
 # The original's page tags for families it grouped differently: gpt432k is gpt4-32k, anthropic is every Claude family.
 _TAG_ALIASES = {"gpt432k": ["gpt4-32k"], "anthropic": ["claude", "claude-opus", "claude-sonnet", "claude-haiku"]}
 
@@ -150,9 +152,7 @@ class StatusPage:
                 if keys["total"]:
                     with_keys.append(family)
                 facts[family] = {
-                    "activeKeys": keys["active"],
-                    "revokedKeys": keys["revoked"],
-                    "overQuotaKeys": keys["overQuota"],
+                    **{field: keys[state] for field, state in _KEY_FIELDS.items()},
                     "proomptersInQueue": len(queue.queue(api, family)),
                     "estimatedQueueTime": format_wait(wait),
                     "estimatedQueueSeconds": round(wait),
@@ -191,6 +191,8 @@ class StatusPage:
             group = [families[m] for m in members if m in families]
             families[tag] = {field: sum(f[field] for f in group) for field in _FAMILY_FIELDS[:4]}
             families[tag]["estimatedQueueTime"] = format_wait(max((f["estimatedQueueSeconds"] for f in group), default=0))
+        # The sum above counts a key serving four Claude families four times; the service's tag counts it once.
+        families[ANTHROPIC].update({field: facts[ANTHROPIC]["keys"][state] for field, state in _KEY_FIELDS.items()})
         values.update({f"{family}:{field}": str(figures[field]) for family, figures in families.items()
                        for field in _FAMILY_FIELDS})  # fmt: skip
         values.update(self._cost_tags(facts, families))
