@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
+from dotenv.parser import parse_stream
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -28,19 +29,21 @@ class ConfigError(Exception):
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines; `#` comments, `export ` prefixes and matching quotes are allowed."""
+    """NAME=value lines as python-dotenv reads them (`#` comments, `export`, quotes), taken literally: no ${NAME}
+    interpolation. A line it cannot read stops start-up: `dotenv_values` would skip it with a warning, and the
+    skipped line may be a key, or an unclosed quote that swallowed the lines after it."""
     values = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, value = line.removeprefix("export ").partition("=")
-        if not sep or not name.strip().isidentifier():
-            raise ConfigError(f"{path}: line {number} is not of the form NAME=value.")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[name.strip()] = value
+    try:
+        with path.open(encoding="utf-8-sig") as stream:  # -sig: a byte-order mark would become part of a name
+            for binding in parse_stream(stream):
+                if binding.error or (binding.key is not None and binding.value is None):
+                    raise ConfigError(f"{path}: line {binding.original.line} is not of the form NAME=value.")
+                if binding.key is not None:
+                    values[binding.key] = binding.value
+    except OSError as error:
+        raise ConfigError(f"Cannot read {path}: {error.strerror}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text.") from None
     return values
 
 

@@ -10,13 +10,15 @@ import asyncio
 import json
 import logging
 import re
-import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+from cronsim import CronSim, CronSimError
 from mitmproxy import ctx, exceptions, http
 
+from addons import scrub
 from addons.apierrors import error_response, fail_closed
 from addons.body import parsed_body
 from addons.config import ConfigError
@@ -32,6 +34,8 @@ DEFAULT_OUTPUT_RESERVATION = 4096  # reserved when a request does not say how mu
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
 _STREAM_USAGE_ROUTES = ("openai.chat_completions", "openai.completions")
 _SCHEDULES = {"hourly": "0 * * * *", "daily": "0 0 * * *"}
+_LONGEST_WAIT = 60  # seconds between looks at the clock, so that a clock that jumped is noticed within a minute
+_RETRY_AFTER = timedelta(minutes=1)  # after a failed refresh
 
 
 def prompt_estimate(body: dict) -> int:
@@ -57,25 +61,19 @@ def output_reservation(body: dict) -> int:
     return DEFAULT_OUTPUT_RESERVATION
 
 
-def cron_matches(expression: str, moment: time.struct_time) -> bool:
-    """Whether a five-field cron expression (minute hour day month weekday) names `moment`."""
-    fields = expression.split()
-    values = (moment.tm_min, moment.tm_hour, moment.tm_mday, moment.tm_mon, (moment.tm_wday + 1) % 7)
-    return all(_cron_field_matches(field, value) for field, value in zip(fields, values, strict=True))
-
-
-def _cron_field_matches(field: str, value: int) -> bool:
-    for part in field.split(","):
-        span, _, step = part.partition("/")
-        if span == "*":
-            low, high = 0, 59
-        elif "-" in span:
-            low, high = (int(x) for x in span.split("-"))
-        else:
-            low = high = int(span)
-        if low <= value <= high and (value - low) % int(step or 1) == 0:
-            return True
-    return False
+def next_refresh(period: str, after: datetime) -> datetime:
+    """The first minute after `after` (local wall-clock time) that a QUOTA_REFRESH_PERIOD names: hourly, daily or a
+    five-field cron expression, read as Debian's cron does. A bad period raises ValueError with the reason."""
+    schedule = _SCHEDULES.get(period, period)
+    if (fields := len(schedule.split())) != 5:  # cronsim would also take a sixth field, for seconds
+        raise ValueError(f"a cron expression has 5 fields, this one {fields}")
+    try:
+        upcoming = next(CronSim(schedule, after), None)
+    except CronSimError as error:
+        raise ValueError(str(error).lower()) from None
+    if upcoming is None:
+        raise ValueError("it names no time in the next 50 years")
+    return upcoming
 
 
 def legacy_quota_settings(environment: dict[str, str], families: list[str]) -> list[str]:
@@ -125,7 +123,8 @@ class QuotaKeeper:
         self.quotas: dict[str, int] = {}
         self.cost_quotas: dict[str, int] = {}  # nano-dollars by family, and "total"
         self.prices: list[tuple[str, Price]] = []
-        self.schedule = ""
+        self.schedule = ""  # the QUOTA_REFRESH_PERIOD, empty: quotas never start afresh
+        self.clock = datetime.now  # local wall-clock time, which the schedule names; a test steps it
         self.reservations: "weakref.WeakKeyDictionary[http.HTTPFlow, Reservation]" = weakref.WeakKeyDictionary()
         self._task: asyncio.Task | None = None
 
@@ -157,15 +156,15 @@ class QuotaKeeper:
             self.prices = parse_prices(ctx.options.model_prices)
         if "quota_refresh_period" in updated:
             period = ctx.options.quota_refresh_period.strip()
-            schedule = _SCHEDULES.get(period, period)
-            if schedule:
+            if period:
                 try:
-                    cron_matches(schedule, time.localtime())
-                except ValueError:
+                    next_refresh(period, self.clock())
+                except ValueError as error:
                     raise exceptions.OptionsError(
-                        f"QUOTA_REFRESH_PERIOD must be hourly, daily or a cron expression, not {period!r}."
+                        "QUOTA_REFRESH_PERIOD must be hourly, daily or a cron expression (minute hour day-of-month "
+                        f"month day-of-week), not {period!r}: {error}."
                     ) from None
-            self.schedule = schedule
+            self.schedule = period
 
     async def running(self):
         if self.schedule:
@@ -176,15 +175,24 @@ class QuotaKeeper:
             self._task.cancel()
 
     async def _refresh_on_schedule(self) -> None:
-        last = None
+        """Starts a new quota period at each time the schedule names. A failed refresh (the store unreachable, say)
+        is logged and tried again a minute later, until it succeeds: the task must never end, or refreshes stop
+        for good without a word."""
+        due = next_refresh(self.schedule, self.clock())
+        logger.info("quotas start afresh next at %s", f"{due:%Y-%m-%d %H:%M}")
         while True:
-            moment = time.localtime()
-            minute = time.strftime("%Y%m%d%H%M", moment)
-            if minute != last and cron_matches(self.schedule, moment):
+            await asyncio.sleep(min(max((due - self.clock()).total_seconds(), 0), _LONGEST_WAIT))
+            if self.clock() < due:
+                continue
+            try:
+                upcoming = next_refresh(self.schedule, self.clock())
                 ctx.master.addons.get("storage").store.reset_usage()
-                logger.info("token quotas refreshed")
-                last = minute
-            await asyncio.sleep(20)
+            except Exception as error:
+                logger.error("quota refresh failed, trying again in a minute: %s", scrub.text(repr(error)))
+                due = self.clock() + _RETRY_AFTER
+                continue
+            due = upcoming
+            logger.info("quotas refreshed; next at %s", f"{due:%Y-%m-%d %H:%M}")
 
     def limit_for(self, user: dict, family: str) -> int | None:
         """The user's quota for the family (None: unlimited): their own limit, else the proxy's."""

@@ -8,7 +8,7 @@ from mitmproxy.test import taddons
 from addons.keypool import (
     ACTIVE, REVOKED, KeyAffinity, KeyPool, Limits, Verdict, classify, parse_duration, read_limits, retry_after,
 )  # fmt: skip
-from addons.quota import DEFAULT_OUTPUT_RESERVATION, cron_matches, output_reservation, prompt_estimate
+from addons.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
 from addons.usage import StreamMeter, Usage
 from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
 
@@ -127,22 +127,6 @@ async def test_fair_turns_and_positions():
         for waiter in (a1, a2, a3, b1):
             queue.add(waiter)
         assert [serve_next() for _ in range(4)] == [a1, a2, a3, b1]
-
-
-@pytest.mark.parametrize(
-    "expression, moment, expected",
-    [
-        ("0 * * * *", (2026, 11, 28, 14, 0), True),
-        ("0 * * * *", (2026, 11, 28, 14, 1), False),
-        ("0 0 * * *", (2026, 11, 28, 0, 0), True),
-        ("*/15 9-17 * * 1-5", (2026, 11, 27, 10, 30), True),  # a Friday
-        ("*/15 9-17 * * 1-5", (2026, 11, 28, 10, 30), False),  # a Saturday
-        ("5,35 * 1 * *", (2026, 12, 1, 3, 35), True),
-    ],
-)
-def test_cron_expressions(expression, moment, expected):
-    struct = time.localtime(time.mktime((*moment, 0, 0, 0, -1)))
-    assert cron_matches(expression, struct) is expected
 
 
 def test_stream_meter_reads_usage_and_drops_only_the_chunk_it_added():

@@ -1,6 +1,7 @@
 """Start-up: a bad setting stops the proxy with one sentence naming it, never a traceback."""
 
 import time
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -28,6 +29,12 @@ pytestmark = pytest.mark.e2e
         ({"GATEKEEPER": "everyone"}, [], "GATEKEEPER must be one of none, proxy_key, user_token"),
         ({"QUEUE_MODE": "random"}, [], "QUEUE_MODE must be one of fair, fifo, none"),
         ({"QUOTA_REFRESH_PERIOD": "weekly"}, [], "QUOTA_REFRESH_PERIOD must be hourly, daily or a cron expression"),
+        ({"QUOTA_REFRESH_PERIOD": "99 * * * *"}, [], "not '99 * * * *': bad minute."),
+        ({"QUOTA_REFRESH_PERIOD": "0 * * * * *"}, [], "a cron expression has 5 fields, this one 6."),
+        ({"QUOTA_REFRESH_PERIOD": "0 * * *"}, [], "a cron expression has 5 fields, this one 4."),
+        ({"QUOTA_REFRESH_PERIOD": "5-1 * * * *"}, [], "not '5-1 * * * *': bad minute."),
+        ({"QUOTA_REFRESH_PERIOD": "*/0 * * * *"}, [], "not '*/0 * * * *': bad minute."),
+        ({"QUOTA_REFRESH_PERIOD": "0 0 1 * FUNDAY"}, [], "not '0 0 1 * FUNDAY': bad day-of-week."),
         ({"TOKEN_QUOTA_GPT9": "100"}, [], "TOKEN_QUOTA_GPT9 names no model family"),
         ({"ALLOWED_MODEL_FAMILIES": "gpt4o,gpt99"}, [], "ALLOWED_MODEL_FAMILIES names an unknown family: 'gpt99'"),
         ({"REJECT_PHRASES": "(a+)+b", "REJECT_PHRASES_REGEX": "true"}, [], "could take exponential time"),
@@ -64,6 +71,28 @@ def test_settings_from_a_dotenv_file_and_a_config_file(tmp_path):
         status = httpx.get(f"{proxy.url}/status").json()
         assert status["title"] == "From dotenv"
         assert status["openai"]["keys"]["total"] == 2
+
+
+def test_a_malformed_dotenv_line_stops_start_up_with_one_sentence():
+    process = ProxyProcess()
+    (process.workdir / ".env").write_text("OPENAI_KEY=sk-a # prod\nSERVER_TITLE='unclosed\nADMIN_KEY=secret\n")
+    assert process.run_to_exit() != 0
+    output = process.log()
+    assert f"{process.workdir / '.env'}: line 2 is not of the form NAME=value." in output
+    assert "Traceback" not in output and "secret" not in output
+    assert len(output.strip().splitlines()) == 1, output
+
+
+def test_a_refresh_period_naming_a_day_and_a_weekday_refreshes_on_either():
+    def next_monday_or_first(after: datetime) -> str:
+        days = (after.date() + timedelta(days=n) for n in range(1, 8))
+        return f"{next(day for day in days if day.weekday() == 0 or day.day == 1)} 00:00"
+
+    started = datetime.now()
+    with ProxyProcess({"QUOTA_REFRESH_PERIOD": "0 0 1 * MON"}) as proxy:
+        logged = proxy.wait_for_log(r"quotas start afresh next at (\S+ \S+)").group(1)
+    # Either side of a midnight the test may straddle.
+    assert logged in {next_monday_or_first(started), next_monday_or_first(datetime.now())}
 
 
 def test_starts_without_keys_and_answers_at_once():
