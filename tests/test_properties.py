@@ -13,6 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from addons.body import MAX_NESTING
+from tests.conftest import proxy_env
+from tests.harness import ProxyProcess
+from tests.test_e2e_routes import raw_request
 
 pytestmark = pytest.mark.e2e
 
@@ -98,3 +101,39 @@ def test_any_value_in_a_field_the_policy_reads_is_served_or_refused_never_a_500(
         (recorded,) = fake.requests
         assert json.loads(recorded.body) == body
 
+
+
+PROXY_KEY = "proxy-key-for-property-tests"
+BODIES = {b"/proxy/openai/v1/chat/completions": b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}',
+          b"/proxy/anthropic/v1/messages": b'{"model": "claude-sonnet-5", "max_tokens": 5, '
+                                           b'"messages": [{"role": "user", "content": "x"}]}'}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(fake):
+    with ProxyProcess(proxy_env(fake, GATEKEEPER="proxy_key", PROXY_KEY=PROXY_KEY)) as process:
+        yield process
+
+
+# Any byte but the line ends that frame a header: spaces, tabs, controls, and bytes that are not UTF-8.
+header_bytes = st.binary(max_size=3).filter(lambda value: b"\r" not in value and b"\n" not in value)
+
+
+@EXAMPLES
+@given(before=header_bytes, after=header_bytes, inside=st.one_of(st.just(b""), header_bytes),
+       header=st.sampled_from([b"authorization: Bearer ", b"x-api-key: "]), path=st.sampled_from(list(BODIES)))  # fmt: skip
+def test_only_the_exact_token_opens_the_proxy_and_no_header_value_makes_a_500(
+        keyed_proxy, fake, before, after, inside, header, path):  # fmt: skip
+    token = PROXY_KEY.encode()
+    presented = before + token[:5] + inside + token[5:] + after
+    fake.reset()
+    status, _, content = raw_request(keyed_proxy, b"POST %s HTTP/1.1" % path, header + presented + b"\r\n",
+                                     BODIES[path])  # fmt: skip
+    # HTTP's parser takes ASCII whitespace off both ends of a value (mitmproxy: space, tab, VT, FF, CR; the proxy
+    # then spaces and tabs again): what remains must be the token exactly.
+    if presented.strip() == token:
+        assert status == 200, content
+        assert len(fake.requests) == 1 and PROXY_KEY not in fake.requests[0].body.decode()
+    else:
+        assert status in (400, 401), content  # 400: a value mitmproxy's header checks refuse outright
+        assert fake.requests == []
