@@ -2,7 +2,8 @@
 
 It serves both APIs on one port, answers in their real wire formats (so the official
 SDKs parse it), and records every request that reaches it (``FakeUpstream.requests``,
-or ``GET /_fake/requests``).
+or ``GET /_fake/requests``), with how a streamed answer ended: ``completed``, ``aborted``
+by ``reset_after``, or ``cancelled`` because the peer left, and how many content events it sent.
 
 How a request is answered is decided by, in order of precedence:
 
@@ -28,9 +29,24 @@ How a request is answered is decided by, in order of precedence:
    ``server_tool=1``       (Anthropic) a ``web_search`` server tool use and its result before the text
    ``end=KIND``            (Responses) end ``incomplete`` (as at max_output_tokens) or ``failed``
 
+   Three directives take any JSON value (``NaN`` and ``Infinity`` included) and are read from the prompt
+   texts, so that their quotes need no escaping: ``#fake:usage={"output_tokens": -1}``. A key override
+   takes them as parameters too, applied before the prompt's.
+
+   ``usage=JSON``          every usage object the answer carries (stream events included) is changed: an
+                           object's fields replace the usage's fields of those names, anything else replaces
+                           the whole usage object; several ``usage`` directives apply in order
+   ``response_id=JSON``    (Responses) the response's id, in the answer and in every stream event
+   ``headers=JSON``        an object of response headers set on the answer, success or error (a 429's
+                           ``retry-after`` included); a string is sent as it is (control characters and lone
+                           surrogates, which a header cannot carry, as ``\\uXXXX``), ``null`` leaves the
+                           header out, any other value is sent as its JSON text; names that are no HTTP
+                           token, and the framing headers (content-type, content-length, transfer-encoding),
+                           are ignored
+
 2. A per-key override: ``PUT /_fake/keys/{key}`` with ``{"behaviour": B, ...params}``,
    B one of ok, slow, rate_limit_for (param ``seconds``) or an error KIND above;
-   params are directive names (``delay_ms``, ``retry_after``, ...), plus ``models`` (the ids
+   params are directive names (``delay_ms``, ``retry_after``, ``usage``, ``headers``, ...), plus ``models`` (the ids
    ``GET /v1/models`` lists for this key) and ``organizations`` (the org ids
    ``GET /v1/organizations`` lists, the first being the default).
    ``DELETE /_fake/keys/{key}`` removes it; ``DELETE /_fake/requests`` clears everything.
@@ -86,6 +102,11 @@ OPENAI_PROJECT = "proj_FAKEPROJECT123456"
 ANTHROPIC_ORG = "00000000-fake-org0-0000-000000000000"
 REPLY = "Hello from the fake upstream."
 DIRECTIVE = re.compile(r"#fake:([a-z_]+)=([A-Za-z0-9_.-]+)")
+JSON_DIRECTIVES = ("usage", "response_id", "headers")  # their values are JSON, read from the prompt texts
+JSON_DIRECTIVE = re.compile(rf"#fake:({'|'.join(JSON_DIRECTIVES)})=")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")  # what aiohttp cannot send in a header
+FRAMING_HEADERS = {"content-type", "content-length", "transfer-encoding"}  # the fake frames its answers itself
 KEY_MARKERS = {"-429": "rate_limit", "-401": "invalid_key", "-quota": "insufficient_quota",
                "-500": "server_error"}
 ERROR_KINDS = {"rate_limit", "invalid_key", "insufficient_quota", "credit_balance",
@@ -124,18 +145,23 @@ BUDGET_TOO_BIG = ("`max_tokens` must be greater than `thinking.budget_tokens`. P
 
 @dataclass
 class RecordedRequest:
-    """One request exactly as it reached the fake."""
+    """One request exactly as it reached the fake, and for a streamed answer how that stream ended."""
 
     method: str
     path: str
     headers: list[tuple[str, str]]
     body: bytes
     key: str | None
+    # A streamed answer's end: "completed", "aborted" (by reset_after) or "cancelled" (the peer left, or the fake
+    # stopped); and the content events (what ``events=N`` counts) written before it.
+    stream_ending: str | None = None
+    content_events_sent: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The JSON shape served by ``GET /_fake/requests``."""
         return {"method": self.method, "path": self.path, "headers": [list(h) for h in self.headers],
-                "body": self.body.decode("utf-8", errors="replace"), "key": self.key}
+                "body": self.body.decode("utf-8", errors="replace"), "key": self.key,
+                "stream_ending": self.stream_ending, "content_events_sent": self.content_events_sent}
 
 
 @dataclass
@@ -156,6 +182,9 @@ class Behaviour:
     redacted_thinking: bool = False
     server_tool: bool = False
     end: str = "completed"
+    usage: list[Any] = field(default_factory=list)  # ``usage`` directive values, applied in order
+    response_id: list[Any] = field(default_factory=list)  # ``response_id`` directive values, the last one counts
+    headers: dict[str, Any] = field(default_factory=dict)
 
     def apply(self, name: str, value: Any) -> None:
         """Set one parameter from a directive or override; bad names or values are ignored."""
@@ -175,6 +204,11 @@ class Behaviour:
             elif name == "end":
                 if value in ENDINGS:
                     self.end = value
+            elif name in ("usage", "response_id"):
+                getattr(self, name).append(value)
+            elif name == "headers":
+                if isinstance(value, dict):
+                    self.headers |= value
             elif name in ("retry_after", "delay_ms", "events", "interval_ms", "stall_ms",
                           "reset_after", "body_bytes"):
                 setattr(self, name, max(0, int(value)))
@@ -249,6 +283,39 @@ def _texts(value: Any) -> list[str]:
         elif isinstance(item, dict):
             stack.extend(reversed([item[k] for k in TEXT_KEYS if k in item]))
     return found
+
+
+def _json_directives(payload: Any) -> list[tuple[str, Any]]:
+    """The directives with JSON values in the prompt texts, in order, with their values parsed."""
+    found = []
+    for text in _texts(payload):
+        for match in JSON_DIRECTIVE.finditer(text):
+            try:
+                found.append((match[1], json.JSONDecoder().raw_decode(text, match.end())[0]))
+            except (ValueError, RecursionError):
+                pass  # no JSON value follows: ignored like any bad directive
+    return found
+
+
+def _override_figures(answer: Any, behaviour: Behaviour) -> None:
+    """Applies the ``usage`` and ``response_id`` directives to an answer or its stream events, in place."""
+    stack, seen = [answer], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:  # stream events share objects (a Responses stream's final response)
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            if behaviour.response_id and item.get("object") == "response":
+                item["id"] = behaviour.response_id[-1]
+            if behaviour.usage and isinstance(item.get("usage"), dict):
+                usage = item["usage"]
+                for override in behaviour.usage:
+                    usage = usage | override if isinstance(usage, dict) and isinstance(override, dict) else override
+                item["usage"] = usage
+            stack.extend(value for name, value in item.items() if name != "usage")
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _dict(value: Any) -> dict:
@@ -491,10 +558,11 @@ class FakeUpstream:
         """Record the request, check auth and body, pick a behaviour, then answer."""
         body = await request.read()
         key = _bearer(request) or request.headers.get("x-api-key") or None
+        recorded = RecordedRequest(request.method, request.raw_path,
+                                   [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                                   body, key)
         if not request.path.startswith("/_fake/"):  # a mistyped control call is no API request
-            self.requests.append(RecordedRequest(
-                request.method, request.raw_path,
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers], body, key))
+            self.requests.append(recorded)
         api, handler = self._routes.get((request.method, request.path), (None, None))
         api = api or self._guess_api(request)
         call = Call(request, api, key, {}, Behaviour())
@@ -518,7 +586,7 @@ class FakeUpstream:
                 message = f"{unknown[0]}: Extra inputs are not permitted" if api == "anthropic" else \
                     f"Unrecognized request argument supplied: {unknown[0]}"
                 return self._error(call, "bad_request", message)
-        call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"))
+        call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"), call.payload)
         if request.method == "POST" and (budget := self._overrides.get(call.key, {}).get("budget")) is not None:
             self._accounts.charge(call, int(budget), float(self._overrides[call.key].get("budget_seconds", 60)))
         if call.behaviour.delay_ms:
@@ -529,8 +597,9 @@ class FakeUpstream:
         result = handler(call)
         if isinstance(result, web.StreamResponse):  # a handler's own validation error
             return result
+        _override_figures(result, call.behaviour)
         if isinstance(result, list):
-            return await self._send_stream(call, result)
+            return await self._send_stream(call, result, recorded)
         return web.json_response(result, headers=self._headers(call))
 
     @staticmethod
@@ -544,7 +613,7 @@ class FakeUpstream:
             return "anthropic"
         return "openai"
 
-    def _behaviour(self, key: str, body_text: str) -> Behaviour:
+    def _behaviour(self, key: str, body_text: str, payload: dict[str, Any]) -> Behaviour:
         """Key markers, replaced by a key override, refined by prompt directives."""
         behaviour = Behaviour()
         override = self._overrides.get(key)
@@ -555,6 +624,9 @@ class FakeUpstream:
             if "-slow" in key:
                 behaviour.delay_ms = 300
         for name, value in DIRECTIVE.findall(body_text):
+            if name not in JSON_DIRECTIVES:  # read whole below
+                behaviour.apply(name, value)
+        for name, value in _json_directives(payload):
             behaviour.apply(name, value)
         return behaviour
 
@@ -585,19 +657,30 @@ class FakeUpstream:
         remaining = "0" if status == 429 else "499"
         if call.api == "anthropic":
             reset = (datetime.now(timezone.utc) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            return common | {
+            headers = common | {
                 "request-id": _id("req_011CV"), "anthropic-organization-id": ANTHROPIC_ORG,
                 "anthropic-ratelimit-requests-limit": "500", "anthropic-ratelimit-requests-remaining": remaining,
                 "anthropic-ratelimit-requests-reset": reset, "anthropic-ratelimit-tokens-limit": "100000",
                 "anthropic-ratelimit-tokens-remaining": "99000", "anthropic-ratelimit-tokens-reset": reset,
                 "x-robots-tag": "none"} | call.limit_headers
-        return common | {
-            "openai-organization": OPENAI_ORG, "openai-project": OPENAI_PROJECT, "openai-version": "2020-10-01",
-            "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
-            "x-request-id": _id("req_", 32), "x-ratelimit-limit-requests": "500",
-            "x-ratelimit-remaining-requests": remaining, "x-ratelimit-reset-requests": "120ms",
-            "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29990",
-            "x-ratelimit-reset-tokens": "20ms"} | call.limit_headers
+        else:
+            headers = common | {
+                "openai-organization": OPENAI_ORG, "openai-project": OPENAI_PROJECT, "openai-version": "2020-10-01",
+                "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
+                "x-request-id": _id("req_", 32), "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining-requests": remaining, "x-ratelimit-reset-requests": "120ms",
+                "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29990",
+                "x-ratelimit-reset-tokens": "20ms"} | call.limit_headers
+        if status == 429:
+            headers["retry-after"] = str(call.behaviour.retry_after)
+        for name, value in call.behaviour.headers.items():  # the ``headers`` directive
+            if not HEADER_NAME.fullmatch(name) or name.lower() in FRAMING_HEADERS:
+                continue
+            headers = {k: v for k, v in headers.items() if k.lower() != name.lower()}
+            if value is not None:
+                text = value if isinstance(value, str) else json.dumps(value)
+                headers[name] = HEADER_FORBIDDEN.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+        return headers
 
     def _error(self, call: Call, kind: str, message: str | None = None) -> web.Response:
         """An error response in the API's own format."""
@@ -605,10 +688,7 @@ class FakeUpstream:
         message = message or f"Invalid request ({call.request.method} {call.request.path})"
         status, body = build(kind, call.key, call.behaviour.echo_key, message)
         status = call.behaviour.status or status
-        headers = self._headers(call, status)
-        if status == 429:
-            headers["retry-after"] = str(call.behaviour.retry_after)
-        return web.json_response(body, status=status, headers=headers)
+        return web.json_response(body, status=status, headers=self._headers(call, status))
 
     @staticmethod
     def _openai_error(kind: str, key: str | None, echo: bool, message: str) -> tuple[int, dict]:
@@ -660,29 +740,34 @@ class FakeUpstream:
             text += f": {key}"
         return status, {"type": "error", "error": {"type": type_, "message": text}, "request_id": _id("req_011CV")}
 
-    async def _send_stream(self, call: Call, events: list[Event]) -> web.StreamResponse:
-        """Write each event separately, honouring interval, stall and reset directives."""
+    async def _send_stream(self, call: Call, events: list[Event], recorded: RecordedRequest) -> web.StreamResponse:
+        """Write each event separately, honouring interval, stall and reset directives; ``recorded`` learns how the
+        stream ended and how many content events it carried."""
         b = call.behaviour
         response = web.StreamResponse(headers=self._headers(call) | {
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
         response.enable_chunked_encoding()
-        await response.prepare(call.request)
-        sent = 0
         try:
+            await response.prepare(call.request)
             for index, (name, data, is_content) in enumerate(events):
-                if index and b.reset_after is not None and sent >= b.reset_after:
+                if index and b.reset_after is not None and recorded.content_events_sent >= b.reset_after:
+                    recorded.stream_ending = "aborted"  # before the peer can notice
                     await self._abort(call.request)
                     return response
-                if is_content and sent and b.interval_ms:
+                if is_content and recorded.content_events_sent and b.interval_ms:
                     await asyncio.sleep(b.interval_ms / 1000)
                 await response.write(_sse(name, data))
                 if is_content:
-                    sent += 1
-                    if sent == 1 and b.stall_ms:
+                    recorded.content_events_sent += 1
+                    if recorded.content_events_sent == 1 and b.stall_ms:
                         await asyncio.sleep(b.stall_ms / 1000)
             await response.write_eof()
-        except ConnectionResetError:
-            pass  # the client went away
+            recorded.stream_ending = "completed"
+        except ConnectionResetError:  # a write found the peer gone (aiohttp's default)
+            recorded.stream_ending = "cancelled"
+        except asyncio.CancelledError:  # the handler was cancelled: the fake stops (or runs with handler_cancellation)
+            recorded.stream_ending = "cancelled"
+            raise
         return response
 
     @staticmethod

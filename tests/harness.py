@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening at (?:\[[^\]]+\]|[\d.]+):(\d+)")
 
 
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
+    """The first truthy value of `condition()`, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
 class ProxyProcess:
     """One proxy process with its own environment, confdir and log file; `url` once started."""
 

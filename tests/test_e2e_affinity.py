@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import proxy_env
-from tests.test_e2e_keypool import wait_until
+from tests.harness import wait_until
 from tests.test_e2e_scaleout import redis_server  # noqa: F401 (a fixture)
 from tests.test_e2e_users import ADMIN_KEY, Admin
 

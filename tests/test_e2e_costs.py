@@ -8,7 +8,6 @@ fake's models (gpt-4o, gpt-5.4 priced as gpt-5, claude-sonnet-5 as Sonnet).
 
 import base64
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from addons.pricing import format_usd
 from tests.conftest import OPENAI_KEYS, proxy_env
-from tests.harness import ProxyProcess
+from tests.harness import ProxyProcess, wait_until
 from tests.test_e2e_users import ADMIN_KEY, Admin
 
 pytestmark = pytest.mark.e2e
@@ -265,9 +264,9 @@ def test_show_token_costs_puts_costs_on_the_status_page_tags_and_metrics(start_p
         answer = anthropic_for(proxy, "x").messages.create(
             model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "x #fake:server_tool=1"}])
         spent[proxy.url] = claude_usage(answer.usage)[1]
-    time.sleep(1.6)  # the page's figures are cached for 1.5 s
     figures = spent[shown.url]
-    status = httpx.get(f"{shown.url}/status").json()
+    # The page's figures are cached for 1.5 s: wait until they include the request.
+    status = wait_until(lambda: (answer := httpx.get(f"{shown.url}/status").json())["tookens"] and answer)
     assert status["costUsd"] == figures["cost_usd"] and status["tookens"] == figures["used"]
     assert status["families"]["claude-sonnet"]["tokens"] == figures["used"]
     assert status["families"]["claude-sonnet"]["costUsd"] == figures["cost_usd"]
@@ -277,7 +276,8 @@ def test_show_token_costs_puts_costs_on_the_status_page_tags_and_metrics(start_p
     assert f"{figures['used']} tokens served ({money})" in page and "Tokens (cost)" in page
     figures = spent[tagged.url]
     money = format_usd(figures["cost_usd"])
-    assert httpx.get(f"{tagged.url}/").text == f"<p>[{money}] [{figures['used']}] [{money}] [{money}] [$0.00]</p>"
+    tagged_page = f"<p>[{money}] [{figures['used']}] [{money}] [{money}] [$0.00]</p>"
+    wait_until(lambda: httpx.get(f"{tagged.url}/").text == tagged_page)
     assert httpx.get(f"{hidden.url}/").text == "<p>[] [] [] [] []</p>"
     assert "costUsd" not in httpx.get(f"{hidden.url}/status").text
     samples = samples_of(hidden)  # the metrics count costs whether or not the page shows them

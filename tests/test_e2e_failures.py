@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import ANTHROPIC_KEYS, CANARY, OPENAI_KEYS, proxy_env
-from tests.test_e2e_keypool import wait_until
+from tests.harness import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client
 
 pytestmark = pytest.mark.e2e
@@ -80,6 +80,7 @@ def test_stream_cut_by_the_upstream_ends_with_an_error_event(proxy, fake):
     with httpx.stream("POST", f"{proxy.url}{MESSAGES}", json=message("#fake:reset_after=2 #fake:events=5", True)) as s:
         text = "".join(s.iter_text())
     assert "event: error" in text
+    assert [(recorded.stream_ending, recorded.content_events_sent) for recorded in fake.requests] == [("aborted", 2)]
     request = message("#fake:reset_after=2 #fake:events=5")
     del request["stream"]
     with pytest.raises(anthropic.APIStatusError):
@@ -88,6 +89,7 @@ def test_stream_cut_by_the_upstream_ends_with_an_error_event(proxy, fake):
 
 
 def test_client_leaving_mid_stream_closes_the_upstream(proxy, fake):
+    """The fake streams 50 events over 5 s; the client leaves after the first, and the proxy hangs up on the fake."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         body = json.dumps(chat("#fake:events=50 #fake:interval_ms=100", stream=True)).encode()
         sock.sendall(
@@ -97,10 +99,12 @@ def test_client_leaving_mid_stream_closes_the_upstream(proxy, fake):
         received = b""
         while b"data: " not in received:
             received += sock.recv(65536)
-    time.sleep(1.5)
-    # The proxy is still healthy and the stream did not keep the fake busy for the remaining 5 s.
+    # Waited on for longer than the whole stream, so that a stream left running shows up as "completed".
+    (stream,) = wait_until(lambda: [recorded for recorded in httpx.get(f"{fake.url}/_fake/requests").json()
+                                    if recorded["stream_ending"] is not None], timeout=10)  # fmt: skip
+    assert stream["path"] == "/v1/chat/completions" and stream["stream_ending"] == "cancelled"
+    assert stream["content_events_sent"] < 20  # 2 s of the stream; the proxy notices within a few events
     assert httpx.get(f"{proxy.url}/health").status_code == 200
-    assert "client disconnect" in proxy.log().lower() or "disconnected" in proxy.log().lower()
 
 
 def test_unreachable_upstream_gives_502_in_each_format(start_proxy, fake):

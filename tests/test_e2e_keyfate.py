@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import ANTHROPIC_KEYS, OPENAI_KEYS, proxy_env
-from tests.test_e2e_keypool import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -11,6 +11,7 @@ import pytest
 
 from addons.keychecker import USER_AGENT as KEY_CHECK_AGENT
 from tests.conftest import proxy_env
+from tests.harness import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client
 
 pytestmark = pytest.mark.e2e
@@ -33,15 +34,6 @@ def by_clients(fake) -> list:
 
 def keys_used(fake) -> list[str]:
     return [recorded.key for recorded in by_clients(fake) if recorded.path == "/v1/chat/completions"]
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_rate_limited_key_is_skipped_without_the_client_noticing(start_proxy, fake):

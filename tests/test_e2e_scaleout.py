@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from tests.conftest import OPENAI_KEYS, proxy_env
-from tests.harness import ProxyProcess, RedisServer
-from tests.test_e2e_keypool import by_clients, wait_until
+from tests.harness import ProxyProcess, RedisServer, wait_until
+from tests.test_e2e_keypool import by_clients
 from tests.test_e2e_users import ADMIN_KEY, Admin
 
 pytestmark = pytest.mark.e2e

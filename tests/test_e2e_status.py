@@ -2,10 +2,10 @@
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import threading
-import time
 
 import httpx
 import pytest
@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from addons.statuspage import format_wait
 from tests.conftest import CANARY, proxy_env
+from tests.harness import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client
 from tests.test_e2e_users import ADMIN_KEY, Admin
 
@@ -42,15 +43,17 @@ def test_status_json_per_family_while_keys_rest_and_requests_wait(start_proxy, f
     proxy = start_proxy(proxy_env(fake, OPENAI_KEY="sk-rests,sk-dead-401", MAX_QUEUED_PER_IDENTITY="3",
                                   GATEKEEPER="proxy_key", PROXY_KEY="pk", MODEL_RATE_LIMIT="9"))  # fmt: skip
     auth = {"authorization": "Bearer pk"}
+
+    def status_while_queued() -> dict | None:
+        status = httpx.get(f"{proxy.url}/status").json()
+        return status if status["families"]["gpt4o"]["proomptersInQueue"] == 1 else None
+
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.12"), timeout=20) as client:
         waiting = threading.Thread(target=client.post, args=(f"{proxy.url}{CHAT}",),
                                    kwargs={"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
                                            "headers": auth})  # fmt: skip
         waiting.start()
-        deadline = time.monotonic() + 10
-        while (status := httpx.get(f"{proxy.url}/status").json())["families"]["gpt4o"]["proomptersInQueue"] != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        status = wait_until(status_while_queued)
         waiting.join()
     gpt4o = status["families"]["gpt4o"]
     assert gpt4o["activeKeys"] == 1 and gpt4o["estimatedQueueTime"] != "no wait"
@@ -68,8 +71,8 @@ def test_page_body_fills_every_tag_and_escapes_values(start_proxy, fake, tmp_pat
     proxy = start_proxy(proxy_env(fake, PAGE_BODY=base64.b64encode(template.encode()).decode(), GATEKEEPER="user_token",
                                   ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"), SERVER_TITLE="Tom & Jerry's"))  # fmt: skip
     Admin(proxy).create(nickname="<script>alert('x')</script>")
-    time.sleep(1.6)  # the page's figures are cached for 1.5 s
-    page = httpx.get(f"{proxy.url}/").text
+    # The page's figures are cached for 1.5 s: the new user shows once they are gathered again.
+    page = wait_until(lambda: "alert(" in (text := httpx.get(f"{proxy.url}/").text) and text)
     assert "{unknown:tag}" in page and "ünïcode" in page and "<h1>Custom</h1>" in page
     import html
 
@@ -145,7 +148,7 @@ def test_a_browser_shows_the_page_as_text(start_proxy, fake, tmp_path):
     proxy = start_proxy(proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"),
                                   PAGE_BODY=base64.b64encode(b"<p id=users>{user:aliases}</p>{headerHtml}").decode()))  # fmt: skip
     Admin(proxy).create(nickname="<script>document.title='owned'</script>")
-    time.sleep(1.6)
+    wait_until(lambda: "document.title" in httpx.get(f"{proxy.url}/").text)  # the page's cached figures name the user
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
@@ -157,3 +160,50 @@ def test_a_browser_shows_the_page_as_text(start_proxy, fake, tmp_path):
     subprocess.run([browser, *flags, f"--screenshot={screenshot}", "--window-size=390,844", f"{proxy.url}/"],
                    capture_output=True, timeout=60)  # fmt: skip
     assert screenshot.exists() and screenshot.stat().st_size > 1000
+
+
+def test_service_figures_count_keys_and_family_figures_count_the_keys_of_each_family(start_proxy, fake):
+    # What /v1/models lists for a key decides its families; the -401 and -quota keys are retired by the check.
+    fake.set_key_behaviour("sk-ant-four-families", models=["claude-opus-4-1", "claude-sonnet-4-5", "claude-haiku-4-5",
+                                                           "claude-2.1"])  # fmt: skip
+    fake.set_key_behaviour("sk-ant-two-families", models=["claude-sonnet-4-5", "claude-haiku-4-5"])
+    fake.set_key_behaviour("sk-three-families", models=["gpt-4o", "gpt-4.1-mini", "gpt-5"])
+    fake.set_key_behaviour("sk-one-family", models=["gpt-4o"])
+    service_tags = ["anthropicKeys", "openaiKeys", "anthropic:activeKeys", "anthropic:revokedKeys",
+                    "anthropic:overQuotaKeys"]  # fmt: skip
+    family_figures = {  # family: (activeKeys, revokedKeys, overQuotaKeys); a retired key's families are unknown
+        "claude-opus": (1, 0, 0), "claude-sonnet": (2, 0, 0), "claude-haiku": (2, 0, 0), "claude": (1, 0, 0),
+        "gpt4o": (2, 0, 0), "gpt4.1": (1, 0, 0), "gpt5": (1, 0, 0),
+    }  # fmt: skip
+    family_tags = [f"{family}:{field}" for family in family_figures
+                   for field in ("activeKeys", "revokedKeys", "overQuotaKeys")]  # fmt: skip
+    template = "".join(f"<i data-tag='{tag}'>{{{tag}}}</i>" for tag in service_tags + family_tags) + "{headerHtml}"
+    proxy = start_proxy(proxy_env(
+        fake, CHECK_KEYS="true", PAGE_BODY=base64.b64encode(template.encode()).decode(),
+        ANTHROPIC_KEY="sk-ant-four-families,sk-ant-two-families,sk-ant-dead-401,sk-ant-broke-quota",
+        OPENAI_KEY="sk-three-families,sk-one-family,sk-dead-401",
+    ))  # fmt: skip
+    expected_families = {family: {"activeKeys": active, "revokedKeys": revoked, "overQuotaKeys": over_quota}
+                         for family, (active, revoked, over_quota) in family_figures.items()}  # fmt: skip
+
+    def checked() -> dict | None:
+        status = httpx.get(f"{proxy.url}/status").json()
+        figures = {family: {field: facts[field] for field in ("activeKeys", "revokedKeys", "overQuotaKeys")}
+                   for family, facts in status["families"].items()}  # fmt: skip
+        return status if figures == expected_families else None
+
+    status = wait_until(checked)
+    assert status["anthropic"]["keys"] == {"total": 4, "active": 2, "revoked": 1, "overQuota": 1}
+    assert status["openai"]["keys"] == {"total": 3, "active": 2, "revoked": 1, "overQuota": 0}
+    assert status["anthropicKeys"] == 4 and status["openaiKeys"] == 3
+    page = httpx.get(f"{proxy.url}/").text
+    shown = dict(re.findall(r"<i data-tag='([^']+)'>([^<]*)</i>", page))
+    assert {tag: shown[tag] for tag in service_tags} == {
+        "anthropicKeys": "4", "openaiKeys": "3",
+        "anthropic:activeKeys": "2", "anthropic:revokedKeys": "1", "anthropic:overQuotaKeys": "1",
+    }  # fmt: skip
+    assert {tag: shown[tag] for tag in family_tags} == {
+        f"{family}:{field}": str(count) for family, figures in expected_families.items()
+        for field, count in figures.items()
+    }  # fmt: skip
+    assert "2 active, 1 revoked, 1 over quota" in page and "2 active, 1 revoked, 0 over quota" in page

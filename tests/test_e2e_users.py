@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +12,9 @@ import httpx
 import openai
 import pytest
 
+from addons.usage import CHARACTERS_PER_TOKEN
 from tests.conftest import OPENAI_KEYS, proxy_env
-from tests.harness import ProxyProcess
+from tests.harness import ProxyProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -228,19 +228,30 @@ def test_streamed_usage_is_billed_with_or_without_the_client_asking(user_proxy, 
 
 
 def test_a_client_that_leaves_mid_stream_pays_for_what_it_got(user_proxy, fake):
+    """A stream cut short carries no usage: the user pays the prompt's estimate and the output the proxy passed on, at
+    CHARACTERS_PER_TOKEN characters a token (StreamMeter.finish), which is less than the whole answer costs."""
     proxy, admin = user_proxy()
     token, user = admin.create()
-    body = json.dumps(chat("#fake:events=60 #fake:interval_ms=50", stream=True)).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: "
-                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-        received = b""
-        while received.count(b"data: ") < 5:
-            received += sock.recv(65536)
-    deadline = time.monotonic() + 5
-    while not (usage := admin.user(user["id"])["usage"].get("gpt4o", {})).get("used") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert usage["used"] > 0 and usage["reserved"] == 0
+    auth = {"authorization": f"Bearer {token}"}
+    event_characters = 100  # the answer's text in each of its 60 events
+    directives = f"#fake:events=60 #fake:body_bytes={60 * event_characters}"
+    received = ""  # the answer's text as the client read it, before leaving
+    with httpx.stream("POST", f"{proxy.url}{CHAT}", json=chat(f"{directives} #fake:interval_ms=50", stream=True),
+                      headers=auth, timeout=10) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                received += "".join(choice["delta"].get("content") or "" for choice in json.loads(line[6:])["choices"])
+            if len(received) >= 5 * event_characters:
+                break  # leaving closes the connection: the rest of the answer is never read
+    usage = wait_until(lambda: (figures := admin.user(user["id"])["usage"].get("gpt4o", {})).get("used") and figures)
+    # The proxy passed on at least what the client read, and at most what the fake sent before the proxy hung up.
+    (upstream,) = wait_until(lambda: [recorded for recorded in fake.requests if recorded.stream_ending])
+    assert upstream.stream_ending == "cancelled"
+    sent = upstream.content_events_sent * event_characters
+    assert -(-len(received) // CHARACTERS_PER_TOKEN) <= usage["output"] <= -(-sent // CHARACTERS_PER_TOKEN)
+    assert usage["used"] == usage["input"] + usage["output"] and usage["reserved"] == 0
+    whole = httpx.post(f"{proxy.url}{CHAT}", json=chat(directives), headers=auth, timeout=10).json()["usage"]
+    assert usage["used"] < whole["total_tokens"]  # the same answer read to its end, billed as the upstream reports it
 
 
 def test_a_failed_request_costs_nothing(user_proxy, fake):
@@ -273,7 +284,7 @@ def test_in_flight_limit(user_proxy, fake):
     slow = threading.Thread(target=httpx.post, args=(f"{proxy.url}{CHAT}",),
                             kwargs={"json": chat("#fake:delay_ms=1500"), "headers": auth, "timeout": 10})  # fmt: skip
     slow.start()
-    time.sleep(0.5)
+    wait_until(lambda: fake.requests)  # the slow request is upstream now, in flight for 1.5 s more
     second = httpx.post(f"{proxy.url}{CHAT}", json=chat(), headers=auth)
     assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_in_flight"
     slow.join()
@@ -284,13 +295,12 @@ def test_restart_and_kill_lose_no_user_and_no_completed_usage(fake, tmp_path):
     env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "data"))
     with ProxyProcess(env) as proxy:
         token, user = Admin(proxy).create(nickname="Durable")
-    billed = 0
+    billed = []  # the usage of each answer the client got
     proxy = ProxyProcess(env).start()
     stop = threading.Event()
     errors = []
 
     def traffic():
-        nonlocal billed
         with httpx.Client(timeout=10) as client:
             while not stop.is_set():
                 try:
@@ -298,23 +308,23 @@ def test_restart_and_kill_lose_no_user_and_no_completed_usage(fake, tmp_path):
                 except httpx.HTTPError:
                     return
                 if response.status_code == 200:
-                    billed += response.json()["usage"]["total_tokens"]
+                    billed.append(response.json()["usage"]["total_tokens"])
                 else:
                     errors.append(response.status_code)
 
     thread = threading.Thread(target=traffic)
     thread.start()
-    time.sleep(1.5)
+    wait_until(lambda: len(billed) >= 10 or errors)  # killed in the middle of steady traffic
     os.kill(proxy.process.pid, signal.SIGKILL)
     stop.set()
     thread.join()
     proxy.process.wait()
-    assert billed > 0 and errors == []
+    assert len(billed) >= 10 and errors == []
     with ProxyProcess(env) as restarted:
         details = Admin(restarted).user(user["id"])
     assert details["nickname"] == "Durable"
     used = details["usage"]["gpt4o"]["used"]
-    assert billed <= used <= billed + 50  # at most the one request in flight at the kill was billed unseen
+    assert sum(billed) <= used <= sum(billed) + 50  # at most the one request in flight at the kill was billed unseen
 
 
 @pytest.mark.parametrize("ending", ["completed", "incomplete", "failed"])

@@ -504,3 +504,31 @@ def test_a_key_budget_is_a_rate_limit_with_honest_headers(fake):
     claude = httpx.post(f"{fake.url}/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": user("hi")},
                         headers={"x-api-key": "sk-budget", "anthropic-version": "2023-06-01"})  # fmt: skip
     assert claude.status_code == 429 and claude.headers["anthropic-ratelimit-requests-remaining"] == "0"
+
+
+def test_usage_response_id_and_header_directives_take_any_json_value(fake):
+    client = httpx.Client(base_url=fake.url, headers={"authorization": "Bearer sk-x"})
+    prompt = ('hi #fake:usage={"completion_tokens": NaN, "prompt_tokens_details": [1]} #fake:usage={"x": -1} '
+              '#fake:headers={"retry-after": "-5\\n", "x-ratelimit-remaining-requests": 1e400, "x-request-id": null, '
+              '"bad name": 1, "content-type": "text/plain"}')  # fmt: skip
+    answer = client.post("/v1/chat/completions", json={"model": "m", "messages": user(prompt)})
+    assert '"completion_tokens": NaN' in answer.text and '"prompt_tokens_details": [1], "x": -1' in answer.text
+    assert answer.json()["usage"]["prompt_tokens"] > 0  # the other figures stay as they were
+    assert answer.headers["retry-after"] == "-5\\u000a" and answer.headers["x-ratelimit-remaining-requests"] == \
+        "Infinity" and "x-request-id" not in answer.headers and answer.headers["content-type"] == \
+        "application/json; charset=utf-8"  # fmt: skip
+    events = client.post("/v1/messages", headers={"x-api-key": "k", "anthropic-version": "2023-06-01"}, json={
+        "model": "m", "max_tokens": 5, "stream": True, "messages": user("#fake:usage={\"output_tokens\": 1e30}")}).text
+    assert events.count('"output_tokens":1e+30') == 2  # message_start and message_delta
+    body = {"model": "m", "stream": True, "input": 'hi #fake:usage="abc" #fake:response_id=[1]'}
+    data = [json.loads(line[5:]) for line in client.post("/v1/responses", json=body).text.splitlines()
+            if line.startswith("data:")]  # fmt: skip
+    assert data[0]["response"]["usage"] is None and data[-1]["response"]["usage"] == "abc"  # null stays null
+    assert [event["response"]["id"] for event in data if "response" in event] == [[1]] * 3  # created .. completed
+    fake.set_key_behaviour("sk-odd", "rate_limit", headers={"retry-after": 10**30}, usage={"prompt_tokens": -1})
+    limited = client.post("/v1/chat/completions", headers={"authorization": "Bearer sk-odd"}, json={"model": "m"})
+    assert limited.status_code == 429 and limited.headers["retry-after"] == str(10**30)
+    fake.set_key_behaviour("sk-odd", "ok", usage={"prompt_tokens": -1})
+    answer = client.post("/v1/completions", headers={"authorization": "Bearer sk-odd"},
+                         json={"model": "m", "prompt": '#fake:usage={"prompt_tokens": "abc"}'})  # fmt: skip
+    assert answer.json()["usage"]["prompt_tokens"] == "abc"  # the prompt's directive comes after the key's

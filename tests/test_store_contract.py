@@ -69,13 +69,22 @@ def figures(**given: int) -> dict:
 
 
 class Clock:
-    """Stands in for the `time` module of addons.redisstore, to jump ahead without waiting."""
+    """Stands in for the `time` module of addons.store and addons.redisstore, to jump ahead without waiting."""
 
     def __init__(self, offset: float = 0):
         self.offset = offset
 
     def time(self) -> float:
         return time.time() + self.offset
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """Both stores' clock, moved on by the test (`clock.offset += seconds`) instead of slept through."""
+    moved = Clock()
+    monkeypatch.setattr(store_module, "time", moved)
+    monkeypatch.setattr(redisstore, "time", moved)
+    return moved
 
 
 # -- keys --------------------------------------------------------------------------------------------------
@@ -94,14 +103,14 @@ def test_key_health(store):
     assert {k: (h.state, h.reason) for k, h in store.key_health().items()} == {"k1": ("over_quota", "billing")}
 
 
-def test_key_rests_end_by_themselves(store):
+def test_key_rests_end_by_themselves(store, clock):
     now = time.time()
     store.set_key_rest("k1", "gpt4o", now + 60)
-    store.set_key_rest("k1", "gpt4", now + 0.1)
+    store.set_key_rest("k1", "gpt4", now + 5)
     store.set_key_rest("k2", "gpt4o", now - 1)
-    assert store.key_rests() == {("k1", "gpt4o"): pytest.approx(now + 60), ("k1", "gpt4"): pytest.approx(now + 0.1)}
+    assert store.key_rests() == {("k1", "gpt4o"): pytest.approx(now + 60), ("k1", "gpt4"): pytest.approx(now + 5)}
     store.set_key_rest("k1", "gpt4o", now + 30)  # a new rest replaces the old one
-    time.sleep(0.15)
+    clock.offset += 10
     assert store.key_rests() == {("k1", "gpt4o"): pytest.approx(now + 30)}
 
 
@@ -274,15 +283,15 @@ def test_counters(store):
 # -- windows -----------------------------------------------------------------------------------------------
 
 
-def test_rate_window_allows_exactly_the_limit(store):
+def test_rate_window_allows_exactly_the_limit(store, clock):
     first = time.time()
-    results = [store.hit_rate_window("user:a", 3, 0.4) for _ in range(4)]
+    results = [store.hit_rate_window("user:a", 3, 60) for _ in range(4)]
     assert [(allowed, remaining) for allowed, remaining, *_ in results] == [(True, 2), (True, 1), (True, 0),
                                                                             (False, 0)]  # fmt: skip
-    assert all(first + 0.4 <= reset_at <= time.time() + 0.4 for _, _, reset_at, _ in results)
-    assert store.hit_rate_window("user:b", 3, 0.4)[:2] == (True, 2)  # windows are per identity
-    time.sleep(max(0, results[0][2] - time.time()) + 0.02)
-    allowed, remaining, *_ = store.hit_rate_window("user:a", 3, 0.4)
+    assert all(first + 60 <= reset_at <= time.time() + 60 for _, _, reset_at, _ in results)
+    assert store.hit_rate_window("user:b", 3, 60)[:2] == (True, 2)  # windows are per identity
+    clock.offset += 61  # past the reset time of the window's first hit
+    allowed, remaining, *_ = store.hit_rate_window("user:a", 3, 60)
     assert allowed and remaining == 2
 
 
@@ -295,25 +304,24 @@ def test_a_refunded_hit_frees_its_place_in_the_window(store):
     assert store.hit_rate_window("user:a", 1, 60, "count_tokens")[:2] == (True, 0)  # a bucket is a window of its own
 
 
-def test_active_identities(store):
+def test_active_identities(store, clock):
     assert store.active_identities(60) == 0
     store.hit_rate_window("user:a", 5, 60)
     store.hit_rate_window("user:b", 1, 60)
     store.hit_rate_window("user:b", 1, 60)  # refused: not counted, still active from the first
     store.hit_rate_window("user:d", 1, 60, "count_tokens")  # token counts make no one active
     assert store.active_identities(60) == 2
-    time.sleep(0.06)
+    clock.offset += 30
     store.hit_rate_window("user:c", 5, 60)
-    assert store.active_identities(0.05) == 1
+    assert store.active_identities(20) == 1
 
 
-def test_recent_waits(store, monkeypatch):
+def test_recent_waits(store, clock):
     store.record_wait("gpt4o", 2.5)
     store.record_wait("gpt4o", 4.0)
     store.record_wait("gpt4", 9.0)
     assert sorted(store.recent_waits("gpt4o", 300)) == [2.5, 4.0]
-    later = time.time() + 301
-    monkeypatch.setattr(time, "time", lambda: later)
+    clock.offset += 301
     assert store.recent_waits("gpt4o", 300) == [] and store.recent_waits("claude", 300) == []
 
 
@@ -435,25 +443,23 @@ def test_affinity_binds_only_over_what_the_caller_saw(store):
     assert store.affinity("response", "s1", 3600) is None  # spaces are apart
 
 
-def test_affinity_forgets_after_the_ttl(store, monkeypatch):
-    now = [time.time()]
-    monkeypatch.setattr(time, "time", lambda: now[0])
+def test_affinity_forgets_after_the_ttl(store, clock):
     store.bind_affinity("session", "s1", "k1", None, 3600, 10)
-    now[0] += 3000
+    clock.offset += 3000
     assert store.affinity("session", "s1", 3600) == "k1"  # a use renews it
-    now[0] += 3000
+    clock.offset += 3000
     assert store.affinity("session", "s1", 3600) == "k1"
-    now[0] += 3601
+    clock.offset += 3601
     assert store.affinity("session", "s1", 3600) is None
     assert store.bind_affinity("session", "s1", "k2", None, 3600, 10) == "k2"  # a forgotten name binds afresh
 
 
-def test_affinity_keeps_the_most_recently_used_within_its_capacity(store):
+def test_affinity_keeps_the_most_recently_used_within_its_capacity(store, clock):
     for name in ("a", "b", "c"):
         store.bind_affinity("session", name, "k1", None, 3600, 3)
-        time.sleep(0.002)  # distinct times of use
+        clock.offset += 1  # distinct times of use
     assert store.affinity("session", "a", 3600) == "k1"  # now the most recent
-    time.sleep(0.002)
+    clock.offset += 1
     store.bind_affinity("session", "d", "k2", None, 3600, 3)
     assert [store.affinity("session", name, 3600) for name in "abcd"] == ["k1", None, "k1", "k2"]
     store.bind_affinity("session", "a", "k3", "k1", 3600, 3)  # a move adds no name

@@ -1,6 +1,9 @@
 """Unit tests of the pure parts: route table, settings, header filters, scrubbing, fail-closed hooks."""
 
+import asyncio
 import json
+import logging
+import socket
 from collections.abc import Sequence
 
 import pytest
@@ -11,11 +14,13 @@ from mitmproxy.test import taddons, tflow, tutils
 from multidict import CIMultiDict
 
 from addons import apierrors, config, headers, routes, scrub
+from addons.affinity import Affinity
 from addons.config import ConfigError, ConfigSources
 from addons.dispatcher import Dispatcher
 from addons.keypool import KeyPool
 from addons.proxy import build_addons
 from addons.router import Router
+from addons.waitqueue import WaitQueue
 
 
 @pytest.mark.parametrize(
@@ -87,8 +92,6 @@ def test_unknown_setting_in_the_file_is_refused(tmp_path, monkeypatch):
 
 def test_config_yaml_documents_every_option_with_its_default(tmp_path):
     """config.yaml is the documentation of the defaults; it must not drift from the code."""
-    import socket
-
     documented = yaml.safe_load(config.DEFAULT_CONFIG.read_text())
     with socket.socket() as pipe, taddons.context() as tctx:
         builtin = set(tctx.options.keys())
@@ -133,23 +136,43 @@ def test_scrub_removes_configured_and_key_shaped_secrets():
     assert "plainsecretvalue" not in text and "sk-" not in text and "org-" not in text
 
 
-async def test_a_failing_hook_answers_500_and_sends_nothing():
-    class Exploding(KeyPool):
+async def test_a_failing_hook_answers_500_and_sends_nothing(caplog):
+    """A request-phase hook that raises (the dispatcher's, through the pool it asks for a key) ends the flow with a
+    JSON 500 at once: nothing reaches the upstream, and the exception's text only the log, scrubbed."""
+    secret = "sk-secret-in-message"
+
+    class ExplodingPool(KeyPool):
         name = "keypool"
 
-        def choose(self, api):
-            raise RuntimeError("boom with sk-secret-in-message")
+        def candidates(self, api, family, affinity=None):  # the first pool method a request's key choice calls
+            raise RuntimeError(f"boom with {secret}")
 
     router, dispatcher = Router(), Dispatcher()
-    with taddons.context(router, Exploding({"openai_key": ["sk-x"]}), dispatcher) as tctx:
-        tctx.configure(router, max_request_body="4m")
+    addons = router, Affinity(), WaitQueue(), ExplodingPool({"openai_key": ["sk-x"]}), dispatcher
+    with socket.create_server(("127.0.0.1", 0)) as upstream, taddons.context(*addons) as tctx:
+        upstream.setblocking(False)
+        upstream_url = f"http://127.0.0.1:{upstream.getsockname()[1]}"
+        tctx.configure(dispatcher, max_request_body="4m", openai_upstream_url=upstream_url)
         flow = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/proxy/openai/v1/chat/completions", authority=b""))
         flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse("reverse:http://127.0.0.1:1")
         await router.requestheaders(flow)
-        await dispatcher.request(flow)
-    assert flow.response.status_code == 500
+        flow.metadata["llmproxy"]["family"] = "gpt4o"  # as the families addon names it
+        await dispatcher.running()
+        caplog.clear()  # from here on, what handling the request logs
+        try:
+            async with asyncio.timeout(2):  # the hook's own failure, not a timeout behind it
+                await dispatcher.request(flow)
+        finally:
+            await dispatcher.done()
+        with pytest.raises(BlockingIOError):
+            upstream.accept()  # no connection was ever made
+    assert flow.response.status_code == 500 and "pipe_token" not in flow.metadata["llmproxy"]
     assert json.loads(flow.response.content)["error"]["code"] == "proxy_internal_error"
     assert flow.metadata["llmproxy"]["decision"] == "internal_error"
+    assert "boom" not in flow.response.text and secret not in flow.response.text
+    failures = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(failures) == 1 and "Dispatcher.request" in failures[0] and "RuntimeError: boom" in failures[0]
+    assert secret not in caplog.text
 
 
 @pytest.mark.parametrize(
