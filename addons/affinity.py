@@ -21,6 +21,8 @@ least recently used first out, and forget a name unused for `affinity_ttl` secon
 
 import hashlib
 import json
+import logging
+import re
 
 from mitmproxy import ctx, exceptions, http
 
@@ -34,15 +36,20 @@ from addons.routes import forward_route
 SESSIONS, RESPONSES = "session", "response"  # the store's two affinity spaces
 SESSION_HEADERS = ("x-claude-code-session-id", "session-id")  # read here, never forwarded (headers.py)
 RESPONSE_ROUTE = "openai.responses"  # the one route whose answers a follow-up can name (if stored, the default)
+# What the proxy remembers as a response id: printable ASCII, about ten times as long as OpenAI's (`resp_`, 50 digits).
+# Anything else the upstream names a response is not kept: a follow-up naming it goes to any key.
+RESPONSE_ID = re.compile(r"[!-~]{1,512}")
+
+logger = logging.getLogger(__name__)
 
 
-def response_id(body: bytes) -> str | None:
-    """The id of a buffered Responses API answer."""
+def response_id(body: bytes) -> object:
+    """The id of a buffered Responses API answer, as it came (None when there is none)."""
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return answer.get("id") if isinstance(answer, dict) and isinstance(answer.get("id"), str) else None
+    return answer.get("id") if isinstance(answer, dict) else None
 
 
 def _opening(body: dict) -> list[str] | None:
@@ -161,7 +168,7 @@ class Affinity:
         if self._stores_response(flow):
             self._remember_response(flow, response_id(body))
 
-    def streamed(self, flow: http.HTTPFlow, made: str | None) -> None:
+    def streamed(self, flow: http.HTTPFlow, made: object) -> None:
         """A streamed answer ended: remembers the key of the response `made`, named in its events."""
         if self._stores_response(flow):
             self._remember_response(flow, made)
@@ -174,9 +181,14 @@ class Affinity:
         return parsed_body(flow).get("store") is not False
 
     @staticmethod
-    def _remember_response(flow: http.HTTPFlow, made: str | None) -> None:
-        """Notes the key that made a response (the last one tried) and whom it was made for."""
+    def _remember_response(flow: http.HTTPFlow, made: object) -> None:
+        """Notes the key that made a response (the last one tried) and whom it was made for; `made` is the id as the
+        upstream gave it."""
         meta = flow.metadata["llmproxy"]
+        if made is not None and not (isinstance(made, str) and RESPONSE_ID.fullmatch(made)):
+            shown = f"{len(made)} characters" if isinstance(made, str) else type(made).__name__
+            logger.warning("%s: the upstream's response id is no id (%s); not remembered", flow.id, shown)
+            return
         if made and meta.get("keys"):
             ctx.master.addons.get("storage").store.bind_affinity(
                 RESPONSES, made, f"{meta['keys'][-1]} {identity_digest(meta['identity'])}", None,

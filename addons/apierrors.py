@@ -84,7 +84,8 @@ def fail_closed(hook):
 
     mitmproxy logs an addon's exception and carries on with the flow, which for a proxy means forwarding a
     request that a check never finished looking at. No key is ever on the flow itself, but the request
-    must still not go anywhere: a response set here ends it.
+    must still not go anywhere: a response set here ends it. A flow that has its answer already (the upstream's,
+    or a refusal) keeps it: an error after the answer is logged and costs the client nothing.
     """
 
     @functools.wraps(hook)
@@ -98,16 +99,18 @@ def fail_closed(hook):
         except Exception as error:
             name = f"{type(self).__name__}.{hook.__name__}"
             logger.error("%s failed on %s: %s: %s", name, flow.id, type(error).__name__, scrub.text(str(error)))
-            message = "The proxy hit an internal error while handling this request; it was not sent upstream."
-            _end_flow(flow, 500, message, "proxy_internal_error")
+            tried = flow.metadata.get("llmproxy", {}).get("keys")  # the dispatcher's attempts with a key
+            fate = "it may have reached the upstream API" if tried else "it was not sent upstream"
+            _end_flow(flow, 500, f"The proxy hit an internal error while handling this request; {fate}.",
+                      "proxy_internal_error")
 
     return guarded
 
 
 def _end_flow(flow: http.HTTPFlow, status: int, message: str, code: str, headers: dict | None = None) -> None:
-    """Answers the flow with an error in its client's API format, unless its answer is already streaming."""
+    """Answers the flow with an error in its client's API format, unless it has an answer already."""
     meta = flow.metadata.setdefault("llmproxy", {})
-    if flow.live and not (flow.response and flow.response.stream):
+    if flow.live and flow.response is None:
         dialect = meta.get("dialect") or api_of_path(flow.request.data.path)
         flow.response = error_response(dialect, status, message, code, headers)
-    meta["decision"] = code.removeprefix("proxy_")
+        meta["decision"] = code.removeprefix("proxy_")

@@ -18,6 +18,7 @@ the flow, so nothing that shows or saves flows (mitmweb, `-w`, `flow_detail`) ca
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -42,7 +43,7 @@ from addons.apierrors import (
     sse_error_event,
 )
 from addons.keypool import RETIRING, PoolKey, Verdict
-from addons.routes import Route, forward_route
+from addons.routes import ROUTES_BY_NAME, Route, forward_route
 from addons.waitqueue import QueueRefusal
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,16 @@ PIPE_PREFIX = "/pipe/"
 MAX_BUFFERED_RESPONSE = 64 * 1024 * 1024  # a JSON answer larger than this is not an LLM answer
 MAX_ATTEMPTS = 8  # upstream calls for one request, rate-limited and retired keys included
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+
+
+def _after_answer(flow: http.HTTPFlow, step: str, work: Callable[[], None]) -> None:
+    """Bookkeeping that follows a streamed answer, outside any hook's guard: a failure is logged, and the answer,
+    which the client has by then, stays whole."""
+    try:
+        work()
+    except Exception as error:  # noqa: BLE001 - whatever it is, the answer must not pay for it
+        logger.error("%s failed on %s after the upstream answered: %s: %s", step, flow.id, type(error).__name__,
+                     scrub.text(str(error)))  # fmt: skip
 
 
 def bind_pipe_socket() -> socket.socket:
@@ -69,6 +80,7 @@ class Answer:
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
     stream: aiohttp.ClientResponse | None = None
+    upstream_body: bytes | None = None  # the upstream's own answer, when `body` is its translation: what is billed
 
     @classmethod
     def refusal(cls, api: str, refusal: QueueRefusal) -> "Answer":
@@ -209,13 +221,20 @@ class Dispatcher:
 
     @staticmethod
     def _respond(flow: http.HTTPFlow, answer: Answer) -> None:
-        """A complete answer becomes the flow's response, and its usage is billed (nothing for an error)."""
+        """A complete answer becomes the flow's response, and its usage is billed: nothing for an error, the proxy's
+        estimate for a successful answer that reports none (as for a stream). Set first, the response stays
+        whatever fails after it (fail_closed)."""
+        meta = flow.metadata["llmproxy"]
         flow.response = http.Response.make(answer.status, answer.body, answer.headers)
-        flow.request.url = flow.metadata["llmproxy"]["upstream_url"]  # only shown: mitmproxy connects nowhere
-        billed, text = usage.read_answer(answer.body) if answer.status < 400 else (None, "")
+        flow.request.url = meta["upstream_url"]  # only shown: mitmproxy connects nowhere
+        quota = ctx.master.addons.get("quotakeeper")
+        upstream_body = answer.body if answer.upstream_body is None else answer.upstream_body
+        billed, text = usage.read_answer(upstream_body) if answer.status < 400 else (None, "")
+        if billed is None and answer.status < 300 and not ROUTES_BY_NAME[meta["route"]].counts_tokens:
+            billed = usage.estimate(quota.prompt_estimate_of(flow), len(text))
+        quota.settle(flow, billed, text)
         if answer.status < 400:
             ctx.master.addons.get("affinity").answered(flow, answer.body)
-        ctx.master.addons.get("quotakeeper").settle(flow, billed, text)
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -317,7 +336,7 @@ class Dispatcher:
             logger.info("upstream %s answered %d with key %s", route.api, upstream.status, key.id)
             body = scrub.body(body)
         if route.client_format and verdict is not Verdict.RATE_LIMITED:  # an answer the client may get
-            body = translate.message_to_chat(body)
+            return Answer(upstream.status, client_headers, translate.message_to_chat(body), upstream_body=body), verdict
         return Answer(upstream.status, client_headers, body), verdict
 
     async def _call(self, flow: http.HTTPFlow, key: PoolKey) -> tuple[aiohttp.ClientResponse, bytes | None]:
@@ -380,7 +399,8 @@ class Dispatcher:
             return await self._pipe_after_wait(request, piped)
         finally:
             self._discard(piped)
-            ctx.master.addons.get("quotakeeper").settle(piped.flow, None)  # no-op when the stream was billed
+            quota = ctx.master.addons.get("quotakeeper")
+            _after_answer(piped.flow, "settling", lambda: quota.settle(piped.flow, None))  # no-op once billed
 
     async def _pipe_after_wait(self, request: web.Request, piped: PipedRequest) -> web.StreamResponse:
         """SSE headers and heartbeats while the request waits for a key, then the answer as SSE."""
@@ -455,14 +475,23 @@ class Dispatcher:
                     break
         except ConnectionError:
             pass  # the client left; closing the upstream connection below stops the generation
+        except Exception as error:  # noqa: BLE001 - the proxy's own fault: told in the API's format, never a cut
+            logger.error("passing on a %s stream failed on %s: %s: %s", api, piped.flow.id, type(error).__name__,
+                         scrub.text(str(error)))  # fmt: skip
+            message, dialect = "The proxy could not pass on the rest of the upstream's answer.", piped.route.dialect
+            if response is None or not response.prepared:
+                return web.json_response(error_body(dialect, 500, message, "proxy_internal_error"), status=500)
+            with contextlib.suppress(ConnectionError):
+                await response.write(sse_error_event(dialect, 500, message, "proxy_internal_error"))
         finally:
             if complete:
                 upstream.release()
             else:
                 upstream.close()
-            quota = ctx.master.addons.get("quotakeeper")
-            quota.settle(piped.flow, meter.finish(quota.prompt_estimate_of(piped.flow)), "".join(meter.text_parts))
-            ctx.master.addons.get("affinity").streamed(piped.flow, meter.response_id)
+            quota, flow = ctx.master.addons.get("quotakeeper"), piped.flow
+            _after_answer(flow, "settling", lambda: quota.settle(
+                flow, meter.finish(quota.prompt_estimate_of(flow)), "".join(meter.text_parts)))
+            _after_answer(flow, "affinity", lambda: ctx.master.addons.get("affinity").streamed(flow, meter.response_id))
         return response
 
     async def _serve_unrouted(self, request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ several organisations is one pool entry per organisation, each with its own heal
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +26,10 @@ ACTIVE = "active"
 REVOKED = "revoked"
 OVER_QUOTA = "over_quota"
 _ID_PREFIX = {OPENAI: "oai", ANTHROPIC: "ant"}
-DEFAULT_COOLDOWN = 10.0  # seconds, when a 429 says nothing about when to come back
+DEFAULT_COOLDOWN = 10.0  # seconds, when a 429 says nothing about when to come back (or nothing believable)
+# Seconds: the longest window either API limits by (requests per day). A longer wait, like a negative, infinite or
+# unreadable one, is no figure the pool believes: it would take a key out of service for good.
+MAX_WAIT = 86_400.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
@@ -71,7 +75,7 @@ def _error_fields(body: bytes) -> tuple[set[str], str]:
     """The error's machine-readable `type` and `code` values, and its message lower-cased."""
     try:
         error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return set(), ""
     if not isinstance(error, dict):
         return set(), ""
@@ -115,14 +119,34 @@ def parse_duration(text: str) -> float | None:
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
+def _wait(seconds: float | None) -> float | None:
+    """`seconds` if it is a wait the pool believes: from 0 to MAX_WAIT."""
+    return seconds if seconds is not None and 0 <= seconds <= MAX_WAIT else None
+
+
 def _seconds_until(value: str, now: float) -> float | None:
-    """Anthropic's reset format (RFC 3339 time) or OpenAI's duration, as seconds from `now`."""
+    """Anthropic's reset format (RFC 3339 time) or OpenAI's duration, as seconds from `now` (a time already past
+    is 0); None for a value that is no believable wait."""
     if (duration := parse_duration(value)) is not None:
-        return duration
+        return _wait(duration)
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - now
-    except ValueError:
+        return _wait(max(0.0, datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - now))
+    except (ValueError, OverflowError, OSError):
         return None
+
+
+def _header_figure(headers: Mapping[str, str], name: str, odd: set[str]) -> float | None:
+    """A rate-limit header as a finite number, 0 or more; None when absent, or odd (then named in `odd`)."""
+    if (value := headers.get(name)) is None:
+        return None
+    try:
+        figure = float(value)
+    except ValueError:
+        figure = math.nan
+    if math.isfinite(figure) and figure >= 0:
+        return figure
+    odd.add(name)
+    return None
 
 
 @dataclass
@@ -135,8 +159,10 @@ class Limits:
     sent: int = 0  # requests sent with the key since these figures came, which they cannot count yet
 
 
-def read_limits(headers: Mapping[str, str], now: float) -> Limits | None:
-    """Rate-limit headers of either API (`x-ratelimit-*`, `anthropic-ratelimit-*`) as one figure."""
+def read_limits(headers: Mapping[str, str], now: float, odd: set[str] | None = None) -> Limits | None:
+    """Rate-limit headers of either API (`x-ratelimit-*`, `anthropic-ratelimit-*`) as one figure. A header that
+    holds no believable figure is named in `odd` and read as absent (a reset: as now)."""
+    odd = set() if odd is None else odd
     fractions, resets, requests = [], [], None
     for prefix in ("x-ratelimit-", "anthropic-ratelimit-"):
         for kind in ("requests", "tokens"):
@@ -144,26 +170,31 @@ def read_limits(headers: Mapping[str, str], now: float) -> Limits | None:
                 limit, remaining, reset = (f"{prefix}{part}-{kind}" for part in ("limit", "remaining", "reset"))
             else:
                 limit, remaining, reset = (f"{prefix}{kind}-{part}" for part in ("limit", "remaining", "reset"))
-            try:
-                total, left = float(headers[limit]), float(headers[remaining])
-            except (KeyError, ValueError):
-                continue
-            if total > 0:
-                fractions.append(max(0.0, left / total))
-                resets.append(_seconds_until(headers.get(reset, ""), now) or 0.0)
+            total, left = _header_figure(headers, limit, odd), _header_figure(headers, remaining, odd)
+            if total and left is not None:
+                left = min(left, total)
+                fractions.append(left / total)
+                if (wait := _seconds_until(headers.get(reset, ""), now)) is None and reset in headers:
+                    odd.add(reset)
+                resets.append(wait or 0.0)
                 requests = (total, left) if kind == "requests" else requests
     if not fractions:
         return None
-    return Limits(min(fractions), now + max(0.0, max(resets)), requests)
+    return Limits(min(fractions), now + max(resets), requests)
 
 
-def retry_after(headers: Mapping[str, str], now: float) -> float:
-    """Seconds a rate-limited key should rest: `retry-after(-ms)`, else the reset headers, else a default."""
-    if (value := headers.get("retry-after-ms")) and (seconds := parse_duration(value)) is not None:
-        return seconds / 1000
-    if (value := headers.get("retry-after")) and (seconds := parse_duration(value)) is not None:
-        return seconds
-    if (limits := read_limits(headers, now)) and limits.until > now:
+def retry_after(headers: Mapping[str, str], now: float, odd: set[str] | None = None) -> float:
+    """Seconds a rate-limited key should rest: `retry-after(-ms)`, else the reset headers, else a default. A header
+    that holds no believable wait is named in `odd` and passed over."""
+    odd = set() if odd is None else odd
+    for name, unit in (("retry-after-ms", 0.001), ("retry-after", 1)):
+        if (value := headers.get(name)) is None:
+            continue
+        figure = parse_duration(value)
+        if (seconds := _wait(figure * unit if figure is not None else None)) is not None:
+            return seconds
+        odd.add(name)
+    if (limits := read_limits(headers, now, odd)) and limits.until > now:
         return limits.until - now
     return DEFAULT_COOLDOWN
 
@@ -337,14 +368,14 @@ class KeyPool:
         An answer that would retire the key only makes it suspect (`may_suspect`: the request has not already
         made another key suspect), and the checker's probe, which carries no client input, decides."""
         key.in_flight[family] = max(0, key.in_flight.get(family, 0) - 1)
-        now = time.time()
-        if (limits := read_limits(headers, now)) is not None:
+        now, odd = time.time(), set()
+        if (limits := read_limits(headers, now, odd)) is not None:
             key.limits[family] = limits
         verdict = classify(status, body)
         if verdict is Verdict.SUCCESS:
             key.probing.discard(family)
         elif verdict is Verdict.RATE_LIMITED:
-            rest = retry_after(headers, now)
+            rest = retry_after(headers, now, odd)
             key.cooldown_until[family] = now + rest
             key.probing.add(family)
             if store := _store():
@@ -353,6 +384,9 @@ class KeyPool:
             ctx.master.event_loop.call_later(rest, self._changed)
         elif verdict in RETIRING and may_suspect:
             self._suspect(key, verdict, family, model, status)
+        if odd:
+            logger.warning("key %s: the upstream's %s held no believable figure after a %d; passed over", key.id,
+                           ", ".join(sorted(odd)), status)  # fmt: skip
         if verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR) or not may_suspect:
             self._changed()  # a probing key proved itself, or a slot was given back
         return verdict

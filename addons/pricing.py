@@ -19,7 +19,7 @@ from decimal import Decimal, InvalidOperation
 from mitmproxy import exceptions
 
 from addons.apierrors import ANTHROPIC, OPENAI
-from addons.usage import Usage
+from addons.usage import PROMPT_FIGURES, Usage
 
 NANODOLLARS_PER_USD = 10**9
 DEFAULT_WEB_SEARCH_PRICE = Decimal(10)  # USD per 1,000 searches: Anthropic's and OpenAI's web search, 2025
@@ -64,8 +64,11 @@ class Price:
     def worst_case(self, prompt: int, output: int) -> int:
         """The most a request can cost in nano-dollars: its prompt at the dearest input-side price (a cache write
         costs up to twice the input), its whole output allowance at the output price."""
-        dearest = max(self.input, self.cache_read, self.cache_write_5m, self.cache_write_1h)
-        return math.ceil((prompt * dearest + output * self.output) * 1000)
+        return math.ceil((prompt * getattr(self, self.dearest_prompt_kind()) + output * self.output) * 1000)
+
+    def dearest_prompt_kind(self) -> str:
+        """The prompt's kind (input or a cache kind) with the highest price, input among equals."""
+        return max(PROMPT_FIGURES, key=lambda kind: getattr(self, kind))
 
 
 def usd(nanodollars: int) -> float:

@@ -256,6 +256,12 @@ class QuotaKeeper:
         store = ctx.master.addons.get("storage").store
         reservation = self.reservations.pop(flow, None)
         family, cost = meta.get("family", ""), 0
+        if usage is not None and usage.odd:  # a side with a figure that was no count counts at least as reserved
+            prompt = reservation.prompt_estimate if reservation else self.prompt_estimate_of(flow)
+            output = reservation.tokens - prompt if reservation else output_reservation(parsed_body(flow))
+            usage = usage.at_least(prompt, output, self.price_for(meta).dearest_prompt_kind())
+            logger.warning("%s answered usage figures that are no count (%s) on %s; counted as reserved",
+                           meta.get("route"), ", ".join(sorted(usage.odd)), flow.id)  # fmt: skip
         if usage is not None:
             cost = self.price_for(meta).cost(usage)
             meta["usage"] = {"input": usage.prompt, "output": usage.output, "estimated": usage.estimated,

@@ -13,6 +13,7 @@ from mitmproxy import http
 
 from addons.apierrors import fail_closed
 from addons.body import parsed_body, replace_body
+from addons.usage import Usage, from_usage_object
 
 DEFAULT_MAX_TOKENS = 4096  # the Messages API requires one; OpenAI clients often send none
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
@@ -104,10 +105,10 @@ def chat_to_messages(body: dict) -> dict:
     return request
 
 
-def _usage(usage: dict) -> dict:
-    prompt = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-    completion = int(usage.get("output_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(usage) -> dict:
+    """Claude's usage in OpenAI's shape, its figures read as billing reads them (an odd one as 0)."""
+    figures = from_usage_object(usage) or Usage()
+    return {"prompt_tokens": figures.prompt, "completion_tokens": figures.output, "total_tokens": figures.total}
 
 
 def message_to_chat(answer: bytes) -> bytes:
@@ -127,7 +128,7 @@ def message_to_chat(answer: bytes) -> bytes:
         "model": data.get("model", ""),
         "choices": [{"index": 0, "message": message,
                      "finish_reason": FINISH_REASONS.get(data.get("stop_reason"), "stop")}],
-        "usage": _usage(data.get("usage") or {}),
+        "usage": _usage(data.get("usage")),
     }).encode()  # fmt: skip
 
 
@@ -163,7 +164,7 @@ class MessagesToChatStream:
         if kind == "message_start":
             message = payload.get("message", {})
             self.id, self.model = f"chatcmpl-{message.get('id', '')}", message.get("model", "")
-            self.usage = message.get("usage") or {}
+            self.usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start" and payload.get("content_block", {}).get("type") == "tool_use":
             block = payload["content_block"]
@@ -178,7 +179,8 @@ class MessagesToChatStream:
                 index = self.tool_index.get(payload.get("index", 0), 0)
                 return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta.get("partial_json", "")}}]})
         if kind == "message_delta":
-            self.usage = {**self.usage, **(payload.get("usage") or {})}
+            if isinstance(payload.get("usage"), dict):
+                self.usage = {**self.usage, **payload["usage"]}
             finish = FINISH_REASONS.get(payload.get("delta", {}).get("stop_reason"), "stop")
             return self._chunk({}, finish)
         if kind == "message_stop":
