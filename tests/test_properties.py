@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from addons.body import MAX_NESTING
 from tests.conftest import proxy_env
-from tests.harness import ProxyProcess
+from tests.harness import ProxyProcess, wait_until
 from tests.test_e2e_routes import raw_request
+from tests.test_e2e_upstream_figures import ENDPOINTS
+from tests.test_e2e_users import ADMIN_KEY, Admin
 
 pytestmark = pytest.mark.e2e
 
@@ -137,3 +139,52 @@ def test_only_the_exact_token_opens_the_proxy_and_no_header_value_makes_a_500(
     else:
         assert status in (400, 401), content  # 400: a value mitmproxy's header checks refuse outright
         assert fake.requests == []
+
+
+@pytest.fixture(scope="module")
+def user_proxy(fake, tmp_path_factory):
+    """Per-user tokens, so that what odd answers cost shows in a user's figures; a short queue timeout, so that a
+    pool an odd header took out of service fails fast instead of waiting minutes."""
+    env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, QUEUE_TIMEOUT="5",
+                    DATA_DIR=str(tmp_path_factory.mktemp("data")))  # fmt: skip
+    with ProxyProcess(env) as process:
+        yield process, Admin(process)
+
+
+# Anything JSON can carry, NaN and infinities included, and integers of any size.
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+USAGE_FIELDS = sorted({name.split(".")[0] for endpoint in ENDPOINTS.values() for name in endpoint.figures}
+                      | {"total_tokens", "server_tool_use"})  # fmt: skip
+LIMIT_HEADERS = ["retry-after", "retry-after-ms", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                 "x-ratelimit-limit-tokens", "x-ratelimit-reset-tokens", "anthropic-ratelimit-requests-remaining",
+                 "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset"]  # fmt: skip
+usage_overrides = any_json | st.dictionaries(st.sampled_from(USAGE_FIELDS), any_json, min_size=1)
+header_values = st.integers() | st.floats() | st.text(max_size=30) | st.sampled_from(
+    ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "1e30", "-5", "NaN", "120ms", "7m12s", "Tue, 31 Dec 2999"])
+
+
+@EXAMPLES
+@given(endpoint=st.sampled_from(list(ENDPOINTS.values())), stream=st.booleans(), usage=usage_overrides,
+       headers=st.dictionaries(st.sampled_from(LIMIT_HEADERS), header_values, max_size=3))  # fmt: skip
+def test_no_upstream_figure_turns_a_served_answer_into_a_failure(user_proxy, endpoint, stream, usage, headers):
+    proxy, admin = user_proxy
+    token, user = admin.create()
+    prompt = f"hi #fake:usage={json.dumps(usage, separators=(',', ':'))} #fake:headers={json.dumps(headers)}"
+    response = httpx.post(f"{proxy.url}{endpoint.path}", json=endpoint.body(prompt, stream), timeout=30,
+                          headers={"authorization": f"Bearer {token}"})  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert ("Hello" if stream else "Hello from the fake upstream.") in response.text
+    if stream:
+        assert endpoint.ends in response.text.strip().splitlines()[-1]
+    # Settled within sane bounds: odd figures never give quota back, nor run a user's figures off every scale.
+    figures = wait_until(lambda: (found := admin.user(user["id"])["usage"][endpoint.family])["reserved"] == 0
+                         and found)  # fmt: skip
+    assert all(0 <= value for value in figures.values()) and 0 < figures["used"] <= 10**6
+    # The pool keeps serving: whatever the headers said, no key rests beyond the queue's patience.
+    honest = endpoint.body("hi", False)
+    assert httpx.post(f"{proxy.url}{endpoint.path}", json=honest, timeout=30,
+                      headers={"authorization": f"Bearer {token}"}).status_code == 200  # fmt: skip
