@@ -454,7 +454,8 @@ class Dispatcher:
         try:
             if response is None:
                 response = web.StreamResponse(
-                    status=answer.status, headers=[(k.decode(), v.decode()) for k, v in answer.headers]
+                    # aiohttp sends text headers; a byte that is not UTF-8 (the upstream's mistake) becomes U+FFFD.
+                    status=answer.status, headers=[(k.decode(), v.decode(errors="replace")) for k, v in answer.headers]
                 )
                 await response.prepare(request)
             while True:

@@ -2,11 +2,13 @@
 
 import json
 import socket
+import threading
 
 import httpx
 import pytest
 
 from addons.body import MAX_NESTING
+from tests.conftest import proxy_env
 
 pytestmark = pytest.mark.e2e
 
@@ -178,3 +180,41 @@ def test_nesting_is_refused_beyond_the_bound_in_every_field(proxy, fake):
     raw = nested(MAX_NESTING)
     assert post_raw(proxy, CHAT, raw).status_code == 200
     assert [request.body for request in fake.requests] == [text, raw]
+
+
+# -- what the upstream sends -------------------------------------------------------------------------------------
+
+
+class RawUpstream:
+    """An upstream that answers every request with the same bytes, which no HTTP library would write."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                received = b""
+                while b"\r\n\r\n" not in received or not _complete(received):
+                    received += connection.recv(65536)
+                connection.sendall(self.answer)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_header_byte_that_is_not_utf8_from_the_upstream_costs_no_answer(start_proxy, fake, stream):
+    events = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
+    content = events if stream else json.dumps({"choices": [{"message": {"content": "Hi"}}]}).encode()
+    kind = b"text/event-stream" if stream else b"application/json"
+    upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nx-request-id: req-\xff\xfe\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (kind, len(content), content))
+    proxy = start_proxy(proxy_env(fake, OPENAI_UPSTREAM_URL=upstream.url))
+    response = httpx.post(f"{proxy.url}{CHAT}", json=chat_body(stream=stream))
+    assert response.status_code == 200 and response.content == content
+    upstream.server.close()
