@@ -148,13 +148,7 @@ class KeyChecker:
         if key.api != OPENAI or key.organization:
             return []
         async with session.get(base.join(URL("/v1/organizations")), headers=headers) as response:
-            if not response.ok:
-                return []
-            try:
-                data = json.loads(await response.read())["data"]
-                return [str(org["id"]) for org in data if org.get("id") and not org.get("is_default")]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                return []
+            return _organization_ids(await response.read()) if response.ok else []
 
 
 def _headers(key: PoolKey) -> dict[str, str]:
@@ -165,8 +159,21 @@ def _headers(key: PoolKey) -> dict[str, str]:
     return headers
 
 
+# What reading an answer of any shape may raise: not JSON, missing or mistyped fields, nesting beyond the parser.
+_ODD_ANSWER = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
+
+
 def _model_ids(body: bytes) -> list[str]:
+    """The model ids a `/v1/models` answer lists; none when it has another shape."""
     try:
         return [str(model["id"]) for model in json.loads(body)["data"]]
-    except (ValueError, KeyError, TypeError):
+    except _ODD_ANSWER:
+        return []
+
+
+def _organization_ids(body: bytes) -> list[str]:
+    """The organisations other than the default one that a `/v1/organizations` answer lists."""
+    try:
+        return [str(org["id"]) for org in json.loads(body)["data"] if org.get("id") and not org.get("is_default")]
+    except _ODD_ANSWER:
         return []

@@ -302,3 +302,13 @@ def test_pdf_pages_and_opaque_blobs_have_stated_figures():
     assert count.low == 1 and count.high == 1 + 4 * 2 + 3 + 750  # 3,000 decoded bytes at 4 a token
     signed = {"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "S" * 900}]}]}
     assert tokens.model_input(signed).texts == [""] and tokens.model_input(signed).blobs == []  # the empty thinking
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"data": 5}', b'{"data": [5, null]}', b"\xff",
+                                  b'{"data": [{"id": "x"}]' + b"}" * 3])  # fmt: skip
+def test_the_key_checker_reads_any_answer_without_failing(body):
+    from addons.keychecker import _model_ids, _organization_ids
+
+    assert _model_ids(body) == [] and _organization_ids(body) == []
+    assert _model_ids(b'{"data": [{"id": "gpt-4o"}]}') == ["gpt-4o"]
+    assert _organization_ids(b'{"data": [{"id": "org-a", "is_default": true}, {"id": "org-b"}]}') == ["org-b"]
