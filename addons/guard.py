@@ -39,11 +39,12 @@ def check_versions() -> None:
             )
 
 
-def listen_mode(pipe_port: int, bind_address: str, port: int, local: bool = False) -> str:
+def listen_mode(pipe_port: int, local: bool = False) -> str:
     """The listener: reverse mode whose fixed target is the dispatcher's loopback pipe, never an API; or, for
-    `local`, a regular proxy (the router then handles the two APIs' hosts and passes other hosts through)."""
-    host = f"[{bind_address}]" if ":" in bind_address else bind_address
-    return f"regular@{host}:{port}" if local else f"reverse:http://127.0.0.1:{pipe_port}@{host}:{port}"
+    `local`, a regular proxy (the router then handles the two APIs' hosts and passes other hosts through). Its
+    address is mitmproxy's own `listen_host`/`listen_port` (from BIND_ADDRESS and PORT, or `-p`/`--set`), so that
+    the command line can change it and mitmweb's status bar names it."""
+    return "regular" if local else f"reverse:http://127.0.0.1:{pipe_port}"
 
 
 class EngineGuard:
@@ -56,7 +57,7 @@ class EngineGuard:
     """
 
     def __init__(self, pipe_port: int, local: bool = False):
-        self.pipe_target = "regular@" if local else f"reverse:http://127.0.0.1:{pipe_port}@"
+        self.pipe_target = listen_mode(pipe_port, local)
 
     def configure(self, updated):
         options = ctx.options
@@ -68,9 +69,10 @@ class EngineGuard:
             raise exceptions.OptionsError("stream_large_bodies cannot be used with this proxy.")
         if "mode" in updated:
             for mode in options.mode:
-                if not mode.startswith(self.pipe_target):
+                if mode != self.pipe_target:
                     raise exceptions.OptionsError(
-                        f"The listener mode is set by this proxy (PORT, BIND_ADDRESS); {mode!r} is not accepted."
+                        f"The listener mode is set by this proxy; {mode!r} is not accepted (PORT and BIND_ADDRESS, "
+                        "or -p and --listen-host, set its address)."
                     )
 
 

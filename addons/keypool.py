@@ -282,6 +282,9 @@ class KeyPool:
         self._listeners: list[Callable[[], None]] = []
 
     def running(self):
+        if not any(self.keys.values()):
+            logger.warning("No API key is configured: set OPENAI_KEY and/or ANTHROPIC_KEY (comma-separated, in the "
+                           "environment, .env or config.yaml); until then every generation request gets 503.")
         self._load_health(self.all_keys())
 
     def _load_health(self, keys: Iterable[PoolKey]) -> None:

@@ -103,7 +103,9 @@ def with_addons(base: type, local: bool = False) -> type:
                 pipe_socket = dispatcher.bind_pipe_socket()
                 options.update(
                     termlog_verbosity=log_level(sources.value("log_level", str, "info")),
-                    mode=[guard.listen_mode(pipe_socket.getsockname()[1], bind_address, port, local)],
+                    mode=[guard.listen_mode(pipe_socket.getsockname()[1], local)],
+                    listen_host=bind_address,
+                    listen_port=port,
                     connection_strategy="lazy",
                     keep_host_header=True,  # the status page names the address the client used
                 )

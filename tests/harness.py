@@ -114,7 +114,7 @@ class RedisServer:
     """A throw-away redis-server on a free loopback port, without persistence."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -143,7 +143,7 @@ class RedisServer:
             self.process.wait(5)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

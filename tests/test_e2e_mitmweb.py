@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from tests.conftest import CANARY, proxy_env
-from tests.harness import ProxyProcess, _free_port
+from tests.harness import ProxyProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -14,9 +14,9 @@ PROXY_KEY = f"pk-{CANARY}-client-secret"  # a client's token is as secret as the
 
 @pytest.fixture
 def mitmweb(fake):
-    web_port = _free_port()
+    web_port = free_port()
     process = ProxyProcess(
-        proxy_env(fake, GATEKEEPER="proxy_key", PROXY_KEY=PROXY_KEY),
+        proxy_env(fake, GATEKEEPER="proxy_key", PROXY_KEY=PROXY_KEY, PORT=str(free_port())),
         args=["--set", f"web_port={web_port}", "--set", "web_open_browser=false", "--set", "web_keep_flows=40"],
         ui="web",
     ).start()
@@ -72,3 +72,12 @@ def test_flow_files_written_with_w_hold_no_secret(fake, tmp_path):
                 {"role": "user", "content": content}]})  # fmt: skip
     data = dump.read_bytes()
     assert b"chat/completions" in data and CANARY.encode() not in data
+
+
+def test_mitmwebs_status_bar_names_the_real_listener(mitmweb):
+    proxy, api = mitmweb
+    options = api.get("/options").json()
+    # The status bar shows listen_host:listen_port (it showed *:8080 while the proxy listened elsewhere).
+    assert options["listen_port"]["value"] == proxy.port and options["listen_host"]["value"] == "127.0.0.1"
+    (server,) = api.get("/state").json()["servers"].values()
+    assert server["listen_addrs"][0][1] == proxy.port

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 import httpx
 import pytest
 
-from tests.harness import ProxyProcess
+from tests.harness import ProxyProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -95,11 +95,19 @@ def test_a_refresh_period_naming_a_day_and_a_weekday_refreshes_on_either():
     assert logged in {next_monday_or_first(started), next_monday_or_first(datetime.now())}
 
 
-def test_starts_without_keys_and_answers_at_once():
+def test_starts_without_keys_says_what_to_set_and_answers_at_once():
     started = time.monotonic()
     with ProxyProcess() as proxy:
         assert httpx.get(f"{proxy.url}/health").text == "OK"
         print(f"start-up to first answer: {time.monotonic() - started:.2f} s")
+        proxy.wait_for_log(r"No API key is configured: set OPENAI_KEY and/or ANTHROPIC_KEY")
+
+
+@pytest.mark.parametrize("option", [["--set", "listen_port={port}"], ["-p", "{port}"]])
+def test_mitmproxys_own_listen_options_choose_the_port(option):
+    port = free_port()
+    with ProxyProcess({"PORT": "7860"}, args=[part.format(port=port) for part in option]) as proxy:
+        assert proxy.port == port and httpx.get(f"{proxy.url}/health").text == "OK"
 
 
 @pytest.mark.parametrize("env, sentence", [
