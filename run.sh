@@ -25,14 +25,15 @@ find_python() {
     return 1
 }
 
-# Installs a requirements file into .venv unless the same file was installed before.
+# Installs a requirements file into .venv, every package at the version constraints.txt pins, unless the same
+# file and constraints were installed before.
 install_requirements() {
     local file=$1 relative=${1#"$root"/}
     local stamp="$venv/.installed-${relative//\//-}" digest
-    digest=$(sha256sum "$file" | cut -d' ' -f1)
+    digest=$(cat "$file" "$root/constraints.txt" | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
         echo "run.sh: installing $file" >&2
-        "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$file" >&2
+        "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$file" -c "$root/constraints.txt" >&2
         echo "$digest" >"$stamp"
     fi
 }
