@@ -4,7 +4,7 @@
 #   ./run.sh web [args]         the same under mitmweb
 #   ./run.sh local [args]       a regular (forward) proxy for apps whose API URL is hard-coded
 #   ./run.sh demo [args]        the proxy against the fake upstream the tests use, with demo keys
-#   ./run.sh test [pytest args] the whole test suite
+#   ./run.sh test [pytest args] ruff (lint, format check), then the whole test suite
 #   ./run.sh bench [args]       the benchmark: direct vs bare mitmdump vs this proxy
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,6 +51,17 @@ ensure_venv() {
     install_requirements "$root/requirements.txt"
 }
 
+# Lint and format check (settings in pyproject.toml) before the tests: a finding stops the run with ruff's output.
+check_code() {
+    local failed=0
+    "$venv/bin/ruff" check --quiet "$root" || failed=1
+    "$venv/bin/ruff" format --check --quiet "$root" || failed=1
+    if [ "$failed" != 0 ]; then
+        echo "run.sh: ruff found the problems above; fix them (ruff check --fix, ruff format) and run the tests again." >&2
+        exit 1
+    fi
+}
+
 # Tests need Debian's Chromium (the browser test of the status page) and redis-server (the shared store,
 # several instances); install what is missing. The tests start their own redis-server on a free port.
 ensure_test_programs() {
@@ -90,6 +101,7 @@ case "$command" in
         shift
         ensure_venv
         install_requirements "$root/tests/requirements.txt"
+        check_code
         ensure_test_programs
         ensure_test_clients
         exec "$venv/bin/python" -m pytest -c "$root/tests/pytest.ini" --rootdir "$root" "$@"

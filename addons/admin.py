@@ -86,19 +86,33 @@ class AdminApi:
     def _own_usage(self, flow: http.HTTPFlow) -> http.Response:
         user = user_of_token(client_token(flow))
         if user is None:
-            return error_response(OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token")
+            return error_response(
+                OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token"
+            )
         quota = ctx.master.addons.get("quotakeeper")
         families = set(user["usage"]) | set(user["token_limits"]) | set(quota.quotas) | set(quota.cost_quotas)
         shown, unused = public_user(user), usage_view(dict.fromkeys(USAGE_FIGURES, 0))
-        return _json(200, {
-            "nickname": user["nickname"], "type": user["type"], "promptCount": user["prompt_count"],
-            "disabled": user["disabled_at"] is not None, "disabledReason": user["disabled_reason"],
-            "expiresAt": user["expires_at"], "costUsd": shown["cost_usd"],
-            "costLimitUsd": _usd_or_none(quota.cost_limit_for(user, "total")),
-            "usage": {family: {**shown["usage"].get(family, unused), "limit": quota.limit_for(user, family),
-                               "cost_limit_usd": _usd_or_none(quota.cost_limit_for(user, family))}
-                      for family in sorted(families - {"total"})},
-        })  # fmt: skip
+        return _json(
+            200,
+            {
+                "nickname": user["nickname"],
+                "type": user["type"],
+                "promptCount": user["prompt_count"],
+                "disabled": user["disabled_at"] is not None,
+                "disabledReason": user["disabled_reason"],
+                "expiresAt": user["expires_at"],
+                "costUsd": shown["cost_usd"],
+                "costLimitUsd": _usd_or_none(quota.cost_limit_for(user, "total")),
+                "usage": {
+                    family: {
+                        **shown["usage"].get(family, unused),
+                        "limit": quota.limit_for(user, family),
+                        "cost_limit_usd": _usd_or_none(quota.cost_limit_for(user, family)),
+                    }
+                    for family in sorted(families - {"total"})
+                },
+            },
+        )
 
     def _admin(self, flow: http.HTTPFlow) -> http.Response:
         ip = client_ip(flow)
@@ -107,11 +121,18 @@ class AdminApi:
             failures.popleft()
         if len(failures) >= FAILED_LOGIN_LIMIT:
             wait = int(failures[0] + FAILED_LOGIN_WINDOW - time.time()) + 1
-            return error_response(OPENAI, 429, f"Too many failed logins; try again in {wait} s.", "too_many_attempts",
-                                  {"retry-after": str(wait)})  # fmt: skip
+            return error_response(
+                OPENAI,
+                429,
+                f"Too many failed logins; try again in {wait} s.",
+                "too_many_attempts",
+                {"retry-after": str(wait)},
+            )
         if not secret_matches(client_token(flow), self.admin_key):
             failures.append(time.time())
-            return error_response(OPENAI, 401, "The admin API needs `Authorization: Bearer <ADMIN_KEY>`.", "unauthorized")
+            return error_response(
+                OPENAI, 401, "The admin API needs `Authorization: Bearer <ADMIN_KEY>`.", "unauthorized"
+            )
         if not failures:
             self.failed_logins.pop(ip, None)
         path, _, query = flow.request.path.partition("?")
@@ -125,8 +146,13 @@ class AdminApi:
                         return error_response(OPENAI, 400, str(error), "invalid_user")
                 allowed.append(method)
         if allowed:
-            return error_response(OPENAI, 405, f"This endpoint accepts {', '.join(allowed)} only.", "method_not_allowed",
-                                  {"allow": ", ".join(allowed)})  # fmt: skip
+            return error_response(
+                OPENAI,
+                405,
+                f"This endpoint accepts {', '.join(allowed)} only.",
+                "method_not_allowed",
+                {"allow": ", ".join(allowed)},
+            )
         return error_response(OPENAI, 404, "No such admin endpoint; see /admin/openapi.json.", "not_found")
 
     @staticmethod
@@ -169,7 +195,7 @@ class AdminApi:
     def import_users(self, flow, query) -> http.Response:
         users = self._body(flow).get("users")
         if not isinstance(users, list):
-            raise UserError("Import a JSON object {\"users\": [...]} as written by /admin/users/export.")
+            raise UserError('Import a JSON object {"users": [...]} as written by /admin/users/export.')
         return _json(200, {"imported": self._store().import_users(users)})
 
     def get_user(self, flow, query, user) -> http.Response:
@@ -203,13 +229,23 @@ class AdminApi:
     def list_keys(self, flow, query) -> http.Response:
         pool = ctx.master.addons.get("keypool")
         health = self._store().key_health()
-        keys = [{"id": key.id, "service": key.api, "organization": key.organization is not None, "state": key.state,
-                 "reason": health[key.id].reason if key.id in health else None,
-                 "retired_at": health[key.id].changed_at if key.id in health else None,
-                 "suspected": key.suspected, "suspected_families": sorted(key.suspected_families),
-                 "families": sorted(key.families) if key.families is not None else None,
-                 "resting": {f: round(until - time.time(), 1) for f, until in key.cooldown_until.items()
-                             if until > time.time()}} for key in pool.all_keys()]  # fmt: skip
+        keys = [
+            {
+                "id": key.id,
+                "service": key.api,
+                "organization": key.organization is not None,
+                "state": key.state,
+                "reason": health[key.id].reason if key.id in health else None,
+                "retired_at": health[key.id].changed_at if key.id in health else None,
+                "suspected": key.suspected,
+                "suspected_families": sorted(key.suspected_families),
+                "families": sorted(key.families) if key.families is not None else None,
+                "resting": {
+                    f: round(until - time.time(), 1) for f, until in key.cooldown_until.items() if until > time.time()
+                },
+            }
+            for key in pool.all_keys()
+        ]
         return _json(200, {"keys": keys, "status": ctx.master.addons.get("keychecker").status})
 
     def recheck_keys(self, flow, query) -> http.Response:
@@ -226,22 +262,40 @@ def openapi_description() -> dict:
         "list_users": "List users (query `sort=field,field`, largest first)",
         "create_user": "Create a user; the response holds its token, shown only this once",
         "export_users": "Every user with token hash and usage, for import elsewhere",
-        "import_users": "Create or replace users from an export: {\"users\": [...]}",
-        "get_user": "One user", "update_user": f"Set fields: {', '.join(sorted(EDITABLE_FIELDS))}",
-        "delete_user": "Delete a user", "disable_user": "Disable a user: {\"reason\": \"...\"}",
-        "enable_user": "Enable a disabled user", "reset_user_usage": "Start a new quota period for one user",
-        "reset_all_usage": "Start a new quota period for everyone", "list_keys": "Key ids (hashes) and health",
-        "recheck_keys": "Check every key again now", "openapi": "This description",
-    }  # fmt: skip
+        "import_users": 'Create or replace users from an export: {"users": [...]}',
+        "get_user": "One user",
+        "update_user": f"Set fields: {', '.join(sorted(EDITABLE_FIELDS))}",
+        "delete_user": "Delete a user",
+        "disable_user": 'Disable a user: {"reason": "..."}',
+        "enable_user": "Enable a disabled user",
+        "reset_user_usage": "Start a new quota period for one user",
+        "reset_all_usage": "Start a new quota period for everyone",
+        "list_keys": "Key ids (hashes) and health",
+        "recheck_keys": "Check every key again now",
+        "openapi": "This description",
+    }
     paths: dict = {}
     for method, pattern, handler in _ROUTES:
         path = pattern.replace(_USER_ID, "{user_id}")
-        operation = {"summary": summaries[handler], "operationId": handler, "security": [{"adminKey": []}],
-                     "responses": {"200": {"description": "OK"}, "401": {"description": "No or wrong admin key"},
-                                   "429": {"description": "Too many failed logins"}}}  # fmt: skip
+        operation = {
+            "summary": summaries[handler],
+            "operationId": handler,
+            "security": [{"adminKey": []}],
+            "responses": {
+                "200": {"description": "OK"},
+                "401": {"description": "No or wrong admin key"},
+                "429": {"description": "Too many failed logins"},
+            },
+        }
         if "{user_id}" in path:
-            operation["parameters"] = [{"name": "user_id", "in": "path", "required": True,
-                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}]  # fmt: skip
+            operation["parameters"] = [
+                {
+                    "name": "user_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                }
+            ]
         paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -65,8 +65,9 @@ def _opening(body: dict) -> list[str] | None:
     if first_user is None:
         return None
     system = next((turn for turn in turns if turn.get("role") in ("system", "developer")), None)
-    return tokens.model_input({"system": body.get("system"), "instructions": body.get("instructions"),
-                               "messages": [system, first_user]}).texts  # fmt: skip
+    return tokens.model_input(
+        {"system": body.get("system"), "instructions": body.get("instructions"), "messages": [system, first_user]}
+    ).texts
 
 
 def conversation(body: dict, client_session: str | None) -> tuple[str, str] | None:
@@ -97,12 +98,24 @@ class Affinity:
     """Names each request's conversation and the key it lives on; remembers the keys of new responses."""
 
     def load(self, loader):
-        loader.add_option("affinity", bool, True,
-                          "Keep a conversation on the key that served it (prompt caches, Responses API state).")
-        loader.add_option("affinity_min_headroom", int, 10,
-                          "Percent of its rate limit a conversation's key must have left to keep the conversation.")
-        loader.add_option("affinity_max_sessions", int, 100_000,
-                          "Conversations remembered (and as many response ids); the least recently used go first.")
+        loader.add_option(
+            "affinity",
+            bool,
+            True,
+            "Keep a conversation on the key that served it (prompt caches, Responses API state).",
+        )
+        loader.add_option(
+            "affinity_min_headroom",
+            int,
+            10,
+            "Percent of its rate limit a conversation's key must have left to keep the conversation.",
+        )
+        loader.add_option(
+            "affinity_max_sessions",
+            int,
+            100_000,
+            "Conversations remembered (and as many response ids); the least recently used go first.",
+        )
         loader.add_option("affinity_ttl", int, 86_400, "Seconds a conversation or response id is remembered unused.")
 
     def configure(self, updated):
@@ -132,8 +145,12 @@ class Affinity:
                 key_id, _, owner = bound.partition(" ")
                 if owner != identity_digest(meta["identity"]):
                     meta["decision"] = "previous_response_not_found"
-                    flow.response = error_response(route.dialect, 400, f"Previous response with id '{previous}' "
-                                                   "not found.", "previous_response_not_found")  # fmt: skip
+                    flow.response = error_response(
+                        route.dialect,
+                        400,
+                        f"Previous response with id '{previous}' not found.",
+                        "previous_response_not_found",
+                    )
                     return
                 meta.update(affinity_key=key_id, pinned="previous_response")
             return  # the rest of the conversation is upstream, not in the request: it names no conversation
@@ -160,8 +177,14 @@ class Affinity:
         if not (session := meta.get("session")) or key.id == meta.get("affinity_key"):
             return
         store = ctx.master.addons.get("storage").store
-        meta["affinity_key"] = store.bind_affinity(SESSIONS, session, key.id, meta.get("affinity_key"),
-                                                   ctx.options.affinity_ttl, ctx.options.affinity_max_sessions)
+        meta["affinity_key"] = store.bind_affinity(
+            SESSIONS,
+            session,
+            key.id,
+            meta.get("affinity_key"),
+            ctx.options.affinity_ttl,
+            ctx.options.affinity_max_sessions,
+        )
 
     def answered(self, flow: http.HTTPFlow, body: bytes) -> None:
         """A buffered answer was passed on: remembers the key of the response it stored."""
@@ -191,8 +214,13 @@ class Affinity:
             return
         if made and meta.get("keys"):
             ctx.master.addons.get("storage").store.bind_affinity(
-                RESPONSES, made, f"{meta['keys'][-1]} {identity_digest(meta['identity'])}", None,
-                ctx.options.affinity_ttl, ctx.options.affinity_max_sessions)  # fmt: skip
+                RESPONSES,
+                made,
+                f"{meta['keys'][-1]} {identity_digest(meta['identity'])}",
+                None,
+                ctx.options.affinity_ttl,
+                ctx.options.affinity_max_sessions,
+            )
 
     @staticmethod
     def unavailable(flow: http.HTTPFlow) -> tuple[str, str]:
@@ -201,7 +229,9 @@ class Affinity:
             previous = parsed_body(flow)["previous_response_id"]
             return "previous_response_not_found", (
                 f"The response {previous} was made with a key this proxy no longer uses, and only that key's "
-                "organisation holds it. Send the conversation again without previous_response_id.")  # fmt: skip
+                "organisation holds it. Send the conversation again without previous_response_id."
+            )
         return "conversation_key_retired", (
             "This conversation sends back encrypted content that only the key it was made with can read, and this "
-            "proxy no longer uses that key. Start the conversation anew.")  # fmt: skip
+            "proxy no longer uses that key. Start the conversation anew."
+        )

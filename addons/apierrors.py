@@ -101,8 +101,12 @@ def fail_closed(hook):
             logger.error("%s failed on %s: %s: %s", name, flow.id, type(error).__name__, scrub.text(str(error)))
             tried = flow.metadata.get("llmproxy", {}).get("keys")  # the dispatcher's attempts with a key
             fate = "it may have reached the upstream API" if tried else "it was not sent upstream"
-            _end_flow(flow, 500, f"The proxy hit an internal error while handling this request; {fate}.",
-                      "proxy_internal_error")
+            _end_flow(
+                flow,
+                500,
+                f"The proxy hit an internal error while handling this request; {fate}.",
+                "proxy_internal_error",
+            )
 
     return guarded
 

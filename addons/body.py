@@ -102,9 +102,12 @@ def parsed_body(flow: http.HTTPFlow) -> dict:
     raw = flow.request.raw_content or b""
     try:
         body = json.loads(
-            _decode(raw), object_pairs_hook=_unique_keys, parse_int=_integer, parse_float=_number,
+            _decode(raw),
+            object_pairs_hook=_unique_keys,
+            parse_int=_integer,
+            parse_float=_number,
             parse_constant=_constant,
-        )  # fmt: skip
+        )
     except BodyError:
         raise
     except RecursionError:

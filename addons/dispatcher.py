@@ -59,9 +59,14 @@ def _after_answer(flow: http.HTTPFlow, step: str, work: Callable[[], None]) -> N
     which the client has by then, stays whole."""
     try:
         work()
-    except Exception as error:  # noqa: BLE001 - whatever it is, the answer must not pay for it
-        logger.error("%s failed on %s after the upstream answered: %s: %s", step, flow.id, type(error).__name__,
-                     scrub.text(str(error)))  # fmt: skip
+    except Exception as error:  # whatever it is, the answer must not pay for it
+        logger.error(
+            "%s failed on %s after the upstream answered: %s: %s",
+            step,
+            flow.id,
+            type(error).__name__,
+            scrub.text(str(error)),
+        )
 
 
 def bind_pipe_socket() -> socket.socket:
@@ -134,15 +139,11 @@ class Dispatcher:
         self._runner: web.AppRunner | None = None
 
     def load(self, loader):
-        loader.add_option(
-            "openai_upstream_url", str, "https://api.openai.com", "Base URL of the OpenAI API (no /v1)."
-        )
+        loader.add_option("openai_upstream_url", str, "https://api.openai.com", "Base URL of the OpenAI API (no /v1).")
         loader.add_option(
             "anthropic_upstream_url", str, "https://api.anthropic.com", "Base URL of the Anthropic API (no /v1)."
         )
-        loader.add_option(
-            "upstream_connect_timeout", int, 10, "Seconds to wait for a connection to the upstream API."
-        )
+        loader.add_option("upstream_connect_timeout", int, 10, "Seconds to wait for a connection to the upstream API.")
         loader.add_option(
             "upstream_timeout",
             int,
@@ -313,8 +314,9 @@ class Dispatcher:
             self.served[api] += 1
         return answer
 
-    async def _attempt(self, flow: http.HTTPFlow, route: Route, key: PoolKey,
-                       may_suspect: bool) -> tuple[Answer, Verdict]:
+    async def _attempt(
+        self, flow: http.HTTPFlow, route: Route, key: PoolKey, may_suspect: bool
+    ) -> tuple[Answer, Verdict]:
         """One upstream call with one key, and what its answer means. The key is always given back."""
         meta = flow.metadata["llmproxy"]
         pool, family = ctx.master.addons.get("keypool"), meta["family"]
@@ -446,16 +448,19 @@ class Dispatcher:
     ) -> web.StreamResponse:
         """Passes the upstream's events on as they come, reading their usage; bills what was streamed."""
         api, upstream, meta = piped.route.api, answer.stream, piped.flow.metadata["llmproxy"]
-        meter = usage.StreamMeter(api, drop_usage_chunk=meta.get("usage_chunk_added", False),
-                                  keep_text=ctx.options.prompt_logging)  # fmt: skip
-        translator = translate.MessagesToChatStream(meta.get("client_wants_usage", False)) \
-            if piped.route.client_format else None  # fmt: skip
+        meter = usage.StreamMeter(
+            api, drop_usage_chunk=meta.get("usage_chunk_added", False), keep_text=ctx.options.prompt_logging
+        )
+        translator = (
+            translate.MessagesToChatStream(meta.get("client_wants_usage", False)) if piped.route.client_format else None
+        )
         complete = False
         try:
             if response is None:
                 response = web.StreamResponse(
                     # aiohttp sends text headers; a byte that is not UTF-8 (the upstream's mistake) becomes U+FFFD.
-                    status=answer.status, headers=[(k.decode(), v.decode(errors="replace")) for k, v in answer.headers]
+                    status=answer.status,
+                    headers=[(k.decode(), v.decode(errors="replace")) for k, v in answer.headers],
                 )
                 await response.prepare(request)
             while True:
@@ -476,9 +481,14 @@ class Dispatcher:
                     break
         except ConnectionError:
             pass  # the client left; closing the upstream connection below stops the generation
-        except Exception as error:  # noqa: BLE001 - the proxy's own fault: told in the API's format, never a cut
-            logger.error("passing on a %s stream failed on %s: %s: %s", api, piped.flow.id, type(error).__name__,
-                         scrub.text(str(error)))  # fmt: skip
+        except Exception as error:  # the proxy's own fault: told in the API's format, never a cut
+            logger.error(
+                "passing on a %s stream failed on %s: %s: %s",
+                api,
+                piped.flow.id,
+                type(error).__name__,
+                scrub.text(str(error)),
+            )
             message, dialect = "The proxy could not pass on the rest of the upstream's answer.", piped.route.dialect
             if response is None or not response.prepared:
                 return web.json_response(error_body(dialect, 500, message, "proxy_internal_error"), status=500)
@@ -490,8 +500,11 @@ class Dispatcher:
             else:
                 upstream.close()
             quota, flow = ctx.master.addons.get("quotakeeper"), piped.flow
-            _after_answer(flow, "settling", lambda: quota.settle(
-                flow, meter.finish(quota.prompt_estimate_of(flow)), "".join(meter.text_parts)))
+            _after_answer(
+                flow,
+                "settling",
+                lambda: quota.settle(flow, meter.finish(quota.prompt_estimate_of(flow)), "".join(meter.text_parts)),
+            )
             _after_answer(flow, "affinity", lambda: ctx.master.addons.get("affinity").streamed(flow, meter.response_id))
         return response
 

@@ -82,17 +82,23 @@ class ModelFamilies:
 
     def load(self, loader):
         loader.add_option(
-            "openai_model_families", Sequence[str], DEFAULT_OPENAI_FAMILIES,
+            "openai_model_families",
+            Sequence[str],
+            DEFAULT_OPENAI_FAMILIES,
             "OpenAI family table: family=pattern|pattern, first match wins, the last entry is the fallback.",
-        )  # fmt: skip
+        )
         loader.add_option(
-            "anthropic_model_families", Sequence[str], DEFAULT_ANTHROPIC_FAMILIES,
+            "anthropic_model_families",
+            Sequence[str],
+            DEFAULT_ANTHROPIC_FAMILIES,
             "Anthropic family table: family=pattern|pattern, first match wins, the last entry is the fallback.",
-        )  # fmt: skip
+        )
         loader.add_option(
-            "allowed_model_families", Sequence[str], [],
+            "allowed_model_families",
+            Sequence[str],
+            [],
             "Families users may request; empty means all. The original's names (turbo, gpt4, claude) work.",
-        )  # fmt: skip
+        )
         loader.add_option("turbo_only", bool, False, "Allow only the turbo family of OpenAI models.")
 
     def configure(self, updated):
@@ -151,6 +157,8 @@ class ModelFamilies:
         if not self.is_allowed(route.api, family):
             meta["decision"] = "family_not_allowed"
             flow.response = error_response(
-                route.dialect, 403, f"Models of the {family} family are not available on this proxy.",
+                route.dialect,
+                403,
+                f"Models of the {family} family are not available on this proxy.",
                 "model_family_not_allowed",
-            )  # fmt: skip
+            )

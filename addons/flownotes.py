@@ -52,12 +52,20 @@ class FlowNotes:
         if meta.get("queued"):
             parts.append(f"queued {meta.get('queue_ms', 0) / 1000:.1f} s")
         if usage := meta.get("usage"):
-            parts.append(f"{usage['input']} in / {usage['output']} out tokens" + (" (est.)" if usage["estimated"] else ""))
+            parts.append(
+                f"{usage['input']} in / {usage['output']} out tokens" + (" (est.)" if usage["estimated"] else "")
+            )
         if "upstream_ms" in meta:
             parts.append(f"upstream {meta['upstream_status']} in {meta['upstream_ms']} ms")
         flow.comment = " · ".join(parts)
-        if status is None or decision in ("upstream_error", "upstream_timeout", "upstream_unreachable", "upstream_broken",
-                                          "internal_error", "store_unavailable"):  # fmt: skip
+        if status is None or decision in (
+            "upstream_error",
+            "upstream_timeout",
+            "upstream_unreachable",
+            "upstream_broken",
+            "internal_error",
+            "store_unavailable",
+        ):
             flow.marked = FAILED
         else:
             flow.marked = MARKERS.get(decision, REFUSED)

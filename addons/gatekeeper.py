@@ -73,14 +73,18 @@ class Gatekeeper:
     def load(self, loader):
         loader.add_option("gatekeeper", str, "none", "none, proxy_key or user_token.", choices=GATEKEEPER_MODES)
         loader.add_option(
-            "trusted_proxies", int, 0,
+            "trusted_proxies",
+            int,
+            0,
             "Hops of reverse proxies in front of this one whose X-Forwarded-For is trusted; 0 trusts none.",
-        )  # fmt: skip
+        )
         loader.add_option("max_ips_per_user", int, 0, "Addresses a user token may be used from; 0 means any.")
         loader.add_option(
-            "max_ips_auto_ban", bool, False,
+            "max_ips_auto_ban",
+            bool,
+            False,
             "Disable a user who goes over MAX_IPS_PER_USER, instead of refusing the new address only.",
-        )  # fmt: skip
+        )
 
     def configure(self, updated):
         if "gatekeeper" in updated:
@@ -118,8 +122,12 @@ class Gatekeeper:
         user = user_of_token(token)
         if user is None:
             return self._refuse(flow, api, 401, "A valid user token is required.", "invalid_user_token")
-        if user["disabled_at"] is None and user["type"] == "temporary" and user["expires_at"] \
-                and user["expires_at"] <= time.time():  # fmt: skip
+        if (
+            user["disabled_at"] is None
+            and user["type"] == "temporary"
+            and user["expires_at"]
+            and user["expires_at"] <= time.time()
+        ):
             user = store.set_disabled(user["id"], "Temporary token expired.")
         if user["disabled_at"] is not None:
             reason = user["disabled_reason"] or "Token disabled."
@@ -128,8 +136,11 @@ class Gatekeeper:
             max_ips = user["max_ips"] if user["max_ips"] is not None else ctx.options.max_ips_per_user
             visit = store.record_visit(user["id"], ip, max_ips, ctx.options.max_ips_auto_ban)
             if visit != "ok":
-                message = "Forbidden: IP address limit exceeded." if visit == "banned" else \
-                    "Forbidden: no more IP addresses allowed for this user token."  # fmt: skip
+                message = (
+                    "Forbidden: IP address limit exceeded."
+                    if visit == "banned"
+                    else "Forbidden: no more IP addresses allowed for this user token."
+                )
                 return self._refuse(flow, api, 403, message, "ip_limit")
         meta.update(identity=f"user:{user['id']}", user=user["id"], user_type=user["type"], nickname=user["nickname"])
 

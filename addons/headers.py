@@ -24,10 +24,18 @@ CLIENT_CREDENTIALS = (
     "openai-project",
 )
 
-_REQUEST_ALLOWED = frozenset({
-    "content-type", "accept", "user-agent", "anthropic-version", "anthropic-beta", "openai-beta", "idempotency-key",
-    "anthropic-dangerous-direct-browser-access",  # sent by the Anthropic SDK in browsers and by Claude Code
-})  # fmt: skip
+_REQUEST_ALLOWED = frozenset(
+    {
+        "content-type",
+        "accept",
+        "user-agent",
+        "anthropic-version",
+        "anthropic-beta",
+        "openai-beta",
+        "idempotency-key",
+        "anthropic-dangerous-direct-browser-access",  # sent by the Anthropic SDK in browsers and by Claude Code
+    }
+)
 _REQUEST_ALLOWED_PREFIXES = ("x-stainless-",)  # the official SDKs' platform headers; nothing account-related
 
 _RESPONSE_ALLOWED = frozenset(
@@ -36,13 +44,25 @@ _RESPONSE_ALLOWED = frozenset(
 _RESPONSE_ALLOWED_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 # What a browser script may read of an answer, beyond the CORS-safelisted headers: every header the proxy passes
 # on or makes that a client acts on (waits, limits, errors, ids). Listed by name: `*` is not read everywhere.
-EXPOSED_HEADERS = ", ".join([
-    "retry-after", "retry-after-ms", "x-request-id", "request-id", "x-proxy-error", "x-proxy-error-status",
-    "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",  # the proxy's own per-user limit
-    *(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
-    *(f"anthropic-ratelimit-{kind}-{part}" for kind in ("requests", "tokens", "input-tokens", "output-tokens")
-      for part in ("limit", "remaining", "reset")),
-])  # fmt: skip
+EXPOSED_HEADERS = ", ".join(
+    [
+        "retry-after",
+        "retry-after-ms",
+        "x-request-id",
+        "request-id",
+        "x-proxy-error",
+        "x-proxy-error-status",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",  # the proxy's own per-user limit
+        *(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
+        *(
+            f"anthropic-ratelimit-{kind}-{part}"
+            for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+            for part in ("limit", "remaining", "reset")
+        ),
+    ]
+)
 
 # The token a client presented, kept beside the flow (never on it) for the gatekeeper and the admin API.
 _client_tokens: "weakref.WeakKeyDictionary[http.HTTPFlow, str]" = weakref.WeakKeyDictionary()

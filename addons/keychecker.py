@@ -126,8 +126,9 @@ class KeyChecker:
         headers = _headers(key)
         url = dispatcher.upstreams[key.api].join(URL(PROBE_PATHS[key.api]))
         try:
-            async with dispatcher.session.post(url, json={"model": model, "messages": [], "max_tokens": 1},
-                                               headers=headers) as response:  # fmt: skip
+            async with dispatcher.session.post(
+                url, json={"model": model, "messages": [], "max_tokens": 1}, headers=headers
+            ) as response:
                 status, body = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
             pool.clear_suspicion(key, family, f"its probe could not reach the API ({type(error).__name__})")

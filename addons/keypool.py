@@ -249,8 +249,12 @@ class PoolKey:
         return headers
 
     def serves(self, family: str) -> bool:
-        return self.state == ACTIVE and not self.suspected and family not in self.suspected_families and (
-            self.families is None or family in self.families)
+        return (
+            self.state == ACTIVE
+            and not self.suspected
+            and family not in self.suspected_families
+            and (self.families is None or family in self.families)
+        )
 
     def headroom(self, family: str, now: float) -> float:
         """How much of its rate limit the key has left for `family`, the requests sent since the figures came
@@ -283,8 +287,10 @@ class KeyPool:
 
     def running(self):
         if not any(self.keys.values()):
-            logger.warning("No API key is configured: set OPENAI_KEY and/or ANTHROPIC_KEY (comma-separated, in the "
-                           "environment, .env or config.yaml); until then every generation request gets 503.")
+            logger.warning(
+                "No API key is configured: set OPENAI_KEY and/or ANTHROPIC_KEY (comma-separated, in the "
+                "environment, .env or config.yaml); until then every generation request gets 503."
+            )
         self._load_health(self.all_keys())
 
     def _load_health(self, keys: Iterable[PoolKey]) -> None:
@@ -327,8 +333,9 @@ class KeyPool:
                 key.cooldown_until[family] = until
                 key.probing.add(family)
 
-    def choose(self, api: str, family: str, exclude: Iterable[PoolKey] = (),
-               affinity: KeyAffinity | None = None) -> PoolKey | None:
+    def choose(
+        self, api: str, family: str, exclude: Iterable[PoolKey] = (), affinity: KeyAffinity | None = None
+    ) -> PoolKey | None:
         """The free key with the most headroom (least recently used among equals), now counted in flight.
 
         An affinity's key is taken instead while it is free and has `min_headroom` left (or as much as the best
@@ -360,12 +367,22 @@ class KeyPool:
         if not keys:
             return None
         now = time.time()
-        ends = [max(k.cooldown_until.get(family, 0), k.limits[family].until if k.headroom(family, now) <= 0 else 0)
-                for k in keys]  # fmt: skip
+        ends = [
+            max(k.cooldown_until.get(family, 0), k.limits[family].until if k.headroom(family, now) <= 0 else 0)
+            for k in keys
+        ]
         return max(0.0, min(ends) - now)
 
-    def release(self, key: PoolKey, family: str, status: int, headers: Mapping[str, str], body: bytes,
-                model: str = "", may_suspect: bool = True) -> Verdict:
+    def release(
+        self,
+        key: PoolKey,
+        family: str,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        model: str = "",
+        may_suspect: bool = True,
+    ) -> Verdict:
         """Ends a request made with `key` and learns from its answer; returns what the answer means.
 
         An answer that would retire the key only makes it suspect (`may_suspect`: the request has not already
@@ -388,8 +405,12 @@ class KeyPool:
         elif verdict in RETIRING and may_suspect:
             self._suspect(key, verdict, family, model, status)
         if odd:
-            logger.warning("key %s: the upstream's %s held no believable figure after a %d; passed over", key.id,
-                           ", ".join(sorted(odd)), status)  # fmt: skip
+            logger.warning(
+                "key %s: the upstream's %s held no believable figure after a %d; passed over",
+                key.id,
+                ", ".join(sorted(odd)),
+                status,
+            )
         if verdict in (Verdict.SUCCESS, Verdict.CLIENT_ERROR, Verdict.SERVER_ERROR) or not may_suspect:
             self._changed()  # a probing key proved itself, or a slot was given back
         return verdict
@@ -455,9 +476,10 @@ class KeyPool:
         A key whose families are unknown counts for every family while it works, and for none once retired.
         """
         keys = [
-            k for k in self.keys[api]
+            k
+            for k in self.keys[api]
             if family is None or (family in k.families if k.families is not None else k.state == ACTIVE)
-        ]  # fmt: skip
+        ]
         return {
             "total": len(keys),
             "active": sum(key.state == ACTIVE for key in keys),

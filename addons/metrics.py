@@ -46,28 +46,55 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("llmproxy_requests", "Requests by route, family and status",
-                                ["route", "family", "status"], registry=self.registry)  # fmt: skip
-        self.tokens = Counter("llmproxy_tokens", "Tokens by family and direction", ["family", "direction"],
-                              registry=self.registry)  # fmt: skip
-        self.tokens_by_kind = Counter(
-            "llmproxy_tokens_by_kind", "Tokens by family and the price they are billed at: input (uncached), "
-            "cache_read, cache_write_5m, cache_write_1h, output (reasoning included)", ["family", "kind"],
+        self.requests = Counter(
+            "llmproxy_requests",
+            "Requests by route, family and status",
+            ["route", "family", "status"],
             registry=self.registry,
-        )  # fmt: skip
-        self.reasoning = Counter("llmproxy_reasoning_tokens", "Output tokens spent reasoning", ["family"],
-                                 registry=self.registry)  # fmt: skip
-        self.web_searches = Counter("llmproxy_web_searches", "Web searches the provider bills per call", ["family"],
-                                    registry=self.registry)  # fmt: skip
-        self.cost = Counter("llmproxy_cost_usd", "Cost in USD at the configured prices", ["family"],
-                            registry=self.registry)  # fmt: skip
-        self.retries = Counter("llmproxy_retries", "Upstream attempts beyond the first", ["family"], registry=self.registry)
-        self.upstream = Histogram("llmproxy_upstream_seconds", "Time to the upstream's response headers", ["route"],
-                                  buckets=_SECONDS, registry=self.registry)  # fmt: skip
-        self.first_byte = Histogram("llmproxy_time_to_first_token_seconds", "Request start to first streamed byte",
-                                    ["route"], buckets=_SECONDS, registry=self.registry)  # fmt: skip
-        self.queued = Histogram("llmproxy_queue_wait_seconds", "Time requests waited for a key", ["family"],
-                                buckets=_SECONDS, registry=self.registry)  # fmt: skip
+        )
+        self.tokens = Counter(
+            "llmproxy_tokens", "Tokens by family and direction", ["family", "direction"], registry=self.registry
+        )
+        self.tokens_by_kind = Counter(
+            "llmproxy_tokens_by_kind",
+            "Tokens by family and the price they are billed at: input (uncached), "
+            "cache_read, cache_write_5m, cache_write_1h, output (reasoning included)",
+            ["family", "kind"],
+            registry=self.registry,
+        )
+        self.reasoning = Counter(
+            "llmproxy_reasoning_tokens", "Output tokens spent reasoning", ["family"], registry=self.registry
+        )
+        self.web_searches = Counter(
+            "llmproxy_web_searches", "Web searches the provider bills per call", ["family"], registry=self.registry
+        )
+        self.cost = Counter(
+            "llmproxy_cost_usd", "Cost in USD at the configured prices", ["family"], registry=self.registry
+        )
+        self.retries = Counter(
+            "llmproxy_retries", "Upstream attempts beyond the first", ["family"], registry=self.registry
+        )
+        self.upstream = Histogram(
+            "llmproxy_upstream_seconds",
+            "Time to the upstream's response headers",
+            ["route"],
+            buckets=_SECONDS,
+            registry=self.registry,
+        )
+        self.first_byte = Histogram(
+            "llmproxy_time_to_first_token_seconds",
+            "Request start to first streamed byte",
+            ["route"],
+            buckets=_SECONDS,
+            registry=self.registry,
+        )
+        self.queued = Histogram(
+            "llmproxy_queue_wait_seconds",
+            "Time requests waited for a key",
+            ["family"],
+            buckets=_SECONDS,
+            registry=self.registry,
+        )
         self.registry.register(_LiveFigures())
 
     def load(self, loader):
@@ -114,9 +141,19 @@ class Metrics:
             self.queued.labels(family).observe(meta.get("queue_ms", 0) / 1000)
         if route in ("health", "metrics"):
             return
-        logger.info(json.dumps({
-            "route": route, "status": status, "decision": meta.get("decision"), "identity": identity_digest(meta["identity"]) if meta.get("identity") else None,
-            "family": family or None, "model": meta.get("model"), "keys": meta.get("keys", []),
-            "usage": meta.get("usage"), "queueMs": meta.get("queue_ms"), "upstreamMs": meta.get("upstream_ms"),
-        }))  # fmt: skip
-
+        logger.info(
+            json.dumps(
+                {
+                    "route": route,
+                    "status": status,
+                    "decision": meta.get("decision"),
+                    "identity": identity_digest(meta["identity"]) if meta.get("identity") else None,
+                    "family": family or None,
+                    "model": meta.get("model"),
+                    "keys": meta.get("keys", []),
+                    "usage": meta.get("usage"),
+                    "queueMs": meta.get("queue_ms"),
+                    "upstreamMs": meta.get("upstream_ms"),
+                }
+            )
+        )

@@ -10,14 +10,34 @@ from mitmproxy import ctx, http
 from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
 
 DEFAULT_OPENAI_MODELS = [
-    "gpt-6-astra", "gpt-6-sol", "gpt-6-luna", "gpt-5.5", "gpt-5.4", "gpt-5.4-mini", "gpt-5.4-nano",
-    "gpt-5", "gpt-5-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini", "o4-mini", "o3", "o3-mini",
-    "gpt-3.5-turbo", "text-embedding-3-small", "text-embedding-3-large",
-]  # fmt: skip
+    "gpt-6-astra",
+    "gpt-6-sol",
+    "gpt-6-luna",
+    "gpt-5.5",
+    "gpt-5.4",
+    "gpt-5.4-mini",
+    "gpt-5.4-nano",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4o",
+    "gpt-4o-mini",
+    "o4-mini",
+    "o3",
+    "o3-mini",
+    "gpt-3.5-turbo",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+]
 DEFAULT_ANTHROPIC_MODELS = [
-    "claude-opus-5", "claude-sonnet-5", "claude-haiku-5-5", "claude-opus-4-8", "claude-sonnet-4-6",
+    "claude-opus-5",
+    "claude-sonnet-5",
+    "claude-haiku-5-5",
+    "claude-opus-4-8",
+    "claude-sonnet-4-6",
     "claude-haiku-4-5",
-]  # fmt: skip
+]
 
 
 def openai_model_list(models: list[str]) -> dict:
@@ -32,8 +52,18 @@ def anthropic_model_list(models: list[str]) -> dict:
     """Anthropic's list shape, each entry also carrying OpenAI's fields for clients of the OpenAI-format endpoint."""
     now = time.time()
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    data = [{"type": "model", "id": model, "display_name": model, "created_at": created,
-             "object": "model", "created": int(now), "owned_by": "anthropic"} for model in models]  # fmt: skip
+    data = [
+        {
+            "type": "model",
+            "id": model,
+            "display_name": model,
+            "created_at": created,
+            "object": "model",
+            "created": int(now),
+            "owned_by": "anthropic",
+        }
+        for model in models
+    ]
     return {
         "data": data,
         "has_more": False,
@@ -65,7 +95,8 @@ class ModelList:
         models = [
             model
             for model in getattr(ctx.options, f"{api}_models")
-            if (family := families.family_of(api, model)) and families.is_allowed(api, family)
+            if (family := families.family_of(api, model))
+            and families.is_allowed(api, family)
             and pool.serving(api, family)
         ]
         listing = openai_model_list(models) if api == OPENAI else anthropic_model_list(models)

@@ -28,18 +28,42 @@ DEFAULT_WEB_SEARCH_PRICE = Decimal(10)  # USD per 1,000 searches: Anthropic's an
 # (5 minutes) and 2× (1 hour) the input price, its cache reads 0.1×. Each service's fallback is its dearest
 # current general model (gpt-4o's input, Opus 4.1), so that a USD quota does not under-count a model not listed.
 DEFAULT_PRICES = [
-    "gpt-5*-pro*=15/120/15/0/0", "gpt-5*-mini*=0.25/2/0.025/0/0", "gpt-5*-nano*=0.05/0.4/0.005/0/0",
-    "gpt-5*=1.25/10/0.125/0/0", "gpt-4.1-mini*=0.4/1.6/0.1/0/0", "gpt-4.1-nano*=0.1/0.4/0.025/0/0",
-    "gpt-4.1*=2/8/0.5/0/0", "gpt-4o-mini*=0.15/0.6/0.075/0/0", "gpt-4o*=2.5/10/1.25/0/0", "chatgpt-4o*=5/15/5/0/0",
-    "o4-mini*=1.1/4.4/0.275/0/0", "o3-mini*=1.1/4.4/0.55/0/0", "o3-pro*=20/80/20/0/0", "o3*=2/8/0.5/0/0",
-    "o1-mini*=1.1/4.4/0.55/0/0", "o1*=15/60/7.5/0/0", "codex-mini*=1.5/6/0.375/0/0", "gpt-4-turbo*=10/30/10/0/0",
-    "gpt-4=30/60/30/0/0", "gpt-4-0*=30/60/30/0/0", "gpt-3.5-turbo*=0.5/1.5/0.5/0/0", "text-embedding-3-small*=0.02/0",
-    "text-embedding-3-large*=0.13/0", "text-embedding-ada*=0.1/0", "openai=2.5/10/1.25/0/0",
-    "claude-opus-4-0*=15/75/1.5/18.75/30", "claude-opus-4-1*=15/75/1.5/18.75/30", "claude-opus-4-2*=15/75/1.5/18.75/30",
-    "claude-3-opus*=15/75/1.5/18.75/30", "claude-opus-*=5/25/0.5/6.25/10", "claude-3-haiku*=0.25/1.25/0.03/0.3/0.5",
-    "claude-3-5-haiku*=0.8/4/0.08/1/1.6", "claude-haiku-*=1/5/0.1/1.25/2", "claude-*sonnet*=3/15/0.3/3.75/6",
+    "gpt-5*-pro*=15/120/15/0/0",
+    "gpt-5*-mini*=0.25/2/0.025/0/0",
+    "gpt-5*-nano*=0.05/0.4/0.005/0/0",
+    "gpt-5*=1.25/10/0.125/0/0",
+    "gpt-4.1-mini*=0.4/1.6/0.1/0/0",
+    "gpt-4.1-nano*=0.1/0.4/0.025/0/0",
+    "gpt-4.1*=2/8/0.5/0/0",
+    "gpt-4o-mini*=0.15/0.6/0.075/0/0",
+    "gpt-4o*=2.5/10/1.25/0/0",
+    "chatgpt-4o*=5/15/5/0/0",
+    "o4-mini*=1.1/4.4/0.275/0/0",
+    "o3-mini*=1.1/4.4/0.55/0/0",
+    "o3-pro*=20/80/20/0/0",
+    "o3*=2/8/0.5/0/0",
+    "o1-mini*=1.1/4.4/0.55/0/0",
+    "o1*=15/60/7.5/0/0",
+    "codex-mini*=1.5/6/0.375/0/0",
+    "gpt-4-turbo*=10/30/10/0/0",
+    "gpt-4=30/60/30/0/0",
+    "gpt-4-0*=30/60/30/0/0",
+    "gpt-3.5-turbo*=0.5/1.5/0.5/0/0",
+    "text-embedding-3-small*=0.02/0",
+    "text-embedding-3-large*=0.13/0",
+    "text-embedding-ada*=0.1/0",
+    "openai=2.5/10/1.25/0/0",
+    "claude-opus-4-0*=15/75/1.5/18.75/30",
+    "claude-opus-4-1*=15/75/1.5/18.75/30",
+    "claude-opus-4-2*=15/75/1.5/18.75/30",
+    "claude-3-opus*=15/75/1.5/18.75/30",
+    "claude-opus-*=5/25/0.5/6.25/10",
+    "claude-3-haiku*=0.25/1.25/0.03/0.3/0.5",
+    "claude-3-5-haiku*=0.8/4/0.08/1/1.6",
+    "claude-haiku-*=1/5/0.1/1.25/2",
+    "claude-*sonnet*=3/15/0.3/3.75/6",
     "anthropic=15/75/1.5/18.75/30",
-]  # fmt: skip
+]
 _FIELDS = "input/output[/cache read[/cache write 5m[/cache write 1h[/web search]]]]"
 
 
@@ -56,9 +80,13 @@ class Price:
 
     def cost(self, usage: Usage) -> int:
         """The usage's cost in nano-dollars, rounded up."""
-        tokens = (usage.input * self.input + usage.output * self.output + usage.cache_read * self.cache_read
-                  + usage.cache_write_5m * self.cache_write_5m
-                  + usage.cache_write_1h * self.cache_write_1h)  # fmt: skip
+        tokens = (
+            usage.input * self.input
+            + usage.output * self.output
+            + usage.cache_read * self.cache_read
+            + usage.cache_write_5m * self.cache_write_5m
+            + usage.cache_write_1h * self.cache_write_1h
+        )
         return math.ceil(tokens * 1000 + usage.web_searches * self.web_search * 1_000_000)
 
     def worst_case(self, prompt: int, output: int) -> int:
@@ -101,14 +129,15 @@ def parse_prices(entries: Sequence[str]) -> list[tuple[str, Price]]:
             raise exceptions.OptionsError(
                 f"MODEL_PRICES entries look like model-pattern={_FIELDS} (USD per million tokens, web searches "
                 f"per 1,000), not {entry!r}."
-            )  # fmt: skip
+            )
         given, output, *rest = numbers
         read, write_5m, write_1h = (rest + [given] * 3)[:3]
         search = rest[3] if len(rest) == 4 else DEFAULT_WEB_SEARCH_PRICE
         table.append((name.strip().lower(), Price(given, output, read, write_5m, write_1h, search)))
     if missing := [api for api in (OPENAI, ANTHROPIC) if api not in {name for name, _ in table}]:
         raise exceptions.OptionsError(
-            f"MODEL_PRICES needs a fallback entry for each service: add {missing[0]}={_FIELDS}.")
+            f"MODEL_PRICES needs a fallback entry for each service: add {missing[0]}={_FIELDS}."
+        )
     return table
 
 
@@ -127,7 +156,8 @@ def parse_cost_quotas(entries: Sequence[str], families: list[str]) -> dict[str, 
             quotas[name] = int(_amount(amount) * NANODOLLARS_PER_USD)
         except InvalidOperation:
             raise exceptions.OptionsError(
-                f"COST_QUOTAS entries look like family=usd or total=usd, not {entry!r}.") from None
+                f"COST_QUOTAS entries look like family=usd or total=usd, not {entry!r}."
+            ) from None
         if name not in families and name != "total":
             raise exceptions.OptionsError(f"COST_QUOTAS names no model family of this proxy: {name!r}.")
     return quotas

@@ -51,8 +51,9 @@ class PromptLog:
             return
         meta = flow.metadata["llmproxy"]
         body = parsed_body(flow)
-        prompt = {field: body[field] for field in ("system", "messages", "prompt", "input", "instructions")
-                  if field in body}  # fmt: skip
+        prompt = {
+            field: body[field] for field in ("system", "messages", "prompt", "input", "instructions") if field in body
+        }
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "endpoint": meta["route"],
@@ -92,7 +93,15 @@ class PromptLog:
             )
         self._db.execute(
             "INSERT INTO prompt_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry["time"], entry["endpoint"], entry["model"], entry["family"], entry["user"],
-             json.dumps(entry["prompt"], ensure_ascii=False), entry["completion"], entry["inputTokens"],
-             entry["outputTokens"]),
-        )  # fmt: skip
+            (
+                entry["time"],
+                entry["endpoint"],
+                entry["model"],
+                entry["family"],
+                entry["user"],
+                json.dumps(entry["prompt"], ensure_ascii=False),
+                entry["completion"],
+                entry["inputTokens"],
+                entry["outputTokens"],
+            ),
+        )

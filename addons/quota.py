@@ -24,8 +24,8 @@ from addons.body import parsed_body
 from addons.config import ConfigError
 from addons.families import parse_family_numbers
 from addons.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of, usd
-from addons.store import StoreUnavailable
 from addons.routes import ROUTES_BY_NAME, forward_route
+from addons.store import StoreUnavailable
 from addons.usage import CHARACTERS_PER_TOKEN, Usage
 
 logger = logging.getLogger(__name__)
@@ -88,23 +88,34 @@ def legacy_quota_settings(environment: dict[str, str], families: list[str]) -> l
     return entries
 
 
-def over_quota_message(user: dict, family: str, tokens: int, cost: int, limit: int | None, cost_limit: int | None,
-                       total_cost_limit: int | None) -> str:
+def over_quota_message(
+    user: dict,
+    family: str,
+    tokens: int,
+    cost: int,
+    limit: int | None,
+    cost_limit: int | None,
+    total_cost_limit: int | None,
+) -> str:
     """Why a reservation did not fit, from the user's figures as read just before (requests in flight included):
     the first quota the request's worst case is over, else the first quota there is."""
     figures = user["usage"].get(family, {})
     taken = figures.get("used", 0) + figures.get("reserved", 0)
-    if limit is not None and (taken + tokens > limit or cost_limit is None and total_cost_limit is None):
-        return (f"This request could use up to {tokens} tokens, more than is left of your {family} quota "
-                f"({max(0, limit - taken)} of {limit}).")  # fmt: skip
+    if limit is not None and (taken + tokens > limit or (cost_limit is None and total_cost_limit is None)):
+        return (
+            f"This request could use up to {tokens} tokens, more than is left of your {family} quota "
+            f"({max(0, limit - taken)} of {limit})."
+        )
     spent = figures.get("cost_nanousd", 0) + figures.get("reserved_nanousd", 0)
     if cost_limit is not None and (spent + cost > cost_limit or total_cost_limit is None):
         quota, name = cost_limit, f"{family} budget"
     else:
         quota, name = total_cost_limit, "budget for all models"
         spent = sum(f.get("cost_nanousd", 0) + f.get("reserved_nanousd", 0) for f in user["usage"].values())
-    return (f"This request could cost up to {format_usd(usd(cost))}, more than is left of your {name} "
-            f"({format_usd(usd(max(0, quota - spent)))} of {format_usd(usd(quota))}).")
+    return (
+        f"This request could cost up to {format_usd(usd(cost))}, more than is left of your {name} "
+        f"({format_usd(usd(max(0, quota - spent)))} of {format_usd(usd(quota))})."
+    )
 
 
 @dataclass
@@ -125,26 +136,34 @@ class QuotaKeeper:
         self.prices: list[tuple[str, Price]] = []
         self.schedule = ""  # the QUOTA_REFRESH_PERIOD, empty: quotas never start afresh
         self.clock = datetime.now  # local wall-clock time, which the schedule names; a test steps it
-        self.reservations: "weakref.WeakKeyDictionary[http.HTTPFlow, Reservation]" = weakref.WeakKeyDictionary()
+        self.reservations: weakref.WeakKeyDictionary[http.HTTPFlow, Reservation] = weakref.WeakKeyDictionary()
         self._task: asyncio.Task | None = None
 
     def load(self, loader):
         loader.add_option(
-            "token_quotas", Sequence[str], [],
+            "token_quotas",
+            Sequence[str],
+            [],
             "Tokens per user and family per quota period: family=tokens. TOKEN_QUOTA_<FAMILY> sets one too.",
-        )  # fmt: skip
+        )
         loader.add_option(
-            "cost_quotas", Sequence[str], [],
+            "cost_quotas",
+            Sequence[str],
+            [],
             "USD per user per quota period: family=usd for a family, total=usd for all families together.",
-        )  # fmt: skip
+        )
         loader.add_option(
-            "model_prices", Sequence[str], DEFAULT_PRICES,
+            "model_prices",
+            Sequence[str],
+            DEFAULT_PRICES,
             "USD per million tokens, model-pattern=input/output/cache read/cache write 5m/1h/web searches per 1,000.",
-        )  # fmt: skip
+        )
         loader.add_option(
-            "quota_refresh_period", str, "",
+            "quota_refresh_period",
+            str,
+            "",
             "When quotas start afresh: hourly, daily, or a cron expression; empty: never.",
-        )  # fmt: skip
+        )
 
     def configure(self, updated):
         if "token_quotas" in updated:
@@ -230,8 +249,11 @@ class QuotaKeeper:
         store = ctx.master.addons.get("storage").store
         user = store.get_user(user_id)
         family = meta["family"]
-        limit, cost_limit, total_cost_limit = (self.limit_for(user, family), self.cost_limit_for(user, family),
-                                               self.cost_limit_for(user, "total"))  # fmt: skip
+        limit, cost_limit, total_cost_limit = (
+            self.limit_for(user, family),
+            self.cost_limit_for(user, family),
+            self.cost_limit_for(user, "total"),
+        )
         estimate = meta.get("prompt_tokens") or prompt_estimate(body)
         output = output_reservation(body)
         tokens, cost = estimate + output, self.price_for(meta).worst_case(estimate, output)
@@ -260,23 +282,43 @@ class QuotaKeeper:
             prompt = reservation.prompt_estimate if reservation else self.prompt_estimate_of(flow)
             output = reservation.tokens - prompt if reservation else output_reservation(parsed_body(flow))
             usage = usage.at_least(prompt, output, self.price_for(meta).dearest_prompt_kind())
-            logger.warning("%s answered usage figures that are no count (%s) on %s; counted as reserved",
-                           meta.get("route"), ", ".join(sorted(usage.odd)), flow.id)  # fmt: skip
+            logger.warning(
+                "%s answered usage figures that are no count (%s) on %s; counted as reserved",
+                meta.get("route"),
+                ", ".join(sorted(usage.odd)),
+                flow.id,
+            )
         if usage is not None:
             cost = self.price_for(meta).cost(usage)
-            meta["usage"] = {"input": usage.prompt, "output": usage.output, "estimated": usage.estimated,
-                             "cost_usd": usd(cost)}  # fmt: skip
+            meta["usage"] = {
+                "input": usage.prompt,
+                "output": usage.output,
+                "estimated": usage.estimated,
+                "cost_usd": usd(cost),
+            }
             ctx.master.addons.get("metrics").count_usage(family, usage, cost)
         try:
             if usage is not None:
-                store.add_to_counters(**{"prompts": 1, "tokens": usage.total, "cost_nanousd": cost,
-                                         f"tokens:{family}": usage.total, f"cost_nanousd:{family}": cost})  # fmt: skip
+                store.add_to_counters(
+                    **{
+                        "prompts": 1,
+                        "tokens": usage.total,
+                        "cost_nanousd": cost,
+                        f"tokens:{family}": usage.total,
+                        f"cost_nanousd:{family}": cost,
+                    }
+                )
             if reservation:
                 spent = {**usage.counts(), "cost_nanousd": cost} if usage else None
-                store.settle(reservation.user, reservation.family, reservation.tokens, usage.total if usage else 0,
-                             reservation.cost, spent)  # fmt: skip
+                store.settle(
+                    reservation.user,
+                    reservation.family,
+                    reservation.tokens,
+                    usage.total if usage else 0,
+                    reservation.cost,
+                    spent,
+                )
         except StoreUnavailable as error:
             # The reservation's lease runs out on its own: the request counts not at all rather than in part.
             logger.warning("usage of a request could not be settled: %s", error)
         ctx.master.addons.get("promptlog").record(flow, usage, completion)
-

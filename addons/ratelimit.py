@@ -21,12 +21,16 @@ class RateLimiter:
 
     def __init__(self):
         # Each counted request's hit in its window, for the refund; beside the flow, not in its metadata.
-        self._hits: "weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str, str]]" = weakref.WeakKeyDictionary()
+        self._hits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str, str]] = weakref.WeakKeyDictionary()
 
     def load(self, loader):
         loader.add_option("model_rate_limit", int, 4, "Generation requests per minute per identity; 0 turns it off.")
-        loader.add_option("count_tokens_rate_limit", int, 60,
-                          "Token-count requests per minute per identity (their own window); 0 turns it off.")  # fmt: skip
+        loader.add_option(
+            "count_tokens_rate_limit",
+            int,
+            60,
+            "Token-count requests per minute per identity (their own window); 0 turns it off.",
+        )
         loader.add_option(
             "max_concurrent_per_identity", int, 0, "Generation requests one identity may have in flight; 0: any."
         )
@@ -45,8 +49,11 @@ class RateLimiter:
             return
         store = ctx.master.addons.get("storage").store
         identity = meta["identity"]
-        bucket, limit = ("count_tokens", ctx.options.count_tokens_rate_limit) if route.counts_tokens \
-            else ("", self._limit_for(meta))  # fmt: skip
+        bucket, limit = (
+            ("count_tokens", ctx.options.count_tokens_rate_limit)
+            if route.counts_tokens
+            else ("", self._limit_for(meta))
+        )
         if limit:
             allowed, remaining, reset_at, hit = store.hit_rate_window(identity, limit, WINDOW, bucket)
             meta["rate_limit"] = [limit, remaining, math.ceil(reset_at)]
@@ -55,17 +62,23 @@ class RateLimiter:
                 wait = max(1, math.ceil(reset_at - time.time()))
                 kind = "token-count requests" if route.counts_tokens else "requests"
                 flow.response = error_response(
-                    route.dialect, 429, f"This proxy allows {limit} {kind} per minute; try again in {wait} s.",
-                    "rate_limited", {"retry-after": str(wait)},
-                )  # fmt: skip
+                    route.dialect,
+                    429,
+                    f"This proxy allows {limit} {kind} per minute; try again in {wait} s.",
+                    "rate_limited",
+                    {"retry-after": str(wait)},
+                )
                 return
             self._hits[flow] = (identity, hit, bucket)
         if not store.enter(identity, ctx.options.max_concurrent_per_identity):
             meta["decision"] = "too_many_in_flight"
             flow.response = error_response(
-                route.dialect, 429, "You have as many requests in flight as this proxy allows; wait for one to end.",
-                "too_many_in_flight", {"retry-after": "1"},
-            )  # fmt: skip
+                route.dialect,
+                429,
+                "You have as many requests in flight as this proxy allows; wait for one to end.",
+                "too_many_in_flight",
+                {"retry-after": "1"},
+            )
             return
         meta["in_flight"] = True
 

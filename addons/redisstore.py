@@ -40,9 +40,18 @@ import redis
 
 # StoreUnavailable is defined in store.py, where the addons that catch it import it from.
 from addons.store import (
-    _JSON_COLUMNS, _USER_COLUMNS, SPENT_FIGURES, USAGE_FIGURES, KeyHealth, StoreUnavailable, UserError, import_records,
-    spent_amounts, token_hash, validate_fields,
-)  # fmt: skip
+    _JSON_COLUMNS,
+    _USER_COLUMNS,
+    SPENT_FIGURES,
+    USAGE_FIGURES,
+    KeyHealth,
+    StoreUnavailable,
+    UserError,
+    import_records,
+    spent_amounts,
+    token_hash,
+    validate_fields,
+)
 
 LEASE_SECONDS = 15 * 60
 IN_FLIGHT_SECONDS = 10 * 60
@@ -253,9 +262,7 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "llmproxy:"):
         self.url, self.prefix = _redacted(url), prefix
         try:
-            self.redis = redis.Redis.from_url(
-                url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
-            )  # fmt: skip
+            self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
             self.redis.ping()
         except ValueError as error:
             raise StoreUnavailable(f"{self.url} is not a usable Redis URL ({error}).") from None
@@ -274,8 +281,10 @@ class RedisStore:
 
     def key_health(self) -> dict[str, KeyHealth]:
         """Every key that is not active, by key id."""
-        return {key_id: KeyHealth(*json.loads(record))
-                for key_id, record in self.redis.hgetall(self._key("key_health")).items()}  # fmt: skip
+        return {
+            key_id: KeyHealth(*json.loads(record))
+            for key_id, record in self.redis.hgetall(self._key("key_health")).items()
+        }
 
     def set_key_health(self, key_id: str, state: str | None, reason: str = "") -> None:
         """Records a key as revoked or over quota; `state=None` makes it active again."""
@@ -380,41 +389,72 @@ class RedisStore:
             for user, record in records:
                 self._queue_insert(pipe, record)
                 for family, figures in (user.get("usage") or {}).items():
-                    pipe.hset(self._key("usage", record["id"]), mapping={
-                        f"{family}:{name}": int(figures.get(name, 0)) for name in ("used", *SPENT_FIGURES)})
+                    pipe.hset(
+                        self._key("usage", record["id"]),
+                        mapping={f"{family}:{name}": int(figures.get(name, 0)) for name in ("used", *SPENT_FIGURES)},
+                    )
             pipe.execute()
         return len(records)
 
     def record_visit(self, user_id: str, ip: str, max_ips: int, auto_ban: bool) -> str:
         """Notes a request from `ip`: "ok", "limited" (a new address over the limit, refused) or "banned"
         (the same, and the user is now disabled). `max_ips` 0 means no limit."""
-        outcome = self._record_visit(keys=[self._key("user", user_id)],
-                                     args=[ip, max_ips or 0, "1" if auto_ban else "", time.time(),
-                                           "IP address limit exceeded."])  # fmt: skip
+        outcome = self._record_visit(
+            keys=[self._key("user", user_id)],
+            args=[ip, max_ips or 0, "1" if auto_ban else "", time.time(), "IP address limit exceeded."],
+        )
         if outcome is None:
             raise UserError(f"There is no user {user_id!r}.")
         return outcome
 
     # -- usage ---------------------------------------------------------------------------------------------
 
-    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None, cost: int = 0,
-                cost_limit: int | None = None, total_cost_limit: int | None = None) -> bool:
+    def reserve(
+        self,
+        user_id: str,
+        family: str,
+        tokens: int,
+        limit: int | None,
+        cost: int = 0,
+        cost_limit: int | None = None,
+        total_cost_limit: int | None = None,
+    ) -> bool:
         """Sets `tokens` and `cost` (nano-dollars) aside for a request, under a lease, if, with them, the family's
         used + reserved tokens stay within `limit`, its cost within `cost_limit`, and the user's cost over every
         family within `total_cost_limit` (None: no limit)."""
-        return bool(self._reserve(
-            keys=[self._key("usage", user_id), self._key("leases", user_id)],
-            args=[family, int(tokens), _limit(limit), time.time(), LEASE_SECONDS, secrets.token_hex(8), int(cost),
-                  _limit(cost_limit), _limit(total_cost_limit)],
-        ))  # fmt: skip
+        return bool(
+            self._reserve(
+                keys=[self._key("usage", user_id), self._key("leases", user_id)],
+                args=[
+                    family,
+                    int(tokens),
+                    _limit(limit),
+                    time.time(),
+                    LEASE_SECONDS,
+                    secrets.token_hex(8),
+                    int(cost),
+                    _limit(cost_limit),
+                    _limit(total_cost_limit),
+                ],
+            )
+        )
 
-    def settle(self, user_id: str, family: str, reserved: int, used: int, reserved_cost: int = 0,
-               spent: dict[str, int] | None = None) -> None:
+    def settle(
+        self,
+        user_id: str,
+        family: str,
+        reserved: int,
+        used: int,
+        reserved_cost: int = 0,
+        spent: dict[str, int] | None = None,
+    ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request)."""
-        pairs = zip(("used", *SPENT_FIGURES), (int(used), *spent_amounts(spent)))
-        self._settle(keys=[self._key("usage", user_id), self._key("leases", user_id), self._key("user", user_id)],
-                     args=[family, int(reserved), int(reserved_cost), time.time(), *itertools.chain(*pairs)])
+        pairs = zip(("used", *SPENT_FIGURES), (int(used), *spent_amounts(spent)), strict=True)
+        self._settle(
+            keys=[self._key("usage", user_id), self._key("leases", user_id), self._key("user", user_id)],
+            args=[family, int(reserved), int(reserved_cost), time.time(), *itertools.chain(*pairs)],
+        )
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all."""
@@ -433,7 +473,9 @@ class RedisStore:
 
     # -- windows -------------------------------------------------------------------------------------------
 
-    def hit_rate_window(self, identity: str, limit: int, window: float, bucket: str = "") -> tuple[bool, int, float, str]:
+    def hit_rate_window(
+        self, identity: str, limit: int, window: float, bucket: str = ""
+    ) -> tuple[bool, int, float, str]:
         """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at, the hit's
         name for `refund_rate_window`). A `bucket` is a window of its own (token counts); only requests of the
         default bucket make an identity active."""
@@ -441,7 +483,7 @@ class RedisStore:
         allowed, count, oldest = self._hit_window(
             keys=[self._window_key(identity, bucket), self._key("active")],
             args=[identity, limit, now, now - window, max(1, int(window * 1000) + 1), hit, "0" if bucket else "1"],
-        )  # fmt: skip
+        )
         return bool(allowed), max(0, limit - count), float(oldest) + window if oldest else now, hit
 
     def refund_rate_window(self, identity: str, hit: str, bucket: str = "") -> None:
@@ -474,8 +516,12 @@ class RedisStore:
         """Counts a request in flight for `identity` unless it already has `limit` (0: no limit); the count
         lapses after IN_FLIGHT_SECONDS if `leave` never comes."""
         now = time.time()
-        return bool(self._enter(keys=[self._key("in_flight", identity)],
-                                args=[limit or 0, now, now + IN_FLIGHT_SECONDS, secrets.token_hex(8)]))  # fmt: skip
+        return bool(
+            self._enter(
+                keys=[self._key("in_flight", identity)],
+                args=[limit or 0, now, now + IN_FLIGHT_SECONDS, secrets.token_hex(8)],
+            )
+        )
 
     def leave(self, identity: str) -> None:
         self.redis.zpopmax(self._key("in_flight", identity))
@@ -489,14 +535,16 @@ class RedisStore:
         """What `name` is bound to in `space`, or None when it is unknown or was not used for `ttl` seconds;
         a hit counts as a use."""
         now = time.time()
-        return self._affinity(keys=[self._key("affinity", space), self._key("affinity_used", space)],
-                              args=[name, now, now - ttl])  # fmt: skip
+        return self._affinity(
+            keys=[self._key("affinity", space), self._key("affinity_used", space)], args=[name, now, now - ttl]
+        )
 
-    def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float,
-                      capacity: int) -> str:
+    def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float, capacity: int) -> str:
         """Binds `name` to `value` if it is bound to `expected` now (None: to nothing), and returns what it is
         bound to afterwards. Names unused for `ttl` seconds are forgotten, and beyond `capacity` names in the
         space the least recently used."""
         now = time.time()
-        return self._bind_affinity(keys=[self._key("affinity", space), self._key("affinity_used", space)],
-                                   args=[name, value, expected or "", now, now - ttl, capacity])  # fmt: skip
+        return self._bind_affinity(
+            keys=[self._key("affinity", space), self._key("affinity_used", space)],
+            args=[name, value, expected or "", now, now - ttl, capacity],
+        )

@@ -34,57 +34,128 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
     now, ident = int(time.time()), f"proxy-{uuid.uuid4().hex[:24]}"
     if route in _CHAT_ROUTES:
         if not stream:
-            return json.dumps({"id": ident, "object": "chat.completion", "created": now, "model": model,
-                               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                            "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}).encode(), \
-                "application/json"  # fmt: skip
-        chunk = lambda delta, finish: {"id": ident, "object": "chat.completion.chunk", "created": now,  # noqa: E731
-                                       "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return _sse([(None, chunk({"role": "assistant", "content": text}, None)), (None, chunk({}, "stop")),
-                     (None, "[DONE]")]), "text/event-stream"  # fmt: skip
+            return json.dumps(
+                {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": now,
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                }
+            ).encode(), "application/json"
+
+        def chunk(delta, finish):
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        return _sse(
+            [(None, chunk({"role": "assistant", "content": text}, None)), (None, chunk({}, "stop")), (None, "[DONE]")]
+        ), "text/event-stream"
     if route == "openai.completions":
         choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
         body = {"id": ident, "object": "text_completion", "created": now, "model": model, "choices": [choice]}
-        return (_sse([(None, body), (None, "[DONE]")]), "text/event-stream") if stream else \
-            (json.dumps(body).encode(), "application/json")  # fmt: skip
+        return (
+            (_sse([(None, body), (None, "[DONE]")]), "text/event-stream")
+            if stream
+            else (json.dumps(body).encode(), "application/json")
+        )
     if route == "openai.responses":
-        response = {"id": ident, "object": "response", "created_at": now, "model": model, "status": "completed",
-                    "output": [{"type": "message", "id": f"msg_{ident}", "role": "assistant", "status": "completed",
-                                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                    "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}  # fmt: skip
+        response = {
+            "id": ident,
+            "object": "response",
+            "created_at": now,
+            "model": model,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "id": f"msg_{ident}",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        }
         if not stream:
             return json.dumps(response).encode(), "application/json"
-        return _sse([("response.output_text.delta", {"type": "response.output_text.delta", "delta": text,
-                                                     "item_id": f"msg_{ident}", "output_index": 0,
-                                                     "content_index": 0, "sequence_number": 0}),
-                     ("response.completed", {"type": "response.completed", "response": response,
-                                             "sequence_number": 1})]), "text/event-stream"  # fmt: skip
+        return _sse(
+            [
+                (
+                    "response.output_text.delta",
+                    {
+                        "type": "response.output_text.delta",
+                        "delta": text,
+                        "item_id": f"msg_{ident}",
+                        "output_index": 0,
+                        "content_index": 0,
+                        "sequence_number": 0,
+                    },
+                ),
+                ("response.completed", {"type": "response.completed", "response": response, "sequence_number": 1}),
+            ]
+        ), "text/event-stream"
     if route == "anthropic.complete":
         body = {"type": "completion", "id": ident, "completion": text, "stop_reason": "stop_sequence", "model": model}
-        return (_sse([("completion", body)]), "text/event-stream") if stream else \
-            (json.dumps(body).encode(), "application/json")  # fmt: skip
-    message = {"id": ident, "type": "message", "role": "assistant", "model": model, "stop_reason": "end_turn",
-               "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}  # fmt: skip
+        return (
+            (_sse([("completion", body)]), "text/event-stream")
+            if stream
+            else (json.dumps(body).encode(), "application/json")
+        )
+    message = {
+        "id": ident,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
     if not stream:
         return json.dumps({**message, "content": [{"type": "text", "text": text}]}).encode(), "application/json"
-    return _sse([
-        ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None}}),
-        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
-        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"output_tokens": 0}}),
-        ("message_stop", {"type": "message_stop"}),
-    ]), "text/event-stream"  # fmt: skip
+    return _sse(
+        [
+            ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None}}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+            ),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 0},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    ), "text/event-stream"
 
 
 class RefusalFormat:
     """Rewrites error answers of generation routes into assistant messages when PROXY_ERROR_FORMAT=completion."""
 
     def load(self, loader):
-        loader.add_option("proxy_error_format", str, "error",
-                          "error: real error statuses; completion: HTTP 200 with the error as an assistant message.")  # fmt: skip
+        loader.add_option(
+            "proxy_error_format",
+            str,
+            "error",
+            "error: real error statuses; completion: HTTP 200 with the error as an assistant message.",
+        )
 
     def configure(self, updated):
         if "proxy_error_format" in updated and ctx.options.proxy_error_format not in ERROR_FORMATS:
@@ -94,8 +165,13 @@ class RefusalFormat:
     async def response(self, flow: http.HTTPFlow) -> None:
         route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
         response = flow.response
-        if ctx.options.proxy_error_format != "completion" or route is None or response.stream \
-                or response.status_code < 400 or route.name not in _MESSAGE_ROUTES:  # fmt: skip
+        if (
+            ctx.options.proxy_error_format != "completion"
+            or route is None
+            or response.stream
+            or response.status_code < 400
+            or route.name not in _MESSAGE_ROUTES
+        ):
             return
         try:
             error = json.loads(response.content).get("error", {})
@@ -107,7 +183,9 @@ class RefusalFormat:
         except ValueError:
             body = {}
         text = f"**Proxy error (HTTP {response.status_code})**\n\n{message}"
-        content, content_type = fake_completion(route.name, str(body.get("model", "")), text, body.get("stream") is True)
+        content, content_type = fake_completion(
+            route.name, str(body.get("model", "")), text, body.get("stream") is True
+        )
         headers = response.headers.copy()
         headers.pop("content-length", None)
         headers["content-type"] = content_type

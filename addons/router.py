@@ -12,8 +12,10 @@ API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 # What each client connection's protocol (ALPN) may call itself; a cleartext HTTP/1 connection has none.
 _VERSIONS_SPOKEN = {b"h2": ("HTTP/2.0",), b"h3": ("HTTP/3",)}
 
-_CORS_ALLOWED_HEADERS = (b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta, "
-                         b"anthropic-dangerous-direct-browser-access")
+_CORS_ALLOWED_HEADERS = (
+    b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta, "
+    b"anthropic-dangerous-direct-browser-access"
+)
 
 
 class Router:
@@ -27,9 +29,11 @@ class Router:
             "max_request_body", str, "4m", "Largest request body accepted (k, m, g suffixes); larger ones get 413."
         )
         loader.add_option(
-            "local_other_hosts", str, "pass",
+            "local_other_hosts",
+            str,
+            "pass",
             "./run.sh local: pass (untouched) or block requests to hosts other than the two APIs.",
-        )  # fmt: skip
+        )
 
     def configure(self, updated):
         if "local_other_hosts" in updated and ctx.options.local_other_hosts not in ("pass", "block"):
@@ -59,7 +63,9 @@ class Router:
             if host_api is None:
                 if ctx.options.local_other_hosts == "block":
                     meta["decision"] = "blocked_host"
-                    flow.response = error_response(OPENAI, 403, "This proxy only lets the LLM APIs through.", "host_blocked")
+                    flow.response = error_response(
+                        OPENAI, 403, "This proxy only lets the LLM APIs through.", "host_blocked"
+                    )
                 else:
                     meta["passthrough"] = True  # not an API: not ours to touch
                 return
@@ -69,9 +75,11 @@ class Router:
             # mitmproxy takes any `HTTP/d.d`; `HTTP/2.0` on an HTTP/1 connection would skip the absolute-form check.
             meta["decision"] = "blocked_path"
             flow.response = error_response(
-                api, 505, f"This proxy speaks HTTP/1.0 and HTTP/1.1 here, not {request.http_version}.",
+                api,
+                505,
+                f"This proxy speaks HTTP/1.0 and HTTP/1.1 here, not {request.http_version}.",
                 "http_version_not_supported",
-            )  # fmt: skip
+            )
             return
         if self._too_large(request.headers.get("content-length", "0")):
             meta["decision"] = "too_large"
@@ -92,17 +100,22 @@ class Router:
             # 426, not 404 or 405: Codex retries those for seconds before it falls back to HTTPS; 426 at once.
             meta["decision"] = "blocked_path"
             flow.response = error_response(
-                api, 426, "This proxy does not accept WebSocket connections; send the request as HTTPS POST.",
+                api,
+                426,
+                "This proxy does not accept WebSocket connections; send the request as HTTPS POST.",
                 "websocket_not_supported",
-            )  # fmt: skip
+            )
             return
         if routes.STORED_RESPONSE_PATH.fullmatch(routes.request_path(raw_target)):
             meta["decision"] = "blocked_path"
             flow.response = error_response(
-                api, 404, "This proxy does not serve stored responses (GET, DELETE or cancel of "
+                api,
+                404,
+                "This proxy does not serve stored responses (GET, DELETE or cancel of "
                 "/v1/responses/{id}): its keys belong to different organisations. Keep the output you need, "
-                "or send the whole conversation again.", "stored_responses_not_served",
-            )  # fmt: skip
+                "or send the whole conversation again.",
+                "stored_responses_not_served",
+            )
             return
         match = routes.lookup(request.data.method, raw_target)
         if match.route is not None:
@@ -111,8 +124,11 @@ class Router:
                 meta["dialect"] = match.route.dialect  # the error format of everything that follows
             return
         meta["decision"] = "blocked_path"
-        if request.data.method == b"GET" and routes.request_path(raw_target).startswith(b"/proxy/") \
-                and self._is_browser(request):  # fmt: skip
+        if (
+            request.data.method == b"GET"
+            and routes.request_path(raw_target).startswith(b"/proxy/")
+            and self._is_browser(request)
+        ):
             flow.response = http.Response.make(302, b"", {"location": "/"})
         elif match.allowed_methods:
             flow.response = error_response(
@@ -142,9 +158,11 @@ class Router:
 
     def _too_large_response(self, api: str) -> http.Response:
         return error_response(
-            api, 413, f"The request body is larger than this proxy accepts ({ctx.options.max_request_body}).",
+            api,
+            413,
+            f"The request body is larger than this proxy accepts ({ctx.options.max_request_body}).",
             "request_too_large",
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _is_browser(request: http.Request) -> bool:

@@ -26,7 +26,6 @@ class Route:
     client_format: str = ""  # the API format the client speaks, when it is not the upstream's
     counts_tokens: bool = False  # a token count: no generation, so its own rate limit and no quota
 
-
     @property
     def dialect(self) -> str:
         """The API whose request, answer and error formats the client uses."""
@@ -52,8 +51,13 @@ _SERVICE_ROUTES = {
     ],
 }
 
-_PAGES = [("status_page", "/"), ("status", "/status"), ("health", "/health"), ("user_usage", "/user/usage"),
-          ("metrics", "/metrics")]
+_PAGES = [
+    ("status_page", "/"),
+    ("status", "/status"),
+    ("health", "/health"),
+    ("user_usage", "/user/usage"),
+    ("metrics", "/metrics"),
+]
 
 # A query string is accepted (SDKs add `?beta=true`, list calls add `?limit=`) but never forwarded.
 _QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&,\-]*)?")

@@ -34,8 +34,12 @@ def git_build() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=2, check=False,
-        ).stdout.strip()  # fmt: skip
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}{' (modified)' if dirty else ''}" if sha else "unknown"
@@ -132,8 +136,9 @@ class StatusPage:
         if ctx.options.show_token_costs:
             facts["costUsd"] = usd(counters.get("cost_nanousd", 0))
             for family, figures in every_family.items():
-                figures.update(tokens=counters.get(f"tokens:{family}", 0),
-                               costUsd=usd(counters.get(f"cost_nanousd:{family}", 0)))  # fmt: skip
+                figures.update(
+                    tokens=counters.get(f"tokens:{family}", 0), costUsd=usd(counters.get(f"cost_nanousd:{family}", 0))
+                )
         facts["families"] = {family: every_family[family] for family in with_keys}
         facts["config"] = self.public_config()
         template_only = {"families": every_family, "users": store.list_users() if self.template else []}
@@ -180,8 +185,20 @@ class StatusPage:
 
     def fill(self, template: str, facts: dict) -> str:
         """The PAGE_BODY template with every known {tag} replaced by its HTML-escaped value; others stay."""
-        values = {key: str(facts[key]) for key in ("uptime", "title", "build", "proompts", "tookens",
-                                                   "proomptersNow", "openaiKeys", "anthropicKeys", "status")}  # fmt: skip
+        values = {
+            key: str(facts[key])
+            for key in (
+                "uptime",
+                "title",
+                "build",
+                "proompts",
+                "tookens",
+                "proomptersNow",
+                "openaiKeys",
+                "anthropicKeys",
+                "status",
+            )
+        }
         values.update({f"endpoints:{api}": url for api, url in facts["endpoints"].items()})
         values.update({f"config:{name}": value for name, value in facts["config"].items()})
         values["config:page_body"] = template
@@ -190,15 +207,32 @@ class StatusPage:
         for tag, members in _TAG_ALIASES.items():
             group = [families[m] for m in members if m in families]
             families[tag] = {field: sum(f[field] for f in group) for field in _FAMILY_FIELDS[:4]}
-            families[tag]["estimatedQueueTime"] = format_wait(max((f["estimatedQueueSeconds"] for f in group), default=0))
+            families[tag]["estimatedQueueTime"] = format_wait(
+                max((f["estimatedQueueSeconds"] for f in group), default=0)
+            )
         # The sum above counts a key serving four Claude families four times; the service's tag counts it once.
         families[ANTHROPIC].update({field: facts[ANTHROPIC]["keys"][state] for field, state in _KEY_FIELDS.items()})
-        values.update({f"{family}:{field}": str(figures[field]) for family, figures in families.items()
-                       for field in _FAMILY_FIELDS})  # fmt: skip
+        values.update(
+            {
+                f"{family}:{field}": str(figures[field])
+                for family, figures in families.items()
+                for field in _FAMILY_FIELDS
+            }
+        )
         values.update(self._cost_tags(facts, families))
         users = template_only["users"]
-        values["user:data"] = json.dumps([{"nickname": u["nickname"], "type": u["type"], "promptCount": u["prompt_count"],
-                                           "createdAt": u["created_at"], "lastUsedAt": u["last_used_at"]} for u in users])  # fmt: skip
+        values["user:data"] = json.dumps(
+            [
+                {
+                    "nickname": u["nickname"],
+                    "type": u["type"],
+                    "promptCount": u["prompt_count"],
+                    "createdAt": u["created_at"],
+                    "lastUsedAt": u["last_used_at"],
+                }
+                for u in users
+            ]
+        )
         values["user:aliases"] = json.dumps([u["nickname"] for u in users if u["nickname"]])
         values["JSON"] = json.dumps(facts, indent=2)
         escaped = {tag: html.escape(value) for tag, value in values.items()}
@@ -240,8 +274,10 @@ class StatusPage:
             else:
                 state = f"no keys yet: set {_KEY_SETTINGS[api]} (comma-separated) and restart"
             rows.append(
-                f"<tr><th>{SERVICE_NAMES[api]}</th><td data-label=Endpoint><code>{e(facts['endpoints'][api])}</code></td>"
-                f"<td data-label=Keys>{e(state)}</td><td data-label='Requests served'>{facts[api]['requestsServed']}</td></tr>"
+                f"<tr><th>{SERVICE_NAMES[api]}</th>"
+                f"<td data-label=Endpoint><code>{e(facts['endpoints'][api])}</code></td>"
+                f"<td data-label=Keys>{e(state)}</td>"
+                f"<td data-label='Requests served'>{facts[api]['requestsServed']}</td></tr>"
             )
         notice_html = "".join(f'<p class="notice">{e(notice)}</p>' for notice in notices)
         return (

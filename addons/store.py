@@ -30,14 +30,35 @@ EDITABLE_FIELDS = {
 }
 _JSON_COLUMNS = ("ips", "token_limits")
 _USER_COLUMNS = (
-    "id", "token_hash", "nickname", "type", "created_at", "last_used_at", "ips", "max_ips", "token_limits",
-    "rate_limit", "expires_at", "admin_note", "prompt_count", "disabled_at", "disabled_reason",
-)  # fmt: skip
+    "id",
+    "token_hash",
+    "nickname",
+    "type",
+    "created_at",
+    "last_used_at",
+    "ips",
+    "max_ips",
+    "token_limits",
+    "rate_limit",
+    "expires_at",
+    "admin_note",
+    "prompt_count",
+    "disabled_at",
+    "disabled_reason",
+)
 # What a settled request adds to its user's figures of a family besides the tokens token quotas count (`used`): its
 # cost in nano-dollars (10⁻⁹ USD, whole numbers, so that sums and quota checks are exact in both stores) and its
 # tokens by the kinds addons/usage.py reads. Like `used`, they start afresh with each quota period.
-SPENT_FIGURES = ("cost_nanousd", "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "reasoning",
-                 "web_searches")  # fmt: skip
+SPENT_FIGURES = (
+    "cost_nanousd",
+    "input",
+    "output",
+    "cache_read",
+    "cache_write_5m",
+    "cache_write_1h",
+    "reasoning",
+    "web_searches",
+)
 USAGE_FIGURES = ("used", "reserved", "reserved_nanousd", *SPENT_FIGURES)  # a family's figures, as get_user shows them
 
 
@@ -68,8 +89,9 @@ def validate_fields(fields: dict) -> dict:
     if "nickname" in fields and fields["nickname"] is not None and len(fields["nickname"]) > 80:
         raise UserError("'nickname' must be at most 80 characters.")
     limits = fields.get("token_limits", {})
-    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-               for k, v in limits.items()):  # fmt: skip
+    if not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in limits.items()
+    ):
         raise UserError("'token_limits' maps family names to whole numbers of tokens.")
     return fields
 
@@ -78,14 +100,16 @@ def import_records(users: list[dict]) -> list[tuple[dict, dict]]:
     """(exported user, record to store) for each user of an export, validated before anything is written."""
     records = []
     for user in users:
-        if not isinstance(user, dict) or not isinstance(user.get("token_hash"), str) \
-                or len(user["token_hash"]) != 64:  # fmt: skip
+        if not isinstance(user, dict) or not isinstance(user.get("token_hash"), str) or len(user["token_hash"]) != 64:
             raise UserError("Each imported user needs the 64-character 'token_hash' of an export.")
         editable = validate_fields({k: v for k, v in user.items() if k in EDITABLE_FIELDS})
-        kept = {k: user[k] for k in ("created_at", "last_used_at", "ips", "prompt_count", "disabled_at",
-                                      "disabled_reason") if k in user}  # fmt: skip
-        records.append((user, {"id": user["token_hash"][:16], "token_hash": user["token_hash"],
-                               "created_at": time.time(), **kept, **editable}))  # fmt: skip
+        kept = {
+            k: user[k]
+            for k in ("created_at", "last_used_at", "ips", "prompt_count", "disabled_at", "disabled_reason")
+            if k in user
+        }
+        record = {"id": user["token_hash"][:16], "token_hash": user["token_hash"], "created_at": time.time()}
+        records.append((user, {**record, **kept, **editable}))
     return records
 
 
@@ -178,11 +202,15 @@ class SQLiteStore:
         row = self.db.execute(f"SELECT {', '.join(_USER_COLUMNS)} FROM users WHERE {where} = ?", (value,)).fetchone()
         if row is None:
             return None
-        user = dict(zip(_USER_COLUMNS, row))
+        user = dict(zip(_USER_COLUMNS, row, strict=True))
         for column in _JSON_COLUMNS:
             user[column] = json.loads(user[column])
-        user["usage"] = {family: dict(zip(USAGE_FIGURES, figures)) for family, *figures in self.db.execute(
-            f"SELECT family, {', '.join(USAGE_FIGURES)} FROM usage WHERE user_id = ?", (user["id"],))}  # fmt: skip
+        user["usage"] = {
+            family: dict(zip(USAGE_FIGURES, figures, strict=True))
+            for family, *figures in self.db.execute(
+                f"SELECT family, {', '.join(USAGE_FIGURES)} FROM usage WHERE user_id = ?", (user["id"],)
+            )
+        }
         return user
 
     def create_user(self, fields: dict) -> tuple[str, dict]:
@@ -218,8 +246,9 @@ class SQLiteStore:
         fields = validate_fields(dict(fields))
         if fields:
             values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
-            self.db.execute(f"UPDATE users SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                            [*values, user_id])  # fmt: skip
+            self.db.execute(
+                f"UPDATE users SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", [*values, user_id]
+            )
         return self.get_user(user_id)
 
     def set_disabled(self, user_id: str, reason: str | None) -> dict | None:
@@ -253,7 +282,7 @@ class SQLiteStore:
                         f" ON CONFLICT (user_id, family) DO UPDATE SET"
                         f" {', '.join(f'{name} = excluded.{name}' for name in kept)}",
                         (record["id"], family, *(int(figures.get(name, 0)) for name in kept)),
-                    )  # fmt: skip
+                    )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -276,9 +305,16 @@ class SQLiteStore:
             self.db.execute(
                 "UPDATE users SET ips = ?, last_used_at = ?, disabled_at = CASE WHEN ? THEN ? ELSE disabled_at END,"
                 " disabled_reason = CASE WHEN ? THEN ? ELSE disabled_reason END WHERE id = ?",
-                (json.dumps(ips), time.time(), outcome == "banned", time.time(), outcome == "banned",
-                 "IP address limit exceeded.", user_id),
-            )  # fmt: skip
+                (
+                    json.dumps(ips),
+                    time.time(),
+                    outcome == "banned",
+                    time.time(),
+                    outcome == "banned",
+                    "IP address limit exceeded.",
+                    user_id,
+                ),
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -287,24 +323,49 @@ class SQLiteStore:
 
     # -- usage ---------------------------------------------------------------------------------------------
 
-    def reserve(self, user_id: str, family: str, tokens: int, limit: int | None, cost: int = 0,
-                cost_limit: int | None = None, total_cost_limit: int | None = None) -> bool:
+    def reserve(
+        self,
+        user_id: str,
+        family: str,
+        tokens: int,
+        limit: int | None,
+        cost: int = 0,
+        cost_limit: int | None = None,
+        total_cost_limit: int | None = None,
+    ) -> bool:
         """Sets `tokens` and `cost` (nano-dollars) aside for a request if, with them, the family's used + reserved
         tokens stay within `limit`, its cost within `cost_limit`, and the user's cost over every family within
         `total_cost_limit` (None: no limit)."""
         self.db.execute("INSERT OR IGNORE INTO usage (user_id, family) VALUES (?, ?)", (user_id, family))
-        return bool(self.db.execute(
-            "UPDATE usage SET reserved = reserved + :tokens, reserved_nanousd = reserved_nanousd + :cost"
-            " WHERE user_id = :user AND family = :family AND (:limit IS NULL OR used + reserved + :tokens <= :limit)"
-            " AND (:cost_limit IS NULL OR cost_nanousd + reserved_nanousd + :cost <= :cost_limit)"
-            " AND (:total_limit IS NULL OR :cost + (SELECT SUM(cost_nanousd + reserved_nanousd) FROM usage"
-            " WHERE user_id = :user) <= :total_limit)",
-            {"tokens": tokens, "cost": cost, "user": user_id, "family": family, "limit": limit,
-             "cost_limit": cost_limit, "total_limit": total_cost_limit},
-        ).rowcount)  # fmt: skip
+        return bool(
+            self.db.execute(
+                "UPDATE usage SET reserved = reserved + :tokens, reserved_nanousd = reserved_nanousd + :cost"
+                " WHERE user_id = :user AND family = :family"
+                " AND (:limit IS NULL OR used + reserved + :tokens <= :limit)"
+                " AND (:cost_limit IS NULL OR cost_nanousd + reserved_nanousd + :cost <= :cost_limit)"
+                " AND (:total_limit IS NULL OR :cost + (SELECT SUM(cost_nanousd + reserved_nanousd) FROM usage"
+                " WHERE user_id = :user) <= :total_limit)",
+                {
+                    "tokens": tokens,
+                    "cost": cost,
+                    "user": user_id,
+                    "family": family,
+                    "limit": limit,
+                    "cost_limit": cost_limit,
+                    "total_limit": total_cost_limit,
+                },
+            ).rowcount
+        )
 
-    def settle(self, user_id: str, family: str, reserved: int, used: int, reserved_cost: int = 0,
-               spent: dict[str, int] | None = None) -> None:
+    def settle(
+        self,
+        user_id: str,
+        family: str,
+        reserved: int,
+        used: int,
+        reserved_cost: int = 0,
+        spent: dict[str, int] | None = None,
+    ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request)."""
         self.db.execute(
@@ -328,14 +389,18 @@ class SQLiteStore:
         for name, amount in amounts.items():
             self.db.execute(
                 "INSERT INTO counters (name, value) VALUES (?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, amount))  # fmt: skip
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (name, amount),
+            )
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, value FROM counters"))
 
     # -- windows (memory) ----------------------------------------------------------------------------------
 
-    def hit_rate_window(self, identity: str, limit: int, window: float, bucket: str = "") -> tuple[bool, int, float, str]:
+    def hit_rate_window(
+        self, identity: str, limit: int, window: float, bucket: str = ""
+    ) -> tuple[bool, int, float, str]:
         """Counts a request in `identity`'s sliding window if it has room: (allowed, remaining, reset at, the hit's
         name for `refund_rate_window`). A `bucket` is a window of its own (token counts); only requests of the
         default bucket make an identity active."""
@@ -395,37 +460,43 @@ class SQLiteStore:
         """What `name` is bound to in `space`, or None when it is unknown or was not used for `ttl` seconds;
         a hit counts as a use."""
         now = time.time()
-        row = self.db.execute("SELECT value FROM affinity WHERE space = ? AND name = ? AND used_at > ?",
-                              (space, name, now - ttl)).fetchone()  # fmt: skip
+        row = self.db.execute(
+            "SELECT value FROM affinity WHERE space = ? AND name = ? AND used_at > ?", (space, name, now - ttl)
+        ).fetchone()
         if row is None:
             return None
         self.db.execute("UPDATE affinity SET used_at = ? WHERE space = ? AND name = ?", (now, space, name))
         return row[0]
 
-    def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float,
-                      capacity: int) -> str:
+    def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float, capacity: int) -> str:
         """Binds `name` to `value` if it is bound to `expected` now (None: to nothing), and returns what it is
         bound to afterwards. Names unused for `ttl` seconds are forgotten, and beyond `capacity` names in the
         space the least recently used."""
         now = time.time()
         if space not in self._affinity_sizes:  # counted once; afterwards followed, as one process owns the file
             (self._affinity_sizes[space],) = self.db.execute(
-                "SELECT COUNT(*) FROM affinity WHERE space = ?", (space,)).fetchone()  # fmt: skip
+                "SELECT COUNT(*) FROM affinity WHERE space = ?", (space,)
+            ).fetchone()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             size = self._affinity_sizes[space]
             size -= self.db.execute(
-                "DELETE FROM affinity WHERE space = ? AND used_at <= ?", (space, now - ttl)).rowcount  # fmt: skip
+                "DELETE FROM affinity WHERE space = ? AND used_at <= ?", (space, now - ttl)
+            ).rowcount
             row = self.db.execute("SELECT value FROM affinity WHERE space = ? AND name = ?", (space, name)).fetchone()
             current = value if (row[0] if row else None) == expected else row[0]
             self.db.execute(
                 "INSERT INTO affinity (space, name, value, used_at) VALUES (?, ?, ?, ?) ON CONFLICT (space, name)"
-                " DO UPDATE SET value = excluded.value, used_at = excluded.used_at", (space, name, current, now))
+                " DO UPDATE SET value = excluded.value, used_at = excluded.used_at",
+                (space, name, current, now),
+            )
             size += row is None
             if size > capacity:
                 size -= self.db.execute(
                     "DELETE FROM affinity WHERE rowid IN (SELECT rowid FROM affinity WHERE space = ?"
-                    " ORDER BY used_at LIMIT ?)", (space, size - capacity)).rowcount  # fmt: skip
+                    " ORDER BY used_at LIMIT ?)",
+                    (space, size - capacity),
+                ).rowcount
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")

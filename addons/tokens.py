@@ -50,7 +50,9 @@ def _tiktoken_file(vocabulary: bytes) -> bytes:
 
 
 def _cache_dir() -> Path:
-    directory = Path(os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(tempfile.gettempdir()) / "llmproxy-tiktoken")))
+    directory = Path(
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(tempfile.gettempdir()) / "llmproxy-tiktoken"))
+    )
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
@@ -67,8 +69,10 @@ def encoding(name: str) -> tiktoken.Encoding:
             partial.replace(cached)
         return tiktoken.get_encoding(name)
     except Exception as error:  # tiktoken falls back to downloading, which fails here with a network error
-        raise TokenizerUnavailable(f"The {name} tokenizer could not be loaded offline ({type(error).__name__}); "
-                                   "reinstall the pinned requirements.") from None  # fmt: skip
+        raise TokenizerUnavailable(
+            f"The {name} tokenizer could not be loaded offline ({type(error).__name__}); "
+            "reinstall the pinned requirements."
+        ) from None
 
 
 def encoding_for(model: str) -> str:
@@ -78,11 +82,30 @@ def encoding_for(model: str) -> str:
 
 
 # Values of these keys (and all within them) are identifiers or settings: no model reads them as text.
-NOT_TEXT_KEYS = frozenset({
-    "id", "call_id", "tool_use_id", "tool_call_id", "previous_response_id", "prompt_cache_key", "model", "type",
-    "role", "status", "media_type", "cache_control", "metadata", "client_metadata", "user", "safety_identifier",
-    "service_tier", "include", "detail", "mime_type",
-})  # fmt: skip
+NOT_TEXT_KEYS = frozenset(
+    {
+        "id",
+        "call_id",
+        "tool_use_id",
+        "tool_call_id",
+        "previous_response_id",
+        "prompt_cache_key",
+        "model",
+        "type",
+        "role",
+        "status",
+        "media_type",
+        "cache_control",
+        "metadata",
+        "client_metadata",
+        "user",
+        "safety_identifier",
+        "service_tier",
+        "include",
+        "detail",
+        "mime_type",
+    }
+)
 # Opaque blobs a model does read, encoded (encrypted reasoning, redacted thinking, compaction, audio).
 BLOB_KEYS = frozenset({"encrypted_content", "data", "file_data"})
 SIGNATURE_KEYS = frozenset({"signature"})  # verifies a thinking block; not read by the model

@@ -16,8 +16,14 @@ from addons.body import parsed_body, replace_body
 from addons.usage import Usage, from_usage_object
 
 DEFAULT_MAX_TOKENS = 4096  # the Messages API requires one; OpenAI clients often send none
-FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
-                  "pause_turn": "stop", "refusal": "content_filter"}  # fmt: skip
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "stop",
+    "refusal": "content_filter",
+}
 _DATA_URL = re.compile(r"data:(?P<media>[\w/+.-]+);base64,(?P<data>.+)", re.DOTALL)
 _ROUTE = "anthropic.chat_completions"
 
@@ -35,8 +41,9 @@ def _blocks(content) -> list[dict]:
         elif part.get("type") == "image_url":
             url = (part.get("image_url") or {}).get("url", "")
             if match := _DATA_URL.fullmatch(url):
-                blocks.append({"type": "image", "source": {"type": "base64", "media_type": match["media"],
-                                                           "data": match["data"]}})  # fmt: skip
+                blocks.append(
+                    {"type": "image", "source": {"type": "base64", "media_type": match["media"], "data": match["data"]}}
+                )
             else:
                 blocks.append({"type": "image", "source": {"type": "url", "url": url}})
     return blocks
@@ -55,8 +62,8 @@ def chat_to_messages(body: dict) -> dict:
             system.append(_text_of(message.get("content")))
             continue
         if role in ("tool", "function"):
-            role, blocks = "user", [{"type": "tool_result", "tool_use_id": message.get("tool_call_id", ""),
-                                     "content": _text_of(message.get("content"))}]  # fmt: skip
+            result = {"tool_use_id": message.get("tool_call_id", ""), "content": _text_of(message.get("content"))}
+            role, blocks = "user", [{"type": "tool_result", **result}]
         else:
             blocks = _blocks(message.get("content"))
             if name := message.get("name"):
@@ -67,8 +74,9 @@ def chat_to_messages(body: dict) -> dict:
                     arguments = json.loads(function.get("arguments") or "{}")
                 except ValueError:
                     arguments = {}
-                blocks.append({"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""),
-                               "input": arguments})  # fmt: skip
+                blocks.append(
+                    {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""), "input": arguments}
+                )
         if turns and turns[-1]["role"] == role:  # the Messages API wants turns to alternate
             turns[-1]["content"].extend(blocks)
         else:
@@ -92,9 +100,15 @@ def chat_to_messages(body: dict) -> dict:
     if isinstance(body.get("user"), str):
         request["metadata"] = {"user_id": body["user"]}
     if tools := body.get("tools"):
-        request["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                             "input_schema": t["function"].get("parameters") or {"type": "object"}}
-                            for t in tools if t.get("type") == "function"]  # fmt: skip
+        request["tools"] = [
+            {
+                "name": t["function"]["name"],
+                "description": t["function"].get("description", ""),
+                "input_schema": t["function"].get("parameters") or {"type": "object"},
+            }
+            for t in tools
+            if t.get("type") == "function"
+        ]
         choice = body.get("tool_choice")
         if choice == "required":
             request["tool_choice"] = {"type": "any"}
@@ -116,20 +130,43 @@ def message_to_chat(answer: bytes) -> bytes:
     data = json.loads(answer)
     if data.get("type") == "error" or "error" in data:
         error = data.get("error") or {}
-        return json.dumps({"error": {"message": error.get("message", ""), "type": error.get("type", "api_error"),
-                                     "param": None, "code": None}}).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "error": {
+                    "message": error.get("message", ""),
+                    "type": error.get("type", "api_error"),
+                    "param": None,
+                    "code": None,
+                }
+            }
+        ).encode()
     text = "".join(block.get("text", "") for block in data.get("content", []) if block.get("type") == "text")
-    calls = [{"id": block["id"], "type": "function", "function": {"name": block["name"],
-              "arguments": json.dumps(block.get("input", {}))}}
-             for block in data.get("content", []) if block.get("type") == "tool_use"]  # fmt: skip
-    message = {"role": "assistant", "content": text or (None if calls else ""), **({"tool_calls": calls} if calls else {})}
-    return json.dumps({
-        "id": f"chatcmpl-{data.get('id', '')}", "object": "chat.completion", "created": int(time.time()),
-        "model": data.get("model", ""),
-        "choices": [{"index": 0, "message": message,
-                     "finish_reason": FINISH_REASONS.get(data.get("stop_reason"), "stop")}],
-        "usage": _usage(data.get("usage")),
-    }).encode()  # fmt: skip
+    calls = [
+        {
+            "id": block["id"],
+            "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block.get("input", {}))},
+        }
+        for block in data.get("content", [])
+        if block.get("type") == "tool_use"
+    ]
+    message = {
+        "role": "assistant",
+        "content": text or (None if calls else ""),
+        **({"tool_calls": calls} if calls else {}),
+    }
+    return json.dumps(
+        {
+            "id": f"chatcmpl-{data.get('id', '')}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": data.get("model", ""),
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": FINISH_REASONS.get(data.get("stop_reason"), "stop")}
+            ],
+            "usage": _usage(data.get("usage")),
+        }
+    ).encode()
 
 
 class MessagesToChatStream:
@@ -143,8 +180,13 @@ class MessagesToChatStream:
         self._pending = b""
 
     def _chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         if usage:
             chunk["usage"] = usage
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
@@ -169,15 +211,27 @@ class MessagesToChatStream:
         if kind == "content_block_start" and payload.get("content_block", {}).get("type") == "tool_use":
             block = payload["content_block"]
             index = self.tool_index.setdefault(payload.get("index", 0), len(self.tool_index))
-            return self._chunk({"tool_calls": [{"index": index, "id": block.get("id"), "type": "function",
-                                                "function": {"name": block.get("name"), "arguments": ""}}]})  # fmt: skip
+            return self._chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": block.get("id"),
+                            "type": "function",
+                            "function": {"name": block.get("name"), "arguments": ""},
+                        }
+                    ]
+                }
+            )
         if kind == "content_block_delta":
             delta = payload.get("delta", {})
             if delta.get("type") == "text_delta":
                 return self._chunk({"content": delta.get("text", "")})
             if delta.get("type") == "input_json_delta":
                 index = self.tool_index.get(payload.get("index", 0), 0)
-                return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta.get("partial_json", "")}}]})
+                return self._chunk(
+                    {"tool_calls": [{"index": index, "function": {"arguments": delta.get("partial_json", "")}}]}
+                )
         if kind == "message_delta":
             if isinstance(payload.get("usage"), dict):
                 self.usage = {**self.usage, **payload["usage"]}

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field, replace
 from addons.apierrors import ANTHROPIC
 
 _RESPONSE_ENDINGS = ("response.completed", "response.incomplete", "response.failed")
-CHARACTERS_PER_TOKEN = 4  # the usual English average of both tokenizers; only used when the upstream's figure is missing
+CHARACTERS_PER_TOKEN = (
+    4  # the usual English average of both tokenizers; only used when the upstream's figure is missing
+)
 MAX_FIGURE = 10**8  # tokens (or searches) one answer may report: a hundred times the largest context window (1M)
 PROMPT_FIGURES = ("input", "cache_read", "cache_write_5m", "cache_write_1h")
 # The side of the bill an odd figure belongs to (Usage.odd): the prompt, the output, the web searches, a part of
@@ -104,7 +106,7 @@ class _Figures:
             self.odd[within] = side
             return 0
         value = figures.get(name)
-        if value is None or isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FIGURE:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FIGURE):
             return value or 0
         self.odd[path] = side
         return 0
@@ -120,15 +122,22 @@ def from_usage_object(usage) -> Usage | None:
     count = figures.count
     if "prompt_tokens" in usage:  # chat completions, completions, embeddings: cached tokens are part of the prompt
         cached = count("cached_tokens", PART, "prompt_tokens_details")
-        read = Usage(max(0, count("prompt_tokens", PROMPT) - cached), count("completion_tokens", OUTPUT), cached,
-                     reasoning=count("reasoning_tokens", PART, "completion_tokens_details"))  # fmt: skip
+        read = Usage(
+            max(0, count("prompt_tokens", PROMPT) - cached),
+            count("completion_tokens", OUTPUT),
+            cached,
+            reasoning=count("reasoning_tokens", PART, "completion_tokens_details"),
+        )
     elif "input_tokens" in usage:
         # Responses API: cached tokens are part of input_tokens. Anthropic: cache reads and writes are not, and the
         # writes are split by lifetime under cache_creation (an answer without the split wrote 5-minute entries).
         cached = count("cached_tokens", PART, "input_tokens_details")
         one_hour = count("ephemeral_1h_input_tokens", PROMPT, "cache_creation")
-        writes = count("cache_creation_input_tokens", PROMPT) if "cache_creation_input_tokens" in usage \
-            else count("ephemeral_5m_input_tokens", PROMPT, "cache_creation") + one_hour  # fmt: skip
+        writes = (
+            count("cache_creation_input_tokens", PROMPT)
+            if "cache_creation_input_tokens" in usage
+            else count("ephemeral_5m_input_tokens", PROMPT, "cache_creation") + one_hour
+        )
         read = Usage(
             input=max(0, count("input_tokens", PROMPT) - cached),
             output=count("output_tokens", OUTPUT),

@@ -103,8 +103,9 @@ class WaitQueue:
         self.queues: dict[tuple[str, str], FamilyQueue] = {}
 
     def load(self, loader):
-        loader.add_option("queue_mode", str, "fair", "fair, fifo or none (refuse with 429 when no key is free).",
-                          choices=QUEUE_MODES)  # fmt: skip
+        loader.add_option(
+            "queue_mode", str, "fair", "fair, fifo or none (refuse with 429 when no key is free).", choices=QUEUE_MODES
+        )
         loader.add_option("queue_timeout", int, 300, "Seconds a request may wait for a key before it fails.")
         loader.add_option("queue_heartbeat", int, 10, "Seconds between heartbeat comments to waiting streams.")
         loader.add_option("max_queued_per_identity", int, 1, "Requests one identity may have waiting at once.")
@@ -128,7 +129,8 @@ class WaitQueue:
         pool, affinity = ctx.master.addons.get("keypool"), ctx.master.addons.get("affinity").of(flow)
         now = time.time()
         if not self.queue(api, family).holds_back(affinity) and any(
-                key.is_free(family, now) for key in pool.candidates(api, family, affinity)):  # fmt: skip
+            key.is_free(family, now) for key in pool.candidates(api, family, affinity)
+        ):
             return False
         self._check_may_wait(flow, api, family, affinity)
         return True
@@ -142,11 +144,19 @@ class WaitQueue:
         if rest is None:
             raise QueueRefusal(503, "no_keys_available", f"This proxy has no working key for {family} models.")
         if ctx.options.queue_mode == "none":
-            raise QueueRefusal(429, "no_key_free", f"Every key for {family} models is busy; try again shortly.",
-                               retry_after=max(1.0, rest))  # fmt: skip
+            raise QueueRefusal(
+                429,
+                "no_key_free",
+                f"Every key for {family} models is busy; try again shortly.",
+                retry_after=max(1.0, rest),
+            )
         if self.queue(api, family).count(identity_of(flow)) >= ctx.options.max_queued_per_identity:
-            raise QueueRefusal(429, "too_many_queued", "You already have a request waiting for a key; "
-                               "wait for it to finish before sending another.", retry_after=max(1.0, rest))  # fmt: skip
+            raise QueueRefusal(
+                429,
+                "too_many_queued",
+                "You already have a request waiting for a key; wait for it to finish before sending another.",
+                retry_after=max(1.0, rest),
+            )
 
     async def acquire(self, flow: http.HTTPFlow, api: str, family: str, arrived: float, on_queued=None) -> PoolKey:
         """A free key for the request, waiting for one if needed. Raises QueueRefusal."""
@@ -171,8 +181,11 @@ class WaitQueue:
             if isinstance(stop, asyncio.CancelledError):
                 raise
             awaited = "The key that holds this conversation" if _pinned_key(affinity) else f"No key for {family} models"
-            raise QueueRefusal(503, "queue_timeout", f"{awaited} did not become free within "
-                               f"{ctx.options.queue_timeout} s; try again later.") from None  # fmt: skip
+            raise QueueRefusal(
+                503,
+                "queue_timeout",
+                f"{awaited} did not become free within {ctx.options.queue_timeout} s; try again later.",
+            ) from None
         ctx.master.addons.get("storage").store.record_wait(family, time.time() - arrived)
         return key
 

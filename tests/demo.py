@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     print(
         f"demo: fake upstream at {fake.url}; the proxy uses demo keys against it. Try:\n"
         f"  curl http://127.0.0.1:{port}/proxy/openai/v1/chat/completions -H 'content-type: application/json' \\\n"
-        f"    -d '{{\"model\": \"gpt-4o\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+        f'    -d \'{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
         flush=True,
     )
     proxy.run(argv)

@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -92,7 +93,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -107,40 +108,105 @@ JSON_DIRECTIVE = re.compile(rf"#fake:({'|'.join(JSON_DIRECTIVES)})=")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")  # what aiohttp cannot send in a header
 FRAMING_HEADERS = {"content-type", "content-length", "transfer-encoding"}  # the fake frames its answers itself
-KEY_MARKERS = {"-429": "rate_limit", "-401": "invalid_key", "-quota": "insufficient_quota",
-               "-500": "server_error"}
-ERROR_KINDS = {"rate_limit", "invalid_key", "insufficient_quota", "credit_balance",
-               "overloaded", "server_error", "permission"}
-STATUS_KINDS = {400: "bad_request", 401: "invalid_key", 402: "insufficient_quota",
-                403: "permission", 404: "not_found", 429: "rate_limit", 503: "overloaded",
-                529: "overloaded"}
+KEY_MARKERS = {"-429": "rate_limit", "-401": "invalid_key", "-quota": "insufficient_quota", "-500": "server_error"}
+ERROR_KINDS = {
+    "rate_limit",
+    "invalid_key",
+    "insufficient_quota",
+    "credit_balance",
+    "overloaded",
+    "server_error",
+    "permission",
+}
+STATUS_KINDS = {
+    400: "bad_request",
+    401: "invalid_key",
+    402: "insufficient_quota",
+    403: "permission",
+    404: "not_found",
+    429: "rate_limit",
+    503: "overloaded",
+    529: "overloaded",
+}
 TEXT_KEYS = ("messages", "content", "text", "system", "prompt", "input", "instructions")
 OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "text-embedding-3-small")
-ANTHROPIC_MODELS = (("claude-sonnet-4-5", "Claude Sonnet 4.5"), ("claude-haiku-4-5", "Claude Haiku 4.5"),
-                    ("claude-opus-4-1", "Claude Opus 4.1"))
+ANTHROPIC_MODELS = (
+    ("claude-sonnet-4-5", "Claude Sonnet 4.5"),
+    ("claude-haiku-4-5", "Claude Haiku 4.5"),
+    ("claude-opus-4-1", "Claude Opus 4.1"),
+)
 # What ``#fake:tool=NAME`` calls its tool with; a string is a freeform (``custom``) tool's input.
-TOOL_INPUTS: dict[str, Any] = {"Bash": {"command": "echo fake-tool-ran", "description": "Print a marker"},
-                               "exec": 'text("fake-tool-ran")', "get_weather": {"city": "Paris"}}
+TOOL_INPUTS: dict[str, Any] = {
+    "Bash": {"command": "echo fake-tool-ran", "description": "Print a marker"},
+    "exec": 'text("fake-tool-ran")',
+    "get_weather": {"city": "Paris"},
+}
 THINKING = "Let me think about that."
 REASONING_TOKENS = 16
 ENDINGS = ("completed", "incomplete", "failed")
 # The top-level fields each API accepts, for ``strict_fields``.
 KNOWN_FIELDS = {
     "/v1/chat/completions": {
-        "model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "temperature",
-        "top_p", "n", "stop", "tools", "tool_choice", "response_format", "user", "seed", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty", "logit_bias", "parallel_tool_calls", "reasoning_effort",
-        "verbosity", "prediction", "store", "metadata", "service_tier", "modalities", "audio", "prompt_cache_key",
-        "safety_identifier", "web_search_options"},
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "user",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "verbosity",
+        "prediction",
+        "store",
+        "metadata",
+        "service_tier",
+        "modalities",
+        "audio",
+        "prompt_cache_key",
+        "safety_identifier",
+        "web_search_options",
+    },
     "/v1/messages": {
-        "model", "messages", "max_tokens", "system", "stream", "temperature", "top_p", "top_k", "stop_sequences",
-        "tools", "tool_choice", "metadata", "thinking", "service_tier", "context_management", "output_config",
-        "container", "mcp_servers"},
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "thinking",
+        "service_tier",
+        "context_management",
+        "output_config",
+        "container",
+        "mcp_servers",
+    },
 }
 BUDGET_TOO_SMALL = "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
-BUDGET_TOO_BIG = ("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
-                  "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
-                  "#max-tokens-and-context-window-size")
+BUDGET_TOO_BIG = (
+    "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+    "#max-tokens-and-context-window-size"
+)
 
 
 @dataclass
@@ -159,9 +225,15 @@ class RecordedRequest:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON shape served by ``GET /_fake/requests``."""
-        return {"method": self.method, "path": self.path, "headers": [list(h) for h in self.headers],
-                "body": self.body.decode("utf-8", errors="replace"), "key": self.key,
-                "stream_ending": self.stream_ending, "content_events_sent": self.content_events_sent}
+        return {
+            "method": self.method,
+            "path": self.path,
+            "headers": [list(h) for h in self.headers],
+            "body": self.body.decode("utf-8", errors="replace"),
+            "key": self.key,
+            "stream_ending": self.stream_ending,
+            "content_events_sent": self.content_events_sent,
+        }
 
 
 @dataclass
@@ -195,8 +267,11 @@ class Behaviour:
             elif name == "status":
                 status = int(value)
                 self.status = None if status < 400 else status
-                self.error = None if status < 400 else STATUS_KINDS.get(
-                    status, "server_error" if status >= 500 else "bad_request")
+                self.error = (
+                    None
+                    if status < 400
+                    else STATUS_KINDS.get(status, "server_error" if status >= 500 else "bad_request")
+                )
             elif name in ("echo_key", "redacted_thinking", "server_tool"):
                 setattr(self, name, str(value).lower() in ("1", "true", "yes"))
             elif name == "tool":
@@ -209,8 +284,7 @@ class Behaviour:
             elif name == "headers":
                 if isinstance(value, dict):
                     self.headers |= value
-            elif name in ("retry_after", "delay_ms", "events", "interval_ms", "stall_ms",
-                          "reset_after", "body_bytes"):
+            elif name in ("retry_after", "delay_ms", "events", "interval_ms", "stall_ms", "reset_after", "body_bytes"):
                 setattr(self, name, max(0, int(value)))
         except (TypeError, ValueError):
             pass
@@ -253,12 +327,12 @@ class Call:
         text, n = self.reply(), self.behaviour.events
         while 0 < len(text) < n:
             text += " " + text
-        return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
+        return [text[len(text) * i // n : len(text) * (i + 1) // n] for i in range(n)]
 
     def pieces(self, text: str) -> list[str]:
         """``text`` (tool input, thinking) split into ``events`` pieces, at least two: clients must join them."""
         n = min(max(2, self.behaviour.events), len(text))
-        return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
+        return [text[len(text) * i // n : len(text) * (i + 1) // n] for i in range(n)]
 
     def tool_call(self, has_result: bool) -> str | None:
         """The tool to call, if ``#fake:tool`` asks for one and the turn has no tool result yet."""
@@ -290,10 +364,9 @@ def _json_directives(payload: Any) -> list[tuple[str, Any]]:
     found = []
     for text in _texts(payload):
         for match in JSON_DIRECTIVE.finditer(text):
-            try:
+            # no JSON value follows: ignored like any bad directive
+            with contextlib.suppress(ValueError, RecursionError):
                 found.append((match[1], json.JSONDecoder().raw_decode(text, match.end())[0]))
-            except (ValueError, RecursionError):
-                pass  # no JSON value follows: ignored like any bad directive
     return found
 
 
@@ -378,9 +451,13 @@ def _mask(key: str) -> str:
 
 def _response_usage(input_tokens: int, output_tokens: int, reasoning_tokens: int, cached: int = 0) -> dict:
     """A Responses API usage object."""
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
-            "total_tokens": input_tokens + output_tokens}
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "total_tokens": input_tokens + output_tokens,
+    }
 
 
 def _response_message(call: Call, index: int, status: str) -> tuple[dict, str, list[tuple[str, dict, bool]]]:
@@ -389,40 +466,67 @@ def _response_message(call: Call, index: int, status: str) -> tuple[dict, str, l
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     item = {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": [part]}
     where = {"item_id": item_id, "output_index": index, "content_index": 0}
-    steps = [("response.output_item.added", {"output_index": index, "item": item | {
-                 "status": "in_progress", "content": []}}, False),
-             ("response.content_part.added", where | {"part": part | {"text": ""}}, False)]
+    steps = [
+        (
+            "response.output_item.added",
+            {"output_index": index, "item": item | {"status": "in_progress", "content": []}},
+            False,
+        ),
+        ("response.content_part.added", where | {"part": part | {"text": ""}}, False),
+    ]
     steps += [("response.output_text.delta", where | {"delta": p, "logprobs": []}, True) for p in call.chunks()]
-    steps += [("response.output_text.done", where | {"text": text, "logprobs": []}, False),
-              ("response.content_part.done", where | {"part": part}, False),
-              ("response.output_item.done", {"output_index": index, "item": item}, False)]
+    steps += [
+        ("response.output_text.done", where | {"text": text, "logprobs": []}, False),
+        ("response.content_part.done", where | {"part": part}, False),
+        ("response.output_item.done", {"output_index": index, "item": item}, False),
+    ]
     return item, text, steps
 
 
-def _response_tool_call(call: Call, name: str, definition: tuple[str, str | None] | None, index: int,
-                        status: str) -> tuple[dict, str, list[tuple[str, dict, bool]]]:
+def _response_tool_call(
+    call: Call, name: str, definition: tuple[str, str | None] | None, index: int, status: str
+) -> tuple[dict, str, list[tuple[str, dict, bool]]]:
     """A Responses ``custom_tool_call`` (for a ``custom`` tool) or ``function_call`` item, its input, and
     its stream events."""
     kind, namespace = definition or ("function", None)
     if kind == "custom":  # freeform input: a plain string, streamed as such
         value = TOOL_INPUTS.get(name, {})
         text = value if isinstance(value, str) else json.dumps(value)
-        item = {"type": "custom_tool_call", "id": _id("ctc_", 48), "call_id": _id("call_"), "name": name,
-                "input": text, "status": status}
+        item = {
+            "type": "custom_tool_call",
+            "id": _id("ctc_", 48),
+            "call_id": _id("call_"),
+            "name": name,
+            "input": text,
+            "status": status,
+        }
         field, event = "input", "response.custom_tool_call_input"
     else:
         text = json.dumps(_tool_input(name))
-        item = {"type": "function_call", "id": _id("fc_", 48), "call_id": _id("call_"), "name": name,
-                "arguments": text, "status": status}
+        item = {
+            "type": "function_call",
+            "id": _id("fc_", 48),
+            "call_id": _id("call_"),
+            "name": name,
+            "arguments": text,
+            "status": status,
+        }
         field, event = "arguments", "response.function_call_arguments"
     if namespace is not None:
         item["namespace"] = namespace
     where = {"item_id": item["id"], "output_index": index}
-    steps = [("response.output_item.added", {"output_index": index, "item": item | {
-        field: "", "status": "in_progress"}}, False)]
+    steps = [
+        (
+            "response.output_item.added",
+            {"output_index": index, "item": item | {field: "", "status": "in_progress"}},
+            False,
+        )
+    ]
     steps += [(f"{event}.delta", where | {"delta": p}, True) for p in call.pieces(text)]
-    steps += [(f"{event}.done", where | {field: text}, False),
-              ("response.output_item.done", {"output_index": index, "item": item}, False)]
+    steps += [
+        (f"{event}.done", where | {field: text}, False),
+        ("response.output_item.done", {"output_index": index, "item": item}, False),
+    ]
     return item, text, steps
 
 
@@ -432,6 +536,7 @@ def _is_int(value: Any) -> bool:
 
 def _block_events(call: Call, index: int, block: dict) -> list[tuple[str, dict, bool]]:
     """One Messages content block streamed the way the API streams its kind."""
+
     def delta(body: dict, is_content: bool = True) -> tuple[str, dict, bool]:
         return "content_block_delta", {"index": index, "delta": body}, is_content
 
@@ -446,11 +551,15 @@ def _block_events(call: Call, index: int, block: dict) -> list[tuple[str, dict, 
         deltas.append(delta({"type": "signature_delta", "signature": block["signature"]}, False))
     elif kind in ("tool_use", "server_tool_use"):
         opening = block | {"input": {}}
-        deltas = [delta({"type": "input_json_delta", "partial_json": p})
-                  for p in call.pieces(json.dumps(block["input"]))]
+        deltas = [
+            delta({"type": "input_json_delta", "partial_json": p}) for p in call.pieces(json.dumps(block["input"]))
+        ]
     # Anything else (redacted thinking, a server tool's result) arrives whole in its content_block_start.
-    return [("content_block_start", {"index": index, "content_block": opening}, False), *deltas,
-            ("content_block_stop", {"index": index}, False)]
+    return [
+        ("content_block_start", {"index": index, "content_block": opening}, False),
+        *deltas,
+        ("content_block_stop", {"index": index}, False),
+    ]
 
 
 class FakeUpstream:
@@ -558,9 +667,13 @@ class FakeUpstream:
         """Record the request, check auth and body, pick a behaviour, then answer."""
         body = await request.read()
         key = _bearer(request) or request.headers.get("x-api-key") or None
-        recorded = RecordedRequest(request.method, request.raw_path,
-                                   [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
-                                   body, key)
+        recorded = RecordedRequest(
+            request.method,
+            request.raw_path,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+            body,
+            key,
+        )
         if not request.path.startswith("/_fake/"):  # a mistyped control call is no API request
             self.requests.append(recorded)
         api, handler = self._routes.get((request.method, request.path), (None, None))
@@ -583,8 +696,11 @@ class FakeUpstream:
                 return self._error(call, "bad_request", "We could not parse the JSON body of your request.")
             known = KNOWN_FIELDS.get(request.path, call.payload.keys()) if self.strict_fields else call.payload.keys()
             if unknown := sorted(set(call.payload) - set(known)):
-                message = f"{unknown[0]}: Extra inputs are not permitted" if api == "anthropic" else \
-                    f"Unrecognized request argument supplied: {unknown[0]}"
+                message = (
+                    f"{unknown[0]}: Extra inputs are not permitted"
+                    if api == "anthropic"
+                    else f"Unrecognized request argument supplied: {unknown[0]}"
+                )
                 return self._error(call, "bad_request", message)
         call.behaviour = self._behaviour(call.key, body.decode("utf-8", errors="replace"), call.payload)
         if request.method == "POST" and (budget := self._overrides.get(call.key, {}).get("budget")) is not None:
@@ -609,7 +725,8 @@ class FakeUpstream:
         if path.startswith(("/v1/messages", "/v1/complete/")) or path == "/v1/complete":
             return "anthropic"
         if "anthropic-version" in request.headers or (
-                "x-api-key" in request.headers and "Authorization" not in request.headers):
+            "x-api-key" in request.headers and "Authorization" not in request.headers
+        ):
             return "anthropic"
         return "openai"
 
@@ -652,25 +769,47 @@ class FakeUpstream:
     @staticmethod
     def _headers(call: Call, status: int = 200) -> dict[str, str]:
         """The provider-specific headers a real response carries (the proxy must filter them)."""
-        common = {"server": "cloudflare", "cf-ray": uuid.uuid4().hex[:16] + "-AMS",
-                  "set-cookie": "__cf_bm=fake; path=/"}
+        common = {
+            "server": "cloudflare",
+            "cf-ray": uuid.uuid4().hex[:16] + "-AMS",
+            "set-cookie": "__cf_bm=fake; path=/",
+        }
         remaining = "0" if status == 429 else "499"
         if call.api == "anthropic":
-            reset = (datetime.now(timezone.utc) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            headers = common | {
-                "request-id": _id("req_011CV"), "anthropic-organization-id": ANTHROPIC_ORG,
-                "anthropic-ratelimit-requests-limit": "500", "anthropic-ratelimit-requests-remaining": remaining,
-                "anthropic-ratelimit-requests-reset": reset, "anthropic-ratelimit-tokens-limit": "100000",
-                "anthropic-ratelimit-tokens-remaining": "99000", "anthropic-ratelimit-tokens-reset": reset,
-                "x-robots-tag": "none"} | call.limit_headers
+            reset = (datetime.now(UTC) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            headers = (
+                common
+                | {
+                    "request-id": _id("req_011CV"),
+                    "anthropic-organization-id": ANTHROPIC_ORG,
+                    "anthropic-ratelimit-requests-limit": "500",
+                    "anthropic-ratelimit-requests-remaining": remaining,
+                    "anthropic-ratelimit-requests-reset": reset,
+                    "anthropic-ratelimit-tokens-limit": "100000",
+                    "anthropic-ratelimit-tokens-remaining": "99000",
+                    "anthropic-ratelimit-tokens-reset": reset,
+                    "x-robots-tag": "none",
+                }
+                | call.limit_headers
+            )
         else:
-            headers = common | {
-                "openai-organization": OPENAI_ORG, "openai-project": OPENAI_PROJECT, "openai-version": "2020-10-01",
-                "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
-                "x-request-id": _id("req_", 32), "x-ratelimit-limit-requests": "500",
-                "x-ratelimit-remaining-requests": remaining, "x-ratelimit-reset-requests": "120ms",
-                "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29990",
-                "x-ratelimit-reset-tokens": "20ms"} | call.limit_headers
+            headers = (
+                common
+                | {
+                    "openai-organization": OPENAI_ORG,
+                    "openai-project": OPENAI_PROJECT,
+                    "openai-version": "2020-10-01",
+                    "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
+                    "x-request-id": _id("req_", 32),
+                    "x-ratelimit-limit-requests": "500",
+                    "x-ratelimit-remaining-requests": remaining,
+                    "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-limit-tokens": "30000",
+                    "x-ratelimit-remaining-tokens": "29990",
+                    "x-ratelimit-reset-tokens": "20ms",
+                }
+                | call.limit_headers
+            )
         if status == 429:
             headers["retry-after"] = str(call.behaviour.retry_after)
         for name, value in call.behaviour.headers.items():  # the ``headers`` directive
@@ -697,21 +836,51 @@ class FakeUpstream:
         status, type_, code, text = {
             "bad_request": (400, "invalid_request_error", None, message),
             "not_found": (404, "invalid_request_error", None, message),
-            "missing_key": (401, "invalid_request_error", None,
-                            "You didn't provide an API key. You need to provide your API key in an Authorization "
-                            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."),
-            "invalid_key": (401, "invalid_request_error", "invalid_api_key",
-                            f"Incorrect API key provided: {key_text} (organization {OPENAI_ORG}). You can find "
-                            "your API key at https://platform.openai.com/account/api-keys."),
-            "permission": (403, "request_forbidden", "unsupported_country_region_territory",
-                           "Country, region, or territory not supported"),
-            "rate_limit": (429, "requests", "rate_limit_exceeded",
-                           f"Rate limit reached in organization {OPENAI_ORG} on requests per min (RPM): "
-                           "Limit 500, Used 500, Requested 1. Please try again in 120ms."),
-            "insufficient_quota": (429, "insufficient_quota", "insufficient_quota",
-                                   "You exceeded your current quota, please check your plan and billing details."),
-            "server_error": (500, "server_error", None,
-                             "The server had an error while processing your request. Sorry about that!"),
+            "missing_key": (
+                401,
+                "invalid_request_error",
+                None,
+                (
+                    "You didn't provide an API key. You need to provide your API key in an Authorization "
+                    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+                ),
+            ),
+            "invalid_key": (
+                401,
+                "invalid_request_error",
+                "invalid_api_key",
+                (
+                    f"Incorrect API key provided: {key_text} (organization {OPENAI_ORG}). You can find "
+                    "your API key at https://platform.openai.com/account/api-keys."
+                ),
+            ),
+            "permission": (
+                403,
+                "request_forbidden",
+                "unsupported_country_region_territory",
+                "Country, region, or territory not supported",
+            ),
+            "rate_limit": (
+                429,
+                "requests",
+                "rate_limit_exceeded",
+                (
+                    f"Rate limit reached in organization {OPENAI_ORG} on requests per min (RPM): "
+                    "Limit 500, Used 500, Requested 1. Please try again in 120ms."
+                ),
+            ),
+            "insufficient_quota": (
+                429,
+                "insufficient_quota",
+                "insufficient_quota",
+                "You exceeded your current quota, please check your plan and billing details.",
+            ),
+            "server_error": (
+                500,
+                "server_error",
+                None,
+                "The server had an error while processing your request. Sorry about that!",
+            ),
             "overloaded": (503, "server_error", None, "The engine is currently overloaded, please try again later."),
         }[kind.replace("credit_balance", "insufficient_quota")]
         if echo and key and key not in text:
@@ -726,13 +895,24 @@ class FakeUpstream:
             "not_found": (404, "not_found_error", "Not Found"),
             "missing_key": (401, "authentication_error", "x-api-key header is required"),
             "invalid_key": (401, "authentication_error", "invalid x-api-key"),
-            "permission": (403, "permission_error",
-                           "Your API key does not have permission to use the specified resource."),
-            "rate_limit": (429, "rate_limit_error",
-                           "Number of requests has exceeded your per-minute rate limit. Please try again later."),
-            "credit_balance": (400, "invalid_request_error",
-                               "Your credit balance is too low to access the Anthropic API. "
-                               "Please go to Plans & Billing to upgrade or purchase credits."),
+            "permission": (
+                403,
+                "permission_error",
+                "Your API key does not have permission to use the specified resource.",
+            ),
+            "rate_limit": (
+                429,
+                "rate_limit_error",
+                "Number of requests has exceeded your per-minute rate limit. Please try again later.",
+            ),
+            "credit_balance": (
+                400,
+                "invalid_request_error",
+                (
+                    "Your credit balance is too low to access the Anthropic API. "
+                    "Please go to Plans & Billing to upgrade or purchase credits."
+                ),
+            ),
             "server_error": (500, "api_error", "Internal server error"),
             "overloaded": (529, "overloaded_error", "Overloaded"),
         }[kind.replace("insufficient_quota", "credit_balance")]
@@ -744,8 +924,10 @@ class FakeUpstream:
         """Write each event separately, honouring interval, stall and reset directives; ``recorded`` learns how the
         stream ended and how many content events it carried."""
         b = call.behaviour
-        response = web.StreamResponse(headers=self._headers(call) | {
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers=self._headers(call)
+            | {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        )
         response.enable_chunked_encoding()
         try:
             await response.prepare(call.request)
@@ -783,49 +965,90 @@ class FakeUpstream:
 
     def _chat(self, call: Call) -> dict | list[Event]:
         """``POST /v1/chat/completions``; a tool result is a last message with role ``tool``."""
-        base = {"id": _id("chatcmpl-"), "created": int(time.time()), "model": call.model,
-                "system_fingerprint": "fp_fake"}
+        base = {
+            "id": _id("chatcmpl-"),
+            "created": int(time.time()),
+            "model": call.model,
+            "system_fingerprint": "fp_fake",
+        }
         messages = _list(call.payload.get("messages"))
         tool = call.tool_call(bool(messages) and _dict(messages[-1]).get("role") == "tool")
         text = json.dumps(_tool_input(tool)) if tool else call.reply()
         finish, call_id = ("tool_calls" if tool else "stop"), _id("call_")
-        usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": _words(text),
-                 "total_tokens": call.prompt_tokens + _words(text),
-                 "prompt_tokens_details": {"cached_tokens": call.cache_read, "audio_tokens": 0}}
+        usage = {
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": _words(text),
+            "total_tokens": call.prompt_tokens + _words(text),
+            "prompt_tokens_details": {"cached_tokens": call.cache_read, "audio_tokens": 0},
+        }
         if not call.stream:
             message = {"role": "assistant", "content": text, "refusal": None}
             if tool:
-                message |= {"content": None, "tool_calls": [
-                    {"id": call_id, "type": "function", "function": {"name": tool, "arguments": text}}]}
-            return base | {"object": "chat.completion", "usage": usage, "choices": [{
-                "index": 0, "message": message, "logprobs": None, "finish_reason": finish}]}
+                message |= {
+                    "content": None,
+                    "tool_calls": [{"id": call_id, "type": "function", "function": {"name": tool, "arguments": text}}],
+                }
+            return base | {
+                "object": "chat.completion",
+                "usage": usage,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            }
         with_usage = bool(_dict(call.payload.get("stream_options")).get("include_usage"))
 
         def chunk(delta: dict, finish: str | None) -> dict:
             extra = {"usage": None} if with_usage else {}
-            return base | {"object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
+            return (
+                base
+                | {
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                }
+                | extra
+            )
 
         if tool:  # the real API names the call in the first chunk, then streams its arguments
-            events: list[Event] = [(None, chunk({"role": "assistant", "content": None, "tool_calls": [{
-                "index": 0, "id": call_id, "type": "function", "function": {"name": tool, "arguments": ""}}]},
-                None), False)]
-            events += [(None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None), True)
-                       for piece in call.pieces(text)]
+            events: list[Event] = [
+                (
+                    None,
+                    chunk(
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": call_id,
+                                    "type": "function",
+                                    "function": {"name": tool, "arguments": ""},
+                                }
+                            ],
+                        },
+                        None,
+                    ),
+                    False,
+                )
+            ]
+            events += [
+                (None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None), True)
+                for piece in call.pieces(text)
+            ]
         else:
             events = [(None, chunk({"role": "assistant", "content": ""}, None), False)]
             events += [(None, chunk({"content": piece}, None), True) for piece in call.chunks()]
         events.append((None, chunk({}, finish), False))
         if with_usage:
             events.append((None, base | {"object": "chat.completion.chunk", "choices": [], "usage": usage}, False))
-        return events + [(None, "[DONE]", False)]
+        return [*events, (None, "[DONE]", False)]
 
     def _completions(self, call: Call) -> dict | list[Event]:
         """``POST /v1/completions`` (legacy text completions)."""
         base = {"id": _id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": call.model}
         text = call.reply()
-        usage = {"prompt_tokens": call.prompt_tokens, "completion_tokens": _words(text),
-                 "total_tokens": call.prompt_tokens + _words(text)}
+        usage = {
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": _words(text),
+            "total_tokens": call.prompt_tokens + _words(text),
+        }
 
         def choice(piece: str, finish: str | None) -> dict:
             return {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
@@ -836,7 +1059,7 @@ class FakeUpstream:
         events.append((None, base | {"choices": [choice("", "stop")]}, False))
         if _dict(call.payload.get("stream_options")).get("include_usage"):
             events.append((None, base | {"choices": [], "usage": usage}, False))
-        return events + [(None, "[DONE]", False)]
+        return [*events, (None, "[DONE]", False)]
 
     def _responses(self, call: Call) -> dict | list[Event]:
         """``POST /v1/responses`` (Responses API), with the real streaming event sequence.
@@ -847,8 +1070,12 @@ class FakeUpstream:
         payload, end = call.payload, call.behaviour.end
         items = _list(payload.get("input"))
         users = [n for n, item in enumerate(items) if _dict(item).get("role") == "user"]
-        tool = call.tool_call(any(_dict(item).get("type") in ("function_call_output", "custom_tool_call_output")
-                                  for item in items[users[-1] + 1 if users else 0:]))
+        tool = call.tool_call(
+            any(
+                _dict(item).get("type") in ("function_call_output", "custom_tool_call_output")
+                for item in items[users[-1] + 1 if users else 0 :]
+            )
+        )
         output: list[dict] = []
         steps: list[tuple[str, dict, bool]] = []
         reasoning = isinstance(payload.get("reasoning"), dict)
@@ -857,42 +1084,72 @@ class FakeUpstream:
             if "reasoning.encrypted_content" in _list(payload.get("include")):
                 thought["encrypted_content"] = _opaque()
             output.append(thought)
-            steps += [("response.output_item.added", {"output_index": 0, "item": thought}, False),
-                      ("response.output_item.done", {"output_index": 0, "item": thought}, False)]
+            steps += [
+                ("response.output_item.added", {"output_index": 0, "item": thought}, False),
+                ("response.output_item.done", {"output_index": 0, "item": thought}, False),
+            ]
         status = "completed" if end == "completed" else "incomplete"
         if tool:
             tools = _list(payload.get("tools")) + [  # Codex also sends tools as ``additional_tools`` input items
-                t for item in items if _dict(item).get("type") == "additional_tools" for t in _list(item.get("tools"))]
+                t for item in items if _dict(item).get("type") == "additional_tools" for t in _list(item.get("tools"))
+            ]
             item, text, more = _response_tool_call(call, tool, _find_tool(tools, tool), len(output), status)
         else:
             item, text, more = _response_message(call, len(output), status)
         output.append(item)
         steps += more
         thinking_tokens = REASONING_TOKENS if reasoning else 0
-        response = {"id": _id("resp_", 32), "object": "response", "created_at": int(time.time()), "status": end,
-                    "error": {"code": "server_error", "message": "The model failed to generate a response."}
-                    if end == "failed" else None,
-                    "incomplete_details": {"reason": "max_output_tokens"} if end == "incomplete" else None,
-                    "instructions": payload.get("instructions"), "model": call.model, "output": output,
-                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "metadata": {},
-                    "temperature": 1.0, "top_p": 1.0,
-                    "usage": _response_usage(call.prompt_tokens, _words(text) + thinking_tokens, thinking_tokens,
-                                             call.cache_read)}
+        response = {
+            "id": _id("resp_", 32),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": end,
+            "error": {"code": "server_error", "message": "The model failed to generate a response."}
+            if end == "failed"
+            else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if end == "incomplete" else None,
+            "instructions": payload.get("instructions"),
+            "model": call.model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "metadata": {},
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "usage": _response_usage(
+                call.prompt_tokens, _words(text) + thinking_tokens, thinking_tokens, call.cache_read
+            ),
+        }
         if not call.stream:
             return response
-        in_progress = response | {"status": "in_progress", "error": None, "incomplete_details": None,
-                                  "output": [], "usage": None}
-        steps = [("response.created", {"response": in_progress}, False),
-                 ("response.in_progress", {"response": in_progress}, False), *steps,
-                 (f"response.{end}", {"response": response}, False)]  # .completed, .incomplete or .failed
-        return [(name, {"type": name, "sequence_number": n} | data, content)
-                for n, (name, data, content) in enumerate(steps)]
+        in_progress = response | {
+            "status": "in_progress",
+            "error": None,
+            "incomplete_details": None,
+            "output": [],
+            "usage": None,
+        }
+        steps = [
+            ("response.created", {"response": in_progress}, False),
+            ("response.in_progress", {"response": in_progress}, False),
+            *steps,
+            (f"response.{end}", {"response": response}, False),
+        ]  # .completed, .incomplete or .failed
+        return [
+            (name, {"type": name, "sequence_number": n} | data, content)
+            for n, (name, data, content) in enumerate(steps)
+        ]
 
     def _compact(self, call: Call) -> dict:
         """``POST /v1/responses/compact``: the history folded into one opaque compaction item, never streamed."""
-        return {"id": _id("resp_", 32), "object": "response.compaction", "created_at": int(time.time()),
-                "output": [{"type": "compaction", "id": _id("cmp_", 48), "encrypted_content": _opaque(512)}],
-                "usage": _response_usage(call.prompt_tokens, 2 * REASONING_TOKENS, REASONING_TOKENS)}
+        return {
+            "id": _id("resp_", 32),
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": [{"type": "compaction", "id": _id("cmp_", 48), "encrypted_content": _opaque(512)}],
+            "usage": _response_usage(call.prompt_tokens, 2 * REASONING_TOKENS, REASONING_TOKENS),
+        }
 
     def _input_tokens(self, call: Call) -> dict:
         """``POST /v1/responses/input_tokens``."""
@@ -910,8 +1167,12 @@ class FakeUpstream:
             if call.payload.get("encoding_format") == "base64":
                 embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        return {"object": "list", "data": data, "model": call.model,
-                "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens},
+        }
 
     def _models(self, call: Call) -> dict:
         """``GET /v1/models`` in whichever API's list shape the request looks like.
@@ -920,20 +1181,30 @@ class FakeUpstream:
         """
         models = self._overrides.get(call.key, {}).get("models")
         if call.api == "openai":
-            return {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
-                for m in models or OPENAI_MODELS]}
-        data = [{"type": "model", "id": m, "display_name": name, "created_at": "2025-09-29T00:00:00Z"}
-                for m, name in ([(m, m) for m in models] if models else ANTHROPIC_MODELS)]
+            return {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
+                    for m in models or OPENAI_MODELS
+                ],
+            }
+        data = [
+            {"type": "model", "id": m, "display_name": name, "created_at": "2025-09-29T00:00:00Z"}
+            for m, name in ([(m, m) for m in models] if models else ANTHROPIC_MODELS)
+        ]
         return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
 
     def _organizations(self, call: Call) -> dict:
         """``GET /v1/organizations``: one default organisation, or the key override's ``organizations`` ids
         (the first is the default)."""
         ids = self._overrides.get(call.key, {}).get("organizations") or [OPENAI_ORG]
-        return {"object": "list", "data": [
-            {"object": "organization", "id": org, "is_default": index == 0, "title": f"Org {index}"}
-            for index, org in enumerate(ids)]}
+        return {
+            "object": "list",
+            "data": [
+                {"object": "organization", "id": org, "is_default": index == 0, "title": f"Org {index}"}
+                for index, org in enumerate(ids)
+            ],
+        }
 
     # -- Anthropic endpoints -------------------------------------------------------
 
@@ -953,48 +1224,91 @@ class FakeUpstream:
                 return self._error(call, "bad_request", BUDGET_TOO_BIG)
         thinks = thinking.get("type") in ("enabled", "adaptive")
         users = [message for message in _list(payload.get("messages")) if _dict(message).get("role") == "user"]
-        tool = call.tool_call(bool(users) and any(
-            _dict(block).get("type") == "tool_result" for block in _list(users[-1].get("content"))))
+        tool = call.tool_call(
+            bool(users) and any(_dict(block).get("type") == "tool_result" for block in _list(users[-1].get("content")))
+        )
         blocks: list[dict] = []
         if thinks:  # the signature comes even when the text is omitted: clients must send it back
-            blocks.append({"type": "thinking", "thinking": "" if thinking.get("display") == "omitted" else THINKING,
-                           "signature": _opaque()})
+            blocks.append(
+                {
+                    "type": "thinking",
+                    "thinking": "" if thinking.get("display") == "omitted" else THINKING,
+                    "signature": _opaque(),
+                }
+            )
             if b.redacted_thinking:
                 blocks.append({"type": "redacted_thinking", "data": _opaque(256)})
         if b.server_tool:
             search_id = _id("srvtoolu_01", 22)
-            blocks += [{"type": "server_tool_use", "id": search_id, "name": "web_search", "input": {"query": "fake"}},
-                       {"type": "web_search_tool_result", "tool_use_id": search_id, "content": [{
-                           "type": "web_search_result", "url": "https://example.com/", "title": "Example",
-                           "encrypted_content": _opaque(), "page_age": None}]}]
+            blocks += [
+                {"type": "server_tool_use", "id": search_id, "name": "web_search", "input": {"query": "fake"}},
+                {
+                    "type": "web_search_tool_result",
+                    "tool_use_id": search_id,
+                    "content": [
+                        {
+                            "type": "web_search_result",
+                            "url": "https://example.com/",
+                            "title": "Example",
+                            "encrypted_content": _opaque(),
+                            "page_age": None,
+                        }
+                    ],
+                },
+            ]
         if tool:
             blocks.append({"type": "tool_use", "id": _id("toolu_01", 22), "name": tool, "input": _tool_input(tool)})
         else:
             blocks.append({"type": "text", "text": call.reply()})
         answer = json.dumps(blocks[-1]["input"]) if tool else blocks[-1]["text"]
-        usage = {"input_tokens": call.prompt_tokens - call.cache_read - call.cache_written,
-                 "cache_creation_input_tokens": call.cache_written, "cache_read_input_tokens": call.cache_read,
-                 "cache_creation": {"ephemeral_5m_input_tokens": call.cache_written, "ephemeral_1h_input_tokens": 0},
-                 "output_tokens": _words(answer) + (_words(THINKING) if thinks else 0), "service_tier": "standard"}
+        usage = {
+            "input_tokens": call.prompt_tokens - call.cache_read - call.cache_written,
+            "cache_creation_input_tokens": call.cache_written,
+            "cache_read_input_tokens": call.cache_read,
+            "cache_creation": {"ephemeral_5m_input_tokens": call.cache_written, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": _words(answer) + (_words(THINKING) if thinks else 0),
+            "service_tier": "standard",
+        }
         if b.server_tool:
             usage["server_tool_use"] = {"web_search_requests": 1}
         stop = "tool_use" if tool else "end_turn"
-        message = {"id": _id("msg_01", 22), "type": "message", "role": "assistant", "model": call.model,
-                   "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+        message = {
+            "id": _id("msg_01", 22),
+            "type": "message",
+            "role": "assistant",
+            "model": call.model,
+            "content": blocks,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": usage,
+        }
         if not call.stream:
             return message
-        start = message | {"content": [], "stop_reason": None, "usage": {
-            name: value for name, value in usage.items() if name != "server_tool_use"} | {"output_tokens": 1}}
+        start = message | {
+            "content": [],
+            "stop_reason": None,
+            "usage": {name: value for name, value in usage.items() if name != "server_tool_use"} | {"output_tokens": 1},
+        }
         steps: list[tuple[str, dict, bool]] = [("message_start", {"message": start}, False)]
         for index, block in enumerate(blocks):
             events = _block_events(call, index, block)
-            steps += (events[:1] + [("ping", {}, False)] + events[1:]) if index == 0 else events
+            steps += [*events[:1], ("ping", {}, False), *events[1:]] if index == 0 else events
         # The final usage repeats the input and cache figures, as the current API does.
-        final = {name: usage[name] for name in ("input_tokens", "cache_creation_input_tokens",
-                                                "cache_read_input_tokens", "output_tokens", "server_tool_use")
-                 if name in usage}
-        steps += [("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": final}, False),
-                  ("message_stop", {}, False)]
+        final = {
+            name: usage[name]
+            for name in (
+                "input_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+                "output_tokens",
+                "server_tool_use",
+            )
+            if name in usage
+        }
+        steps += [
+            ("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": final}, False),
+            ("message_stop", {}, False),
+        ]
         return [(name, {"type": name} | data, content) for name, data, content in steps]
 
     def _count_tokens(self, call: Call) -> dict:
@@ -1006,8 +1320,9 @@ class FakeUpstream:
         base = {"type": "completion", "id": _id("compl_01", 22), "model": call.model}
         if not call.stream:
             return base | {"completion": " " + call.reply(), "stop_reason": "stop_sequence", "stop": "\n\nHuman:"}
-        events: list[Event] = [("completion", base | {"completion": p, "stop_reason": None}, True)
-                               for p in call.chunks()]
+        events: list[Event] = [
+            ("completion", base | {"completion": p, "stop_reason": None}, True) for p in call.chunks()
+        ]
         events.append(("completion", base | {"completion": "", "stop_reason": "stop_sequence"}, False))
         return events
 
@@ -1046,7 +1361,7 @@ class KeyAccounts:
             return
         running, prefixes = hashlib.sha256(call.model.encode()), []
         for start in range(0, len(words) - CACHE_BLOCK + 1, CACHE_BLOCK):
-            running.update(" ".join(words[start:start + CACHE_BLOCK]).encode() + b"\n")
+            running.update(" ".join(words[start : start + CACHE_BLOCK]).encode() + b"\n")
             prefixes.append(running.copy().digest())
         cache, now = self._caches.setdefault(call.key, OrderedDict()), time.monotonic()
         while cache and next(iter(cache.values())) <= now - CACHE_LIFETIME:
@@ -1070,14 +1385,18 @@ class KeyAccounts:
             window[1] += 1
         remaining = str(budget - int(window[1]))
         if call.api == "anthropic":
-            at = (datetime.now(timezone.utc) + timedelta(seconds=reset)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            call.limit_headers = {"anthropic-ratelimit-requests-limit": str(budget),
-                                  "anthropic-ratelimit-requests-remaining": remaining,
-                                  "anthropic-ratelimit-requests-reset": at}
+            at = (datetime.now(UTC) + timedelta(seconds=reset)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            call.limit_headers = {
+                "anthropic-ratelimit-requests-limit": str(budget),
+                "anthropic-ratelimit-requests-remaining": remaining,
+                "anthropic-ratelimit-requests-reset": at,
+            }
         else:
-            call.limit_headers = {"x-ratelimit-limit-requests": str(budget),
-                                  "x-ratelimit-remaining-requests": remaining,
-                                  "x-ratelimit-reset-requests": f"{reset:.3f}s"}
+            call.limit_headers = {
+                "x-ratelimit-limit-requests": str(budget),
+                "x-ratelimit-remaining-requests": remaining,
+                "x-ratelimit-reset-requests": f"{reset:.3f}s",
+            }
 
 
 def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> FakeUpstream:

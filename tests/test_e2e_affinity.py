@@ -56,8 +56,13 @@ def test_a_conversation_stays_on_its_key_while_new_ones_spread(start_proxy, fake
     conversation = Conversation(proxy, "the long conversation")
     for n in range(4):
         conversation.turn()
-        assert httpx.post(f"{proxy.url}{CHAT}", json={"model": "gpt-4o", "messages": [
-            {"role": "user", "content": f"a one-off question {n}"}]}).status_code == 200  # fmt: skip
+        assert (
+            httpx.post(
+                f"{proxy.url}{CHAT}",
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": f"a one-off question {n}"}]},
+            ).status_code
+            == 200
+        )
     stays = keys_for(fake, "/v1/chat/completions", in_conversation("the long conversation"))
     one_offs = keys_for(fake, "/v1/chat/completions", in_conversation("one-off"))
     assert len(stays) == 4 and len(set(stays)) == 1
@@ -73,8 +78,9 @@ def test_without_affinity_a_conversation_rotates_over_the_keys(start_proxy, fake
 
 
 def test_the_client_names_its_conversation(start_proxy, fake):
-    proxy = start_proxy(proxy_env(fake, ANTHROPIC_KEY="ant-affinity-one,ant-affinity-two,ant-affinity-three",
-                                  OPENAI_KEY=",".join(KEYS)))  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(fake, ANTHROPIC_KEY="ant-affinity-one,ant-affinity-two,ant-affinity-three", OPENAI_KEY=",".join(KEYS))
+    )
 
     def claude(text: str, headers: dict | None = None, **fields) -> None:
         body = {"model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": text}]}
@@ -87,12 +93,17 @@ def test_the_client_names_its_conversation(start_proxy, fake):
         claude(f"by metadata {n}", metadata={"user_id": user_id})
         claude(f"a one-off question {n}")
         claude(f"another one-off question {n}")  # four requests a round on three keys: rotation would show
-        response = httpx.post(f"{proxy.url}{RESPONSES}", json={"model": "gpt-4o", "input": f"by cache key {n}",
-                                                               "prompt_cache_key": "thread-1", "store": False})
+        response = httpx.post(
+            f"{proxy.url}{RESPONSES}",
+            json={"model": "gpt-4o", "input": f"by cache key {n}", "prompt_cache_key": "thread-1", "store": False},
+        )
         assert response.status_code == 200
         httpx.post(f"{proxy.url}{RESPONSES}", json={"model": "gpt-4o", "input": f"a one-off question {n}"})
-    for marker, path in (("by header", "/v1/messages"), ("by metadata", "/v1/messages"),
-                         ("by cache key", "/v1/responses")):  # fmt: skip
+    for marker, path in (
+        ("by header", "/v1/messages"),
+        ("by metadata", "/v1/messages"),
+        ("by cache key", "/v1/responses"),
+    ):
         assert len(set(keys_for(fake, path, in_conversation(marker)))) == 1, marker
     by_header = keys_for(fake, "/v1/messages", in_conversation("by header"))
     assert by_header != keys_for(fake, "/v1/messages", in_conversation("by metadata"))  # two conversations
@@ -192,13 +203,22 @@ def test_a_follow_up_of_a_retired_key_or_of_someone_else_gets_a_clear_error(star
 
 def test_encrypted_content_waits_for_its_conversations_key(start_proxy, fake):
     proxy = start_proxy(proxy_env(fake, OPENAI_KEY=",".join(KEYS[:2]), MAX_QUEUED_PER_IDENTITY="5"))
-    codex = {"model": "gpt-4o", "prompt_cache_key": "thread-7", "store": False,
-             "include": ["reasoning.encrypted_content"], "reasoning": {"effort": "low"}}  # fmt: skip
+    codex = {
+        "model": "gpt-4o",
+        "prompt_cache_key": "thread-7",
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "reasoning": {"effort": "low"},
+    }
     first = httpx.post(f"{proxy.url}{RESPONSES}", json=codex | {"input": "first"}, timeout=30).json()
     [key] = keys_for(fake, "/v1/responses")
     fake.set_key_behaviour(key, "rate_limit_for", seconds=2)
-    second = httpx.post(f"{proxy.url}{RESPONSES}", timeout=30, json=codex | {
-        "input": [{"role": "user", "content": "first"}, *first["output"], {"role": "user", "content": "second"}]})
+    second = httpx.post(
+        f"{proxy.url}{RESPONSES}",
+        timeout=30,
+        json=codex
+        | {"input": [{"role": "user", "content": "first"}, *first["output"], {"role": "user", "content": "second"}]},
+    )
     assert second.status_code == 200
     assert keys_for(fake, "/v1/responses") == [key, key, key]  # 429, a wait, then the same key: no other can read it
 

@@ -5,6 +5,7 @@ proxy change that refuses or alters what a real client sends fails here. The CLI
 """
 
 import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -27,8 +28,17 @@ CLIENT_TOKEN = "sk-client-placeholder-token"
 PREFIX = {"openai": "/proxy/openai", "anthropic": "/proxy/anthropic"}
 BINARIES = {"claude-code": "claude", "codex-cli": "codex"}
 # Hop-by-hop and framing headers: httpx sets its own, the recorded ones describe the recording's connection.
-NOT_REPLAYED = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer",
-                "proxy-connection"}
+NOT_REPLAYED = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+}
 NEVER_FORWARDED = {"api_key", "base_url", "api_base", "organization", "project"}  # the proxy drops these fields
 USAGE_ASKED = {"/v1/chat/completions", "/v1/completions"}  # streamed, the proxy asks for usage on these
 TOOL_RESULT_TYPES = {"tool_result", "function_call_output", "custom_tool_call_output"}
@@ -48,10 +58,15 @@ def recorded_requests(websocket: bool) -> list:
     params = []
     for path in FIXTURES:
         fixture = json.loads(path.read_text())
-        chosen = [(index, recorded) for index, recorded in enumerate(fixture["requests"])
-                  if is_websocket(recorded) == websocket]
-        params += [pytest.param(fixture["api"], recorded, id=f"{path.stem}-{index}")
-                   for index, recorded in (chosen[:1] if websocket else chosen)]
+        chosen = [
+            (index, recorded)
+            for index, recorded in enumerate(fixture["requests"])
+            if is_websocket(recorded) == websocket
+        ]
+        params += [
+            pytest.param(fixture["api"], recorded, id=f"{path.stem}-{index}")
+            for index, recorded in (chosen[:1] if websocket else chosen)
+        ]
     return params
 
 
@@ -59,8 +74,9 @@ def replay(proxy, api: str, recorded: dict) -> httpx.Response:
     dropped = NOT_REPLAYED - ({"connection", "upgrade"} if is_websocket(recorded) else set())
     headers = [(name, value) for name, value in recorded["headers"] if name.lower() not in dropped]
     content = None if recorded["body"] is None else json.dumps(recorded["body"]).encode()
-    return httpx.request(recorded["method"], proxy.url + PREFIX[api] + recorded["path"], headers=headers,
-                         content=content, timeout=30)
+    return httpx.request(
+        recorded["method"], proxy.url + PREFIX[api] + recorded["path"], headers=headers, content=content, timeout=30
+    )
 
 
 def expected_upstream_body(path: str, body: dict) -> dict:
@@ -114,8 +130,12 @@ LIVE = [name for name in SCENARIOS if name != "anthropic-count-tokens"]  # count
 def test_live_client_through_proxy(proxy, fake, name):
     assert run_live(proxy, name) == fakeupstream.REPLY
     if "tool" in name:  # the tool really ran and its output went back upstream in the follow-up request
-        results = [result for recorded in fake.requests if recorded.method == "POST"
-                   for result in tool_results(json.loads(recorded.body))]
+        results = [
+            result
+            for recorded in fake.requests
+            if recorded.method == "POST"
+            for result in tool_results(json.loads(recorded.body))
+        ]
         assert any(TOOL_OUTPUT in json.dumps(result) for result in results), results
 
 
@@ -166,10 +186,8 @@ class UpgradeClock:
 
 
 def _shut(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not connected, or already shut
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # not connected, or already shut
-        pass
     sock.close()
 
 
@@ -217,8 +235,14 @@ def test_pooled_client_gets_every_answer(proxy, fake, close):
         pytest.skip("node is not installed: ./run.sh test installs Debian's nodejs")
     headers = {"connection": "close"} if close else {}
     requests = [request | {"headers": headers} for request, _ in POOLED_SEQUENCE]
-    completed = subprocess.run(["node", CLIENTS_DIR / "pooled_client.mjs", proxy.url], input=json.dumps(requests),
-                               capture_output=True, text=True, timeout=60, check=True)
+    completed = subprocess.run(
+        ["node", CLIENTS_DIR / "pooled_client.mjs", proxy.url],
+        input=json.dumps(requests),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     results = json.loads(completed.stdout)
     assert [result.get("status") for result in results] == [status for _, status in POOLED_SEQUENCE], results
     for result in results:

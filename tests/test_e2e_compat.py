@@ -37,26 +37,50 @@ CLAUDE_CODE_BODY = {
     "stream": True,
     "system": [{"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}}],
     "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "list the files", "cache_control": {"type": "ephemeral"}}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "list the files", "cache_control": {"type": "ephemeral"}}],
+        },
         {"role": "system", "content": [{"type": "text", "text": "# Environment\nPlatform: linux"}]},
-        {"role": "assistant", "content": [
-            {"type": "thinking", "thinking": "", "signature": "EqQBCkYIBxgCKkD" + "x" * 300},
-            {"type": "redacted_thinking", "data": "EmwKAhgBEgy" + "y" * 300},
-            {"type": "server_tool_use", "id": "srvtoolu_01A", "name": "web_search", "input": {"query": "q"}},
-            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01A", "content": [
-                {"type": "web_search_result", "url": "https://example.com/", "title": "Example",
-                 "encrypted_content": "Eo8B" + "z" * 200, "page_age": None}]},
-            {"type": "tool_use", "id": "toolu_01B", "name": "Bash", "input": {"command": "ls"}},
-        ]},
-        {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_01B", "content": [{"type": "text", "text": "a.txt"}]},
-            {"type": "future_block", "payload": {"text": "a block type no API has yet"}},
-        ]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "", "signature": "EqQBCkYIBxgCKkD" + "x" * 300},
+                {"type": "redacted_thinking", "data": "EmwKAhgBEgy" + "y" * 300},
+                {"type": "server_tool_use", "id": "srvtoolu_01A", "name": "web_search", "input": {"query": "q"}},
+                {
+                    "type": "web_search_tool_result",
+                    "tool_use_id": "srvtoolu_01A",
+                    "content": [
+                        {
+                            "type": "web_search_result",
+                            "url": "https://example.com/",
+                            "title": "Example",
+                            "encrypted_content": "Eo8B" + "z" * 200,
+                            "page_age": None,
+                        }
+                    ],
+                },
+                {"type": "tool_use", "id": "toolu_01B", "name": "Bash", "input": {"command": "ls"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01B", "content": [{"type": "text", "text": "a.txt"}]},
+                {"type": "future_block", "payload": {"text": "a block type no API has yet"}},
+            ],
+        },
         {"role": "critic", "content": "a role no API has yet"},
     ],
-    "tools": [{"name": "Bash", "description": "Run a shell command", "input_schema": {
-        "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}},
-        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+    "tools": [
+        {
+            "name": "Bash",
+            "description": "Run a shell command",
+            "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
+        },
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+    ],
     "metadata": {"user_id": json.dumps({"device_id": "d1", "session_id": "s1"})},
     "thinking": {"type": "adaptive", "display": "omitted"},
     "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
@@ -70,10 +94,24 @@ CODEX_BODY = {
     "store": False,
     "instructions": "You are Codex.",
     "input": [
-        {"type": "additional_tools", "role": "developer", "tools": [
-            {"type": "namespace", "name": "functions", "tools": [
-                {"type": "custom", "name": "exec", "description": "Run JavaScript",
-                 "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}]}]},
+        {
+            "type": "additional_tools",
+            "role": "developer",
+            "tools": [
+                {
+                    "type": "namespace",
+                    "name": "functions",
+                    "tools": [
+                        {
+                            "type": "custom",
+                            "name": "exec",
+                            "description": "Run JavaScript",
+                            "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"},
+                        }
+                    ],
+                }
+            ],
+        },
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "say hi"}]},
         {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAAB" + "q" * 400},
         {"type": "custom_tool_call", "call_id": "call_1", "name": "exec", "input": "text('hi')"},
@@ -116,18 +154,29 @@ def test_codex_request_reaches_the_upstream_unchanged(proxy, fake):
 
 
 def test_unknown_chat_roles_and_fields_reach_the_upstream_unchanged(proxy, fake):
-    body = {"model": "gpt-5.4", "messages": [{"role": "developer", "content": "be brief"},
-                                             {"role": "critic", "content": [{"type": "future_part", "x": 1}]}],
-            "reasoning_effort": "minimal", "verbosity": "low", "prediction": {"type": "content", "content": "x"},
-            "future_field": {"a": [1, 2]}}  # fmt: skip
+    body = {
+        "model": "gpt-5.4",
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "critic", "content": [{"type": "future_part", "x": 1}]},
+        ],
+        "reasoning_effort": "minimal",
+        "verbosity": "low",
+        "prediction": {"type": "content", "content": "x"},
+        "future_field": {"a": [1, 2]},
+    }
     assert httpx.post(f"{proxy.url}{CHAT}", json=body).status_code == 200
     assert received(fake)[0] == body
 
 
 def test_what_the_upstream_refuses_comes_back_as_the_upstream_said_it(proxy, fake):
     """The fake, like the real API, refuses a thinking budget that does not fit under max_tokens."""
-    body = {"model": "claude-sonnet-5", "max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 4000},
-            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    body = {
+        "model": "claude-sonnet-5",
+        "max_tokens": 2000,
+        "thinking": {"type": "enabled", "budget_tokens": 4000},
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     with pytest.raises(anthropic.BadRequestError) as refused:
         anthropic_client(proxy).messages.create(**body)
     assert refused.value.status_code == 400
@@ -145,9 +194,11 @@ def test_what_the_upstream_refuses_comes_back_as_the_upstream_said_it(proxy, fak
 def test_a_lowered_max_tokens_lowers_the_thinking_budget_with_it(start_proxy, fake, cap, sent_thinking):
     proxy = start_proxy(proxy_env(fake, MAX_OUTPUT_TOKENS_ANTHROPIC=cap))
     message = anthropic_client(proxy).messages.create(
-        model="claude-sonnet-5", max_tokens=20000, thinking={"type": "enabled", "budget_tokens": 16000},
+        model="claude-sonnet-5",
+        max_tokens=20000,
+        thinking={"type": "enabled", "budget_tokens": 16000},
         messages=[{"role": "user", "content": "hi"}],
-    )  # fmt: skip
+    )
     assert message.content
     body, _ = received(fake)
     assert body["max_tokens"] == int(cap) and body["thinking"] == sent_thinking
@@ -155,7 +206,9 @@ def test_a_lowered_max_tokens_lowers_the_thinking_budget_with_it(start_proxy, fa
 
 def test_claude_code_thinking_streams_with_signatures_through_the_proxy(proxy, fake):
     with anthropic_client(proxy).messages.stream(
-        model="claude-opus-5-5", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048},
+        model="claude-opus-5-5",
+        max_tokens=4096,
+        thinking={"type": "enabled", "budget_tokens": 2048},
         messages=[{"role": "user", "content": "hi #fake:redacted_thinking=1 #fake:tool=get_weather"}],
         tools=[{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
     ) as stream:
@@ -169,26 +222,111 @@ def test_claude_code_thinking_streams_with_signatures_through_the_proxy(proxy, f
 @pytest.mark.parametrize(
     "path, body",
     [
-        (MESSAGES, {**copy.deepcopy(CLAUDE_CODE_BODY), "tools": [{"name": "t", "description": "a FORBIDDEN tool",
-                                                                  "input_schema": {"type": "object"}}]}),
-        (MESSAGES, {"model": "claude-sonnet-5", "max_tokens": 5, "tools": [{"name": "t", "input_schema": {
-            "type": "object", "properties": {"forbidden_argument": {"type": "string"}}}}],
-            "messages": [{"role": "user", "content": "hi"}]}),  # a schema's property name
-        (MESSAGES, {"model": "claude-sonnet-5", "max_tokens": 5, "messages": [
-            {"role": "user", "content": "hi"}, {"role": "system", "content": "forbidden, mid-conversation"}]}),
-        (MESSAGES, {"model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "Forbidden"}]}]}]}),
-        (MESSAGES, {"model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
-            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "forbidden"}}]}]}),
-        (MESSAGES, {"model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
-            {"type": "future_block", "deep": {"deeper": ["forbidden"]}}]}]}),  # a shape no API has yet
+        (
+            MESSAGES,
+            {
+                **copy.deepcopy(CLAUDE_CODE_BODY),
+                "tools": [{"name": "t", "description": "a FORBIDDEN tool", "input_schema": {"type": "object"}}],
+            },
+        ),
+        (
+            MESSAGES,
+            {
+                "model": "claude-sonnet-5",
+                "max_tokens": 5,
+                "tools": [
+                    {
+                        "name": "t",
+                        "input_schema": {"type": "object", "properties": {"forbidden_argument": {"type": "string"}}},
+                    }
+                ],
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        ),  # a schema's property name
+        (
+            MESSAGES,
+            {
+                "model": "claude-sonnet-5",
+                "max_tokens": 5,
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "system", "content": "forbidden, mid-conversation"},
+                ],
+            },
+        ),
+        (
+            MESSAGES,
+            {
+                "model": "claude-sonnet-5",
+                "max_tokens": 5,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t",
+                                "content": [{"type": "text", "text": "Forbidden"}],
+                            }
+                        ],
+                    }
+                ],
+            },
+        ),
+        (
+            MESSAGES,
+            {
+                "model": "claude-sonnet-5",
+                "max_tokens": 5,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "document",
+                                "source": {"type": "text", "media_type": "text/plain", "data": "forbidden"},
+                            }
+                        ],
+                    }
+                ],
+            },
+        ),
+        (
+            MESSAGES,
+            {
+                "model": "claude-sonnet-5",
+                "max_tokens": 5,
+                "messages": [
+                    {"role": "user", "content": [{"type": "future_block", "deep": {"deeper": ["forbidden"]}}]}
+                ],
+            },
+        ),  # a shape no API has yet
         (RESPONSES, {"model": "gpt-5.4", "instructions": "forbidden", "input": "hi"}),
-        (RESPONSES, {**copy.deepcopy(CODEX_BODY), "input": [
-            {"type": "function_call_output", "call_id": "c", "output": "forbidden output"}]}),
-        (RESPONSES, {"model": "gpt-5.4", "input": "hi", "text": {"format": {
-            "type": "json_schema", "name": "x", "schema": {"description": "forbidden"}}}}),
-        (CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "tools": [
-            {"type": "function", "function": {"name": "f", "description": "Forbidden", "parameters": {}}}]}),
+        (
+            RESPONSES,
+            {
+                **copy.deepcopy(CODEX_BODY),
+                "input": [{"type": "function_call_output", "call_id": "c", "output": "forbidden output"}],
+            },
+        ),
+        (
+            RESPONSES,
+            {
+                "model": "gpt-5.4",
+                "input": "hi",
+                "text": {"format": {"type": "json_schema", "name": "x", "schema": {"description": "forbidden"}}},
+            },
+        ),
+        (
+            CHAT,
+            {
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "description": "Forbidden", "parameters": {}}}
+                ],
+            },
+        ),
     ],
 )
 def test_the_filter_reads_every_string_the_model_reads_in_any_shape(start_proxy, fake, path, body):
@@ -200,11 +338,21 @@ def test_the_filter_reads_every_string_the_model_reads_in_any_shape(start_proxy,
 
 def test_the_filter_skips_ids_settings_and_opaque_data(start_proxy, fake):
     proxy = start_proxy(proxy_env(fake, REJECT_PHRASES="forbidden"))
-    body = {"model": "claude-sonnet-5", "max_tokens": 5, "metadata": {"user_id": "forbidden-user"},
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "hi"},
-                {"type": "thinking", "thinking": "ok", "signature": "forbidden"},
-                {"type": "tool_result", "tool_use_id": "forbidden", "content": "fine"}]}]}  # fmt: skip
+    body = {
+        "model": "claude-sonnet-5",
+        "max_tokens": 5,
+        "metadata": {"user_id": "forbidden-user"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "thinking", "thinking": "ok", "signature": "forbidden"},
+                    {"type": "tool_result", "tool_use_id": "forbidden", "content": "fine"},
+                ],
+            }
+        ],
+    }
     assert httpx.post(f"{proxy.url}{MESSAGES}", json=body).status_code == 200
 
 
@@ -216,7 +364,9 @@ def raw_exchange(port: int, request: bytes) -> tuple[bytes, bool]:
         while b"\r\n\r\n" not in received_bytes:
             received_bytes += sock.recv(65536)
         head, _, rest = received_bytes.partition(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+        length = int(
+            next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length"))
+        )
         while len(rest) < length:
             rest += sock.recv(65536)
         sock.settimeout(1)
@@ -239,8 +389,15 @@ def raw_exchange(port: int, request: bytes) -> tuple[bytes, bool]:
 @pytest.mark.parametrize("connection", [b"close", b"keep-alive"])
 def test_connection_close_is_answered_and_honoured_both_ways(proxy, fake, request_line, body, connection):
     """RFC 9112 §9.6: the answer to `Connection: close` says `close` and the socket closes; otherwise it stays."""
-    request = (request_line + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: " + connection
-               + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    request = (
+        request_line
+        + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: "
+        + connection
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     head, closed = raw_exchange(proxy.port, request)
     says_close = b"\r\nconnection: close" in head
     assert (says_close, closed) == ((True, True) if connection == b"close" else (False, False))
@@ -248,9 +405,16 @@ def test_connection_close_is_answered_and_honoured_both_ways(proxy, fake, reques
 
 def test_a_streamed_request_refused_before_it_starts_gets_a_real_status(start_proxy, fake):
     proxy = start_proxy(proxy_env(fake, ANTHROPIC_KEY=""))
-    with httpx.stream("POST", f"{proxy.url}/proxy/anthropic/v1/messages", json={
-            "model": "claude-sonnet-5", "max_tokens": 5, "stream": True,
-            "messages": [{"role": "user", "content": "hi"}]}) as answer:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{proxy.url}/proxy/anthropic/v1/messages",
+        json={
+            "model": "claude-sonnet-5",
+            "max_tokens": 5,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ) as answer:
         assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
         assert json.loads(answer.read())["error"]["type"] == "overloaded_error"
     stream = httpx.post(f"{proxy.url}{CHAT}", json={"model": "gpt-4o", "stream": True, "messages": []})
@@ -263,8 +427,12 @@ def test_refusals_by_the_proxy_cost_no_rate_allowance(start_proxy, fake):
     refused = [httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", json=claude).status_code for _ in range(4)]
     assert refused == [503] * 4  # no key: refused by the proxy, not counted
     chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-    counts = [httpx.post(f"{proxy.url}/proxy/openai/v1/responses/input_tokens",
-                         json={"model": "gpt-4o", "input": "hi"}).status_code for _ in range(4)]  # fmt: skip
+    counts = [
+        httpx.post(
+            f"{proxy.url}/proxy/openai/v1/responses/input_tokens", json={"model": "gpt-4o", "input": "hi"}
+        ).status_code
+        for _ in range(4)
+    ]
     assert counts == [200, 200, 200, 429]  # token counts have a window of their own
     served = [httpx.post(f"{proxy.url}{CHAT}", json=chat) for _ in range(3)]
     assert [response.status_code for response in served] == [200, 200, 429]
@@ -273,9 +441,14 @@ def test_refusals_by_the_proxy_cost_no_rate_allowance(start_proxy, fake):
 
 def test_the_newest_sdks_stream_a_tool_turn(proxy, fake):
     stream = openai_client(proxy).chat.completions.create(
-        model="gpt-4o", stream=True, messages=[{"role": "user", "content": "weather? #fake:tool=get_weather"}],
+        model="gpt-4o",
+        stream=True,
+        messages=[{"role": "user", "content": "weather? #fake:tool=get_weather"}],
         tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
-    )  # fmt: skip
-    arguments = "".join(chunk.choices[0].delta.tool_calls[0].function.arguments or ""
-                        for chunk in stream if chunk.choices and chunk.choices[0].delta.tool_calls)  # fmt: skip
+    )
+    arguments = "".join(
+        chunk.choices[0].delta.tool_calls[0].function.arguments or ""
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].delta.tool_calls
+    )
     assert json.loads(arguments) == {"city": "Paris"}

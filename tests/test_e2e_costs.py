@@ -34,20 +34,41 @@ SONNET = ("3", "15", "0.3", "3.75", "6")
 WEB_SEARCH = 10_000_000  # nano-dollars: $10 per 1,000
 
 
-def expected(price: tuple, input: int, output: int, cache_read: int = 0, cache_write_5m: int = 0,
-             cache_write_1h: int = 0, reasoning: int = 0, web_searches: int = 0) -> dict:
+def expected(
+    price: tuple,
+    input: int,
+    output: int,
+    cache_read: int = 0,
+    cache_write_5m: int = 0,
+    cache_write_1h: int = 0,
+    reasoning: int = 0,
+    web_searches: int = 0,
+) -> dict:
     """A family's figures after one request, as /admin/users shows them."""
     tokens = (input, output, cache_read, cache_write_5m, cache_write_1h)
-    nanodollars = int(sum(n * Decimal(p) for n, p in zip(tokens, price)) * 1000) + web_searches * WEB_SEARCH
-    return {"used": sum(tokens), "reserved": 0, "reserved_usd": 0.0, "cost_usd": nanodollars / 1e9, "input": input,
-            "output": output, "cache_read": cache_read, "cache_write_5m": cache_write_5m,
-            "cache_write_1h": cache_write_1h, "reasoning": reasoning, "web_searches": web_searches}  # fmt: skip
+    nanodollars = (
+        int(sum(n * Decimal(p) for n, p in zip(tokens, price, strict=True)) * 1000) + web_searches * WEB_SEARCH
+    )
+    return {
+        "used": sum(tokens),
+        "reserved": 0,
+        "reserved_usd": 0.0,
+        "cost_usd": nanodollars / 1e9,
+        "input": input,
+        "output": output,
+        "cache_read": cache_read,
+        "cache_write_5m": cache_write_5m,
+        "cache_write_1h": cache_write_1h,
+        "reasoning": reasoning,
+        "web_searches": web_searches,
+    }
 
 
 @pytest.fixture(scope="module")
 def users_proxy(fake, tmp_path_factory):
-    env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY,
-                    DATA_DIR=str(tmp_path_factory.mktemp("costs") / "data"))  # fmt: skip
+    env = proxy_env(
+        fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path_factory.mktemp("costs") / "data")
+    )
     with ProxyProcess(env) as proxy:
         yield proxy
 
@@ -65,16 +86,24 @@ def cached(details) -> int:
 
 
 def chat_buffered(proxy, token):
-    usage = openai_for(proxy, token).chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "price this"}]).usage
+    usage = (
+        openai_for(proxy, token)
+        .chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "price this"}])
+        .usage
+    )
     read = cached(usage.prompt_tokens_details)
     return "gpt4o", expected(GPT_4O, usage.prompt_tokens - read, usage.completion_tokens, read)
 
 
 def chat_streamed(proxy, token):
-    chunks = list(openai_for(proxy, token).chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "price this #fake:events=4"}], stream=True,
-        stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        openai_for(proxy, token).chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "price this #fake:events=4"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usage = chunks[-1].usage
     read = cached(usage.prompt_tokens_details)
     return "gpt4o", expected(GPT_4O, usage.prompt_tokens - read, usage.completion_tokens, read)
@@ -83,18 +112,28 @@ def chat_streamed(proxy, token):
 def responses_usage(response) -> tuple[str, dict]:
     usage, searches = response.usage, sum(item.type == "web_search_call" for item in response.output)
     read = cached(usage.input_tokens_details)
-    return "gpt5", expected(GPT_5, usage.input_tokens - read, usage.output_tokens, read,
-                            reasoning=usage.output_tokens_details.reasoning_tokens, web_searches=searches)  # fmt: skip
+    return "gpt5", expected(
+        GPT_5,
+        usage.input_tokens - read,
+        usage.output_tokens,
+        read,
+        reasoning=usage.output_tokens_details.reasoning_tokens,
+        web_searches=searches,
+    )
 
 
 def responses_buffered(proxy, token):
-    return responses_usage(openai_for(proxy, token).responses.create(
-        model="gpt-5.4", input="price this", reasoning={"effort": "low"}))  # fmt: skip
+    return responses_usage(
+        openai_for(proxy, token).responses.create(model="gpt-5.4", input="price this", reasoning={"effort": "low"})
+    )
 
 
 def responses_streamed(proxy, token):
-    events = list(openai_for(proxy, token).responses.create(
-        model="gpt-5.4", input="price this", reasoning={"effort": "low"}, stream=True))  # fmt: skip
+    events = list(
+        openai_for(proxy, token).responses.create(
+            model="gpt-5.4", input="price this", reasoning={"effort": "low"}, stream=True
+        )
+    )
     assert events[-1].type == "response.completed"
     return responses_usage(events[-1].response)
 
@@ -104,21 +143,26 @@ def claude_usage(usage) -> tuple[str, dict]:
     one_hour = split.ephemeral_1h_input_tokens if split else 0
     searches = usage.server_tool_use.web_search_requests if usage.server_tool_use else 0
     writes, reads = usage.cache_creation_input_tokens or 0, usage.cache_read_input_tokens or 0
-    return "claude-sonnet", expected(SONNET, usage.input_tokens, usage.output_tokens, reads, writes - one_hour,
-                                     one_hour, web_searches=searches)  # fmt: skip
+    return "claude-sonnet", expected(
+        SONNET, usage.input_tokens, usage.output_tokens, reads, writes - one_hour, one_hour, web_searches=searches
+    )
 
 
 def claude_buffered(proxy, token):
     answer = anthropic_for(proxy, token).messages.create(
-        model="claude-sonnet-5", max_tokens=200, messages=[{"role": "user", "content": "look up #fake:server_tool=1"}])
+        model="claude-sonnet-5", max_tokens=200, messages=[{"role": "user", "content": "look up #fake:server_tool=1"}]
+    )
     assert answer.usage.server_tool_use.web_search_requests == 1
     return claude_usage(answer.usage)
 
 
 def claude_streamed(proxy, token):
     with anthropic_for(proxy, token).messages.stream(
-            model="claude-sonnet-5", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048},
-            messages=[{"role": "user", "content": "look up #fake:server_tool=1"}]) as stream:  # fmt: skip
+        model="claude-sonnet-5",
+        max_tokens=4096,
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        messages=[{"role": "user", "content": "look up #fake:server_tool=1"}],
+    ) as stream:
         final = stream.get_final_message()
     assert final.usage.server_tool_use.web_search_requests == 1
     return claude_usage(final.usage)
@@ -126,14 +170,30 @@ def claude_streamed(proxy, token):
 
 def claude_in_chat_format(proxy, token):
     client = openai.OpenAI(base_url=f"{proxy.url}/proxy/anthropic/v1", api_key=token, max_retries=0)
-    chunks = list(client.chat.completions.create(model="claude-sonnet-5", messages=[{"role": "user", "content": "hi"}],
-                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="claude-sonnet-5",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usage = chunks[-1].usage
     return "claude-sonnet", expected(SONNET, usage.prompt_tokens, usage.completion_tokens)
 
 
-@pytest.mark.parametrize("shape", [chat_buffered, chat_streamed, responses_buffered, responses_streamed,
-                                   claude_buffered, claude_streamed, claude_in_chat_format])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape",
+    [
+        chat_buffered,
+        chat_streamed,
+        responses_buffered,
+        responses_streamed,
+        claude_buffered,
+        claude_streamed,
+        claude_in_chat_format,
+    ],
+)
 def test_each_usage_shape_is_recorded_and_priced_exactly(users_proxy, shape):
     admin = Admin(users_proxy)
     token, user = admin.create(nickname=shape.__name__)
@@ -157,8 +217,9 @@ def test_the_user_list_sums_everyones_cost(users_proxy):
 @pytest.fixture
 def user_proxy(start_proxy, fake, tmp_path):
     def start(**settings) -> tuple[ProxyProcess, Admin]:
-        proxy = start_proxy(proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY,
-                                      DATA_DIR=str(tmp_path / "data"), **settings))  # fmt: skip
+        proxy = start_proxy(
+            proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "data"), **settings)
+        )
         return proxy, Admin(proxy)
 
     return start
@@ -173,8 +234,7 @@ def test_fifty_parallel_requests_against_a_usd_quota_for_five(user_proxy, fake):
     body = {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
 
     def send(_):
-        return httpx.post(f"{proxy.url}{CHAT}", json=body, headers={"authorization": f"Bearer {token}"},
-                          timeout=30)  # fmt: skip
+        return httpx.post(f"{proxy.url}{CHAT}", json=body, headers={"authorization": f"Bearer {token}"}, timeout=30)
 
     for key in OPENAI_KEYS:
         fake.set_key_behaviour(key, "slow", delay_ms=3000)  # all fifty are in flight at once
@@ -205,20 +265,34 @@ def test_a_total_usd_quota_spans_every_family_and_refuses_in_each_apis_format(us
     own = httpx.get(f"{proxy.url}/user/usage", headers={"authorization": f"Bearer {token}"}).json()
     assert own["costLimitUsd"] == 0.002 and own["costUsd"] == spent["cost_usd"]
     special, _ = admin.create(type="special")  # exempt from quotas, USD ones too
-    assert anthropic_for(proxy, special).messages.create(model="claude-sonnet-5", max_tokens=1000,
-                                                         messages=[{"role": "user", "content": "x"}])  # fmt: skip
+    assert anthropic_for(proxy, special).messages.create(
+        model="claude-sonnet-5", max_tokens=1000, messages=[{"role": "user", "content": "x"}]
+    )
 
 
 def test_server_tools_are_refused_when_the_owner_says_so(start_proxy, fake):
     proxy = start_proxy(proxy_env(fake, ALLOW_SERVER_TOOLS="false"))
     search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
-    refused = httpx.post(f"{proxy.url}{MESSAGES}", json={
-        "model": "claude-sonnet-5", "max_tokens": 50, "messages": [{"role": "user", "content": "x"}],
-        "tools": [{"name": "mine", "input_schema": {"type": "object"}}, search]})  # fmt: skip
+    refused = httpx.post(
+        f"{proxy.url}{MESSAGES}",
+        json={
+            "model": "claude-sonnet-5",
+            "max_tokens": 50,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "mine", "input_schema": {"type": "object"}}, search],
+        },
+    )
     assert refused.status_code == 400 and refused.headers["x-proxy-error"] == "server_tools_not_allowed"
-    assert refused.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": (
-        "This proxy does not pass on tools the provider runs itself (web_search_20250305); send only tools your "
-        "client runs.")}}  # fmt: skip
+    assert refused.json() == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": (
+                "This proxy does not pass on tools the provider runs itself (web_search_20250305); "
+                "send only tools your client runs."
+            ),
+        },
+    }
     for path, body in (
         (RESPONSES, {"model": "gpt-5.4", "input": "x", "tools": [{"type": "web_search"}]}),
         (RESPONSES, {"model": "gpt-5.4", "input": [{"type": "additional_tools", "tools": [{"type": "file_search"}]}]}),
@@ -229,28 +303,59 @@ def test_server_tools_are_refused_when_the_owner_says_so(start_proxy, fake):
     assert fake.requests == []
     with pytest.raises(anthropic.BadRequestError, match="web_search_20250305"):
         anthropic.Anthropic(base_url=f"{proxy.url}/proxy/anthropic", api_key="x", max_retries=0).messages.create(
-            model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "x"}], tools=[search])
+            model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "x"}], tools=[search]
+        )
     client_run = [{"name": "mine", "input_schema": {"type": "object"}}, {"type": "bash_20250124", "name": "bash"}]
-    assert httpx.post(f"{proxy.url}{MESSAGES}", json={"model": "claude-sonnet-5", "max_tokens": 50, "tools": client_run,
-                      "messages": [{"role": "user", "content": "x"}]}).status_code == 200  # fmt: skip
-    assert httpx.post(f"{proxy.url}{RESPONSES}", json={"model": "gpt-5.4", "input": "x", "tools": [
-        {"type": "function", "name": "f", "parameters": {}}, {"type": "custom", "name": "exec"}]}).status_code == 200
-    counted = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages/count_tokens", json={
-        "model": "claude-sonnet-5", "messages": [{"role": "user", "content": "x"}], "tools": [search]})
+    assert (
+        httpx.post(
+            f"{proxy.url}{MESSAGES}",
+            json={
+                "model": "claude-sonnet-5",
+                "max_tokens": 50,
+                "tools": client_run,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        ).status_code
+        == 200
+    )
+    assert (
+        httpx.post(
+            f"{proxy.url}{RESPONSES}",
+            json={
+                "model": "gpt-5.4",
+                "input": "x",
+                "tools": [{"type": "function", "name": "f", "parameters": {}}, {"type": "custom", "name": "exec"}],
+            },
+        ).status_code
+        == 200
+    )
+    counted = httpx.post(
+        f"{proxy.url}/proxy/anthropic/v1/messages/count_tokens",
+        json={"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "x"}], "tools": [search]},
+    )
     assert counted.status_code == 200  # a token count runs nothing
 
 
 def test_server_tools_pass_by_default(proxy, fake):
-    answer = httpx.post(f"{proxy.url}{MESSAGES}", json={
-        "model": "claude-sonnet-5", "max_tokens": 50, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
-        "messages": [{"role": "user", "content": "x #fake:server_tool=1"}]})  # fmt: skip
+    answer = httpx.post(
+        f"{proxy.url}{MESSAGES}",
+        json={
+            "model": "claude-sonnet-5",
+            "max_tokens": 50,
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+            "messages": [{"role": "user", "content": "x #fake:server_tool=1"}],
+        },
+    )
     assert answer.status_code == 200 and json.loads(fake.requests[-1].body)["tools"][0]["type"] == "web_search_20250305"
 
 
 def samples_of(proxy) -> dict:
     text = httpx.get(f"{proxy.url}/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_show_token_costs_puts_costs_on_the_status_page_tags_and_metrics(start_proxy, fake):
@@ -262,7 +367,8 @@ def test_show_token_costs_puts_costs_on_the_status_page_tags_and_metrics(start_p
     spent = {}
     for proxy in (shown, tagged, hidden):
         answer = anthropic_for(proxy, "x").messages.create(
-            model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "x #fake:server_tool=1"}])
+            model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "x #fake:server_tool=1"}]
+        )
         spent[proxy.url] = claude_usage(answer.usage)[1]
     figures = spent[shown.url]
     # The page's figures are cached for 1.5 s: wait until they include the request.

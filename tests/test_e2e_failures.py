@@ -24,8 +24,12 @@ def chat(content: str, stream: bool = False) -> dict:
 
 
 def message(content: str, stream: bool = False) -> dict:
-    return {"model": "claude-sonnet-5", "max_tokens": 20, "messages": [{"role": "user", "content": content}],
-            "stream": stream}  # fmt: skip
+    return {
+        "model": "claude-sonnet-5",
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+    }
 
 
 @pytest.mark.parametrize(
@@ -83,9 +87,8 @@ def test_stream_cut_by_the_upstream_ends_with_an_error_event(proxy, fake):
     assert [(recorded.stream_ending, recorded.content_events_sent) for recorded in fake.requests] == [("aborted", 2)]
     request = message("#fake:reset_after=2 #fake:events=5")
     del request["stream"]
-    with pytest.raises(anthropic.APIStatusError):
-        with anthropic_client(proxy).messages.stream(**request) as stream:
-            "".join(stream.text_stream)
+    with pytest.raises(anthropic.APIStatusError), anthropic_client(proxy).messages.stream(**request) as stream:
+        "".join(stream.text_stream)
 
 
 def test_client_leaving_mid_stream_closes_the_upstream(proxy, fake):
@@ -94,14 +97,21 @@ def test_client_leaving_mid_stream_closes_the_upstream(proxy, fake):
         body = json.dumps(chat("#fake:events=50 #fake:interval_ms=100", stream=True)).encode()
         sock.sendall(
             f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         received = b""
         while b"data: " not in received:
             received += sock.recv(65536)
     # Waited on for longer than the whole stream, so that a stream left running shows up as "completed".
-    (stream,) = wait_until(lambda: [recorded for recorded in httpx.get(f"{fake.url}/_fake/requests").json()
-                                    if recorded["stream_ending"] is not None], timeout=10)  # fmt: skip
+    (stream,) = wait_until(
+        lambda: [
+            recorded
+            for recorded in httpx.get(f"{fake.url}/_fake/requests").json()
+            if recorded["stream_ending"] is not None
+        ],
+        timeout=10,
+    )
     assert stream["path"] == "/v1/chat/completions" and stream["stream_ending"] == "cancelled"
     assert stream["content_events_sent"] < 20  # 2 s of the stream; the proxy notices within a few events
     assert httpx.get(f"{proxy.url}/health").status_code == 200
@@ -150,10 +160,14 @@ def test_canary_key_appears_nowhere(start_proxy, fake):
         seen.append(f"{response.status_code} {response.headers!r} {response.text}")
 
     with httpx.Client(base_url=proxy.url, timeout=15) as client:
-        for content in ["ok", "#fake:status=400 #fake:echo_key=1", "#fake:error=server_error #fake:echo_key=1",
-                        "#fake:error=rate_limit #fake:echo_key=1 #fake:retry_after=1",
-                        "#fake:error=insufficient_quota #fake:echo_key=1",
-                        "#fake:error=invalid_key #fake:echo_key=1"]:  # fmt: skip
+        for content in [
+            "ok",
+            "#fake:status=400 #fake:echo_key=1",
+            "#fake:error=server_error #fake:echo_key=1",
+            "#fake:error=rate_limit #fake:echo_key=1 #fake:retry_after=1",
+            "#fake:error=insufficient_quota #fake:echo_key=1",
+            "#fake:error=invalid_key #fake:echo_key=1",
+        ]:
             for stream in (False, True):
                 record(client.post(CHAT, json=chat(content, stream)))
                 record(client.post(MESSAGES, json=message(content, stream)))
@@ -161,11 +175,22 @@ def test_canary_key_appears_nowhere(start_proxy, fake):
         for key in [*OPENAI_KEYS, *ANTHROPIC_KEYS]:
             fake.set_key_behaviour(key, "invalid_key", echo_key=1)
         for path, body in ((CHAT, chat("dying")), (MESSAGES, message("dying"))):
-            wait_until(lambda: (record(response := client.post(path, json=body)) or response.status_code == 503))
+            wait_until(
+                lambda path=path, body=body: (
+                    record(response := client.post(path, json=body)) or response.status_code == 503
+                )
+            )
         record(client.post(CHAT, content=b"{not json"))
         record(client.post(MESSAGES, content=b"[" * 10000))
-        for path in ["/", "/status", "/health", "/proxy/openai/v1/models", "/proxy/anthropic/v1/models",
-                     "/proxy/openai/v1/organization/api_keys", "/proxy/openai/v1/chat/completions/../../files"]:
+        for path in [
+            "/",
+            "/status",
+            "/health",
+            "/proxy/openai/v1/models",
+            "/proxy/anthropic/v1/models",
+            "/proxy/openai/v1/organization/api_keys",
+            "/proxy/openai/v1/chat/completions/../../files",
+        ]:
             record(client.get(path))
     statuses = [int(text.split()[0]) for text in seen]
     assert {200, 400, 500, 503} <= set(statuses)  # success, passed-on errors, and every key retired in the end

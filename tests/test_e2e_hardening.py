@@ -71,8 +71,12 @@ def test_a_head_over_64_kib_gets_431_and_the_proxy_holds_no_more_of_it(proxy, fa
     assert status == 431
     # A 60 KiB head (long beta lists, many cookies) is still served.
     headers = "".join(f"X-Padding-{number}: {'b' * 1000}\r\n" for number in range(60))
-    assert httpx.post(f"{proxy.url}{CHAT}", json=chat_body(), headers={
-        f"x-padding-{number}": "b" * 1000 for number in range(60)}).status_code == 200
+    assert (
+        httpx.post(
+            f"{proxy.url}{CHAT}", json=chat_body(), headers={f"x-padding-{number}": "b" * 1000 for number in range(60)}
+        ).status_code
+        == 200
+    )
     assert len(fake.requests) == 1
 
 
@@ -88,7 +92,10 @@ def test_a_request_line_just_under_the_bound_is_served(proxy, fake):
 def test_only_http_1_0_and_1_1_are_spoken_on_the_cleartext_port(proxy, fake, version, target):
     body = json.dumps(chat_body()).encode()
     head = b"POST %s %s\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
-        target, version, len(body))
+        target,
+        version,
+        len(body),
+    )
     status, content = exchange(proxy, head, body)
     assert status == 505 and json.loads(content)["error"]["code"] == "http_version_not_supported"
     assert fake.requests == []
@@ -97,7 +104,9 @@ def test_only_http_1_0_and_1_1_are_spoken_on_the_cleartext_port(proxy, fake, ver
 def test_http_1_0_is_still_served(proxy, fake):
     body = json.dumps(chat_body()).encode()
     head = b"POST %s HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
-        CHAT.encode(), len(body))
+        CHAT.encode(),
+        len(body),
+    )
     status, _ = exchange(proxy, head, body)
     assert status == 200 and fake.requests[0].body == body
 
@@ -117,7 +126,7 @@ PLAIN = json.dumps(chat_body())
         (PLAIN.encode("utf-16-be"), "UTF-8"),
         (PLAIN.encode("utf-32"), "UTF-8"),
         (PLAIN.encode("utf-32-le"), "UTF-8"),
-        (PLAIN.encode()[:-2] + b"\xff\"}", "UTF-8"),
+        (PLAIN.encode()[:-2] + b'\xff"}', "UTF-8"),
     ],
     ids=["bom", "utf16", "utf16le", "utf16be", "utf32", "utf32le", "bad-byte"],
 )
@@ -153,8 +162,17 @@ def test_values_two_parsers_could_read_differently_are_refused(proxy, fake, frag
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("fragment", [b'"\\ud83d\\ude00"', str(2**63 - 1).encode(), str(-(2**63)).encode(),
-                                      b"1.7976931348623157e308", b"1e-400", b'"\\u00e9\\u0000"'])  # fmt: skip
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        b'"\\ud83d\\ude00"',
+        str(2**63 - 1).encode(),
+        str(-(2**63)).encode(),
+        b"1.7976931348623157e308",
+        b"1e-400",
+        b'"\\u00e9\\u0000"',
+    ],
+)
 def test_values_every_parser_reads_alike_are_forwarded_byte_for_byte(proxy, fake, fragment):
     raw = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "seed": %s}' % fragment
     assert post_raw(proxy, CHAT, raw).status_code == 200
@@ -165,7 +183,8 @@ def nested(depth: int) -> bytes:
     """A body whose deepest value sits `depth` containers down, the body itself counting as the first."""
     inner = b"[" * (depth - 2) + b"]" * (depth - 2)
     return b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "metadata": %s}' % (
-        b'{"a": ' + inner + b"}" if depth > 2 else b"{}")
+        b'{"a": ' + inner + b"}" if depth > 2 else b"{}"
+    )
 
 
 def test_nesting_is_refused_beyond_the_bound_in_every_field(proxy, fake):
@@ -212,8 +231,10 @@ def test_a_header_byte_that_is_not_utf8_from_the_upstream_costs_no_answer(start_
     events = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n'
     content = events if stream else json.dumps({"choices": [{"message": {"content": "Hi"}}]}).encode()
     kind = b"text/event-stream" if stream else b"application/json"
-    upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nx-request-id: req-\xff\xfe\r\n"
-                           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (kind, len(content), content))
+    upstream = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nx-request-id: req-\xff\xfe\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (kind, len(content), content)
+    )
     proxy = start_proxy(proxy_env(fake, OPENAI_UPSTREAM_URL=upstream.url))
     response = httpx.post(f"{proxy.url}{CHAT}", json=chat_body(stream=stream))
     assert response.status_code == 200 and response.content == content

@@ -82,8 +82,14 @@ def key_proxy(fake):
 def user_proxy(fake, tmp_path_factory):
     """GATEKEEPER=user_token with one user; also serves the admin API and the metrics behind the admin key.
     Failed admin logins are limited per address, so every bad admin request comes from an address of its own."""
-    env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, TRUSTED_PROXIES="1",
-                    METRICS_NEED_ADMIN_KEY="true", DATA_DIR=str(tmp_path_factory.mktemp("identity")))  # fmt: skip
+    env = proxy_env(
+        fake,
+        GATEKEEPER="user_token",
+        ADMIN_KEY=ADMIN_KEY,
+        TRUSTED_PROXIES="1",
+        METRICS_NEED_ADMIN_KEY="true",
+        DATA_DIR=str(tmp_path_factory.mktemp("identity")),
+    )
     with ProxyProcess(env) as proxy:
         token, _ = Admin(proxy).create(nickname="identity")
         yield proxy, token
@@ -129,7 +135,7 @@ def test_admin_key_with_a_character_more_is_refused(user_proxy, header, name, wh
 
 
 @pytest.mark.parametrize("header", HEADERS)
-@pytest.mark.parametrize("spaces", [b""] + OPTIONAL_WHITESPACE)
+@pytest.mark.parametrize("spaces", [b"", *OPTIONAL_WHITESPACE])
 def test_the_exact_proxy_key_works_with_optional_whitespace_around_it(key_proxy, fake, header, spaces):
     status, answer = api_request(key_proxy, header, spaces + PROXY_KEY.encode() + spaces)
     assert status == 200, answer
@@ -137,7 +143,7 @@ def test_the_exact_proxy_key_works_with_optional_whitespace_around_it(key_proxy,
 
 
 @pytest.mark.parametrize("header", HEADERS)
-@pytest.mark.parametrize("spaces", [b""] + OPTIONAL_WHITESPACE)
+@pytest.mark.parametrize("spaces", [b"", *OPTIONAL_WHITESPACE])
 def test_the_exact_user_token_works_with_optional_whitespace_around_it(user_proxy, fake, header, spaces):
     proxy, token = user_proxy
     status, answer = api_request(proxy, header, spaces + token.encode() + spaces)
@@ -146,7 +152,7 @@ def test_the_exact_user_token_works_with_optional_whitespace_around_it(user_prox
 
 
 @pytest.mark.parametrize("header", HEADERS)
-@pytest.mark.parametrize("spaces", [b""] + OPTIONAL_WHITESPACE)
+@pytest.mark.parametrize("spaces", [b"", *OPTIONAL_WHITESPACE])
 def test_the_exact_admin_key_works_with_optional_whitespace_around_it(user_proxy, header, spaces):
     proxy, _ = user_proxy
     status, content = admin_request(proxy, header, spaces + ADMIN_KEY.encode() + spaces)

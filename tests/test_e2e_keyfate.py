@@ -18,16 +18,31 @@ pytestmark = pytest.mark.e2e
 
 ADMIN_KEY = "admin-key-for-key-fate"
 SECOND_ANTHROPIC_KEY = "sk-ant-second-key-for-key-fate"
-MARKER_WORDS = ["billing", "insufficient_quota", "billing_not_active", "invalid_api_key", "access_terminated",
-                "account_deactivated", "credit_balance", "authentication_error", "permission_error"]  # fmt: skip
+MARKER_WORDS = [
+    "billing",
+    "insufficient_quota",
+    "billing_not_active",
+    "invalid_api_key",
+    "access_terminated",
+    "account_deactivated",
+    "credit_balance",
+    "authentication_error",
+    "permission_error",
+]
 CHAT = "/proxy/openai/v1/chat/completions"
 MESSAGES = "/proxy/anthropic/v1/messages"
 
 
 @pytest.fixture
 def proxy_and_admin(start_proxy, fake, tmp_path):
-    proxy = start_proxy(proxy_env(fake, ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "data"),
-                                  ANTHROPIC_KEY=f"{ANTHROPIC_KEYS[0]},{SECOND_ANTHROPIC_KEY}"))  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(
+            fake,
+            ADMIN_KEY=ADMIN_KEY,
+            DATA_DIR=str(tmp_path / "data"),
+            ANTHROPIC_KEY=f"{ANTHROPIC_KEYS[0]},{SECOND_ANTHROPIC_KEY}",
+        )
+    )
     admin = httpx.Client(base_url=f"{proxy.url}/admin", headers={"authorization": f"Bearer {ADMIN_KEY}"})
     yield proxy, admin
     admin.close()
@@ -35,6 +50,7 @@ def proxy_and_admin(start_proxy, fake, tmp_path):
 
 def settled_keys(admin) -> list[dict]:
     """/admin/keys once no suspicion is left open (the checker's probes have answered)."""
+
     def settled():
         keys = admin.get("/keys").json()["keys"]
         return keys if not any(key["suspected"] or key["suspected_families"] for key in keys) else None

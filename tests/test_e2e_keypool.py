@@ -135,8 +135,7 @@ def test_one_identity_burst_does_not_hold_back_another(start_proxy, fake, mode):
     fake.set_key_behaviour("sk-only", "rate_limit_for", seconds=4)  # longer than the status page's 1.5 s cache
     proxy = start_proxy(pool_env(fake, ["sk-only"], QUEUE_MODE=mode, MAX_QUEUED_PER_IDENTITY="50"))
     results = []
-    burst = [threading.Thread(target=_post_from, args=(proxy, "127.0.0.2", f"from A {n}", results))
-             for n in range(20)]  # fmt: skip
+    burst = [threading.Thread(target=_post_from, args=(proxy, "127.0.0.2", f"from A {n}", results)) for n in range(20)]
     burst[0].start()
     wait_until(lambda: fake.requests)  # A's first request met the 429: from now on the key rests for 4 s
     for thread in burst[1:]:
@@ -160,8 +159,11 @@ def test_client_leaving_the_queue_frees_its_place(start_proxy, fake):
     proxy = start_proxy(pool_env(fake, ["sk-only"]))  # one waiting request per identity
     body = json.dumps(chat("leaves")).encode()
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        sock.sendall(
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         wait_until(lambda: httpx.get(f"{proxy.url}/status").json()["families"]["gpt4o"]["proomptersInQueue"] == 1)
     wait_until(lambda: httpx.get(f"{proxy.url}/status").json()["families"]["gpt4o"]["proomptersInQueue"] == 0)
     response = httpx.post(f"{proxy.url}{CHAT}", json=chat("stays"), timeout=20)
@@ -202,16 +204,19 @@ def test_too_many_waiting_requests_from_one_identity(start_proxy, fake):
 
 
 def test_key_checker_retires_dead_keys_learns_families_and_organisations(start_proxy, fake):
-    fake.set_key_behaviour("sk-multi-org", "ok", models=["gpt-4o", "gpt-4o-mini"],
-                           organizations=["org-default", "org-second"])  # fmt: skip
+    fake.set_key_behaviour(
+        "sk-multi-org", "ok", models=["gpt-4o", "gpt-4o-mini"], organizations=["org-default", "org-second"]
+    )
     fake.set_key_behaviour("sk-ant-haiku", "ok", models=["claude-haiku-4-5"])
-    proxy = start_proxy(proxy_env(fake, OPENAI_KEY="sk-dead-401,sk-multi-org", ANTHROPIC_KEY="sk-ant-haiku",
-                                  CHECK_KEYS="true"))  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(fake, OPENAI_KEY="sk-dead-401,sk-multi-org", ANTHROPIC_KEY="sk-ant-haiku", CHECK_KEYS="true")
+    )
 
     def settled():  # the organisation's own entry is checked in the round after the key that revealed it
         status = httpx.get(f"{proxy.url}/status").json()
-        return status["openai"]["keys"] == {"total": 3, "active": 2, "revoked": 1, "overQuota": 0} \
-            and set(status["families"]) == {"gpt4o", "claude-haiku"}
+        return status["openai"]["keys"] == {"total": 3, "active": 2, "revoked": 1, "overQuota": 0} and set(
+            status["families"]
+        ) == {"gpt4o", "claude-haiku"}
 
     wait_until(settled)
     fake.reset()
@@ -231,8 +236,10 @@ def test_unknown_and_disallowed_models_are_refused(start_proxy, fake):
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "model_not_found"
     disallowed = httpx.post(f"{proxy.url}{CHAT}", json=chat("x", model="gpt-5"))
     assert disallowed.status_code == 403 and "gpt5" in disallowed.json()["error"]["message"]
-    claude = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", json={"model": "claude-opus-5",
-                        "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+    claude = httpx.post(
+        f"{proxy.url}/proxy/anthropic/v1/messages",
+        json={"model": "claude-opus-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert claude.status_code == 200  # `claude` stands for every Claude family, as in the original
     assert [m.id for m in openai_client(proxy).models.list()] == ["gpt-4o", "gpt-4o-mini"]
     missing = httpx.post(f"{proxy.url}{CHAT}", json={"messages": []})

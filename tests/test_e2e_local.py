@@ -27,8 +27,9 @@ def test_the_openai_sdk_with_its_own_url_gets_the_pool_key(local_proxy, fake, mo
     monkeypatch.setenv("SSL_CERT_FILE", str(proxy.workdir / "confdir" / "mitmproxy-ca-cert.pem"))
     client = openai.OpenAI(api_key="sk-placeholder-of-the-app", max_retries=0)  # https://api.openai.com/v1
     assert client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]).choices
-    stream = client.chat.completions.create(model="gpt-4o", stream=True,
-                                            messages=[{"role": "user", "content": "#fake:events=3"}])  # fmt: skip
+    stream = client.chat.completions.create(
+        model="gpt-4o", stream=True, messages=[{"role": "user", "content": "#fake:events=3"}]
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert [r.path for r in fake.requests] == ["/v1/chat/completions"] * 2
     assert all(r.key in OPENAI_KEYS for r in fake.requests)

@@ -32,11 +32,18 @@ def test_flows_are_annotated_and_hold_no_secret(mitmweb, fake):
     with httpx.Client(base_url=proxy.url, timeout=15) as client:
         ok = client.post(CHAT, headers=auth, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
         assert ok.status_code == 200
-        with client.stream("POST", CHAT, headers=auth, json={"model": "gpt-4o", "stream": True,
-                           "messages": [{"role": "user", "content": "#fake:events=3"}]}) as stream:  # fmt: skip
+        with client.stream(
+            "POST",
+            CHAT,
+            headers=auth,
+            json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "#fake:events=3"}]},
+        ) as stream:
             "".join(stream.iter_text())
-        client.post(CHAT, headers=auth, json={"model": "gpt-4o", "messages": [
-            {"role": "user", "content": "#fake:status=400 #fake:echo_key=1"}]})  # fmt: skip
+        client.post(
+            CHAT,
+            headers=auth,
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "#fake:status=400 #fake:echo_key=1"}]},
+        )
         client.post(CHAT, headers={"authorization": "Bearer wrong"}, json={"model": "gpt-4o", "messages": []})
         client.get("/proxy/openai/v1/organization/api_keys", headers=auth)
     flows = api.get("/flows").json()
@@ -68,8 +75,11 @@ def test_flow_files_written_with_w_hold_no_secret(fake, tmp_path):
     with ProxyProcess(proxy_env(fake, GATEKEEPER="proxy_key", PROXY_KEY=PROXY_KEY), args=["-w", str(dump)]) as proxy:
         auth = {"authorization": f"Bearer {PROXY_KEY}", "cookie": f"session={PROXY_KEY}"}
         for content in ("hi", "#fake:status=400 #fake:echo_key=1"):
-            httpx.post(f"{proxy.url}{CHAT}", headers=auth, json={"model": "gpt-4o", "messages": [
-                {"role": "user", "content": content}]})  # fmt: skip
+            httpx.post(
+                f"{proxy.url}{CHAT}",
+                headers=auth,
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": content}]},
+            )
     data = dump.read_bytes()
     assert b"chat/completions" in data and CANARY.encode() not in data
 

@@ -15,8 +15,13 @@ def raw_request(proxy, request_line: bytes, headers: bytes = b"", body: bytes = 
     """Sends bytes exactly as given and returns (status, headers, body) of the answer."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         sock.sendall(
-            request_line + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+            request_line
+            + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + headers
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
         )
         received = b""
         while chunk := sock.recv(65536):
@@ -152,8 +157,9 @@ def test_codex_compaction_and_input_token_counts_are_forwarded(proxy, fake):
 
 
 def test_background_responses_are_refused_because_the_proxy_could_not_account_for_them(proxy, fake):
-    response = httpx.post(f"{proxy.url}/proxy/openai/v1/responses",
-                          json={"model": "gpt-5.4", "input": "x", "background": True})  # fmt: skip
+    response = httpx.post(
+        f"{proxy.url}/proxy/openai/v1/responses", json={"model": "gpt-5.4", "input": "x", "background": True}
+    )
     assert response.status_code == 400 and "background" in response.json()["error"]["message"]
     assert fake.requests == []
 
@@ -214,13 +220,21 @@ def test_cors_preflight_is_answered_locally(proxy, fake):
 
 
 def test_browsers_may_read_the_headers_clients_act_on(proxy, fake):
-    served = httpx.post(f"{proxy.url}/proxy/openai/v1/chat/completions", content=BODY,
-                        headers={"origin": "https://chat.example"})  # fmt: skip
+    served = httpx.post(
+        f"{proxy.url}/proxy/openai/v1/chat/completions", content=BODY, headers={"origin": "https://chat.example"}
+    )
     refused = httpx.get(f"{proxy.url}/proxy/anthropic/v1/files", headers={"origin": "https://chat.example"})
     for response in (served, refused):
         exposed = {name.strip() for name in response.headers["access-control-expose-headers"].split(",")}
-        assert {"retry-after", "x-proxy-error", "request-id", "x-request-id", "x-ratelimit-remaining",
-                "x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"} <= exposed
+        assert {
+            "retry-after",
+            "x-proxy-error",
+            "request-id",
+            "x-request-id",
+            "x-ratelimit-remaining",
+            "x-ratelimit-remaining-requests",
+            "anthropic-ratelimit-requests-remaining",
+        } <= exposed
         assert response.headers["access-control-allow-origin"] == "*"
     assert "x-ratelimit-remaining-requests" in served.headers
 

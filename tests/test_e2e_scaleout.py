@@ -28,8 +28,9 @@ def redis_server():
 @pytest.fixture
 def instances(start_proxy, fake, redis_server):
     def start(count: int = 3, **settings) -> list[ProxyProcess]:
-        env = proxy_env(fake, STORE="redis", REDIS_URL=redis_server.url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY,
-                        **settings)  # fmt: skip
+        env = proxy_env(
+            fake, STORE="redis", REDIS_URL=redis_server.url, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, **settings
+        )
         return [start_proxy(env) for _ in range(count)]
 
     return start
@@ -51,8 +52,9 @@ def test_the_rate_limit_is_one_limit_across_instances(instances):
     auth = {"authorization": f"Bearer {token}"}
     targets = itertools.islice(itertools.cycle(proxies), 12)
     with ThreadPoolExecutor(12) as pool:
-        statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=20).status_code,
-                                 targets))  # fmt: skip
+        statuses = list(
+            pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=20).status_code, targets)
+        )
     assert sorted(statuses) == [200] * 4 + [429] * 8
 
 
@@ -63,8 +65,9 @@ def fifty_in_flight_at_once(proxies, fake, token: str) -> None:
     auth = {"authorization": f"Bearer {token}"}
     targets = itertools.islice(itertools.cycle(proxies), 50)
     with ThreadPoolExecutor(50) as pool:
-        statuses = list(pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=30).status_code,
-                                 targets))  # fmt: skip
+        statuses = list(
+            pool.map(lambda p: httpx.post(f"{p.url}{CHAT}", json=BODY, headers=auth, timeout=30).status_code, targets)
+        )
     assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 50 - statuses.count(200)
 
 
@@ -116,8 +119,12 @@ def test_losing_redis_fails_closed_and_recovers(instances, redis_server, fake):
     for proxy in (a, b):
         response = httpx.post(f"{proxy.url}{CHAT}", json=BODY, headers=auth, timeout=10)
         assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
-        claude = httpx.post(f"{proxy.url}/proxy/anthropic/v1/messages", headers=auth, timeout=10, json={
-            "model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+        claude = httpx.post(
+            f"{proxy.url}/proxy/anthropic/v1/messages",
+            headers=auth,
+            timeout=10,
+            json={"model": "claude-sonnet-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+        )
         assert claude.status_code == 503 and claude.json()["type"] == "error"
         assert httpx.get(f"{proxy.url}/health").status_code == 503
     assert fake.requests == []  # nothing went upstream without its limits checked

@@ -23,25 +23,59 @@ CHAT = "/proxy/openai/v1/chat/completions"
 ALL_TAGS = (
     "{JSON} {headerHtml} {uptime} {title} {endpoints:openai} {endpoints:anthropic} {proompts} {proomptersNow} "
     "{openaiKeys} {anthropicKeys} {status} {build} {tookens} {user:data} {user:aliases} {config:page_body} "
-    + " ".join(f"{{{family}:{field}}}" for family in ("turbo", "gpt4", "gpt432k", "gpt4o", "gpt5", "claude-sonnet",
-                                                       "anthropic")
-               for field in ("activeKeys", "overQuotaKeys", "revokedKeys", "proomptersInQueue", "estimatedQueueTime"))
-    + " " + " ".join(f"{{config:{name}}}" for name in ("gatekeeper", "modelRateLimit", "maxContextTokensOpenAI",
-                     "maxContextTokensAnthropic", "maxOutputTokensOpenAI", "maxOutputTokensAnthropic",
-                     "rejectDisallowed", "rejectMessage", "promptLogging", "queueMode", "turboOnly"))
-)  # fmt: skip
+    + " ".join(
+        f"{{{family}:{field}}}"
+        for family in ("turbo", "gpt4", "gpt432k", "gpt4o", "gpt5", "claude-sonnet", "anthropic")
+        for field in ("activeKeys", "overQuotaKeys", "revokedKeys", "proomptersInQueue", "estimatedQueueTime")
+    )
+    + " "
+    + " ".join(
+        f"{{config:{name}}}"
+        for name in (
+            "gatekeeper",
+            "modelRateLimit",
+            "maxContextTokensOpenAI",
+            "maxContextTokensAnthropic",
+            "maxOutputTokensOpenAI",
+            "maxOutputTokensAnthropic",
+            "rejectDisallowed",
+            "rejectMessage",
+            "promptLogging",
+            "queueMode",
+            "turboOnly",
+        )
+    )
+)
 
 
-@pytest.mark.parametrize("seconds, text", [(0, "no wait"), (2, "no wait"), (3, "3sec"), (59.4, "59sec"),
-                                           (90, "1min, 30sec"), (150, "2min, 30sec"), (3600, "60min, 0sec")])  # fmt: skip
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "no wait"),
+        (2, "no wait"),
+        (3, "3sec"),
+        (59.4, "59sec"),
+        (90, "1min, 30sec"),
+        (150, "2min, 30sec"),
+        (3600, "60min, 0sec"),
+    ],
+)
 def test_wait_times_read_like_the_original_without_its_rounding_bug(seconds, text):
     assert format_wait(seconds) == text
 
 
 def test_status_json_per_family_while_keys_rest_and_requests_wait(start_proxy, fake):
     fake.set_key_behaviour("sk-rests", "rate_limit_for", seconds=4)
-    proxy = start_proxy(proxy_env(fake, OPENAI_KEY="sk-rests,sk-dead-401", MAX_QUEUED_PER_IDENTITY="3",
-                                  GATEKEEPER="proxy_key", PROXY_KEY="pk", MODEL_RATE_LIMIT="9"))  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(
+            fake,
+            OPENAI_KEY="sk-rests,sk-dead-401",
+            MAX_QUEUED_PER_IDENTITY="3",
+            GATEKEEPER="proxy_key",
+            PROXY_KEY="pk",
+            MODEL_RATE_LIMIT="9",
+        )
+    )
     auth = {"authorization": "Bearer pk"}
 
     def status_while_queued() -> dict | None:
@@ -49,9 +83,11 @@ def test_status_json_per_family_while_keys_rest_and_requests_wait(start_proxy, f
         return status if status["families"]["gpt4o"]["proomptersInQueue"] == 1 else None
 
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.12"), timeout=20) as client:
-        waiting = threading.Thread(target=client.post, args=(f"{proxy.url}{CHAT}",),
-                                   kwargs={"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
-                                           "headers": auth})  # fmt: skip
+        waiting = threading.Thread(
+            target=client.post,
+            args=(f"{proxy.url}{CHAT}",),
+            kwargs={"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, "headers": auth},
+        )
         waiting.start()
         status = wait_until(status_while_queued)
         waiting.join()
@@ -68,8 +104,16 @@ def test_status_json_per_family_while_keys_rest_and_requests_wait(start_proxy, f
 
 def test_page_body_fills_every_tag_and_escapes_values(start_proxy, fake, tmp_path):
     template = f"<html><body><h1>Custom</h1>{ALL_TAGS} {{unknown:tag}} {{uptime}} ünïcode</body></html>"
-    proxy = start_proxy(proxy_env(fake, PAGE_BODY=base64.b64encode(template.encode()).decode(), GATEKEEPER="user_token",
-                                  ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"), SERVER_TITLE="Tom & Jerry's"))  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(
+            fake,
+            PAGE_BODY=base64.b64encode(template.encode()).decode(),
+            GATEKEEPER="user_token",
+            ADMIN_KEY=ADMIN_KEY,
+            DATA_DIR=str(tmp_path / "d"),
+            SERVER_TITLE="Tom & Jerry's",
+        )
+    )
     Admin(proxy).create(nickname="<script>alert('x')</script>")
     # The page's figures are cached for 1.5 s: the new user shows once they are gathered again.
     page = wait_until(lambda: "alert(" in (text := httpx.get(f"{proxy.url}/").text) and text)
@@ -92,10 +136,12 @@ def test_prompt_logging_records_streamed_and_buffered_answers(start_proxy, fake,
     proxy = start_proxy(proxy_env(fake, PROMPT_LOGGING="true", DATA_DIR=str(data)))
     openai_client(proxy).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "first"}])
     stream = openai_client(proxy).chat.completions.create(
-        model="gpt-4o", stream=True, messages=[{"role": "user", "content": "second #fake:events=4"}])
+        model="gpt-4o", stream=True, messages=[{"role": "user", "content": "second #fake:events=4"}]
+    )
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    with anthropic_client(proxy).messages.stream(model="claude-sonnet-5", max_tokens=20,
-                                                 messages=[{"role": "user", "content": "third"}]) as s:  # fmt: skip
+    with anthropic_client(proxy).messages.stream(
+        model="claude-sonnet-5", max_tokens=20, messages=[{"role": "user", "content": "third"}]
+    ) as s:
         claude_text = "".join(s.text_stream)
     entries = [json.loads(line) for line in (data / "prompt-log.jsonl").read_text().splitlines()]
     assert [e["prompt"]["messages"][0]["content"] for e in entries] == ["first", "second #fake:events=4", "third"]
@@ -111,8 +157,9 @@ def test_no_prompt_log_when_off_and_sqlite_when_asked(start_proxy, fake, tmp_pat
     off = start_proxy(proxy_env(fake, DATA_DIR=str(tmp_path / "off")))
     openai_client(off).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert not list((tmp_path / "off").glob("prompt-log*"))
-    on = start_proxy(proxy_env(fake, DATA_DIR=str(tmp_path / "on"), PROMPT_LOGGING="true",
-                               PROMPT_LOGGING_BACKEND="sqlite"))  # fmt: skip
+    on = start_proxy(
+        proxy_env(fake, DATA_DIR=str(tmp_path / "on"), PROMPT_LOGGING="true", PROMPT_LOGGING_BACKEND="sqlite")
+    )
     openai_client(on).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     import sqlite3
 
@@ -128,8 +175,11 @@ def test_metrics_after_a_known_mix_of_traffic(start_proxy, fake):
     assert statuses == [200, 200, 429]
     assert httpx.get(f"{proxy.url}/metrics").status_code == 401
     text = httpx.get(f"{proxy.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     requests = {labels: value for (name, labels), value in samples.items() if name == "llmproxy_requests_total"}
     assert requests[(("family", "gpt4o"), ("route", "openai.chat_completions"), ("status", "200"))] == 2
     assert requests[(("family", "gpt4o"), ("route", "openai.chat_completions"), ("status", "429"))] == 1
@@ -138,58 +188,99 @@ def test_metrics_after_a_known_mix_of_traffic(start_proxy, fake):
     assert samples[("llmproxy_keys", (("service", "openai"), ("state", "active")))] == 2
     assert samples[("llmproxy_upstream_seconds_count", (("route", "openai.chat_completions"),))] == 2
     assert CANARY not in text
-    lines = [json.loads(line.split("] ", 1)[-1]) for line in proxy.log().splitlines() if '"route": "openai.chat' in line]
+    lines = [
+        json.loads(line.split("] ", 1)[-1]) for line in proxy.log().splitlines() if '"route": "openai.chat' in line
+    ]
     assert len(lines) == 3 and lines[0]["usage"]["output"] > 0 and lines[2]["decision"] == "rate_limited"
 
 
 def test_a_browser_shows_the_page_as_text(start_proxy, fake, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser, "Chromium is installed by ./run.sh test (Debian package chromium)"
-    proxy = start_proxy(proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"),
-                                  PAGE_BODY=base64.b64encode(b"<p id=users>{user:aliases}</p>{headerHtml}").decode()))  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(
+            fake,
+            GATEKEEPER="user_token",
+            ADMIN_KEY=ADMIN_KEY,
+            DATA_DIR=str(tmp_path / "d"),
+            PAGE_BODY=base64.b64encode(b"<p id=users>{user:aliases}</p>{headerHtml}").decode(),
+        )
+    )
     Admin(proxy).create(nickname="<script>document.title='owned'</script>")
     wait_until(lambda: "document.title" in httpx.get(f"{proxy.url}/").text)  # the page's cached figures name the user
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    dom = subprocess.run([browser, *flags, "--dump-dom", f"{proxy.url}/"], capture_output=True, text=True,
-                         timeout=60).stdout  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", f"{proxy.url}/"], capture_output=True, text=True, timeout=60
+    ).stdout
     assert "&lt;script&gt;document.title='owned'&lt;/script&gt;" in dom  # shown as text, not run
     assert "<title>owned</title>" not in dom and "OpenAI" in dom
     screenshot = tmp_path / "page.png"
-    subprocess.run([browser, *flags, f"--screenshot={screenshot}", "--window-size=390,844", f"{proxy.url}/"],
-                   capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [browser, *flags, f"--screenshot={screenshot}", "--window-size=390,844", f"{proxy.url}/"],
+        capture_output=True,
+        timeout=60,
+    )
     assert screenshot.exists() and screenshot.stat().st_size > 1000
 
 
 def test_service_figures_count_keys_and_family_figures_count_the_keys_of_each_family(start_proxy, fake):
     # What /v1/models lists for a key decides its families; the -401 and -quota keys are retired by the check.
-    fake.set_key_behaviour("sk-ant-four-families", models=["claude-opus-4-1", "claude-sonnet-4-5", "claude-haiku-4-5",
-                                                           "claude-2.1"])  # fmt: skip
+    fake.set_key_behaviour(
+        "sk-ant-four-families", models=["claude-opus-4-1", "claude-sonnet-4-5", "claude-haiku-4-5", "claude-2.1"]
+    )
     fake.set_key_behaviour("sk-ant-two-families", models=["claude-sonnet-4-5", "claude-haiku-4-5"])
     fake.set_key_behaviour("sk-three-families", models=["gpt-4o", "gpt-4.1-mini", "gpt-5"])
     fake.set_key_behaviour("sk-one-family", models=["gpt-4o"])
-    service_tags = ["anthropicKeys", "openaiKeys", "anthropic:activeKeys", "anthropic:revokedKeys",
-                    "anthropic:overQuotaKeys"]  # fmt: skip
+    service_tags = [
+        "anthropicKeys",
+        "openaiKeys",
+        "anthropic:activeKeys",
+        "anthropic:revokedKeys",
+        "anthropic:overQuotaKeys",
+    ]
     family_figures = {  # family: (activeKeys, revokedKeys, overQuotaKeys); a retired key's families are unknown
-        "claude-opus": (1, 0, 0), "claude-sonnet": (2, 0, 0), "claude-haiku": (2, 0, 0), "claude": (1, 0, 0),
-        "gpt4o": (2, 0, 0), "gpt4.1": (1, 0, 0), "gpt5": (1, 0, 0),
-    }  # fmt: skip
-    family_tags = [f"{family}:{field}" for family in family_figures
-                   for field in ("activeKeys", "revokedKeys", "overQuotaKeys")]  # fmt: skip
+        "claude-opus": (1, 0, 0),
+        "claude-sonnet": (2, 0, 0),
+        "claude-haiku": (2, 0, 0),
+        "claude": (1, 0, 0),
+        "gpt4o": (2, 0, 0),
+        "gpt4.1": (1, 0, 0),
+        "gpt5": (1, 0, 0),
+    }
+    family_tags = [
+        f"{family}:{field}" for family in family_figures for field in ("activeKeys", "revokedKeys", "overQuotaKeys")
+    ]
     template = "".join(f"<i data-tag='{tag}'>{{{tag}}}</i>" for tag in service_tags + family_tags) + "{headerHtml}"
-    proxy = start_proxy(proxy_env(
-        fake, CHECK_KEYS="true", PAGE_BODY=base64.b64encode(template.encode()).decode(),
-        ANTHROPIC_KEY="sk-ant-four-families,sk-ant-two-families,sk-ant-dead-401,sk-ant-broke-quota",
-        OPENAI_KEY="sk-three-families,sk-one-family,sk-dead-401",
-    ))  # fmt: skip
-    expected_families = {family: {"activeKeys": active, "revokedKeys": revoked, "overQuotaKeys": over_quota}
-                         for family, (active, revoked, over_quota) in family_figures.items()}  # fmt: skip
+    proxy = start_proxy(
+        proxy_env(
+            fake,
+            CHECK_KEYS="true",
+            PAGE_BODY=base64.b64encode(template.encode()).decode(),
+            ANTHROPIC_KEY="sk-ant-four-families,sk-ant-two-families,sk-ant-dead-401,sk-ant-broke-quota",
+            OPENAI_KEY="sk-three-families,sk-one-family,sk-dead-401",
+        )
+    )
+    expected_families = {
+        family: {"activeKeys": active, "revokedKeys": revoked, "overQuotaKeys": over_quota}
+        for family, (active, revoked, over_quota) in family_figures.items()
+    }
 
     def checked() -> dict | None:
         status = httpx.get(f"{proxy.url}/status").json()
-        figures = {family: {field: facts[field] for field in ("activeKeys", "revokedKeys", "overQuotaKeys")}
-                   for family, facts in status["families"].items()}  # fmt: skip
+        figures = {
+            family: {field: facts[field] for field in ("activeKeys", "revokedKeys", "overQuotaKeys")}
+            for family, facts in status["families"].items()
+        }
         return status if figures == expected_families else None
 
     status = wait_until(checked)
@@ -199,11 +290,15 @@ def test_service_figures_count_keys_and_family_figures_count_the_keys_of_each_fa
     page = httpx.get(f"{proxy.url}/").text
     shown = dict(re.findall(r"<i data-tag='([^']+)'>([^<]*)</i>", page))
     assert {tag: shown[tag] for tag in service_tags} == {
-        "anthropicKeys": "4", "openaiKeys": "3",
-        "anthropic:activeKeys": "2", "anthropic:revokedKeys": "1", "anthropic:overQuotaKeys": "1",
-    }  # fmt: skip
+        "anthropicKeys": "4",
+        "openaiKeys": "3",
+        "anthropic:activeKeys": "2",
+        "anthropic:revokedKeys": "1",
+        "anthropic:overQuotaKeys": "1",
+    }
     assert {tag: shown[tag] for tag in family_tags} == {
-        f"{family}:{field}": str(count) for family, figures in expected_families.items()
+        f"{family}:{field}": str(count)
+        for family, figures in expected_families.items()
         for field, count in figures.items()
-    }  # fmt: skip
+    }
     assert "2 active, 1 revoked, 1 over quota" in page and "2 active, 1 revoked, 0 over quota" in page

@@ -27,8 +27,16 @@ MAX_TOKENS = 50  # every request's output allowance, which the proxy reserves
 # Far above what one of these short requests can honestly use (a few prompt tokens and MAX_TOKENS), far below every
 # odd figure: a settled usage above it took an odd figure for a count.
 SANE_USE = 1_000
-ODD_VALUES = {"negative": -1, "huge": 10**30, "2**63": 2**63, "text": "abc", "object": {}, "list": [1],
-              "infinity": math.inf, "nan": math.nan}  # fmt: skip
+ODD_VALUES = {
+    "negative": -1,
+    "huge": 10**30,
+    "2**63": 2**63,
+    "text": "abc",
+    "object": {},
+    "list": [1],
+    "infinity": math.inf,
+    "nan": math.nan,
+}
 QUEUE_TIMEOUT = 5  # seconds; a pool stuck on an odd figure fails fast instead of after the default five minutes
 
 
@@ -46,26 +54,63 @@ class Endpoint:
         if self.path.endswith("/completions") and "chat" not in self.path:
             # A stream without include_usage: the proxy asks for the usage chunk and takes it out again.
             return {"model": self.model, "prompt": text, "max_tokens": MAX_TOKENS, "stream": stream}
-        body = {"model": self.model, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": text}],
-                "stream": stream}  # fmt: skip
+        body = {
+            "model": self.model,
+            "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": text}],
+            "stream": stream,
+        }
         return body | ({"stream_options": {"include_usage": True}} if stream and "openai" in self.path else {})
 
 
 ENDPOINTS = {
-    "chat": Endpoint("/proxy/openai/v1/chat/completions", "gpt-4o", "gpt4o", {
-        "prompt_tokens": "prompt", "completion_tokens": "output", "prompt_tokens_details.cached_tokens": "prompt",
-        "completion_tokens_details.reasoning_tokens": "detail"}, "[DONE]"),
-    "completions": Endpoint("/proxy/openai/v1/completions", "gpt-3.5-turbo-instruct", "turbo", {
-        "prompt_tokens": "prompt", "completion_tokens": "output"}, "[DONE]"),
-    "responses": Endpoint("/proxy/openai/v1/responses", "gpt-4o", "gpt4o", {
-        "input_tokens": "prompt", "output_tokens": "output", "input_tokens_details.cached_tokens": "prompt",
-        "output_tokens_details.reasoning_tokens": "detail"}, "response.completed"),
+    "chat": Endpoint(
+        "/proxy/openai/v1/chat/completions",
+        "gpt-4o",
+        "gpt4o",
+        {
+            "prompt_tokens": "prompt",
+            "completion_tokens": "output",
+            "prompt_tokens_details.cached_tokens": "prompt",
+            "completion_tokens_details.reasoning_tokens": "detail",
+        },
+        "[DONE]",
+    ),
+    "completions": Endpoint(
+        "/proxy/openai/v1/completions",
+        "gpt-3.5-turbo-instruct",
+        "turbo",
+        {"prompt_tokens": "prompt", "completion_tokens": "output"},
+        "[DONE]",
+    ),
+    "responses": Endpoint(
+        "/proxy/openai/v1/responses",
+        "gpt-4o",
+        "gpt4o",
+        {
+            "input_tokens": "prompt",
+            "output_tokens": "output",
+            "input_tokens_details.cached_tokens": "prompt",
+            "output_tokens_details.reasoning_tokens": "detail",
+        },
+        "response.completed",
+    ),
     # The fake's answers search the web once, so that a search count has a true value to compare with.
-    "messages": Endpoint("/proxy/anthropic/v1/messages", "claude-sonnet-4-5", "claude-sonnet", {
-        "input_tokens": "prompt", "output_tokens": "output", "cache_read_input_tokens": "prompt",
-        "cache_creation_input_tokens": "prompt", "cache_creation.ephemeral_1h_input_tokens": "prompt",
-        "server_tool_use.web_search_requests": "detail"}, "message_stop"),
-}  # fmt: skip
+    "messages": Endpoint(
+        "/proxy/anthropic/v1/messages",
+        "claude-sonnet-4-5",
+        "claude-sonnet",
+        {
+            "input_tokens": "prompt",
+            "output_tokens": "output",
+            "cache_read_input_tokens": "prompt",
+            "cache_creation_input_tokens": "prompt",
+            "cache_creation.ephemeral_1h_input_tokens": "prompt",
+            "server_tool_use.web_search_requests": "detail",
+        },
+        "message_stop",
+    ),
+}
 # The whole usage object replaced: both the prompt and the output count as reserved.
 WHOLE_USAGE = {"text": "abc", "list": [1], "number": 5}
 
@@ -89,8 +134,13 @@ def as_written(value, stream: bool) -> str:
 
 @pytest.fixture(scope="module")
 def proxy(fake, tmp_path_factory):
-    env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, QUEUE_TIMEOUT=str(QUEUE_TIMEOUT),
-                    DATA_DIR=str(tmp_path_factory.mktemp("data")))  # fmt: skip
+    env = proxy_env(
+        fake,
+        GATEKEEPER="user_token",
+        ADMIN_KEY=ADMIN_KEY,
+        QUEUE_TIMEOUT=str(QUEUE_TIMEOUT),
+        DATA_DIR=str(tmp_path_factory.mktemp("data")),
+    )
     with ProxyProcess(env) as process:
         yield process
     assert CANARY not in process.log()  # no key in any warning about an answer
@@ -142,23 +192,32 @@ def odd_cases():
             mode = "stream" if stream else "json"
             for figure, counts in endpoint.figures.items():
                 for value_name, value in ODD_VALUES.items():
-                    yield pytest.param(endpoint, stream, figure, counts, nested(figure, value),
-                                       id=f"{endpoint_name}-{mode}-{figure}-{value_name}")  # fmt: skip
+                    yield pytest.param(
+                        endpoint,
+                        stream,
+                        figure,
+                        counts,
+                        nested(figure, value),
+                        id=f"{endpoint_name}-{mode}-{figure}-{value_name}",
+                    )
             for value_name, value in WHOLE_USAGE.items():
-                yield pytest.param(endpoint, stream, "usage", "both", value,
-                                   id=f"{endpoint_name}-{mode}-usage-{value_name}")  # fmt: skip
+                yield pytest.param(
+                    endpoint, stream, "usage", "both", value, id=f"{endpoint_name}-{mode}-usage-{value_name}"
+                )
 
 
 @pytest.mark.parametrize("endpoint, stream, figure, counts, override", list(odd_cases()))
 @pytest.mark.e2e
-def test_an_odd_usage_figure_neither_fails_the_answer_nor_gives_quota(proxy, admin, endpoint, stream, figure, counts,
-                                                                      override):
+def test_an_odd_usage_figure_neither_fails_the_answer_nor_gives_quota(
+    proxy, admin, endpoint, stream, figure, counts, override
+):
     """The user is billed no less than the same request's true figures, and a prompt or output figure that is no
     count counts as much as the proxy reserved for it: an upstream's error never gives quota."""
     token, user = admin.create()
     log_start = len(proxy.log())
-    odd = post(proxy, token, endpoint.path, endpoint.body(f"hi #fake:server_tool=1 #fake:usage={compact(override)}",
-                                                          stream))  # fmt: skip
+    odd = post(
+        proxy, token, endpoint.path, endpoint.body(f"hi #fake:server_tool=1 #fake:usage={compact(override)}", stream)
+    )
     dropped = stream and endpoint.path.endswith("/v1/completions")  # the usage chunk the proxy asked for itself
     figures_as_sent = as_written(override if isinstance(override, dict) else {"usage": override}, stream)[1:-1]
     served_intact(odd, stream, endpoint, None if dropped else figures_as_sent)
@@ -196,21 +255,44 @@ def test_an_answer_without_usage_is_billed_as_estimated_like_a_stream(proxy, adm
 
 # -- rate-limit and retry-after headers ------------------------------------------------------------------------------
 
-ODD_WAITS = {"negative": "-5", "nan": "NaN", "infinity": "Infinity", "overflow": "1e400", "huge": str(10**30),
-             "hours": "99999999h", "text": "soon", "empty": ""}  # fmt: skip
-ODD_RESETS = {**ODD_WAITS, "year 9999": "9999-12-31T23:59:59Z", "year 0": "0000-01-01T00:00:00Z",
-              "no date": "2025-13-45T99:99:99Z"}  # fmt: skip
+ODD_WAITS = {
+    "negative": "-5",
+    "nan": "NaN",
+    "infinity": "Infinity",
+    "overflow": "1e400",
+    "huge": str(10**30),
+    "hours": "99999999h",
+    "text": "soon",
+    "empty": "",
+}
+ODD_RESETS = {
+    **ODD_WAITS,
+    "year 9999": "9999-12-31T23:59:59Z",
+    "year 0": "0000-01-01T00:00:00Z",
+    "no date": "2025-13-45T99:99:99Z",
+}
 SERVICES = {  # the endpoint, the request count's remaining and reset headers, the token count's reset, the keys
-    "openai": (ENDPOINTS["chat"], "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
-               "x-ratelimit-reset-tokens", OPENAI_KEYS),
-    "anthropic": (ENDPOINTS["messages"], "anthropic-ratelimit-requests-remaining",
-                  "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset", ANTHROPIC_KEYS),
-}  # fmt: skip
+    "openai": (
+        ENDPOINTS["chat"],
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-reset-tokens",
+        OPENAI_KEYS,
+    ),
+    "anthropic": (
+        ENDPOINTS["messages"],
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-tokens-reset",
+        ANTHROPIC_KEYS,
+    ),
+}
 
 
 def rate_limit_cases(values: dict[str, str]):
-    return [pytest.param(service, value, id=f"{service}-{name}")
-            for service in SERVICES for name, value in values.items()]  # fmt: skip
+    return [
+        pytest.param(service, value, id=f"{service}-{name}") for service in SERVICES for name, value in values.items()
+    ]
 
 
 @pytest.mark.parametrize("service, reset", rate_limit_cases(ODD_RESETS))
@@ -258,8 +340,14 @@ def test_an_odd_wait_on_a_429_rests_the_key_a_bounded_time(proxy, admin, fake, s
 
 # -- response ids --------------------------------------------------------------------------------------------------
 
-ODD_IDS = {"number": 5, "list": [1], "object": {}, "long": "resp_" + "x" * 5000, "space": "resp 1",
-           "lone surrogate": "\ud800"}  # fmt: skip
+ODD_IDS = {
+    "number": 5,
+    "list": [1],
+    "object": {},
+    "long": "resp_" + "x" * 5000,
+    "space": "resp 1",
+    "lone surrogate": "\ud800",
+}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -290,8 +378,12 @@ def test_a_translated_answer_with_an_odd_usage_is_served_whole(proxy, admin, str
     path = "/proxy/anthropic/v1/chat/completions"
     billed = []
     for usage in (odd, '{"honest": 0}'):
-        answer = post(proxy, token, path, ENDPOINTS["chat"].body(f"hi #fake:usage={usage}", stream)
-                      | {"model": "claude-sonnet-4-5"})  # fmt: skip
+        answer = post(
+            proxy,
+            token,
+            path,
+            ENDPOINTS["chat"].body(f"hi #fake:usage={usage}", stream) | {"model": "claude-sonnet-4-5"},
+        )
         assert answer.status_code == 200
         if stream:
             assert "Hello" in answer.text and answer.text.strip().splitlines()[-1] == "data: [DONE]"
@@ -305,14 +397,23 @@ def test_a_translated_answer_with_an_odd_usage_is_served_whole(proxy, admin, str
 # -- the same rules, each at its own level -------------------------------------------------------------------------
 
 
-ODD_EVENTS = [b"data: [1, 2]", b'data: {"choices": "abc"}', b'data: {"choices": [5, null], "usage": 7}',
-              b'data: {"choices": [{"delta": "x", "message": 3}]}', b'data: {"delta": 5}',
-              b'data: {"type": "response.created", "response": 5}',
-              b'data: {"type": "response.completed", "response": {"usage": {"input_tokens": -1}}}',
-              b'data: {"type": "response.created", "response": {"id": {}}}',
-              b'data: {"type": "message_start", "message": "abc"}', b'data: {"type": "content_block_start"}',
-              b'data: {"type": "content_block_delta", "delta": [1]}', b'data: {"type": "message_delta", "usage": [1]}',
-              b"data: " + b"[" * 100_000 + b"]" * 100_000, b"data: \xff\xfe", b"data: NaN"]  # fmt: skip
+ODD_EVENTS = [
+    b"data: [1, 2]",
+    b'data: {"choices": "abc"}',
+    b'data: {"choices": [5, null], "usage": 7}',
+    b'data: {"choices": [{"delta": "x", "message": 3}]}',
+    b'data: {"delta": 5}',
+    b'data: {"type": "response.created", "response": 5}',
+    b'data: {"type": "response.completed", "response": {"usage": {"input_tokens": -1}}}',
+    b'data: {"type": "response.created", "response": {"id": {}}}',
+    b'data: {"type": "message_start", "message": "abc"}',
+    b'data: {"type": "content_block_start"}',
+    b'data: {"type": "content_block_delta", "delta": [1]}',
+    b'data: {"type": "message_delta", "usage": [1]}',
+    b"data: " + b"[" * 100_000 + b"]" * 100_000,
+    b"data: \xff\xfe",
+    b"data: NaN",
+]
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
@@ -323,8 +424,11 @@ def test_reading_a_stream_never_fails_whatever_its_events_hold(api):
     assert meter.finish(prompt_estimate=10).total >= 0
 
 
-@pytest.mark.parametrize("body", [event.removeprefix(b"data: ") for event in ODD_EVENTS] + [
-    b'{"choices": "abc", "output": [1, {"content": 5}], "content": {"a": 1}, "completion": [], "usage": {}}'])
+@pytest.mark.parametrize(
+    "body",
+    [event.removeprefix(b"data: ") for event in ODD_EVENTS]
+    + [b'{"choices": "abc", "output": [1, {"content": 5}], "content": {"a": 1}, "completion": [], "usage": {}}'],
+)
 def test_reading_an_answer_never_fails_whatever_it_holds(body):
     usage, text = read_answer(body)
     assert isinstance(text, str) and (usage is None or usage.total >= 0)
@@ -333,8 +437,12 @@ def test_reading_an_answer_never_fails_whatever_it_holds(body):
 @pytest.mark.parametrize("value", ODD_WAITS.values(), ids=ODD_WAITS.keys())
 def test_an_odd_wait_is_passed_over_and_named(value):
     now, odd = 1_000_000.0, set()
-    headers = {"retry-after": value, "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "0",
-               "x-ratelimit-reset-requests": value}  # fmt: skip
+    headers = {
+        "retry-after": value,
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": value,
+    }
     assert retry_after(headers, now, odd) == DEFAULT_COOLDOWN
     assert read_limits(headers, now).until == now and odd == {"retry-after", "x-ratelimit-reset-requests"}
 
@@ -360,8 +468,9 @@ async def test_a_failure_after_the_answer_keeps_the_answer():
     assert flow.response.get_state() == answer.get_state() and flow.metadata["llmproxy"]["decision"] == "served"
 
 
-@pytest.mark.parametrize("keys, fate", [([], "it was not sent upstream"),
-                                        (["oai-1234abcd"], "it may have reached the upstream API")])  # fmt: skip
+@pytest.mark.parametrize(
+    "keys, fate", [([], "it was not sent upstream"), (["oai-1234abcd"], "it may have reached the upstream API")]
+)
 async def test_a_failure_before_the_answer_says_whether_the_request_went_upstream(keys, fate):
     flow = tflow.tflow(req=tutils.treq(path=b"/proxy/openai/v1/chat/completions"))
     flow.metadata["llmproxy"] = {"keys": keys}

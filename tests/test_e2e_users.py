@@ -28,8 +28,12 @@ def chat(content: str = "x", stream: bool = False, **extra) -> dict:
 
 
 def message(content: str = "x", stream: bool = False) -> dict:
-    return {"model": "claude-sonnet-5", "max_tokens": 50, "messages": [{"role": "user", "content": content}],
-            "stream": stream}  # fmt: skip
+    return {
+        "model": "claude-sonnet-5",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+    }
 
 
 def post_from(proxy, address: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
@@ -58,8 +62,7 @@ class Admin:
 @pytest.fixture
 def user_proxy(start_proxy, fake, tmp_path):
     def start(**settings) -> tuple[ProxyProcess, Admin]:
-        env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "data"),
-                        **settings)  # fmt: skip
+        env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "data"), **settings)
         proxy = start_proxy(env)
         return proxy, Admin(proxy)
 
@@ -85,8 +88,10 @@ def test_open_proxy_is_rate_limited_per_address_and_spoofing_does_not_help(start
 
 def test_trusted_proxy_hops_take_the_address_from_x_forwarded_for(start_proxy, fake):
     proxy = start_proxy(proxy_env(fake, MODEL_RATE_LIMIT="1", TRUSTED_PROXIES="1"))
-    statuses = [post_from(proxy, "127.0.0.1", CHAT, chat(), {"x-forwarded-for": f"10.9.9.9, 198.51.100.{n}"})
-                .status_code for n in (1, 2, 2)]  # fmt: skip
+    statuses = [
+        post_from(proxy, "127.0.0.1", CHAT, chat(), {"x-forwarded-for": f"10.9.9.9, 198.51.100.{n}"}).status_code
+        for n in (1, 2, 2)
+    ]
     assert statuses == [200, 200, 429]  # the right-most address is the client; the spoofable left part is ignored
 
 
@@ -114,8 +119,9 @@ def test_user_tokens_and_their_lifecycle(user_proxy, fake):
     claude = anthropic.Anthropic(base_url=f"{proxy.url}/proxy/anthropic", api_key=token, max_retries=0)
     assert claude.messages.create(**message()).content
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{proxy.url}/proxy/openai/v1", api_key=token + "x", max_retries=0) \
-            .chat.completions.create(**chat())  # fmt: skip
+        openai.OpenAI(
+            base_url=f"{proxy.url}/proxy/openai/v1", api_key=token + "x", max_retries=0
+        ).chat.completions.create(**chat())
     assert admin.post(f"/users/{user['id']}/disable", json={"reason": "Shared it on a forum."}).status_code == 200
     with pytest.raises(openai.PermissionDeniedError) as raised:
         client.chat.completions.create(**chat())
@@ -156,15 +162,23 @@ def test_admin_api_guards_itself(user_proxy, fake):
     proxy, admin = user_proxy()
     assert httpx.get(f"{proxy.url}/admin/users").status_code == 401
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.11")) as attacker:
-        statuses = [attacker.get(f"{proxy.url}/admin/users", headers={"authorization": f"Bearer guess{n}"}).status_code
-                    for n in range(6)]  # fmt: skip
+        statuses = [
+            attacker.get(f"{proxy.url}/admin/users", headers={"authorization": f"Bearer guess{n}"}).status_code
+            for n in range(6)
+        ]
         assert statuses == [401] * 5 + [429]
         locked = attacker.get(f"{proxy.url}/admin/users", headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
     assert admin.get("/users").status_code == 200  # the lock-out is per address, not for everyone
     _, user = admin.create(nickname="<script>alert(1)</script>")
-    for fields in ({"prompt_count": 99}, {"token_hash": "0" * 64}, {"id": "x"}, {"type": "owner"},
-                   {"max_ips": "many"}, {"token_limits": {"gpt4o": -1}}):  # fmt: skip
+    for fields in (
+        {"prompt_count": 99},
+        {"token_hash": "0" * 64},
+        {"id": "x"},
+        {"type": "owner"},
+        {"max_ips": "many"},
+        {"token_limits": {"gpt4o": -1}},
+    ):
         response = admin.patch(f"/users/{user['id']}", json=fields)
         assert response.status_code == 400, fields
     assert admin.patch(f"/users/{user['id']}", json={"max_ips": 3, "admin_note": "ok"}).json()["max_ips"] == 3
@@ -186,7 +200,9 @@ def test_users_can_be_exported_and_imported_elsewhere(user_proxy, start_proxy, f
     assert Admin(other).post("/users/import", json=exported).json() == {"imported": 1}
     moved = Admin(other).user(user["id"])
     assert moved["nickname"] == "Moving" and moved["usage"]["gpt4o"]["used"] > 0
-    assert httpx.post(f"{other.url}{CHAT}", json=chat(), headers={"authorization": f"Bearer {token}"}).status_code == 200
+    assert (
+        httpx.post(f"{other.url}{CHAT}", json=chat(), headers={"authorization": f"Bearer {token}"}).status_code == 200
+    )
 
 
 def test_fifty_parallel_requests_against_a_quota_for_five(user_proxy, fake):
@@ -217,14 +233,19 @@ def test_streamed_usage_is_billed_with_or_without_the_client_asking(user_proxy, 
     assert all(chunk.choices for chunk in chunks)  # the usage chunk the proxy asked for was taken out again
     used = admin.user(user["id"])["usage"]["gpt4o"]["used"]
     assert used > 0
-    asked = list(client.chat.completions.create(**chat("#fake:events=4", stream=True,
-                                                        stream_options={"include_usage": True})))  # fmt: skip
+    asked = list(
+        client.chat.completions.create(**chat("#fake:events=4", stream=True, stream_options={"include_usage": True}))
+    )
     assert asked[-1].usage is not None and not asked[-1].choices
     assert admin.user(user["id"])["usage"]["gpt4o"]["used"] == used + asked[-1].usage.total_tokens
     claude = anthropic.Anthropic(base_url=f"{proxy.url}/proxy/anthropic", api_key=token, max_retries=0)
-    with claude.messages.stream(model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]) as s:
+    with claude.messages.stream(
+        model="claude-sonnet-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+    ) as s:
         final = s.get_final_message()
-    assert admin.user(user["id"])["usage"]["claude-sonnet"]["used"] == final.usage.input_tokens + final.usage.output_tokens
+    assert (
+        admin.user(user["id"])["usage"]["claude-sonnet"]["used"] == final.usage.input_tokens + final.usage.output_tokens
+    )
 
 
 def test_a_client_that_leaves_mid_stream_pays_for_what_it_got(user_proxy, fake):
@@ -236,8 +257,13 @@ def test_a_client_that_leaves_mid_stream_pays_for_what_it_got(user_proxy, fake):
     event_characters = 100  # the answer's text in each of its 60 events
     directives = f"#fake:events=60 #fake:body_bytes={60 * event_characters}"
     received = ""  # the answer's text as the client read it, before leaving
-    with httpx.stream("POST", f"{proxy.url}{CHAT}", json=chat(f"{directives} #fake:interval_ms=50", stream=True),
-                      headers=auth, timeout=10) as response:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{proxy.url}{CHAT}",
+        json=chat(f"{directives} #fake:interval_ms=50", stream=True),
+        headers=auth,
+        timeout=10,
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 received += "".join(choice["delta"].get("content") or "" for choice in json.loads(line[6:])["choices"])
@@ -259,7 +285,10 @@ def test_a_failed_request_costs_nothing(user_proxy, fake):
     token, user = admin.create(token_limits={"gpt4o": 200})
     auth = {"authorization": f"Bearer {token}"}
     for _ in range(3):
-        assert httpx.post(f"{proxy.url}{CHAT}", json=chat("#fake:status=400", max_tokens=100), headers=auth).status_code == 400
+        assert (
+            httpx.post(f"{proxy.url}{CHAT}", json=chat("#fake:status=400", max_tokens=100), headers=auth).status_code
+            == 400
+        )
     usage = admin.user(user["id"])["usage"]["gpt4o"]
     assert usage["used"] == usage["reserved"] == usage["cost_usd"] == usage["reserved_usd"] == 0
     assert admin.user(user["id"])["prompt_count"] == 0
@@ -270,8 +299,12 @@ def test_special_users_and_per_user_rate_limits(user_proxy, fake):
     special, _ = admin.create(type="special")
     limited, _ = admin.create()
     roomy, _ = admin.create(rate_limit=5, token_limits={"gpt4o": 100000})
-    post = lambda token: httpx.post(f"{proxy.url}{CHAT}", json=chat(max_tokens=50),  # noqa: E731
-                                    headers={"authorization": f"Bearer {token}"}).status_code  # fmt: skip
+
+    def post(token):
+        return httpx.post(
+            f"{proxy.url}{CHAT}", json=chat(max_tokens=50), headers={"authorization": f"Bearer {token}"}
+        ).status_code
+
     assert [post(special) for _ in range(3)] == [200, 200, 200]
     assert post(limited) == 429  # 10 tokens of gpt4o quota (TOKEN_QUOTA_GPT4O) cannot hold a 50-token answer
     assert [post(roomy) for _ in range(3)] == [200, 200, 200]
@@ -281,8 +314,11 @@ def test_in_flight_limit(user_proxy, fake):
     proxy, admin = user_proxy(MAX_CONCURRENT_PER_IDENTITY="1")
     token, _ = admin.create()
     auth = {"authorization": f"Bearer {token}"}
-    slow = threading.Thread(target=httpx.post, args=(f"{proxy.url}{CHAT}",),
-                            kwargs={"json": chat("#fake:delay_ms=1500"), "headers": auth, "timeout": 10})  # fmt: skip
+    slow = threading.Thread(
+        target=httpx.post,
+        args=(f"{proxy.url}{CHAT}",),
+        kwargs={"json": chat("#fake:delay_ms=1500"), "headers": auth, "timeout": 10},
+    )
     slow.start()
     wait_until(lambda: fake.requests)  # the slow request is upstream now, in flight for 1.5 s more
     second = httpx.post(f"{proxy.url}{CHAT}", json=chat(), headers=auth)
@@ -304,7 +340,9 @@ def test_restart_and_kill_lose_no_user_and_no_completed_usage(fake, tmp_path):
         with httpx.Client(timeout=10) as client:
             while not stop.is_set():
                 try:
-                    response = client.post(f"{proxy.url}{CHAT}", json=chat(), headers={"authorization": f"Bearer {token}"})
+                    response = client.post(
+                        f"{proxy.url}{CHAT}", json=chat(), headers={"authorization": f"Bearer {token}"}
+                    )
                 except httpx.HTTPError:
                     return
                 if response.status_code == 200:
@@ -335,8 +373,13 @@ def test_a_responses_stream_is_billed_from_whichever_event_ends_it(user_proxy, f
     token, user = admin.create(nickname="Codex user")
     client = openai.OpenAI(base_url=f"{proxy.url}/proxy/openai/v1", api_key=token, max_retries=0)
     directive = "" if ending == "completed" else f" #fake:end={ending}"
-    stream = client.responses.create(model="gpt-5.4", input=f"say hi{directive}", stream=True,
-                                     reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])  # fmt: skip
+    stream = client.responses.create(
+        model="gpt-5.4",
+        input=f"say hi{directive}",
+        stream=True,
+        reasoning={"effort": "low"},
+        include=["reasoning.encrypted_content"],
+    )
     last = list(stream)[-1]
     assert last.type == f"response.{ending}"
     reported = last.response.usage.input_tokens + last.response.usage.output_tokens
@@ -347,8 +390,12 @@ def test_a_claude_stream_is_billed_from_its_final_figures(user_proxy, fake):
     proxy, admin = user_proxy()
     token, user = admin.create(nickname="Claude Code user")
     claude = anthropic.Anthropic(base_url=f"{proxy.url}/proxy/anthropic", api_key=token, max_retries=0)
-    with claude.messages.stream(model="claude-sonnet-5", max_tokens=4096, thinking={"type": "enabled",
-                                "budget_tokens": 2048}, messages=[{"role": "user", "content": "hi"}]) as stream:  # fmt: skip
+    with claude.messages.stream(
+        model="claude-sonnet-5",
+        max_tokens=4096,
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        messages=[{"role": "user", "content": "hi"}],
+    ) as stream:
         final = stream.get_final_message()
     reported = final.usage.input_tokens + final.usage.output_tokens
     assert admin.user(user["id"])["usage"]["claude-sonnet"]["used"] == reported

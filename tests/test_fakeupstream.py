@@ -59,7 +59,8 @@ def test_chat_completion_and_recording(fake):
 
 def test_chat_stream_with_usage(fake):
     stream = oai(fake).chat.completions.create(
-        model="m", messages=user("go #fake:events=5"), stream=True, stream_options={"include_usage": True})
+        model="m", messages=user("go #fake:events=5"), stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
@@ -93,17 +94,24 @@ def test_responses_api(fake):
 
 def test_messages(fake):
     client = ant(fake)
-    message = client.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=user("hi"),
-                                     system="be brief")
+    message = client.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=user("hi"), system="be brief")
     assert message.content[0].text == REPLY and message.stop_reason == "end_turn"
     assert message.usage.input_tokens == 3 and message.model == "claude-haiku-4-5"
     with client.messages.stream(model="m", max_tokens=50, messages=user("#fake:events=6")) as stream:
         assert stream.get_final_text() == REPLY
     events = [e.type for e in client.messages.create(model="m", max_tokens=5, messages=user("x"), stream=True)]
-    assert events == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
-                      "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert events == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert client.messages.count_tokens(model="m", messages=user("one two three")).input_tokens == 3
-    assert [m.id for m in client.models.list()][0] == "claude-sonnet-4-5"
+    assert next(iter(client.models.list())).id == "claude-sonnet-4-5"
     assert {r.key for r in fake.requests} == {"sk-ant-test"}
 
 
@@ -137,8 +145,12 @@ def test_key_overrides_through_control_api(fake):
     limited = control.post("/v1/messages", headers=headers, json=body)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "7"
     assert limited.json()["error"]["type"] == "rate_limit_error"
-    assert control.post("/v1/messages", headers=headers, json=body | {"messages": user("#fake:error=permission")}
-                        ).status_code == 403  # a directive beats the override
+    assert (
+        control.post(
+            "/v1/messages", headers=headers, json=body | {"messages": user("#fake:error=permission")}
+        ).status_code
+        == 403
+    )  # a directive beats the override
     control.put("/_fake/keys/k1", json={"behaviour": "rate_limit_for", "seconds": 0.3})
     assert control.post("/v1/messages", headers=headers, json=body).status_code == 429
     time.sleep(0.35)
@@ -177,9 +189,8 @@ def test_streams_are_incremental_and_can_reset(fake):
     assert arrivals[-1] >= 0.35 and arrivals[-1] - arrivals[0] >= 0.1, arrivals
     body["messages"] = user("#fake:reset_after=2")
     lines = []
-    with pytest.raises(httpx.RemoteProtocolError):
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            lines.extend(line for line in response.iter_lines() if line)
+    with pytest.raises(httpx.RemoteProtocolError), client.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines.extend(line for line in response.iter_lines() if line)
     assert len(lines) == 3 and "[DONE]" not in lines[-1]
 
 
@@ -199,7 +210,7 @@ def test_anthropic_tool_use_until_a_tool_result_arrives(fake):
     assert final.content[0].input == BASH_INPUT and final.stop_reason == "tool_use"
     assert sum(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events) >= 2
     result = {"type": "tool_result", "tool_use_id": block.id, "content": "ok"}
-    answered = asked + [{"role": "assistant", "content": [block.model_dump()]}, {"role": "user", "content": [result]}]
+    answered = [*asked, {"role": "assistant", "content": [block.model_dump()]}, {"role": "user", "content": [result]}]
     done = client.messages.create(model="m", max_tokens=50, messages=answered)
     assert done.content[0].text == REPLY and done.stop_reason == "end_turn"
     unknown = client.messages.create(model="m", max_tokens=50, messages=user("#fake:tool=mcp__x__y"))
@@ -219,8 +230,11 @@ def test_chat_tool_calls_until_a_tool_message_arrives(fake):
     assert {p.id for p in pieces[1:]} == {None} and {p.index for p in pieces} == {0}
     assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    answered = asked + [completion.choices[0].message.model_dump(exclude_none=True),
-                        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    answered = [
+        *asked,
+        completion.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
     done = client.chat.completions.create(model="m", messages=answered)
     assert done.choices[0].message.content == REPLY and done.choices[0].finish_reason == "stop"
 
@@ -243,12 +257,20 @@ def test_responses_function_custom_and_namespaced_tool_calls(fake):
     assert json.loads("".join(e.delta for e in events[3:-3])) == {"city": "Paris"}
 
     # A custom (freeform) tool, defined in an additional_tools input item inside a namespace, as Codex does.
-    code = {"type": "namespace", "name": "code_mode", "description": "d", "tools": [
-        {"type": "custom", "name": "exec", "description": "Run JavaScript"}]}
+    code = {
+        "type": "namespace",
+        "name": "code_mode",
+        "description": "d",
+        "tools": [{"type": "custom", "name": "exec", "description": "Run JavaScript"}],
+    }
     items = [{"type": "additional_tools", "tools": [code]}, {"role": "user", "content": "run #fake:tool=exec"}]
     [item] = client.responses.create(model="m", input=items).output
     assert (item.type, item.name, item.namespace, item.input) == (
-        "custom_tool_call", "exec", "code_mode", 'text("fake-tool-ran")')
+        "custom_tool_call",
+        "exec",
+        "code_mode",
+        'text("fake-tool-ran")',
+    )
     assert item.id.startswith("ctc_") and item.status == "completed"
     events = list(client.responses.create(model="m", input=items, stream=True))
     deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
@@ -257,10 +279,13 @@ def test_responses_function_custom_and_namespaced_tool_calls(fake):
     assert events[-2].item.type == "custom_tool_call" and events[-1].type == "response.completed"
 
     # Once a call's output follows the last user item, the answer is text again.
-    answered = items + [item.model_dump(exclude_none=True),
-                        {"type": "custom_tool_call_output", "call_id": item.call_id, "output": "fake-tool-ran"}]
+    answered = [
+        *items,
+        item.model_dump(exclude_none=True),
+        {"type": "custom_tool_call_output", "call_id": item.call_id, "output": "fake-tool-ran"},
+    ]
     assert client.responses.create(model="m", input=answered).output_text == REPLY
-    again = answered + [{"role": "user", "content": "and again"}]
+    again = [*answered, {"role": "user", "content": "and again"}]
     assert client.responses.create(model="m", input=again).output[0].type == "custom_tool_call"
 
 
@@ -270,8 +295,9 @@ def test_anthropic_thinking_blocks_and_their_validation(fake):
     message = client.messages.create(model="m", max_tokens=2048, thinking=thinking, messages=user("hi"))
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert message.content[0].thinking == THINKING and len(message.content[0].signature) > 100
-    with client.messages.stream(model="m", max_tokens=2048, thinking=thinking,
-                                messages=user("hi #fake:redacted_thinking=1")) as stream:
+    with client.messages.stream(
+        model="m", max_tokens=2048, thinking=thinking, messages=user("hi #fake:redacted_thinking=1")
+    ) as stream:
         events = list(stream)
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "redacted_thinking", "text"]
@@ -287,12 +313,17 @@ def test_anthropic_thinking_blocks_and_their_validation(fake):
         final = stream.get_final_message()
     assert final.content[0].thinking == "" and len(final.content[0].signature) > 100
     assert not any(e.type == "content_block_delta" and e.delta.type == "thinking_delta" for e in events)
-    assert [b.type for b in client.messages.create(model="m", max_tokens=50, thinking={"type": "disabled"},
-                                                   messages=user("hi")).content] == ["text"]
+    assert [
+        b.type
+        for b in client.messages.create(
+            model="m", max_tokens=50, thinking={"type": "disabled"}, messages=user("hi")
+        ).content
+    ] == ["text"]
 
     with pytest.raises(anthropic.BadRequestError) as err:
-        client.messages.create(model="m", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1000},
-                               messages=user("hi"))
+        client.messages.create(
+            model="m", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1000}, messages=user("hi")
+        )
     assert err.value.body["error"] == {"type": "invalid_request_error", "message": BUDGET_TOO_SMALL}
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(model="m", max_tokens=1024, thinking=thinking, messages=user("hi"))
@@ -311,8 +342,12 @@ def test_anthropic_server_tool_and_thinking_before_a_tool_use(fake):
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["server_tool_use", "web_search_tool_result", "text"]
     assert final.content[0].input == {"query": "fake"} and final.usage.server_tool_use.web_search_requests == 1
-    with client.messages.stream(model="m", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048},
-                                messages=user("#fake:tool=get_weather")) as stream:
+    with client.messages.stream(
+        model="m",
+        max_tokens=4096,
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        messages=user("#fake:tool=get_weather"),
+    ) as stream:
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "tool_use"] and final.stop_reason == "tool_use"
     assert final.content[1].input == {"city": "Paris"}
@@ -322,14 +357,23 @@ def test_anthropic_usage_as_the_api_reports_it(fake):
     client = httpx.Client(base_url=fake.url, headers={"x-api-key": "k", "anthropic-version": "2023-06-01"})
     body = {"model": "m", "max_tokens": 50, "messages": user("one two three")}
     usage = client.post("/v1/messages", json=body).json()["usage"]
-    assert usage == {"input_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                     "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
-                     "output_tokens": 5, "service_tier": "standard"}
+    assert usage == {
+        "input_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": 5,
+        "service_tier": "standard",
+    }
     with client.stream("POST", "/v1/messages", json=body | {"stream": True}) as response:
         data = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
     assert data[0]["message"]["usage"] == usage | {"output_tokens": 1}
-    assert data[-2]["usage"] == {"input_tokens": 3, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                                 "output_tokens": 5}
+    assert data[-2]["usage"] == {
+        "input_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 5,
+    }
     with ant(fake).messages.stream(model="m", max_tokens=50, messages=user("one two three")) as stream:
         final = stream.get_final_message()
     assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.service_tier) == (3, 5, "standard")
@@ -338,8 +382,9 @@ def test_anthropic_usage_as_the_api_reports_it(fake):
 
 def test_responses_reasoning_and_endings(fake):
     client = oai(fake)
-    response = client.responses.create(model="m", input="hi", reasoning={"effort": "low"},
-                                       include=["reasoning.encrypted_content"])
+    response = client.responses.create(
+        model="m", input="hi", reasoning={"effort": "low"}, include=["reasoning.encrypted_content"]
+    )
     reasoning, message = response.output
     assert reasoning.type == "reasoning" and reasoning.id.startswith("rs_") and reasoning.summary == []
     assert len(reasoning.encrypted_content) > 100 and message.content[0].text == REPLY
@@ -380,8 +425,13 @@ def test_compaction_and_input_token_routes(fake):
 
 
 def test_websocket_upgrade_is_recorded_and_unknown(fake):
-    headers = {"Authorization": "Bearer sk-x", "Connection": "Upgrade", "Upgrade": "websocket",
-               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    headers = {
+        "Authorization": "Bearer sk-x",
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
     response = httpx.get(fake.url + "/v1/responses", headers=headers)
     assert response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
     [recorded] = fake.wait_for_requests(1)
@@ -390,35 +440,60 @@ def test_websocket_upgrade_is_recorded_and_unknown(fake):
 
 
 def test_unknown_shapes_are_answered_not_refused(fake):
-    client = httpx.Client(base_url=fake.url, headers={
-        "x-api-key": "k", "anthropic-version": "2023-06-01", "Authorization": "Bearer sk-x"})
+    client = httpx.Client(
+        base_url=fake.url, headers={"x-api-key": "k", "anthropic-version": "2023-06-01", "Authorization": "Bearer sk-x"}
+    )
     nested: object = "deep"
     for _ in range(500):
         nested = [nested]
-    odd_messages = {"model": "m", "max_tokens": 50, "future_field": {"x": 1}, "thinking": "yes",
-                    "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
-                    "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": [
-                        {"type": "hologram", "blob": 1}, {"type": "text", "text": "hi"}, nested, None, 7]}]}
+    odd_messages = {
+        "model": "m",
+        "max_tokens": 50,
+        "future_field": {"x": 1},
+        "thinking": "yes",
+        "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {
+                "role": "user",
+                "content": [{"type": "hologram", "blob": 1}, {"type": "text", "text": "hi"}, nested, None, 7],
+            },
+        ],
+    }
     answered = client.post("/v1/messages", json=odd_messages)
     assert answered.status_code == 200 and answered.json()["usage"]["input_tokens"] == 5
     assert client.post("/v1/messages/count_tokens", json=odd_messages | {"messages": "not a list"}).status_code == 200
-    odd_chat = {"model": "m", "messages": [{"role": "developer", "content": [{"type": "input_audio"}]}, "x"],
-                "stream_options": "yes", "stream": True, "tools": "none", "verbosity": "low"}
+    odd_chat = {
+        "model": "m",
+        "messages": [{"role": "developer", "content": [{"type": "input_audio"}]}, "x"],
+        "stream_options": "yes",
+        "stream": True,
+        "tools": "none",
+        "verbosity": "low",
+    }
     assert client.post("/v1/chat/completions", json=odd_chat).status_code == 200
-    odd_responses = {"model": "m", "input": [{"type": "local_shell_call"}, 3, {"role": "critic", "content": "x"}],
-                     "tools": [{"type": "namespace"}, "web_search", {"type": "custom"}], "reasoning": None,
-                     "include": "everything", "prompt_cache_key": "k", "text": {"verbosity": "low"}}
+    odd_responses = {
+        "model": "m",
+        "input": [{"type": "local_shell_call"}, 3, {"role": "critic", "content": "x"}],
+        "tools": [{"type": "namespace"}, "web_search", {"type": "custom"}],
+        "reasoning": None,
+        "include": "everything",
+        "prompt_cache_key": "k",
+        "text": {"verbosity": "low"},
+    }
     assert client.post("/v1/responses", json=odd_responses).json()["output"][0]["type"] == "message"
     # Not defined as a custom tool (the namespace is malformed): a function call, its string input wrapped.
-    [call] = client.post("/v1/responses", json=odd_responses | {"tools": [{"type": "namespace", "tools": 5}],
-                                                                "input": "#fake:tool=exec"}).json()["output"]
+    [call] = client.post(
+        "/v1/responses", json=odd_responses | {"tools": [{"type": "namespace", "tools": 5}], "input": "#fake:tool=exec"}
+    ).json()["output"]
     assert (call["type"], call["name"]) == ("function_call", "exec")
     assert json.loads(call["arguments"]) == {"input": 'text("fake-tool-ran")'}
 
 
 def test_command_line():
-    process = subprocess.Popen([sys.executable, "-m", "tests.fakeupstream", "--port", "0"], cwd=ROOT,
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakeupstream", "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         line = process.stdout.readline().strip()
         assert line.startswith("fake upstream listening on http://127.0.0.1:")
@@ -431,16 +506,28 @@ def test_command_line():
 
 def test_strict_fields_refuse_unknown_fields_echoing_their_names(fake):
     fake.strict_fields = True
-    chat = httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-x"},
-                      json={"model": "gpt-4o", "messages": [], "billing": 1})  # fmt: skip
+    chat = httpx.post(
+        f"{fake.url}/v1/chat/completions",
+        headers={"authorization": "Bearer sk-x"},
+        json={"model": "gpt-4o", "messages": [], "billing": 1},
+    )
     assert chat.status_code == 400
     assert chat.json()["error"]["message"] == "Unrecognized request argument supplied: billing"
-    messages = httpx.post(f"{fake.url}/v1/messages", headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
-                          json={"model": "claude-x", "max_tokens": 5, "messages": [], "insufficient_quota": 1})  # fmt: skip
+    messages = httpx.post(
+        f"{fake.url}/v1/messages",
+        headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
+        json={"model": "claude-x", "max_tokens": 5, "messages": [], "insufficient_quota": 1},
+    )
     assert messages.json()["error"]["message"] == "insufficient_quota: Extra inputs are not permitted"
     fake.reset()
-    assert httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-x"},
-                      json={"model": "gpt-4o", "messages": [], "future": 1}).status_code == 200  # fmt: skip
+    assert (
+        httpx.post(
+            f"{fake.url}/v1/chat/completions",
+            headers={"authorization": "Bearer sk-x"},
+            json={"model": "gpt-4o", "messages": [], "future": 1},
+        ).status_code
+        == 200
+    )
 
 
 # -- each key's organisation: its prompt cache and its request budget ---------------------------------------------
@@ -451,25 +538,41 @@ LONG = " ".join(f"w{n}" for n in range(2000))  # 15 whole blocks of 128 words, a
 def test_each_key_has_its_own_prompt_cache(fake):
     first = oai(fake, "sk-a").chat.completions.create(model="gpt-4o", messages=user(LONG)).usage
     assert (first.prompt_tokens, first.prompt_tokens_details.cached_tokens) == (2000, 0)
-    turn = user(LONG) + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more " * 300}]
+    turn = [*user(LONG), {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more " * 300}]
     again = oai(fake, "sk-a").chat.completions.create(model="gpt-4o", messages=turn).usage
     assert (again.prompt_tokens, again.prompt_tokens_details.cached_tokens) == (2301, 1920)  # what turn 1 wrote
-    assert oai(fake, "sk-b").chat.completions.create(model="gpt-4o", messages=turn).usage \
-        .prompt_tokens_details.cached_tokens == 0  # another key: another organisation, another cache
-    assert oai(fake, "sk-a").chat.completions.create(model="gpt-4o-mini", messages=turn).usage \
-        .prompt_tokens_details.cached_tokens == 0  # another model
-    assert oai(fake, "sk-a").responses.create(model="gpt-4o", input=turn).usage \
-        .input_tokens_details.cached_tokens == 2176  # all 17 blocks of the turn, written by the second request
-    assert oai(fake, "sk-a").chat.completions.create(model="gpt-4o", messages=user("w0 w1")).usage \
-        .prompt_tokens_details.cached_tokens == 0  # under 1,024 words nothing is cached
+    assert (
+        oai(fake, "sk-b")
+        .chat.completions.create(model="gpt-4o", messages=turn)
+        .usage.prompt_tokens_details.cached_tokens
+        == 0
+    )  # another key: another organisation, another cache
+    assert (
+        oai(fake, "sk-a")
+        .chat.completions.create(model="gpt-4o-mini", messages=turn)
+        .usage.prompt_tokens_details.cached_tokens
+        == 0
+    )  # another model
+    assert (
+        oai(fake, "sk-a").responses.create(model="gpt-4o", input=turn).usage.input_tokens_details.cached_tokens == 2176
+    )  # all 17 blocks of the turn, written by the second request
+    assert (
+        oai(fake, "sk-a")
+        .chat.completions.create(model="gpt-4o", messages=user("w0 w1"))
+        .usage.prompt_tokens_details.cached_tokens
+        == 0
+    )  # under 1,024 words nothing is cached
 
 
 def test_claude_caches_with_cache_control_and_reports_reads_and_writes(fake):
     system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
 
     def usage(key="sk-ant-a", **fields):
-        usage = ant(fake, key).messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=user("go"),
-                                               **fields).usage  # fmt: skip
+        usage = (
+            ant(fake, key)
+            .messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=user("go"), **fields)
+            .usage
+        )
         return usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens
 
     assert usage(system=system) == (81, 1920, 0)
@@ -484,8 +587,13 @@ def test_a_cached_prefix_lives_five_minutes_after_its_last_use(monkeypatch):
 
     def read_after(seconds: float) -> int:
         clock[0] += seconds
-        call = fakeupstream.Call(SimpleNamespace(path="/v1/chat/completions"), "openai", "sk-a",
-                                 {"model": "m", "messages": user(LONG)}, fakeupstream.Behaviour())  # fmt: skip
+        call = fakeupstream.Call(
+            SimpleNamespace(path="/v1/chat/completions"),
+            "openai",
+            "sk-a",
+            {"model": "m", "messages": user(LONG)},
+            fakeupstream.Behaviour(),
+        )
         accounts.use_cache(call, b"")
         return call.cache_read
 
@@ -494,41 +602,64 @@ def test_a_cached_prefix_lives_five_minutes_after_its_last_use(monkeypatch):
 
 def test_a_key_budget_is_a_rate_limit_with_honest_headers(fake):
     fake.set_key_behaviour("sk-budget", "ok", budget=2, budget_seconds=30)
-    answers = [httpx.post(f"{fake.url}/v1/chat/completions", headers={"authorization": "Bearer sk-budget"},
-                          json={"model": "gpt-4o", "messages": user("hi")}) for _ in range(3)]  # fmt: skip
+    answers = [
+        httpx.post(
+            f"{fake.url}/v1/chat/completions",
+            headers={"authorization": "Bearer sk-budget"},
+            json={"model": "gpt-4o", "messages": user("hi")},
+        )
+        for _ in range(3)
+    ]
     assert [a.status_code for a in answers] == [200, 200, 429]
     assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["1", "0", "0"]
     assert {a.headers["x-ratelimit-limit-requests"] for a in answers} == {"2"}
     assert 28 <= float(answers[0].headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 30
     assert 28 <= int(answers[2].headers["retry-after"]) <= 30
-    claude = httpx.post(f"{fake.url}/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": user("hi")},
-                        headers={"x-api-key": "sk-budget", "anthropic-version": "2023-06-01"})  # fmt: skip
+    claude = httpx.post(
+        f"{fake.url}/v1/messages",
+        json={"model": "claude-x", "max_tokens": 5, "messages": user("hi")},
+        headers={"x-api-key": "sk-budget", "anthropic-version": "2023-06-01"},
+    )
     assert claude.status_code == 429 and claude.headers["anthropic-ratelimit-requests-remaining"] == "0"
 
 
 def test_usage_response_id_and_header_directives_take_any_json_value(fake):
     client = httpx.Client(base_url=fake.url, headers={"authorization": "Bearer sk-x"})
-    prompt = ('hi #fake:usage={"completion_tokens": NaN, "prompt_tokens_details": [1]} #fake:usage={"x": -1} '
-              '#fake:headers={"retry-after": "-5\\n", "x-ratelimit-remaining-requests": 1e400, "x-request-id": null, '
-              '"bad name": 1, "content-type": "text/plain"}')  # fmt: skip
+    prompt = (
+        'hi #fake:usage={"completion_tokens": NaN, "prompt_tokens_details": [1]} #fake:usage={"x": -1} '
+        '#fake:headers={"retry-after": "-5\\n", "x-ratelimit-remaining-requests": 1e400, "x-request-id": null, '
+        '"bad name": 1, "content-type": "text/plain"}'
+    )
     answer = client.post("/v1/chat/completions", json={"model": "m", "messages": user(prompt)})
     assert '"completion_tokens": NaN' in answer.text and '"prompt_tokens_details": [1], "x": -1' in answer.text
     assert answer.json()["usage"]["prompt_tokens"] > 0  # the other figures stay as they were
-    assert answer.headers["retry-after"] == "-5\\u000a" and answer.headers["x-ratelimit-remaining-requests"] == \
-        "Infinity" and "x-request-id" not in answer.headers and answer.headers["content-type"] == \
-        "application/json; charset=utf-8"  # fmt: skip
-    events = client.post("/v1/messages", headers={"x-api-key": "k", "anthropic-version": "2023-06-01"}, json={
-        "model": "m", "max_tokens": 5, "stream": True, "messages": user("#fake:usage={\"output_tokens\": 1e30}")}).text
+    assert (
+        answer.headers["retry-after"] == "-5\\u000a"
+        and answer.headers["x-ratelimit-remaining-requests"] == "Infinity"
+        and "x-request-id" not in answer.headers
+        and answer.headers["content-type"] == "application/json; charset=utf-8"
+    )
+    events = client.post(
+        "/v1/messages",
+        headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
+        json={"model": "m", "max_tokens": 5, "stream": True, "messages": user('#fake:usage={"output_tokens": 1e30}')},
+    ).text
     assert events.count('"output_tokens":1e+30') == 2  # message_start and message_delta
     body = {"model": "m", "stream": True, "input": 'hi #fake:usage="abc" #fake:response_id=[1]'}
-    data = [json.loads(line[5:]) for line in client.post("/v1/responses", json=body).text.splitlines()
-            if line.startswith("data:")]  # fmt: skip
+    data = [
+        json.loads(line[5:])
+        for line in client.post("/v1/responses", json=body).text.splitlines()
+        if line.startswith("data:")
+    ]
     assert data[0]["response"]["usage"] is None and data[-1]["response"]["usage"] == "abc"  # null stays null
     assert [event["response"]["id"] for event in data if "response" in event] == [[1]] * 3  # created .. completed
     fake.set_key_behaviour("sk-odd", "rate_limit", headers={"retry-after": 10**30}, usage={"prompt_tokens": -1})
     limited = client.post("/v1/chat/completions", headers={"authorization": "Bearer sk-odd"}, json={"model": "m"})
     assert limited.status_code == 429 and limited.headers["retry-after"] == str(10**30)
     fake.set_key_behaviour("sk-odd", "ok", usage={"prompt_tokens": -1})
-    answer = client.post("/v1/completions", headers={"authorization": "Bearer sk-odd"},
-                         json={"model": "m", "prompt": '#fake:usage={"prompt_tokens": "abc"}'})  # fmt: skip
+    answer = client.post(
+        "/v1/completions",
+        headers={"authorization": "Bearer sk-odd"},
+        json={"model": "m", "prompt": '#fake:usage={"prompt_tokens": "abc"}'},
+    )
     assert answer.json()["usage"]["prompt_tokens"] == "abc"  # the prompt's directive comes after the key's

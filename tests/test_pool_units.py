@@ -6,8 +6,17 @@ import pytest
 from mitmproxy.test import taddons
 
 from addons.keypool import (
-    ACTIVE, REVOKED, KeyAffinity, KeyPool, Limits, Verdict, classify, parse_duration, read_limits, retry_after,
-)  # fmt: skip
+    ACTIVE,
+    REVOKED,
+    KeyAffinity,
+    KeyPool,
+    Limits,
+    Verdict,
+    classify,
+    parse_duration,
+    read_limits,
+    retry_after,
+)
 from addons.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
 from addons.usage import StreamMeter, Usage
 from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
@@ -20,21 +29,42 @@ from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
         (429, b'{"error": {"type": "requests", "code": "rate_limit_exceeded"}}', Verdict.RATE_LIMITED),
         (429, b'{"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}', Verdict.OVER_QUOTA),
         (429, b'{"error": {"type": "billing_not_active"}}', Verdict.OVER_QUOTA),
-        (400, b'{"type": "error", "error": {"type": "invalid_request_error", "message": '
-              b'"Your credit balance is too low to access the Anthropic API."}}', Verdict.OVER_QUOTA),
+        (
+            400,
+            (
+                b'{"type": "error", "error": {"type": "invalid_request_error", "message": '
+                b'"Your credit balance is too low to access the Anthropic API."}}'
+            ),
+            Verdict.OVER_QUOTA,
+        ),
         (401, b'{"error": {"code": "invalid_api_key"}}', Verdict.REVOKED),
         (403, b'{"type": "error", "error": {"type": "permission_error"}}', Verdict.FAMILY_FORBIDDEN),
         (403, b'{"error": {"code": "unsupported_country_region_territory"}}', Verdict.CLIENT_ERROR),
         (402, b'{"type": "error", "error": {"type": "billing_error", "message": "x"}}', Verdict.OVER_QUOTA),
         (401, b'{"type": "error", "error": {"type": "authentication_error"}}', Verdict.REVOKED),
         # Both APIs echo the request in their messages: marker words there mean nothing.
-        (400, b'{"error": {"message": "Unrecognized request argument supplied: insufficient_quota billing '
-              b'invalid_api_key billing_not_active access_terminated", "type": "invalid_request_error", '
-              b'"code": null}}', Verdict.CLIENT_ERROR),
-        (400, b'{"type": "error", "error": {"type": "invalid_request_error", "message": "billing: Extra inputs are '
-              b'not permitted; insufficient_quota: invalid_api_key"}}', Verdict.CLIENT_ERROR),
-        (404, b'{"error": {"message": "The model `billing` does not exist", "code": "model_not_found"}}',
-         Verdict.CLIENT_ERROR),
+        (
+            400,
+            (
+                b'{"error": {"message": "Unrecognized request argument supplied: insufficient_quota billing '
+                b'invalid_api_key billing_not_active access_terminated", "type": "invalid_request_error", '
+                b'"code": null}}'
+            ),
+            Verdict.CLIENT_ERROR,
+        ),
+        (
+            400,
+            (
+                b'{"type": "error", "error": {"type": "invalid_request_error", "message": "billing: Extra inputs are '
+                b'not permitted; insufficient_quota: invalid_api_key"}}'
+            ),
+            Verdict.CLIENT_ERROR,
+        ),
+        (
+            404,
+            b'{"error": {"message": "The model `billing` does not exist", "code": "model_not_found"}}',
+            Verdict.CLIENT_ERROR,
+        ),
         (529, b'{"type": "error", "error": {"type": "overloaded_error"}}', Verdict.RATE_LIMITED),
         (500, b"not json", Verdict.SERVER_ERROR),
         (400, b'{"error": {"message": "max_tokens is too large"}}', Verdict.CLIENT_ERROR),
@@ -53,13 +83,21 @@ def test_parse_duration(text, seconds):
 
 def test_read_limits_takes_the_scarcer_resource_of_either_api():
     now = 1_000_000.0
-    openai_headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "50",
-                      "x-ratelimit-reset-requests": "30s", "x-ratelimit-limit-tokens": "1000",
-                      "x-ratelimit-remaining-tokens": "100", "x-ratelimit-reset-tokens": "6m0s"}  # fmt: skip
+    openai_headers = {
+        "x-ratelimit-limit-requests": "100",
+        "x-ratelimit-remaining-requests": "50",
+        "x-ratelimit-reset-requests": "30s",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "100",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
     limits = read_limits(openai_headers, now)
     assert limits.fraction_left == pytest.approx(0.1) and limits.until == pytest.approx(now + 360)
-    anthropic_headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "0",
-                         "anthropic-ratelimit-requests-reset": "1970-01-12T13:47:00Z"}  # fmt: skip
+    anthropic_headers = {
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "1970-01-12T13:47:00Z",
+    }
     limits = read_limits(anthropic_headers, now)
     assert limits.fraction_left == 0 and limits.until == pytest.approx(1_000_020.0)
     assert read_limits({}, now) is None
@@ -68,8 +106,17 @@ def test_read_limits_takes_the_scarcer_resource_of_either_api():
 def test_retry_after_prefers_the_explicit_header():
     assert retry_after({"retry-after": "7", "x-ratelimit-reset-requests": "60s"}, 0) == 7
     assert retry_after({"retry-after-ms": "1500"}, 0) == 1.5
-    assert retry_after({"x-ratelimit-limit-requests": "1", "x-ratelimit-remaining-requests": "0",
-                        "x-ratelimit-reset-requests": "20s"}, 0) == 20  # fmt: skip
+    assert (
+        retry_after(
+            {
+                "x-ratelimit-limit-requests": "1",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "20s",
+            },
+            0,
+        )
+        == 20
+    )
     assert retry_after({}, 0) == 10
 
 
@@ -90,9 +137,17 @@ async def test_choice_follows_headroom_then_least_recent_use():
     with taddons.context(pool, checker):
         a, b, c = pool.keys["openai"]
         now = time.time()
-        pool.release(pool.choose("openai", "gpt4o"), "gpt4o", 200, {
-            "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
-            "x-ratelimit-reset-requests": "60s"}, b"")  # fmt: skip
+        pool.release(
+            pool.choose("openai", "gpt4o"),
+            "gpt4o",
+            200,
+            {
+                "x-ratelimit-limit-requests": "10",
+                "x-ratelimit-remaining-requests": "2",
+                "x-ratelimit-reset-requests": "60s",
+            },
+            b"",
+        )
         assert a.headroom("gpt4o", now) == pytest.approx(0.2)
         assert [pool.choose("openai", "gpt4o") for _ in range(2)] == [b, c]  # fresh keys first, oldest use first
         pool.release(c, "gpt4o", 429, {"retry-after": "30"}, b'{"error": {"type": "requests"}}')
@@ -147,8 +202,10 @@ def test_stream_meter_reads_usage_and_drops_only_the_chunk_it_added():
 
 def test_stream_meter_estimates_a_stream_cut_short():
     meter = StreamMeter("anthropic", drop_usage_chunk=False)
-    meter.feed(b'event: message_start\ndata: {"type": "message_start", "message": {"usage": {"input_tokens": 12}}}\n\n'
-               b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"text": "12345678"}}\n\n')
+    meter.feed(
+        b'event: message_start\ndata: {"type": "message_start", "message": {"usage": {"input_tokens": 12}}}\n\n'
+        b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"text": "12345678"}}\n\n'
+    )
     assert meter.finish(prompt_estimate=100) == Usage(12, 2, estimated=True)
 
 
@@ -166,8 +223,17 @@ async def test_a_conversation_keeps_its_key_while_it_has_headroom():
         keep_b = KeyAffinity(b.id, min_headroom=0.1)
         assert [pool.choose("openai", "gpt4o", affinity=keep_b) for _ in range(3)] == [b, b, b]
         assert pool.choose("openai", "gpt4o") is a  # a new conversation: the least recently used
-        pool.release(b, "gpt4o", 200, {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "5",
-                                       "x-ratelimit-reset-requests": "60s"}, b"")  # fmt: skip
+        pool.release(
+            b,
+            "gpt4o",
+            200,
+            {
+                "x-ratelimit-limit-requests": "100",
+                "x-ratelimit-remaining-requests": "5",
+                "x-ratelimit-reset-requests": "60s",
+            },
+            b"",
+        )
         assert pool.choose("openai", "gpt4o", affinity=keep_b) is c  # below 10 % left: the key with the most
         for key in (a, c):
             key.limits["gpt4o"] = Limits(0.02, time.time() + 60)
@@ -203,9 +269,17 @@ async def test_requests_sent_since_the_figures_came_count_against_the_headroom()
     pool = KeyPool({"openai_key": ["sk-a", "sk-b"]})
     with taddons.context(pool):
         a, b = pool.keys["openai"]
-        pool.release(pool.choose("openai", "gpt4o"), "gpt4o", 200, {
-            "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
-            "x-ratelimit-reset-requests": "60s"}, b"")  # fmt: skip
+        pool.release(
+            pool.choose("openai", "gpt4o"),
+            "gpt4o",
+            200,
+            {
+                "x-ratelimit-limit-requests": "10",
+                "x-ratelimit-remaining-requests": "2",
+                "x-ratelimit-reset-requests": "60s",
+            },
+            b"",
+        )
         b.limits["gpt4o"] = Limits(0.1, time.time() + 60, (10, 1))
         stay_on_a = KeyAffinity(a.id)
         assert [pool.choose("openai", "gpt4o", affinity=stay_on_a) for _ in range(2)] == [a, a]

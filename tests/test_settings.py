@@ -114,8 +114,12 @@ def test_dotenv_comments_quotes_export_and_empty_values(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
     sources = ConfigSources({"PROXY_CONFIG": str(tmp_path / "config.yaml")})
-    assert sources.secrets() == {"openai_key": ["sk-a", "sk-b"], "anthropic_key": [], "proxy_key": "pass #word",
-                                 "admin_key": ""}  # fmt: skip
+    assert sources.secrets() == {
+        "openai_key": ["sk-a", "sk-b"],
+        "anthropic_key": [],
+        "proxy_key": "pass #word",
+        "admin_key": "",
+    }
     assert sources.value("server_title", str, "") == "Team proxy"
     assert sources.value("reject_message", str, "") == "no#comment"  # a comment starts after a space
 
@@ -124,8 +128,9 @@ def test_dotenv_values_are_literal_and_the_environment_wins(tmp_path, monkeypatc
     (tmp_path / ".env").write_text("PROXY_KEY=pa$$w${HOME}rd\nSERVER_TITLE=from .env\n")
     (tmp_path / "config.yaml").write_text("server_title: from config.yaml\n")
     monkeypatch.chdir(tmp_path)
-    sources = ConfigSources({"PROXY_CONFIG": str(tmp_path / "config.yaml"), "HOME": "/root",
-                             "SERVER_TITLE": "from the environment"})  # fmt: skip
+    sources = ConfigSources(
+        {"PROXY_CONFIG": str(tmp_path / "config.yaml"), "HOME": "/root", "SERVER_TITLE": "from the environment"}
+    )
     assert sources.secrets()["proxy_key"] == "pa$$w${HOME}rd"  # no interpolation: a password is taken as written
     assert sources.value("server_title", str, "") == "from the environment"
 

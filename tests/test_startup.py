@@ -110,12 +110,15 @@ def test_mitmproxys_own_listen_options_choose_the_port(option):
         assert proxy.port == port and httpx.get(f"{proxy.url}/health").text == "OK"
 
 
-@pytest.mark.parametrize("env, sentence", [
-    ({"COST_QUOTAS": "gpt-4o=5"}, "COST_QUOTAS names no model family of this proxy: 'gpt-4o'."),
-    ({"COST_QUOTAS": "total=five"}, "COST_QUOTAS entries look like family=usd or total=usd, not 'total=five'."),
-    ({"MODEL_PRICES": "gpt-4o*=2.5"}, "MODEL_PRICES entries look like model-pattern=input/output"),
-    ({"MODEL_PRICES": "gpt-4o*=2.5/10,openai=2.5/10"}, "MODEL_PRICES needs a fallback entry for each service"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "env, sentence",
+    [
+        ({"COST_QUOTAS": "gpt-4o=5"}, "COST_QUOTAS names no model family of this proxy: 'gpt-4o'."),
+        ({"COST_QUOTAS": "total=five"}, "COST_QUOTAS entries look like family=usd or total=usd, not 'total=five'."),
+        ({"MODEL_PRICES": "gpt-4o*=2.5"}, "MODEL_PRICES entries look like model-pattern=input/output"),
+        ({"MODEL_PRICES": "gpt-4o*=2.5/10,openai=2.5/10"}, "MODEL_PRICES needs a fallback entry for each service"),
+    ],
+)
 def test_bad_prices_and_usd_quotas_stop_start_up_with_one_sentence(env, sentence):
     process = ProxyProcess(env)
     assert process.run_to_exit() != 0

@@ -21,9 +21,23 @@ from addons.store import USAGE_FIGURES, KeyHealth, SQLiteStore, StoreUnavailable
 from tests.harness import RedisServer
 
 USER_KEYS = {
-    "id", "token_hash", "nickname", "type", "created_at", "last_used_at", "ips", "max_ips", "token_limits",
-    "rate_limit", "expires_at", "admin_note", "prompt_count", "disabled_at", "disabled_reason", "usage",
-}  # fmt: skip
+    "id",
+    "token_hash",
+    "nickname",
+    "type",
+    "created_at",
+    "last_used_at",
+    "ips",
+    "max_ips",
+    "token_limits",
+    "rate_limit",
+    "expires_at",
+    "admin_note",
+    "prompt_count",
+    "disabled_at",
+    "disabled_reason",
+    "usage",
+}
 
 
 @pytest.fixture(scope="session")
@@ -118,15 +132,26 @@ def test_key_rests_end_by_themselves(store, clock):
 
 
 def test_create_and_read_users(store):
-    token, user = store.create_user({"nickname": "ann", "max_ips": 2, "token_limits": {"gpt4o": 100},
-                                     "expires_at": 5})  # fmt: skip
+    token, user = store.create_user({"nickname": "ann", "max_ips": 2, "token_limits": {"gpt4o": 100}, "expires_at": 5})
     assert set(user) == USER_KEYS
     assert user == {
-        "id": user["token_hash"][:16], "token_hash": store_module.token_hash(token), "nickname": "ann",
-        "type": "normal", "created_at": pytest.approx(time.time(), abs=5), "last_used_at": None, "ips": [],
-        "max_ips": 2, "token_limits": {"gpt4o": 100}, "rate_limit": None, "expires_at": 5.0, "admin_note": None,
-        "prompt_count": 0, "disabled_at": None, "disabled_reason": None, "usage": {},
-    }  # fmt: skip
+        "id": user["token_hash"][:16],
+        "token_hash": store_module.token_hash(token),
+        "nickname": "ann",
+        "type": "normal",
+        "created_at": pytest.approx(time.time(), abs=5),
+        "last_used_at": None,
+        "ips": [],
+        "max_ips": 2,
+        "token_limits": {"gpt4o": 100},
+        "rate_limit": None,
+        "expires_at": 5.0,
+        "admin_note": None,
+        "prompt_count": 0,
+        "disabled_at": None,
+        "disabled_reason": None,
+        "usage": {},
+    }
     assert type(user["expires_at"]) is float and type(user["created_at"]) is float
     assert store.get_user(user["id"]) == user and store.user_by_token(token) == user
     assert store.get_user("nobody") is None and store.user_by_token("not-a-token") is None
@@ -143,10 +168,21 @@ def test_update_user_sets_editable_fields_only(store):
     _, user = store.create_user({"nickname": "ann", "admin_note": "x"})
     updated = store.update_user(user["id"], {"nickname": None, "rate_limit": 7, "token_limits": {"claude": 5}})
     assert (updated["nickname"], updated["rate_limit"], updated["token_limits"], updated["admin_note"]) == (
-        None, 7, {"claude": 5}, "x")  # fmt: skip
+        None,
+        7,
+        {"claude": 5},
+        "x",
+    )
     assert store.get_user(user["id"]) == updated
-    for fields in ({"prompt_count": 0}, {"token_hash": "0" * 64}, {"ips": []}, {"disabled_at": None},
-                   {"max_ips": True}, {"rate_limit": "7"}, {"token_limits": {"gpt4o": -1}}):  # fmt: skip
+    for fields in (
+        {"prompt_count": 0},
+        {"token_hash": "0" * 64},
+        {"ips": []},
+        {"disabled_at": None},
+        {"max_ips": True},
+        {"rate_limit": "7"},
+        {"token_limits": {"gpt4o": -1}},
+    ):
         with pytest.raises(UserError):
             store.update_user(user["id"], fields)
     assert store.update_user(user["id"], {}) == updated
@@ -286,8 +322,7 @@ def test_counters(store):
 def test_rate_window_allows_exactly_the_limit(store, clock):
     first = time.time()
     results = [store.hit_rate_window("user:a", 3, 60) for _ in range(4)]
-    assert [(allowed, remaining) for allowed, remaining, *_ in results] == [(True, 2), (True, 1), (True, 0),
-                                                                            (False, 0)]  # fmt: skip
+    assert [(allowed, remaining) for allowed, remaining, *_ in results] == [(True, 2), (True, 1), (True, 0), (False, 0)]
     assert all(first + 60 <= reset_at <= time.time() + 60 for _, _, reset_at, _ in results)
     assert store.hit_rate_window("user:b", 3, 60)[:2] == (True, 2)  # windows are per identity
     clock.offset += 61  # past the reset time of the window's first hit
@@ -475,8 +510,16 @@ def test_instances_agree_on_affinity(redis_store, shared):
 # -- costs: USD quotas and usage by kind -------------------------------------------------------------------
 
 # A Claude request with cache reads, both kinds of cache writes and three web searches, as quota.py settles it.
-SPENT = {"cost_nanousd": 54_900_000, "input": 50, "output": 400, "cache_read": 10_000, "cache_write_5m": 1_000,
-         "cache_write_1h": 2_000, "reasoning": 0, "web_searches": 3}  # fmt: skip
+SPENT = {
+    "cost_nanousd": 54_900_000,
+    "input": 50,
+    "output": 400,
+    "cache_read": 10_000,
+    "cache_write_5m": 1_000,
+    "cache_write_1h": 2_000,
+    "reasoning": 0,
+    "web_searches": 3,
+}
 
 
 def test_costs_are_reserved_settled_and_reset_with_the_tokens(store):
@@ -541,12 +584,12 @@ def test_a_sqlite_store_of_an_earlier_version_gains_the_cost_columns(tmp_path):
             "CREATE TABLE usage (user_id TEXT NOT NULL, family TEXT NOT NULL, used INTEGER NOT NULL DEFAULT 0,"
             " reserved INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, family));"
             " INSERT INTO usage VALUES ('u1', 'gpt4o', 70, 5);"
-        )  # fmt: skip
+        )
     db.close()
     opened = SQLiteStore(path)
     try:
         row = opened.db.execute(f"SELECT {', '.join(USAGE_FIGURES)} FROM usage").fetchone()
-        assert dict(zip(USAGE_FIGURES, row)) == figures(used=70)
+        assert dict(zip(USAGE_FIGURES, row, strict=True)) == figures(used=70)
     finally:
         opened.close()
 

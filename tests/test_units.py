@@ -49,21 +49,33 @@ def test_routes_refuse_near_misses(target):
 
 def test_upstream_paths_come_from_the_table():
     assert {route.upstream_path for route in routes.ROUTES_BY_NAME.values() if route.kind == routes.FORWARD} == {
-        "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/responses/compact",
-        "/v1/responses/input_tokens", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens", "/v1/complete",
-    }  # fmt: skip
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/responses/compact",
+        "/v1/responses/input_tokens",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/complete",
+    }
 
 
 def test_settings_precedence_and_types(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text("upstream_timeout: 30\nopenai_models: [a, b]\nopenai_key: sk-from-file\n")
     (tmp_path / ".env").write_text("# comment\nexport UPSTREAM_TIMEOUT=40\nSERVER_TITLE='From dotenv'\n")
     monkeypatch.chdir(tmp_path)
-    sources = ConfigSources({"PROXY_CONFIG": str(tmp_path / "config.yaml"), "UPSTREAM_TIMEOUT": "50",
-                             "ANTHROPIC_KEY": 'k1, "k,2", k1'})  # fmt: skip
+    sources = ConfigSources(
+        {"PROXY_CONFIG": str(tmp_path / "config.yaml"), "UPSTREAM_TIMEOUT": "50", "ANTHROPIC_KEY": 'k1, "k,2", k1'}
+    )
     values = sources.options({"upstream_timeout": int, "openai_models": Sequence[str], "server_title": str})
     assert values == {"upstream_timeout": 50, "openai_models": ["a", "b"], "server_title": "From dotenv"}
-    assert sources.secrets() == {"openai_key": ["sk-from-file"], "anthropic_key": ["k1", "k,2"],
-                                 "proxy_key": "", "admin_key": ""}  # fmt: skip
+    assert sources.secrets() == {
+        "openai_key": ["sk-from-file"],
+        "anthropic_key": ["k1", "k,2"],
+        "proxy_key": "",
+        "admin_key": "",
+    }
 
 
 @pytest.mark.parametrize(
@@ -107,27 +119,41 @@ def test_config_yaml_documents_every_option_with_its_default(tmp_path):
 def test_request_headers_allowlist():
     client_headers = http.Headers(
         [
-            (b"Authorization", b"Bearer client"), (b"Content-Type", b"application/json"),
-            (b"X-Forwarded-For", b"1.2.3.4"), (b"Connection", b"keep-alive, User-Agent"),
-            (b"User-Agent", b"listed-in-connection"), (b"X-Stainless-Lang", b"python"),
-            (b"Anthropic-Beta", b"bad\x01value"), (b"Accept-Encoding", b"gzip"),
+            (b"Authorization", b"Bearer client"),
+            (b"Content-Type", b"application/json"),
+            (b"X-Forwarded-For", b"1.2.3.4"),
+            (b"Connection", b"keep-alive, User-Agent"),
+            (b"User-Agent", b"listed-in-connection"),
+            (b"X-Stainless-Lang", b"python"),
+            (b"Anthropic-Beta", b"bad\x01value"),
+            (b"Accept-Encoding", b"gzip"),
         ]
-    )  # fmt: skip
+    )
     result = headers.upstream_request_headers(client_headers, apierrors.ANTHROPIC)
     assert dict(result.items()) == {
-        "content-type": "application/json", "x-stainless-lang": "python",
-        "accept-encoding": "identity", "anthropic-version": headers.DEFAULT_ANTHROPIC_VERSION,
-    }  # fmt: skip
+        "content-type": "application/json",
+        "x-stainless-lang": "python",
+        "accept-encoding": "identity",
+        "anthropic-version": headers.DEFAULT_ANTHROPIC_VERSION,
+    }
 
 
 def test_response_headers_allowlist():
     upstream = CIMultiDict(
-        [("Content-Type", "application/json"), ("openai-organization", "org-x"), ("Set-Cookie", "a=b"),
-         ("x-ratelimit-remaining-requests", "9"), ("Transfer-Encoding", "chunked"), ("Retry-After", "2")]
-    )  # fmt: skip
+        [
+            ("Content-Type", "application/json"),
+            ("openai-organization", "org-x"),
+            ("Set-Cookie", "a=b"),
+            ("x-ratelimit-remaining-requests", "9"),
+            ("Transfer-Encoding", "chunked"),
+            ("Retry-After", "2"),
+        ]
+    )
     assert headers.client_response_headers(upstream) == [
-        (b"content-type", b"application/json"), (b"x-ratelimit-remaining-requests", b"9"), (b"retry-after", b"2"),
-    ]  # fmt: skip
+        (b"content-type", b"application/json"),
+        (b"x-ratelimit-remaining-requests", b"9"),
+        (b"retry-after", b"2"),
+    ]
 
 
 def test_scrub_removes_configured_and_key_shaped_secrets():
@@ -214,13 +240,19 @@ def test_claude_stream_becomes_openai_chunks_event_by_event():
 
     translator = MessagesToChatStream(include_usage=True)
     events = [
-        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-x",'
-        b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n',
+        (
+            b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-x",'
+            b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
+        ),
         b'event: ping\ndata: {"type":"ping"}\n\n',
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        b'"delta":{"type":"text_delta","text":"Hi"}}\n\n',
-        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},'
-        b'"usage":{"output_tokens":3}}\n\n',
+        (
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+        ),
+        (
+            b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"},'
+            b'"usage":{"output_tokens":3}}\n\n'
+        ),
         b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
     ]
     out = b"".join(translator.feed(event) for event in events).decode()
@@ -229,10 +261,24 @@ def test_claude_stream_becomes_openai_chunks_event_by_event():
     assert chunks[2]["choices"][0]["finish_reason"] == "length"
     assert chunks[3]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     assert out.endswith("data: [DONE]\n\n")
-    request = chat_to_messages({"model": "claude-x", "messages": [
-        {"role": "assistant", "content": "earlier"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function",
-         "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}, {"role": "tool", "tool_call_id": "t1", "content": "42"}]})  # fmt: skip
+    request = chat_to_messages(
+        {
+            "model": "claude-x",
+            "messages": [
+                {"role": "assistant", "content": "earlier"},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "t1", "content": "42"},
+            ],
+        }
+    )
     roles = [turn["role"] for turn in request["messages"]]
     assert roles == ["user", "assistant", "user", "assistant", "user"]  # a user turn first, consecutive ones merged
     assert request["messages"][3]["content"] == [{"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}]
@@ -252,9 +298,22 @@ def test_images_count_by_the_providers_formulas_not_as_base64_text():
     from addons import tokens
 
     big = _png(1000, 500, padding=3_000_000)  # 4 MB of base64: as text it would be about a million tokens
-    claude = {"messages": [{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "t", "content": [  # an image inside a tool result counts too
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": big}}]}]}]}
+    claude = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "t",
+                        "content": [  # an image inside a tool result counts too
+                            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": big}}
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
     count = tokens.count_prompt("anthropic", "claude-sonnet-5", tokens.model_input(claude))
     assert count.low == 667 and 667 < count.high < 700  # 1000 x 500 / 750, plus a few framing tokens
     openai_image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png(2048, 4096)}"}}
@@ -286,26 +345,45 @@ def test_pdf_pages_and_opaque_blobs_have_stated_figures():
     from addons import tokens
 
     plain = b"%PDF-1.4\n2 0 obj << /Type /Pages /Kids [3 0 R 4 0 R] /Count 2 >> endobj"
-    compressed = b"%PDF-1.5\n5 0 obj << /Type /ObjStm /Filter /FlateDecode >>stream\n" + \
-        zlib.compress(b"<< /Count 12 /Type /Pages /Kids [] >>") + b"\nendstream"  # fmt: skip
+    compressed = (
+        b"%PDF-1.5\n5 0 obj << /Type /ObjStm /Filter /FlateDecode >>stream\n"
+        + zlib.compress(b"<< /Count 12 /Type /Pages /Kids [] >>")
+        + b"\nendstream"
+    )
     assert (tokens.pdf_pages(plain), tokens.pdf_pages(compressed), tokens.pdf_pages(b"%PDF-1.7 ?")) == (2, 12, None)
-    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
-                                               "data": base64.b64encode(plain).decode()}}  # fmt: skip
+    document = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(plain).decode()},
+    }
     assert tokens.document_tokens(document) == tokens.Estimate(0, 2 * tokens.PDF_PAGE_TOKENS)
     unreadable = {"type": "input_file", "file_id": "file-abc"}
     assert tokens.document_tokens(unreadable).high == tokens.PDF_MAX_PAGES * tokens.PDF_PAGE_TOKENS
-    reasoning = {"input": [{"type": "reasoning", "encrypted_content": "A" * 4000, "summary": []},
-                           {"type": "message", "role": "user", "content": "hi"}]}  # fmt: skip
+    reasoning = {
+        "input": [
+            {"type": "reasoning", "encrypted_content": "A" * 4000, "summary": []},
+            {"type": "message", "role": "user", "content": "hi"},
+        ]
+    }
     found = tokens.model_input(reasoning)
     assert found.texts == ["hi"] and len(found.blobs) == 1
     count = tokens.count_prompt("openai", "gpt-5.4", found)
     assert count.low == 1 and count.high == 1 + 4 * 2 + 3 + 750  # 3,000 decoded bytes at 4 a token
-    signed = {"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "S" * 900}]}]}
+    signed = {
+        "messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "S" * 900}]}]
+    }
     assert tokens.model_input(signed).texts == [""] and tokens.model_input(signed).blobs == []  # the empty thinking
 
 
-@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"data": 5}', b'{"data": [5, null]}', b"\xff",
-                                  b'{"data": [{"id": "x"}]' + b"}" * 3])  # fmt: skip
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"data": 5}',
+        b'{"data": [5, null]}',
+        b"\xff",
+        b'{"data": [{"id": "x"}]' + b"}" * 3,
+    ],
+)
 def test_the_key_checker_reads_any_answer_without_failing(body):
     from addons.keychecker import _model_ids, _organization_ids
 

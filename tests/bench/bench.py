@@ -56,10 +56,24 @@ class Settings:
     agent_turns: int  # turns of each agent conversation in the affinity row
 
 
-FULL = Settings(latency_requests=1000, throughput_seconds=8, first_byte_tries=10, streams=500, ramp_seconds=1.0,
-                failing_pool_requests=200, agent_turns=12)  # fmt: skip
-QUICK = Settings(latency_requests=200, throughput_seconds=2, first_byte_tries=3, streams=50, ramp_seconds=0.5,
-                 failing_pool_requests=50, agent_turns=4)  # fmt: skip
+FULL = Settings(
+    latency_requests=1000,
+    throughput_seconds=8,
+    first_byte_tries=10,
+    streams=500,
+    ramp_seconds=1.0,
+    failing_pool_requests=200,
+    agent_turns=12,
+)
+QUICK = Settings(
+    latency_requests=200,
+    throughput_seconds=2,
+    first_byte_tries=3,
+    streams=50,
+    ramp_seconds=0.5,
+    failing_pool_requests=50,
+    agent_turns=4,
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,10 @@ def post_request(port: int, path: str, body: dict, token: str | None = None) -> 
     """A raw HTTP/1.1 POST of `body` as JSON."""
     data = json.dumps(body).encode()
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     return head.encode() + data
 
 
@@ -97,8 +113,9 @@ class Connection:
     @classmethod
     async def open(cls, port: int, local_address: str | None = None) -> "Connection":
         """A connection from `local_address` (another loopback address is another client), else 127.0.0.1."""
-        return cls(*await asyncio.open_connection("127.0.0.1", port, local_addr=(local_address, 0) if local_address
-                                                  else None))  # fmt: skip
+        return cls(
+            *await asyncio.open_connection("127.0.0.1", port, local_addr=(local_address, 0) if local_address else None)
+        )
 
     async def request(self, raw: bytes) -> tuple[int, bytes, float | None]:
         """Sends one request; returns the status, the body and when the body's first byte arrived."""
@@ -279,8 +296,11 @@ async def failing_pool(target: Target, n: int, concurrency: int = 8) -> dict[str
         statuses[status] += 1
         firsts.append((first - started) * 1000)
     conn.close()
-    return {"success": statuses[200] / (n + 10), "p50": statistics.median(latencies),
-            "first_byte": statistics.median(firsts)}
+    return {
+        "success": statuses[200] / (n + 10),
+        "p50": statistics.median(latencies),
+        "first_byte": statistics.median(firsts),
+    }
 
 
 # -- affinity: agent conversations on a pool of rate-limited keys, each key with its own prompt cache ------------
@@ -313,8 +333,11 @@ async def agent_sessions(fake: Target, proxy: Target, turns: int, run: int) -> c
     conn = await Connection.open(fake.port)
     for key in agent_keys(proxy.name):
         spec = json.dumps({"behaviour": "ok", "budget": AGENT_BUDGET[0], "budget_seconds": AGENT_BUDGET[1]}).encode()
-        await conn.request(f"PUT /_fake/keys/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                           f"Content-Length: {len(spec)}\r\n\r\n".encode() + spec)  # fmt: skip
+        await conn.request(
+            f"PUT /_fake/keys/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(spec)}\r\n\r\n".encode()
+            + spec
+        )
     conn.close()
     totals = collections.Counter()
 
@@ -330,8 +353,13 @@ async def agent_sessions(fake: Target, proxy: Target, turns: int, run: int) -> c
         try:
             for turn in range(turns):
                 history.append({"role": "user", "content": words(rng.randint(*AGENT_TURN_WORDS))})
-                body = {"model": "gpt-4o", "instructions": instructions, "input": history, "store": False,
-                        "prompt_cache_key": f"agent-{n}-run-{run}"}  # fmt: skip
+                body = {
+                    "model": "gpt-4o",
+                    "instructions": instructions,
+                    "input": history,
+                    "store": False,
+                    "prompt_cache_key": f"agent-{n}-run-{run}",
+                }
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     status, answer, _ = await conn.request(post_request(proxy.port, proxy.path, body))
                 if status != 200:
@@ -377,8 +405,13 @@ async def count_fake_requests(fake: Target, key_marker: str) -> int:
     return sum(key_marker in (recorded["key"] or "") for recorded in json.loads(body))
 
 
-async def measure(targets: list[Target], half_limited: Target, shared: tuple[Target, Target],
-                  agents: dict[str, Target], settings: Settings) -> dict:
+async def measure(
+    targets: list[Target],
+    half_limited: Target,
+    shared: tuple[Target, Target],
+    agents: dict[str, Target],
+    settings: Settings,
+) -> dict:
     """Every measurement against every target: sequential ones taking turns, loads one target at a time; then
     this proxy against a copy of itself whose pool has half its keys always answering 429; then agent
     conversations through a proxy with affinity and one without."""
@@ -432,7 +465,12 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
     def get(phase: str, key: str) -> dict:
         return {name: results[phase][name][key] for name in names}
 
-    lat50, thr, fb, st50 = get("latency", "p50"), get("throughput", "rps"), get("first_byte", "ms"), get("streams", "p50")
+    lat50, thr, fb, st50 = (
+        get("latency", "p50"),
+        get("throughput", "rps"),
+        get("first_byte", "ms"),
+        get("streams", "p50"),
+    )
     added = {name: lat50[name] - lat50[direct] for name in names}
     rows = [
         ("latency c=1 p50 (ms)", lat50, ".2f"),
@@ -455,22 +493,32 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
     ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}"  # noqa: E731
     header = ("measurement", "direct", "bare mitmdump", "this proxy", "proxy÷bare", "proxy÷direct")
     lines = [header] + [
-        (label, *(cell(values[name], fmt) for name in names), ratio(values[proxy], values[bare]),
-         ratio(values[proxy], values[direct]))
+        (
+            label,
+            *(cell(values[name], fmt) for name in names),
+            ratio(values[proxy], values[bare]),
+            ratio(values[proxy], values[direct]),
+        )
         for label, values, fmt in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
+        print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]))
 
     targets = [
         (f"throughput ≥ 0.85× bare mitmdump ({thr[proxy] / thr[bare]:.2f}×)", thr[proxy] >= 0.85 * thr[bare]),
-        (f"p50 added latency ≤ bare's + 1 ms ({added[proxy]:.2f} vs {added[bare]:.2f} ms)",
-         added[proxy] <= added[bare] + 1),
+        (
+            f"p50 added latency ≤ bare's + 1 ms ({added[proxy]:.2f} vs {added[bare]:.2f} ms)",
+            added[proxy] <= added[bare] + 1,
+        ),
         (f"first SSE byte within 3 ms of bare mitmdump ({fb[proxy] - fb[bare]:+.2f} ms)", fb[proxy] <= fb[bare] + 3),
-        (f"{n} streams: 0 errors, total p50 ≤ 1.3× bare ({results['streams'][proxy]['errors']} errors, "
-         + (f"{st50[proxy] / st50[bare]:.2f}×)" if st50[proxy] and st50[bare] else "no p50)"),
-         results["streams"][proxy]["errors"] == 0 and bool(st50[proxy] and st50[bare]) and st50[proxy] <= 1.3 * st50[bare]),
+        (
+            f"{n} streams: 0 errors, total p50 ≤ 1.3× bare ({results['streams'][proxy]['errors']} errors, "
+            + (f"{st50[proxy] / st50[bare]:.2f}×)" if st50[proxy] and st50[bare] else "no p50)"),
+            results["streams"][proxy]["errors"] == 0
+            and bool(st50[proxy] and st50[bare])
+            and st50[proxy] <= 1.3 * st50[bare],
+        ),
     ]
     print("\ntargets:")
     for text, met in targets:
@@ -481,18 +529,24 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
                 print(f"  {phase} errors at {name}: {kinds}")
 
     good, half = results["failing_pool"][proxy], results["failing_pool"][HALF_LIMITED]
-    print(f"\npool of 4 keys, 2 of them always answering 429; {settings.failing_pool_requests} requests at c=8, "
-          "then 10 streams:")
+    print(
+        f"\npool of 4 keys, 2 of them always answering 429; {settings.failing_pool_requests} requests at c=8, "
+        "then 10 streams:"
+    )
     print(f"  {'':<28}{'all keys work':>15}{'half rate-limited':>19}")
     print(f"  {'success rate':<28}{good['success']:>15.1%}{half['success']:>19.1%}")
-    print(f"  {'p50 latency (ms)':<28}{good['p50']:>15.2f}{half['p50']:>19.2f}"
-          f"   (+{half['p50'] - good['p50']:.2f} ms from retries)")
+    print(
+        f"  {'p50 latency (ms)':<28}{good['p50']:>15.2f}{half['p50']:>19.2f}"
+        f"   (+{half['p50'] - good['p50']:.2f} ms from retries)"
+    )
     print(f"  {'first SSE byte, median (ms)':<28}{good['first_byte']:>15.2f}{half['first_byte']:>19.2f}")
     print(f"  {'attempts on 429 keys':<28}{good['retries']:>15}{half['retries']:>19}")
     print(f"  [{'met' if half['success'] == 1 else 'MISSED'}] every request answered 200 despite the 429 keys")
     single, double = results["scale_out"]["1 instance"], results["scale_out"]["2 instances"]
-    print(f"\nRedis store and user tokens, c={CONCURRENCY}: 1 instance {single:.0f} req/s, 2 instances behind a "
-          f"round-robin {double:.0f} req/s ({double / single:.2f}x) on {os.cpu_count()} cores")
+    print(
+        f"\nRedis store and user tokens, c={CONCURRENCY}: 1 instance {single:.0f} req/s, 2 instances behind a "
+        f"round-robin {double:.0f} req/s ({double / single:.2f}x) on {os.cpu_count()} cores"
+    )
     counted, milliseconds = results["token_count"]
     print(f"\ncounting a {counted:,}-token prompt (o200k_base, on a worker thread in the proxy): {milliseconds:.0f} ms")
     report_affinity(results["affinity"], settings)
@@ -500,10 +554,12 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
 
 def report_affinity(runs: dict[str, dict], settings: Settings) -> None:
     on, off = runs[WITH_AFFINITY], runs[WITHOUT_AFFINITY]
-    print(f"\naffinity: {AGENT_SESSIONS} agent conversations at once, {settings.agent_turns} turns each "
-          f"({AGENT_PREFIX_WORDS:,}-token instructions, {AGENT_TURN_WORDS[0]:,}-{AGENT_TURN_WORDS[1]:,} tokens "
-          f"added a turn, {AGENT_GENERATION_MS} ms to answer), on {AGENT_KEYS} keys of {AGENT_BUDGET[0]} requests "
-          f"per {AGENT_BUDGET[1]} s, each with its own prompt cache:")
+    print(
+        f"\naffinity: {AGENT_SESSIONS} agent conversations at once, {settings.agent_turns} turns each "
+        f"({AGENT_PREFIX_WORDS:,}-token instructions, {AGENT_TURN_WORDS[0]:,}-{AGENT_TURN_WORDS[1]:,} tokens "
+        f"added a turn, {AGENT_GENERATION_MS} ms to answer), on {AGENT_KEYS} keys of {AGENT_BUDGET[0]} requests "
+        f"per {AGENT_BUDGET[1]} s, each with its own prompt cache:"
+    )
     rows = [
         ("cache reads, share of input tokens", lambda r: f"{r['read'] / max(1, r['prompt']):.1%}"),
         ("ideal (every later turn reads the last)", lambda r: f"{r['ideal'] / max(1, r['prompt']):.1%}"),
@@ -520,8 +576,10 @@ def report_affinity(runs: dict[str, dict], settings: Settings) -> None:
     for text, met in [
         (f"with affinity at least 95 % of the ideal cache reads ({share:.1%})", share >= 0.95),
         (f"no loss of throughput ({speed:.2f}x the turns per second without)", speed >= 0.95),
-        (f"no more 429s than without ({on['rate_limited']} vs {off['rate_limited']})",
-         on["rate_limited"] <= off["rate_limited"]),
+        (
+            f"no more 429s than without ({on['rate_limited']} vs {off['rate_limited']})",
+            on["rate_limited"] <= off["rate_limited"],
+        ),
         ("every turn answered", on["errors"] == off["errors"] == 0),
     ]:
         print(f"  [{'met' if met else 'MISSED'}] {text}")
@@ -529,8 +587,14 @@ def report_affinity(runs: dict[str, dict], settings: Settings) -> None:
 
 def spawn(command: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
     with open(log_path, "wb") as log:
-        return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def wait_for_port(process: subprocess.Popen, log_path: Path, timeout: float = 15) -> int:
@@ -572,14 +636,31 @@ def main() -> int:
         fake_port = wait_for_port(fake, logs["fake upstream"])
         fake_url = f"http://127.0.0.1:{fake_port}"
         bare = spawn(  # waited for after the proxy started: both boot at once
-            [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
-             "--mode", f"reverse:{fake_url}@127.0.0.1:0", "--set", "stream_large_bodies=1", "--set", "flow_detail=0",
-             "--set", "connection_strategy=lazy", "--set", f"confdir={workdir / 'conf'}"],
-            logs["bare mitmdump"], workdir,
+            [
+                sys.executable,
+                "-c",
+                "from mitmproxy.tools.main import mitmdump; mitmdump()",
+                "--mode",
+                f"reverse:{fake_url}@127.0.0.1:0",
+                "--set",
+                "stream_large_bodies=1",
+                "--set",
+                "flow_detail=0",
+                "--set",
+                "connection_strategy=lazy",
+                "--set",
+                f"confdir={workdir / 'conf'}",
+            ],
+            logs["bare mitmdump"],
+            workdir,
         )
         processes.append(bare)
-        upstreams = {"OPENAI_UPSTREAM_URL": fake_url, "ANTHROPIC_UPSTREAM_URL": fake_url, "CHECK_KEYS": "false",
-                     "MODEL_RATE_LIMIT": "0"}  # fmt: skip
+        upstreams = {
+            "OPENAI_UPSTREAM_URL": fake_url,
+            "ANTHROPIC_UPSTREAM_URL": fake_url,
+            "CHECK_KEYS": "false",
+            "MODEL_RATE_LIMIT": "0",
+        }
         proxy = ProxyProcess({"OPENAI_KEY": "sk-bench-one,sk-bench-two", **upstreams}, args=["--set", "flow_detail=0"])
         half_limited = ProxyProcess(
             {"OPENAI_KEY": "sk-bench-a,sk-bench-b-429,sk-bench-c,sk-bench-d-429", **upstreams},
@@ -587,30 +668,46 @@ def main() -> int:
         )
         logs["this proxy"], logs[HALF_LIMITED] = proxy.log_path, half_limited.log_path
         for name, (tag, setting) in AGENT_PROXIES.items():
-            agent_proxies[name] = ProxyProcess({**upstreams, "OPENAI_KEY": ",".join(agent_keys(tag)),
-                                                "AFFINITY": setting}, args=["--set", "flow_detail=0"])  # fmt: skip
+            agent_proxies[name] = ProxyProcess(
+                {**upstreams, "OPENAI_KEY": ",".join(agent_keys(tag)), "AFFINITY": setting},
+                args=["--set", "flow_detail=0"],
+            )
         proxy.start()
         half_limited.start()
         for process in agent_proxies.values():
             process.start()
         redis = RedisServer().start()
-        shared_env = {"OPENAI_KEY": "sk-bench-one,sk-bench-two", **upstreams, "STORE": "redis",
-                      "REDIS_URL": redis.url, "GATEKEEPER": "user_token", "ADMIN_KEY": "bench-admin"}  # fmt: skip
+        shared_env = {
+            "OPENAI_KEY": "sk-bench-one,sk-bench-two",
+            **upstreams,
+            "STORE": "redis",
+            "REDIS_URL": redis.url,
+            "GATEKEEPER": "user_token",
+            "ADMIN_KEY": "bench-admin",
+        }
         instances = [ProxyProcess(shared_env, args=["--set", "flow_detail=0"]).start() for _ in range(2)]
-        token = httpx.post(f"{instances[0].url}/admin/users", json={"nickname": "bench"},
-                           headers={"authorization": "Bearer bench-admin"}).json()["token"]  # fmt: skip
+        token = httpx.post(
+            f"{instances[0].url}/admin/users",
+            json={"nickname": "bench"},
+            headers={"authorization": "Bearer bench-admin"},
+        ).json()["token"]
         targets = [
             Target("direct", fake_port, "/v1/chat/completions", None),
             Target("bare mitmdump", wait_for_port(bare, logs["bare mitmdump"]), "/v1/chat/completions", bare.pid),
             Target("this proxy", proxy.port, "/proxy/openai/v1/chat/completions", proxy.process.pid),
         ]
-        print(f"benchmark ({'quick' if settings is QUICK else 'full'}): {settings}; {os.cpu_count()} cores",
-              file=sys.stderr)
+        print(
+            f"benchmark ({'quick' if settings is QUICK else 'full'}): {settings}; {os.cpu_count()} cores",
+            file=sys.stderr,
+        )
         limited = Target(HALF_LIMITED, half_limited.port, targets[2].path, half_limited.process.pid)
-        shared = tuple(Target(f"instance {n}", p.port, targets[2].path, p.process.pid, token)
-                       for n, p in enumerate(instances, 1))  # fmt: skip
-        agents = {name: Target(AGENT_PROXIES[name][0], process.port, "/proxy/openai/v1/responses", process.process.pid)
-                  for name, process in agent_proxies.items()}  # fmt: skip
+        shared = tuple(
+            Target(f"instance {n}", p.port, targets[2].path, p.process.pid, token) for n, p in enumerate(instances, 1)
+        )
+        agents = {
+            name: Target(AGENT_PROXIES[name][0], process.port, "/proxy/openai/v1/responses", process.process.pid)
+            for name, process in agent_proxies.items()
+        }
         results = asyncio.run(measure(targets, limited, shared, agents, settings))
         print()
         report(results, [t.name for t in targets], settings)

@@ -42,8 +42,16 @@ def _base_env(home: Path) -> dict[str, str]:
 
 
 def _run(argv: list, env: dict[str, str], home: Path, timeout: float, stdin: str = ""):
-    return subprocess.run([str(part) for part in argv], check=False, env=env, cwd=home, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(part) for part in argv],
+        check=False,
+        env=env,
+        cwd=home,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_claude(base_url: str, key: str, prompt: str, *args: str, timeout: float = TIMEOUT):

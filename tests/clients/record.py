@@ -21,10 +21,21 @@ def fixture(scenario: Scenario, requests) -> dict:
     recorded = []
     for request in requests:
         headers = [[name, _without_key(name, value)] for name, value in request.headers]
-        recorded.append({"method": request.method, "path": request.path, "headers": headers,
-                         "body": json.loads(request.body) if request.body else None})
-    result = {"scenario": scenario.name, "client": scenario.client, "version": scenario.version(),
-              "api": scenario.api, "requests": recorded}
+        recorded.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": headers,
+                "body": json.loads(request.body) if request.body else None,
+            }
+        )
+    result = {
+        "scenario": scenario.name,
+        "client": scenario.client,
+        "version": scenario.version(),
+        "api": scenario.api,
+        "requests": recorded,
+    }
     assert RECORDING_KEY not in json.dumps(result), f"{scenario.name}: the key appears outside its headers"
     return result
 

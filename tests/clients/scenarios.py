@@ -40,8 +40,12 @@ class Scenario:
         return CLIENT_VERSIONS[self.client]()
 
 
-CLIENT_VERSIONS = {"claude-code": lambda: version("claude"), "codex-cli": lambda: version("codex"),
-                   "openai-python": lambda: openai.__version__, "anthropic-python": lambda: anthropic.__version__}
+CLIENT_VERSIONS = {
+    "claude-code": lambda: version("claude"),
+    "codex-cli": lambda: version("codex"),
+    "openai-python": lambda: openai.__version__,
+    "anthropic-python": lambda: anthropic.__version__,
+}
 
 
 def _completed(process) -> str:
@@ -54,8 +58,9 @@ def claude_plain(bases: Bases, key: str) -> str:
 
 
 def claude_tool(bases: Bases, key: str) -> str:
-    return _completed(run_claude(bases.anthropic, key, "Run the command. #fake:tool=Bash",
-                                 "--allowedTools", "Bash(echo:*)"))
+    return _completed(
+        run_claude(bases.anthropic, key, "Run the command. #fake:tool=Bash", "--allowedTools", "Bash(echo:*)")
+    )
 
 
 def codex_plain(bases: Bases, key: str) -> str:
@@ -79,8 +84,12 @@ def _required(value, what: str):
     return value
 
 
-CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                                "parameters": WEATHER_SCHEMA}}]
+CHAT_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city", "parameters": WEATHER_SCHEMA},
+    }
+]
 
 
 def openai_chat_tool(bases: Bases, key: str) -> str:
@@ -105,14 +114,23 @@ def openai_chat_tool_stream(bases: Bases, key: str) -> str:
         first = stream.get_final_completion().choices[0].message
     (call,) = _required(first.tool_calls, "a tool call")
     function = {"name": call.function.name, "arguments": call.function.arguments}
-    messages += [{"role": "assistant", "tool_calls": [{"id": call.id, "type": "function", "function": function}]},
-                 {"role": "tool", "tool_call_id": call.id, "content": TOOL_OUTPUT}]
+    messages += [
+        {"role": "assistant", "tool_calls": [{"id": call.id, "type": "function", "function": function}]},
+        {"role": "tool", "tool_call_id": call.id, "content": TOOL_OUTPUT},
+    ]
     with client.chat.completions.stream(model=OPENAI_MODEL, messages=messages, tools=CHAT_TOOLS) as stream:
         return stream.get_final_completion().choices[0].message.content
 
 
-RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
-                    "parameters": WEATHER_SCHEMA, "strict": True}]
+RESPONSES_TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": WEATHER_SCHEMA,
+        "strict": True,
+    }
+]
 
 
 def openai_responses_tool(bases: Bases, key: str) -> str:
@@ -137,8 +155,10 @@ ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "The weather in a city
 def _tool_result_turn(content) -> list[dict]:
     """The assistant's blocks as they came (thinking with its signature included), then the tool's result."""
     tool_use = _required([block for block in content if block.type == "tool_use"], "a tool_use block")[0]
-    return [{"role": "assistant", "content": content},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": TOOL_OUTPUT}]}]
+    return [
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": TOOL_OUTPUT}]},
+    ]
 
 
 def anthropic_tool_thinking(bases: Bases, key: str) -> str:
@@ -162,21 +182,28 @@ def anthropic_tool_thinking_stream(bases: Bases, key: str) -> str:
 
 def anthropic_count_tokens(bases: Bases, key: str) -> str:
     counted = _anthropic(bases, key).messages.count_tokens(
-        model=ANTHROPIC_MODEL, system="Be brief.", tools=ANTHROPIC_TOOLS, thinking=THINKING,
-        messages=[{"role": "user", "content": "Hello"}])
+        model=ANTHROPIC_MODEL,
+        system="Be brief.",
+        tools=ANTHROPIC_TOOLS,
+        thinking=THINKING,
+        messages=[{"role": "user", "content": "Hello"}],
+    )
     return str(counted.input_tokens)
 
 
-SCENARIOS = {scenario.name: scenario for scenario in [
-    Scenario("claude-plain", "claude-code", "anthropic", claude_plain),
-    Scenario("claude-tool", "claude-code", "anthropic", claude_tool),
-    Scenario("codex-plain", "codex-cli", "openai", codex_plain),
-    Scenario("codex-tool", "codex-cli", "openai", codex_tool),
-    Scenario("openai-chat-tool", "openai-python", "openai", openai_chat_tool),
-    Scenario("openai-chat-tool-stream", "openai-python", "openai", openai_chat_tool_stream),
-    Scenario("openai-responses-tool", "openai-python", "openai", openai_responses_tool),
-    Scenario("openai-responses-stream", "openai-python", "openai", openai_responses_stream),
-    Scenario("anthropic-tool-thinking", "anthropic-python", "anthropic", anthropic_tool_thinking),
-    Scenario("anthropic-tool-thinking-stream", "anthropic-python", "anthropic", anthropic_tool_thinking_stream),
-    Scenario("anthropic-count-tokens", "anthropic-python", "anthropic", anthropic_count_tokens),
-]}
+SCENARIOS = {
+    scenario.name: scenario
+    for scenario in [
+        Scenario("claude-plain", "claude-code", "anthropic", claude_plain),
+        Scenario("claude-tool", "claude-code", "anthropic", claude_tool),
+        Scenario("codex-plain", "codex-cli", "openai", codex_plain),
+        Scenario("codex-tool", "codex-cli", "openai", codex_tool),
+        Scenario("openai-chat-tool", "openai-python", "openai", openai_chat_tool),
+        Scenario("openai-chat-tool-stream", "openai-python", "openai", openai_chat_tool_stream),
+        Scenario("openai-responses-tool", "openai-python", "openai", openai_responses_tool),
+        Scenario("openai-responses-stream", "openai-python", "openai", openai_responses_stream),
+        Scenario("anthropic-tool-thinking", "anthropic-python", "anthropic", anthropic_tool_thinking),
+        Scenario("anthropic-tool-thinking-stream", "anthropic-python", "anthropic", anthropic_tool_thinking_stream),
+        Scenario("anthropic-count-tokens", "anthropic-python", "anthropic", anthropic_count_tokens),
+    ]
+}
