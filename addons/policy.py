@@ -175,7 +175,7 @@ def server_tools(body: dict) -> list[str]:
 def validate(route: str, body: dict) -> None:
     """Checks the fields the policy itself reads; raises PolicyError naming the field. Everything else is the
     upstream's to judge."""
-    _require(isinstance(body.get("stream", False), bool), "'stream' must be true or false.")
+    _require(isinstance(body.get("stream"), bool | None), "'stream' must be true or false.")  # null: not given
     for field in (*OUTPUT_FIELDS, "n"):
         _whole_number(body.get(field), field)
     thinking = body.get("thinking")

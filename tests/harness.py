@@ -1,7 +1,9 @@
 """Starts the real proxy (our entry point, mitmdump with the addons) as a subprocess for end-to-end tests."""
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +31,8 @@ class ProxyProcess:
 
     def __init__(self, env: dict[str, str] | None = None, args: list[str] = (), ui: str = "dump"):
         self.workdir = Path(tempfile.mkdtemp(prefix="llmproxy-test-"))
+        # Kept until the test run ends (tests read the log after the proxy stopped), then removed.
+        atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
         self.log_path = self.workdir / "proxy.log"
         self.env = {
             "PATH": os.environ.get("PATH", ""),

@@ -306,3 +306,16 @@ def test_claude_errors_in_openai_format(proxy, fake):
         json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
     )
     assert unknown.status_code == 400 and "error" in unknown.json() and "type" not in unknown.json()
+
+
+@pytest.mark.parametrize("path, field", [(CHAT, "n"), (CHAT, "stream"), (MESSAGES, "stream")])
+def test_a_null_field_the_policy_reads_means_not_given(proxy, fake, path, field):
+    body = {
+        "model": "gpt-4o" if path == CHAT else "claude-sonnet-5",
+        "max_tokens": 20,
+        field: None,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    response = httpx.post(f"{proxy.url}{path}", json=body)
+    assert response.status_code == 200, response.text
+    assert sent_body(fake)[field] is None  # forwarded as sent: the upstream reads null as its default
