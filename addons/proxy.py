@@ -25,6 +25,7 @@ from addons import (
     gatekeeper,
     guard,
     headers,
+    interception,
     keychecker,
     keypool,
     metrics,
@@ -49,6 +50,7 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket, local: bool = False
     """Every addon, in the order a request passes them."""
     return [
         guard.EngineGuard(pipe_socket.getsockname()[1], local),  # mitmproxy's own settings stay safe
+        interception.InterceptBeforePolicy(),  # mitmweb's intercept holds a request here, before any check
         store.Storage(),  # SQLite: users, usage and key health across restarts
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
         headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
@@ -115,9 +117,11 @@ def with_addons(base: type, local: bool = False) -> type:
                 ours = build_addons(secrets, pipe_socket, local)
                 self.addons.add(*ours)
                 # After blocklist/anticomp, before save, dumper and mitmweb's view: where `-s` scripts sit.
-                rest = [addon for addon in self.addons.chain if addon not in ours]
+                # mitmweb's Intercept right before ours, so that an intercepted request waits before the policy.
+                intercept = [addon for addon in self.addons.chain if type(addon).__name__ == "Intercept"]
+                rest = [addon for addon in self.addons.chain if addon not in ours and addon not in intercept]
                 position = next(i for i, addon in enumerate(rest) if type(addon).__name__ == "ScriptLoader") + 1
-                self.addons.chain = rest[:position] + ours + rest[position:]
+                self.addons.chain = rest[:position] + intercept + ours + rest[position:]
                 # It adjusts the layer mitmproxy's NextLayer chose, so it must come right after it.
                 head_limit = guard.RequestHeadLimit()  # request lines over 8 KiB, heads over 64 KiB: refused
                 self.addons.add(head_limit)

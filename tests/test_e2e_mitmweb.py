@@ -1,14 +1,18 @@
 """The proxy under mitmweb: every flow annotated, nothing secret shown or saved, memory bounded."""
 
+import json
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
 from tests.conftest import CANARY, proxy_env
-from tests.harness import ProxyProcess, free_port
+from tests.harness import ProxyProcess, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 CHAT = "/proxy/openai/v1/chat/completions"
+MESSAGES = "/proxy/anthropic/v1/messages"
 PROXY_KEY = f"pk-{CANARY}-client-secret"  # a client's token is as secret as the owner's keys
 
 
@@ -22,6 +26,9 @@ def mitmweb(fake):
     ).start()
     token = process.wait_for_log(r"\?token=([0-9a-f]+)").group(1)  # mitmweb may print it after the listener
     api = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"authorization": f"Bearer {token}"})
+    # mitmweb's API wants its XSRF cookie echoed in a header on every change; any value the two share will do.
+    api.cookies.set("_mitmproxy_xsrf", "test-xsrf")
+    api.headers["x-xsrftoken"] = "test-xsrf"
     yield process, api
     process.stop()
 
@@ -91,3 +98,32 @@ def test_mitmwebs_status_bar_names_the_real_listener(mitmweb):
     assert options["listen_port"]["value"] == proxy.port and options["listen_host"]["value"] == "127.0.0.1"
     (server,) = api.get("/state").json()["servers"].values()
     assert server["listen_addrs"][0][1] == proxy.port
+
+
+def test_intercept_pauses_before_the_policy_and_the_edit_is_what_is_sent(mitmweb, fake):
+    proxy, api = mitmweb
+    assert api.put("/options", json={"intercept": "~u /v1/messages & ~q"}).status_code == 200
+    body = {"model": "claude-sonnet-5", "max_tokens": 20, "messages": [{"role": "user", "content": "original"}]}
+    auth = {"authorization": f"Bearer {PROXY_KEY}"}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{proxy.url}{MESSAGES}", json=body, headers=auth, timeout=30)
+        flow = wait_until(lambda: next((f for f in api.get("/flows").json() if f["intercepted"]), None))
+        assert fake.requests == []  # paused before the upstream call, not after it
+        edited = {**body, "messages": [{"role": "user", "content": "edited in mitmweb"}]}
+        headers = [*flow["request"]["headers"], ["authorization", "Bearer sk-typed-into-the-editor"]]
+        update = {"request": {"content": json.dumps(edited), "headers": headers}}
+        assert api.put(f"/flows/{flow['id']}", json=update).status_code == 200
+        assert api.post(f"/flows/{flow['id']}/resume").status_code == 200
+        assert answer.result().status_code == 200
+    (sent,) = fake.requests
+    assert json.loads(sent.body)["messages"][0]["content"] == "edited in mitmweb"  # the edit is what went upstream
+    assert "authorization" not in {name.lower() for name, _ in sent.headers}  # an edited header is filtered too
+    assert sent.key != "sk-typed-into-the-editor"
+    # A changed target is refused: the route was decided before the pause.
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{proxy.url}{MESSAGES}", json=body, headers=auth, timeout=30)
+        flow = wait_until(lambda: next((f for f in api.get("/flows").json() if f["intercepted"]), None))
+        api.put(f"/flows/{flow['id']}", json={"request": {"path": "/v1/files"}})
+        api.post(f"/flows/{flow['id']}/resume")
+        assert answer.result().status_code == 400 and answer.result().json()["type"] == "error"
+    assert len(fake.requests) == 1
