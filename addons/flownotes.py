@@ -7,7 +7,8 @@ newest `web_keep_flows` finished ones, so a long-running proxy under mitmweb doe
 
 import collections
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.utils import human
 
 from addons.gatekeeper import identity_digest
 
@@ -17,21 +18,60 @@ FAILED = ":warning:"  # the upstream failed, or the client left
 
 
 class FlowNotes:
-    """Annotates every finished flow, and trims mitmweb's flow list."""
+    """Annotates every finished flow, keeps the start of streamed answers, and trims mitmweb's flow list."""
 
     def __init__(self):
         self.finished: collections.deque = collections.deque()
+        self.stream_record_limit = 0
 
     def load(self, loader):
         loader.add_option("web_keep_flows", int, 1000, "Finished flows mitmweb keeps in memory (oldest dropped).")
+        loader.add_option(
+            "stream_record_limit",
+            str,
+            "256k",
+            "How much of a streamed answer a flow keeps, for mitmweb's detail view and flow files (0: none).",
+        )
+
+    def configure(self, updated):
+        if "stream_record_limit" in updated:
+            try:
+                self.stream_record_limit = human.parse_size(ctx.options.stream_record_limit) or 0
+            except ValueError:
+                raise exceptions.OptionsError(
+                    f"STREAM_RECORD_LIMIT must be a size such as 256k, not {ctx.options.stream_record_limit!r}."
+                ) from None
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed answer passes chunk by chunk and mitmproxy keeps none of it ("Content is missing" in
+        mitmweb); the first `stream_record_limit` bytes of what the client received are kept for the flow."""
+        if flow.response.stream is True and self.stream_record_limit:
+            flow.metadata.setdefault("llmproxy", {})["stream_record"] = record = bytearray()
+            limit = self.stream_record_limit
+
+            def passed_on(chunk: bytes) -> bytes:
+                record.extend(chunk[: limit - len(record)])
+                return chunk
+
+            flow.response.stream = passed_on
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        self._keep_stream_record(flow)
         self._annotate(flow, flow.response.status_code)
         self._trim(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        self._keep_stream_record(flow)
         self._annotate(flow, None)
         self._trim(flow)
+
+    def _keep_stream_record(self, flow: http.HTTPFlow) -> None:
+        """The recorded stream becomes the response's content: the wire has it already, nothing is sent again."""
+        record = flow.metadata.get("llmproxy", {}).pop("stream_record", None)
+        if record is not None and flow.response is not None:
+            flow.response.content = bytes(record)
+            if len(record) >= self.stream_record_limit:
+                flow.metadata["llmproxy"]["stream_record_cut"] = True
 
     @staticmethod
     def _annotate(flow: http.HTTPFlow, status: int | None) -> None:
@@ -57,6 +97,8 @@ class FlowNotes:
             )
         if "upstream_ms" in meta:
             parts.append(f"upstream {meta['upstream_status']} in {meta['upstream_ms']} ms")
+        if meta.get("stream_record_cut"):
+            parts.append(f"stream shown up to {ctx.options.stream_record_limit}")
         flow.comment = " · ".join(parts)
         if status is None or decision in (
             "upstream_error",

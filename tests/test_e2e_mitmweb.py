@@ -127,3 +127,15 @@ def test_intercept_pauses_before_the_policy_and_the_edit_is_what_is_sent(mitmweb
         api.post(f"/flows/{flow['id']}/resume")
         assert answer.result().status_code == 400 and answer.result().json()["type"] == "error"
     assert len(fake.requests) == 1
+
+
+def test_a_streamed_answer_is_shown_as_the_client_received_it(mitmweb):
+    proxy, api = mitmweb
+    auth = {"authorization": f"Bearer {PROXY_KEY}"}
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "#fake:events=4"}]}
+    with httpx.stream("POST", f"{proxy.url}{CHAT}", headers=auth, json=body, timeout=15) as stream:
+        received = b"".join(stream.iter_raw())
+    flow = wait_until(lambda: next((f for f in api.get("/flows").json() if f.get("comment")), None))
+    shown = api.get(f"/flows/{flow['id']}/response/content.data")
+    assert shown.status_code == 200 and shown.content == received and b"data: [DONE]" in shown.content
+    assert CANARY.encode() not in api.get("/flows/dump").content

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.e2e
         ({"UPSTREAM_TIMEOUT": "soon"}, [], "UPSTREAM_TIMEOUT must be a whole number"),
         ({"PORT": "http"}, [], "PORT must be a whole number"),
         ({"MAX_REQUEST_BODY": "lots"}, [], "MAX_REQUEST_BODY must be a size"),
+        ({"STREAM_RECORD_LIMIT": "lots"}, [], "STREAM_RECORD_LIMIT must be a size such as 256k"),
         ({"OPENAI_UPSTREAM_URL": "ftp://example"}, [], "OPENAI_UPSTREAM_URL must be an http:// or https:// URL"),
         ({"PROXY_CONFIG": "/nonexistent.yaml"}, [], "Cannot read the configuration file /nonexistent.yaml"),
         ({}, ["--set", "connection_strategy=eager"], "connection_strategy must stay 'lazy'"),
