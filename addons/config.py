@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 from dotenv.parser import parse_stream
+from mitmproxy import exceptions
+from mitmproxy.utils import human
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -61,6 +63,14 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"The configuration file {path} must be a mapping of setting names to values.")
     return data
+
+
+def size_setting(name: str, value: str, example: str) -> int:
+    """A size option (`4m`, `256k`) in bytes; a value that is none stops start-up naming the setting."""
+    try:
+        return human.parse_size(value) or 0
+    except ValueError:
+        raise exceptions.OptionsError(f"{name.upper()} must be a size such as {example}, not {value!r}.") from None
 
 
 def split_list(value: str) -> list[str]:

@@ -7,9 +7,9 @@ newest `web_keep_flows` finished ones, so a long-running proxy under mitmweb doe
 
 import collections
 
-from mitmproxy import ctx, exceptions, http
-from mitmproxy.utils import human
+from mitmproxy import ctx, http
 
+from addons.config import size_setting
 from addons.gatekeeper import identity_digest
 
 MARKERS = {"served": ":white_check_mark:", "local": ":information_source:", "preflight": ":information_source:"}
@@ -35,12 +35,7 @@ class FlowNotes:
 
     def configure(self, updated):
         if "stream_record_limit" in updated:
-            try:
-                self.stream_record_limit = human.parse_size(ctx.options.stream_record_limit) or 0
-            except ValueError:
-                raise exceptions.OptionsError(
-                    f"STREAM_RECORD_LIMIT must be a size such as 256k, not {ctx.options.stream_record_limit!r}."
-                ) from None
+            self.stream_record_limit = size_setting("stream_record_limit", ctx.options.stream_record_limit, "256k")
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A streamed answer passes chunk by chunk and mitmproxy keeps none of it ("Content is missing" in

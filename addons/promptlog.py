@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.utils import human
 
 from addons.body import parsed_body
+from addons.config import size_setting
 from addons.gatekeeper import identity_digest
 from addons.usage import Usage
 
@@ -37,10 +37,7 @@ class PromptLog:
         if "prompt_logging_backend" in updated and ctx.options.prompt_logging_backend not in BACKENDS:
             raise exceptions.OptionsError(f"PROMPT_LOGGING_BACKEND must be one of {', '.join(BACKENDS)}.")
         if "prompt_log_max_bytes" in updated:
-            try:
-                self.max_bytes = human.parse_size(ctx.options.prompt_log_max_bytes) or 0
-            except ValueError:
-                raise exceptions.OptionsError("PROMPT_LOG_MAX_BYTES must be a size such as 100m.") from None
+            self.max_bytes = size_setting("prompt_log_max_bytes", ctx.options.prompt_log_max_bytes, "100m")
 
     def done(self):
         if self._db:

@@ -2,10 +2,10 @@
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
-from mitmproxy.utils import human
 
 from addons import routes
 from addons.apierrors import ANTHROPIC, OPENAI, api_of_path, error_response, fail_closed
+from addons.config import size_setting
 
 API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 
@@ -39,12 +39,7 @@ class Router:
         if "local_other_hosts" in updated and ctx.options.local_other_hosts not in ("pass", "block"):
             raise exceptions.OptionsError("LOCAL_OTHER_HOSTS must be pass or block.")
         if "max_request_body" in updated:
-            try:
-                self.max_request_body = human.parse_size(ctx.options.max_request_body) or 0
-            except ValueError:
-                raise exceptions.OptionsError(
-                    f"MAX_REQUEST_BODY must be a size such as 4m, not {ctx.options.max_request_body!r}."
-                ) from None
+            self.max_request_body = size_setting("max_request_body", ctx.options.max_request_body, "4m")
             if self.max_request_body <= 0:
                 raise exceptions.OptionsError("MAX_REQUEST_BODY must be larger than zero.")
             # mitmproxy's own limit answers in HTML, before any hook runs; it stays as the memory backstop for
