@@ -152,3 +152,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def send_raw(port: int, data: bytes) -> tuple[int, bytes, bytes]:
+    """Sends bytes exactly as given to 127.0.0.1:`port`; returns (status, head, content) of the answer, read until
+    the peer closes or the answer is whole by its content-length. Status 0: no HTTP answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while not is_whole(received) and (chunk := sock.recv(65536)):
+            received += chunk
+    head, _, content = received.partition(b"\r\n\r\n")
+    return (int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0), head, content
+
+
+def is_whole(message: bytes) -> bool:
+    """Whether an HTTP message with a content-length has arrived whole."""
+    head, separator, content = message.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:] if separator else ():
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(content) >= int(value)
+    return False

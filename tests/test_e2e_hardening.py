@@ -9,6 +9,7 @@ import pytest
 
 from addons.body import MAX_NESTING
 from tests.conftest import proxy_env
+from tests.harness import is_whole, send_raw
 
 pytestmark = pytest.mark.e2e
 
@@ -17,26 +18,9 @@ MESSAGES = "/proxy/anthropic/v1/messages"
 
 
 def exchange(proxy, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
-    """Sends one raw request and reads the answer's status and body (the proxy closes or the answer is whole)."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(head + body)
-        received = b""
-        while b"\r\n\r\n" not in received or not _complete(received):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-    head_part, _, content = received.partition(b"\r\n\r\n")
-    return int(head_part.split(b" ", 2)[1]), content
-
-
-def _complete(received: bytes) -> bool:
-    head, _, content = received.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(content) >= int(value)
-    return False
+    """Sends one raw request; the answer's status and body."""
+    status, _, content = send_raw(proxy.port, head + body)
+    return status, content
 
 
 def chat_body(**extra) -> dict:
@@ -221,7 +205,7 @@ class RawUpstream:
                 return  # closed
             with connection:
                 received = b""
-                while b"\r\n\r\n" not in received or not _complete(received):
+                while not is_whole(received):
                     received += connection.recv(65536)
                 connection.sendall(self.answer)
 

@@ -6,29 +6,26 @@ import socket
 import httpx
 import pytest
 
+from tests.harness import send_raw
+
 pytestmark = pytest.mark.e2e
 
 BODY = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}'
 
 
 def raw_request(proxy, request_line: bytes, headers: bytes = b"", body: bytes = BODY) -> tuple[int, bytes, bytes]:
-    """Sends bytes exactly as given and returns (status, headers, body) of the answer."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(
-            request_line
-            + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + headers
-            + b"Content-Length: "
-            + str(len(body)).encode()
-            + b"\r\nConnection: close\r\n\r\n"
-            + body
-        )
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    head, _, content = received.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, head, content
+    """Sends bytes exactly as given (with a host, a content type and the body's length) and returns (status,
+    headers, body) of the answer."""
+    return send_raw(
+        proxy.port,
+        request_line
+        + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + headers
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body,
+    )
 
 
 HOSTILE_TARGETS = [
