@@ -1,7 +1,6 @@
 """The proxy's own pages: `/health`, `/status` (JSON) and `/` (the same facts as HTML)."""
 
 import base64
-import html
 import json
 import re
 import subprocess
@@ -12,9 +11,14 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, SERVICE_NAMES, fail_closed
 from addons.pricing import format_usd, usd
+from llmproxy.web import pages
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
-_KEY_SETTINGS = {OPENAI: "OPENAI_KEY", ANTHROPIC: "ANTHROPIC_KEY"}
+# The header's row per service: its name, and the setting that adds its keys (shown while it has none).
+_SERVICES = {
+    OPENAI: {"name": SERVICE_NAMES[OPENAI], "key_setting": "OPENAI_KEY"},
+    ANTHROPIC: {"name": SERVICE_NAMES[ANTHROPIC], "key_setting": "ANTHROPIC_KEY"},
+}
 
 
 def format_wait(seconds: float) -> str:
@@ -46,7 +50,6 @@ def git_build() -> str:
 
 
 FACTS_CACHE_SECONDS = 1.5
-_TAG = re.compile(r"\{([A-Za-z][A-Za-z0-9_.\-]*(?::[A-Za-z][A-Za-z0-9_.\-]*)?)\}")
 _FAMILY_FIELDS = ("activeKeys", "revokedKeys", "overQuotaKeys", "proomptersInQueue", "estimatedQueueTime")
 # The page's key figures and the KeyPool.counts state each one shows.
 _KEY_FIELDS = {"activeKeys": "active", "revokedKeys": "revoked", "overQuotaKeys": "overQuota"}
@@ -97,8 +100,7 @@ class StatusPage:
             body = json.dumps(self.facts(flow.request), indent=2)
             flow.response = http.Response.make(200, body, {"content-type": "application/json"})
         elif route == "status_page":
-            facts = self.facts(flow.request)
-            body = self.fill(self.template, facts) if self.template else self.render(facts)
+            body = self.page(self.facts(flow.request))
             flow.response = http.Response.make(200, body, {"content-type": "text/html; charset=utf-8"})
         else:
             return
@@ -183,8 +185,14 @@ class StatusPage:
             "allowedModelFamilies": ", ".join(options.allowed_model_families) or "all",
         }
 
-    def fill(self, template: str, facts: dict) -> str:
-        """The PAGE_BODY template with every known {tag} replaced by its HTML-escaped value; others stay."""
+    def page(self, facts: dict) -> str:
+        """The owner's PAGE_BODY with its tags filled in, else the default page."""
+        if not self.template:
+            return pages.status_page(facts, _SERVICES, format_usd)
+        return pages.page_body(self.template, self.tag_values(facts), pages.header_html(facts, _SERVICES))
+
+    def tag_values(self, facts: dict) -> dict[str, str]:
+        """PAGE_BODY's tags and their values as plain text (the renderer escapes them); all but {headerHtml}."""
         values = {
             key: str(facts[key])
             for key in (
@@ -201,7 +209,7 @@ class StatusPage:
         }
         values.update({f"endpoints:{api}": url for api, url in facts["endpoints"].items()})
         values.update({f"config:{name}": value for name, value in facts["config"].items()})
-        values["config:page_body"] = template
+        values["config:page_body"] = self.template
         template_only = self._cached[2]
         families = dict(template_only["families"])
         for tag, members in _TAG_ALIASES.items():
@@ -235,9 +243,7 @@ class StatusPage:
         )
         values["user:aliases"] = json.dumps([u["nickname"] for u in users if u["nickname"]])
         values["JSON"] = json.dumps(facts, indent=2)
-        escaped = {tag: html.escape(value) for tag, value in values.items()}
-        escaped["headerHtml"] = self.header_html(facts)  # our own markup; every value inside it is escaped
-        return _TAG.sub(lambda match: escaped.get(match.group(1), match.group(0)), template)
+        return values
 
     @staticmethod
     def _cost_tags(facts: dict, families: dict) -> dict[str, str]:
@@ -258,78 +264,3 @@ class StatusPage:
             host = f"{request.host}:{request.port}"
         scheme = "https" if request.scheme == "https" else "http"
         return f"{scheme}://{host}"
-
-    @staticmethod
-    def header_html(facts: dict) -> str:
-        """Title, notices and the endpoints table: the top of the default page, and PAGE_BODY's {headerHtml}."""
-        e = html.escape
-        notices = []
-        if facts["config"]["promptLogging"] == "true":
-            notices.append("Prompts and answers are logged on this proxy.")
-        rows = []
-        for api in (OPENAI, ANTHROPIC):
-            keys = facts[api]["keys"]
-            if keys["total"]:
-                state = f"{keys['active']} active, {keys['revoked']} revoked, {keys['overQuota']} over quota"
-            else:
-                state = f"no keys yet: set {_KEY_SETTINGS[api]} (comma-separated) and restart"
-            rows.append(
-                f"<tr><th>{SERVICE_NAMES[api]}</th>"
-                f"<td data-label=Endpoint><code>{e(facts['endpoints'][api])}</code></td>"
-                f"<td data-label=Keys>{e(state)}</td>"
-                f"<td data-label='Requests served'>{facts[api]['requestsServed']}</td></tr>"
-            )
-        notice_html = "".join(f'<p class="notice">{e(notice)}</p>' for notice in notices)
-        return (
-            f"<h1>{e(facts['title'])}</h1>{notice_html}"
-            "<p>Point your OpenAI or Anthropic client at the endpoint below; use the key or token you were given.</p>"
-            "<table><tr><th>Service</th><th>Endpoint</th><th>Keys</th><th>Requests served</th></tr>"
-            f"{''.join(rows)}</table>"
-        )
-
-    @staticmethod
-    def _family_table(families: dict, costs: bool) -> str:
-        if not families:
-            return ""
-        rows = "".join(
-            f"<tr><th>{html.escape(name)}</th><td data-label='Working keys'>{f['activeKeys']}</td>"
-            f"<td data-label=Waiting>{f['proomptersInQueue']}</td>"
-            f"<td data-label='Estimated wait'>{html.escape(f['estimatedQueueTime'])}</td>"
-            + (f"<td data-label='Tokens (cost)'>{f['tokens']} ({format_usd(f['costUsd'])})</td>" if costs else "")
-            + "</tr>"
-            for name, f in families.items()
-        )
-        return (
-            "<h2>Model families</h2><table><tr><th>Family</th><th>Working keys</th><th>Waiting</th>"
-            f"<th>Estimated wait</th>{'<th>Tokens (cost)</th>' if costs else ''}</tr>{rows}</table>"
-        )
-
-    @staticmethod
-    def render(facts: dict) -> str:
-        """The default page: readable on a phone, no JavaScript, every value escaped."""
-        e = html.escape
-        cost = f" ({format_usd(facts['costUsd'])})" if "costUsd" in facts else ""
-        return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(facts["title"])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 0 auto; max-width: 52rem; padding: 1rem; line-height: 1.5; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .4rem .6rem; border-bottom: 1px solid #ddd; vertical-align: top; }}
-code {{ word-break: break-all; }}
-.notice {{ background: #fff3cd; padding: .5rem .75rem; border-radius: .25rem; }}
-@media (max-width: 36rem) {{
-  tr:first-child {{ display: none; }}
-  tr {{ display: block; border-bottom: 1px solid #ddd; padding: .4rem 0; }}
-  th, td {{ display: block; border: 0; padding: .1rem .6rem; }}
-  td[data-label]::before {{ content: attr(data-label) ": "; font-weight: 600; }}
-}}
-</style></head>
-<body>
-{StatusPage.header_html(facts)}
-{StatusPage._family_table(facts["families"], "costUsd" in facts)}
-<p>Up for {facts["uptime"]} s &middot; {facts["proompts"]} prompts, {facts["tookens"]} tokens served{cost} &middot;
-{facts["proomptersNow"]} users active now &middot; build {e(facts["build"])} &middot; <a href="/status">JSON</a></p>
-</body></html>
-"""

@@ -131,6 +131,38 @@ def test_page_body_fills_every_tag_and_escapes_values(start_proxy, fake, tmp_pat
     assert CANARY not in page
 
 
+def test_settings_and_family_names_are_escaped_and_page_body_is_not_a_jinja_template(start_proxy, fake):
+    hostile = "<script>alert(1)</script> & co"
+    shown = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
+    family = "<script>fam()</script>&x"  # the one OpenAI family, so the family table shows it
+    proxy = start_proxy(
+        proxy_env(fake, SERVER_TITLE=hostile, BUILD_INFO=hostile, OPENAI_MODEL_FAMILIES=f"{family}=gpt-*")
+    )
+    page = httpx.get(f"{proxy.url}/").text
+    assert f"<title>{shown}</title>" in page and f"<h1>{shown}</h1>" in page and f"build {shown}" in page
+    assert "<th>&lt;script&gt;fam()&lt;/script&gt;&amp;x</th>" in page
+    assert "<script>" not in page
+    status = httpx.get(f"{proxy.url}/status").json()
+    assert status["title"] == hostile and family in status["families"]
+
+    # The owner's PAGE_BODY is their HTML, not a Jinja2 template; only its {tag} values are escaped.
+    template = "<main>{{ 7*7 }} {% if true %}yes{% endif %} {#c#} <b>{title}</b> <i>{config:rejectMessage}</i></main>"
+    owned = start_proxy(
+        proxy_env(
+            fake,
+            SERVER_TITLE=hostile,
+            REJECT_MESSAGE="No <b>bold</b> & no 'quotes'",
+            PAGE_BODY=base64.b64encode(f"{template}{{headerHtml}}".encode()).decode(),
+        )
+    )
+    page = httpx.get(f"{owned.url}/").text
+    assert page.startswith(
+        "<main>{{ 7*7 }} {% if true %}yes{% endif %} {#c#} "
+        f"<b>{shown}</b> <i>No &lt;b&gt;bold&lt;/b&gt; &amp; no &#x27;quotes&#x27;</i></main>"
+    )
+    assert f"<h1>{shown}</h1>" in page and "<script>" not in page
+
+
 def test_prompt_logging_records_streamed_and_buffered_answers(start_proxy, fake, tmp_path):
     data = tmp_path / "data"
     proxy = start_proxy(proxy_env(fake, PROMPT_LOGGING="true", DATA_DIR=str(data)))

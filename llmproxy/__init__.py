@@ -1,0 +1,1 @@
+"""Plain logic of the proxy: no mitmproxy hooks."""

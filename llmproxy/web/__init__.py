@@ -1,0 +1,1 @@
+"""The proxy's own web pages, rendered from Jinja2 templates."""

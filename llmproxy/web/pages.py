@@ -1,0 +1,41 @@
+"""The status page as HTML: the default page from Jinja2 templates, and the owner's PAGE_BODY with its {tags} filled."""
+
+import html
+import re
+from collections.abc import Callable, Mapping
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+# Autoescaping escapes every value a template shows; StrictUndefined makes a misspelt name fail, not vanish.
+_ENV = Environment(
+    loader=PackageLoader("llmproxy.web"),
+    autoescape=select_autoescape(("html",)),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_TAG = re.compile(r"\{([A-Za-z][A-Za-z0-9_.\-]*(?::[A-Za-z][A-Za-z0-9_.\-]*)?)\}")
+
+
+def header_html(facts: dict, services: Mapping[str, Mapping[str, str]]) -> str:
+    """Title, notices and the endpoints table: the top of the default page, and PAGE_BODY's {headerHtml}.
+
+    `services`: per service of `facts`, its `name` and the `key_setting` that adds its keys.
+    """
+    return _ENV.get_template("header.html").render(facts=facts, services=services)
+
+
+def status_page(facts: dict, services: Mapping[str, Mapping[str, str]], usd: Callable[[float], str]) -> str:
+    """The default page: readable on a phone, no JavaScript; `usd` formats an amount of dollars."""
+    return _ENV.get_template("status.html").render(facts=facts, services=services, usd=usd)
+
+
+def page_body(template: str, values: Mapping[str, str], header: str) -> str:
+    """The owner's PAGE_BODY with each known {tag} replaced by its value, HTML-escaped; unknown tags stay.
+
+    The template is the owner's own HTML, so it is not escaped, and it is not a Jinja2 template: an owner's `{{`
+    or `{%` is text. `header` is {headerHtml}, markup from `header_html`, whose values are escaped already.
+    """
+    escaped = {tag: html.escape(value) for tag, value in values.items()}
+    escaped["headerHtml"] = header
+    return _TAG.sub(lambda match: escaped.get(match.group(1), match.group(0)), template)
