@@ -16,7 +16,7 @@ from addons.apierrors import OPENAI, error_response, fail_closed
 from addons.gatekeeper import client_ip, secret_matches, user_of_token
 from addons.headers import client_token
 from addons.pricing import usd
-from addons.store import EDITABLE_FIELDS, USAGE_FIGURES, UserError
+from llmproxy.store import EDITABLE_FIELDS, USAGE_FIGURES, UserError
 
 FAILED_LOGIN_LIMIT = 5
 FAILED_LOGIN_WINDOW = 300.0

@@ -13,7 +13,7 @@ import re
 from mitmproxy import http
 
 from addons import scrub
-from addons.store import StoreUnavailable
+from llmproxy.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from addons import (
     router,
     scrub,
     statuspage,
-    store,
+    storage,
     translate,
     waitqueue,
 )
@@ -51,7 +51,7 @@ def build_addons(secrets: dict[str, list[str]], pipe_socket, local: bool = False
     return [
         guard.EngineGuard(pipe_socket.getsockname()[1], local),  # mitmproxy's own settings stay safe
         interception.InterceptBeforePolicy(),  # mitmweb's intercept holds a request here, before any check
-        store.Storage(),  # SQLite: users, usage and key health across restarts
+        storage.Storage(),  # SQLite: users, usage and key health across restarts
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
         headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         statuspage.StatusPage(),  # /, /status, /health (and the owner's PAGE_BODY)

@@ -25,8 +25,8 @@ from addons.config import ConfigError
 from addons.families import parse_family_numbers
 from addons.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of, usd
 from addons.routes import ROUTES_BY_NAME, forward_route
-from addons.store import StoreUnavailable
 from addons.usage import CHARACTERS_PER_TOKEN, Usage
+from llmproxy.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from mitmproxy import exceptions
 from addons.policy import server_tools
 from addons.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of
 from addons.quota import over_quota_message
-from addons.store import USAGE_FIGURES
 from addons.usage import StreamMeter, Usage, read_answer
+from llmproxy.store import USAGE_FIGURES
 
 PRICES = parse_prices(DEFAULT_PRICES)
 

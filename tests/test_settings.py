@@ -11,7 +11,7 @@ from mitmproxy.test import taddons
 
 from addons.config import ConfigError, ConfigSources, read_dotenv
 from addons.quota import QuotaKeeper, next_refresh
-from addons.store import Storage
+from addons.storage import Storage
 
 
 @pytest.mark.parametrize(

@@ -5,19 +5,23 @@ its own key prefix. The tests at the end cover what only a shared store has: sev
 server, leases that run out, and an unreachable server.
 """
 
+import inspect
 import re
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
 
-from addons import redisstore
-from addons import store as store_module
-from addons.redisstore import IN_FLIGHT_SECONDS, LEASE_SECONDS, RedisStore
-from addons.store import USAGE_FIGURES, KeyHealth, SQLiteStore, StoreUnavailable, UserError
+from llmproxy.store import base, open_store
+from llmproxy.store import redis as redis_backend
+from llmproxy.store import sqlite as sqlite_backend
+from llmproxy.store.base import USAGE_FIGURES, KeyHealth, Store, StoreUnavailable, UserError, token_hash
+from llmproxy.store.redis import IN_FLIGHT_SECONDS, LEASE_SECONDS, RedisStore
+from llmproxy.store.sqlite import SQLiteStore
 from tests.harness import RedisServer
 
 USER_KEYS = {
@@ -53,7 +57,8 @@ def prefix() -> str:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path, prefix):
+def store(request, tmp_path, prefix) -> Iterator[Store]:
+    """Each backend in turn, used only through the Store protocol."""
     if request.param == "sqlite":
         opened = SQLiteStore(tmp_path / "proxy.sqlite3")
     else:
@@ -83,7 +88,7 @@ def figures(**given: int) -> dict:
 
 
 class Clock:
-    """Stands in for the `time` module of addons.store and addons.redisstore, to jump ahead without waiting."""
+    """Stands in for the `time` module of the store modules, to jump ahead without waiting."""
 
     def __init__(self, offset: float = 0):
         self.offset = offset
@@ -96,9 +101,35 @@ class Clock:
 def clock(monkeypatch) -> Clock:
     """Both stores' clock, moved on by the test (`clock.offset += seconds`) instead of slept through."""
     moved = Clock()
-    monkeypatch.setattr(store_module, "time", moved)
-    monkeypatch.setattr(redisstore, "time", moved)
+    for module in (base, sqlite_backend, redis_backend):
+        monkeypatch.setattr(module, "time", moved)
     return moved
+
+
+# -- the protocol ------------------------------------------------------------------------------------------
+
+PROTOCOL_OPERATIONS = {name for name, member in vars(Store).items() if callable(member) and not name.startswith("_")}
+
+
+def parameters(function) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+@pytest.mark.parametrize("backend", [SQLiteStore, RedisStore])
+def test_each_backend_has_exactly_the_operations_of_the_protocol(backend):
+    public = {name for name, member in vars(backend).items() if callable(member) and not name.startswith("_")}
+    assert public == PROTOCOL_OPERATIONS  # an operation only one backend has would escape the contract
+    for name in PROTOCOL_OPERATIONS:
+        assert parameters(getattr(backend, name)) == parameters(getattr(Store, name)), name
+
+
+def test_open_store_opens_sqlite_at_a_path_and_redis_at_a_url(tmp_path, redis_url):
+    for target, backend in ((tmp_path / "proxy.sqlite3", SQLiteStore), (redis_url, RedisStore)):
+        opened = open_store(target)
+        try:
+            assert type(opened) is backend
+        finally:
+            opened.close()
 
 
 # -- keys --------------------------------------------------------------------------------------------------
@@ -136,7 +167,7 @@ def test_create_and_read_users(store):
     assert set(user) == USER_KEYS
     assert user == {
         "id": user["token_hash"][:16],
-        "token_hash": store_module.token_hash(token),
+        "token_hash": token_hash(token),
         "nickname": "ann",
         "type": "normal",
         "created_at": pytest.approx(time.time(), abs=5),
@@ -392,9 +423,9 @@ def test_reservations_of_a_crashed_instance_lapse(redis_store, shared, monkeypat
     _, user = redis_store.create_user({})
     assert shared.reserve(user["id"], "gpt4o", 80, 100)  # and then that instance dies without settling
     assert redis_store.reserve(user["id"], "gpt4o", 20, 100) and not redis_store.reserve(user["id"], "gpt4o", 1, 100)
-    monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS - 60))
+    monkeypatch.setattr(redis_backend, "time", Clock(LEASE_SECONDS - 60))
     assert not redis_store.reserve(user["id"], "gpt4o", 1, 100)  # still within the lease
-    monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS + 1))
+    monkeypatch.setattr(redis_backend, "time", Clock(LEASE_SECONDS + 1))
     assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=0, reserved=0)
     assert redis_store.reserve(user["id"], "gpt4o", 100, 100)
     redis_store.settle(user["id"], "gpt4o", 20, 20)  # the lapsed lease of 20 releases nothing
@@ -404,17 +435,17 @@ def test_reservations_of_a_crashed_instance_lapse(redis_store, shared, monkeypat
 def test_settle_releases_the_newest_lease_so_a_lost_one_lapses_first(redis_store, shared, monkeypatch):
     _, user = redis_store.create_user({})
     assert shared.reserve(user["id"], "gpt4o", 5, None)  # lost with its instance
-    monkeypatch.setattr(redisstore, "time", Clock(600))
+    monkeypatch.setattr(redis_backend, "time", Clock(600))
     assert redis_store.reserve(user["id"], "gpt4o", 5, None)
     redis_store.settle(user["id"], "gpt4o", 5, 5)
     assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=5, reserved=5)
-    monkeypatch.setattr(redisstore, "time", Clock(LEASE_SECONDS + 1))
+    monkeypatch.setattr(redis_backend, "time", Clock(LEASE_SECONDS + 1))
     assert redis_store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=5, reserved=0)
 
 
 def test_in_flight_slots_of_a_crashed_instance_lapse(redis_store, monkeypatch):
     assert redis_store.enter("user:a", 1) and not redis_store.enter("user:a", 1)
-    monkeypatch.setattr(redisstore, "time", Clock(IN_FLIGHT_SECONDS + 1))
+    monkeypatch.setattr(redis_backend, "time", Clock(IN_FLIGHT_SECONDS + 1))
     assert redis_store.enter("user:a", 1)
 
 

@@ -1,4 +1,4 @@
-"""The shared store: the same interface as SQLiteStore, kept in one Redis server for several proxy instances.
+"""The shared store: the Store protocol kept in one Redis server for several proxy instances.
 
 Why Redis: instances behind one load balancer must agree on users, quotas, rate windows, requests in flight
 and key health, and Redis gives them one place with atomic scripts. Everything SQLiteStore keeps in memory
@@ -38,12 +38,11 @@ from urllib.parse import urlsplit
 
 import redis
 
-# StoreUnavailable is defined in store.py, where the addons that catch it import it from.
-from addons.store import (
-    _JSON_COLUMNS,
-    _USER_COLUMNS,
+from llmproxy.store.base import (
+    JSON_COLUMNS,
     SPENT_FIGURES,
     USAGE_FIGURES,
+    USER_COLUMNS,
     KeyHealth,
     StoreUnavailable,
     UserError,
@@ -226,7 +225,7 @@ def _guarded(cls):
 
 def _encode(fields: dict) -> tuple[dict, list[str]]:
     """User fields as hash values to set, and the fields that are NULL (absent from the hash)."""
-    values = {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items() if v is not None}
+    values = {k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in fields.items() if v is not None}
     return values, [k for k, v in fields.items() if v is None]
 
 
@@ -237,9 +236,9 @@ def _limit(limit: int | None) -> int | str:
 
 def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
     user = {}
-    for column in _USER_COLUMNS:
+    for column in USER_COLUMNS:
         value = raw.get(column)
-        if value is not None and column in _JSON_COLUMNS:
+        if value is not None and column in JSON_COLUMNS:
             value = json.loads(value)
         elif value is not None and column in _FLOAT_COLUMNS + _INT_COLUMNS:
             value = float(value) if column in _FLOAT_COLUMNS else int(value)
@@ -257,7 +256,7 @@ def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
 
 @_guarded
 class RedisStore:
-    """SQLiteStore's interface on a Redis server shared by several instances."""
+    """The Store protocol on a Redis server shared by several instances."""
 
     def __init__(self, url: str, prefix: str = "llmproxy:"):
         self.url, self.prefix = _redacted(url), prefix

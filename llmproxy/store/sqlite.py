@@ -1,123 +1,23 @@
-"""State that must survive a restart, behind one small interface.
+"""The embedded store: one SQLite file (WAL) for a single instance."""
 
-SQLite (one file, WAL) is the default; a shared store for several instances implements the same methods.
-Every method is one atomic operation on the store: callers never read, decide in Python, then write.
-Users are stored under the SHA-256 of their token: the token itself is shown once, at creation, and kept
-nowhere, so a copy of the database lets nobody in.
-"""
-
-import hashlib
 import json
 import secrets
 import sqlite3
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions
-
-USER_TYPES = ("normal", "special", "temporary")
-# Fields an administrator may set; everything else about a user is the proxy's own bookkeeping.
-EDITABLE_FIELDS = {
-    "nickname": (str, type(None)),
-    "type": (str,),
-    "max_ips": (int, type(None)),
-    "token_limits": (dict,),
-    "rate_limit": (int, type(None)),
-    "expires_at": (int, float, type(None)),
-    "admin_note": (str, type(None)),
-}
-_JSON_COLUMNS = ("ips", "token_limits")
-_USER_COLUMNS = (
-    "id",
-    "token_hash",
-    "nickname",
-    "type",
-    "created_at",
-    "last_used_at",
-    "ips",
-    "max_ips",
-    "token_limits",
-    "rate_limit",
-    "expires_at",
-    "admin_note",
-    "prompt_count",
-    "disabled_at",
-    "disabled_reason",
+from llmproxy.store.base import (
+    JSON_COLUMNS,
+    SPENT_FIGURES,
+    USAGE_FIGURES,
+    USER_COLUMNS,
+    KeyHealth,
+    import_records,
+    spent_amounts,
+    token_hash,
+    validate_fields,
 )
-# What a settled request adds to its user's figures of a family besides the tokens token quotas count (`used`): its
-# cost in nano-dollars (10⁻⁹ USD, whole numbers, so that sums and quota checks are exact in both stores) and its
-# tokens by the kinds addons/usage.py reads. Like `used`, they start afresh with each quota period.
-SPENT_FIGURES = (
-    "cost_nanousd",
-    "input",
-    "output",
-    "cache_read",
-    "cache_write_5m",
-    "cache_write_1h",
-    "reasoning",
-    "web_searches",
-)
-USAGE_FIGURES = ("used", "reserved", "reserved_nanousd", *SPENT_FIGURES)  # a family's figures, as get_user shows them
-
-
-@dataclass(frozen=True)
-class KeyHealth:
-    state: str  # "revoked" or "over_quota"; an active key has no record
-    reason: str
-    changed_at: float
-
-
-class UserError(ValueError):
-    """A user record an administrator asked for is not valid; the message says why."""
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def validate_fields(fields: dict) -> dict:
-    """The editable fields of `fields`, type-checked; unknown or read-only fields are refused."""
-    for name, value in fields.items():
-        if name not in EDITABLE_FIELDS:
-            raise UserError(f"{name!r} cannot be set; settable fields: {', '.join(sorted(EDITABLE_FIELDS))}.")
-        if not isinstance(value, EDITABLE_FIELDS[name]) or isinstance(value, bool):
-            raise UserError(f"{name!r} has the wrong type.")
-    if fields.get("type", "normal") not in USER_TYPES:
-        raise UserError(f"'type' must be one of {', '.join(USER_TYPES)}.")
-    if "nickname" in fields and fields["nickname"] is not None and len(fields["nickname"]) > 80:
-        raise UserError("'nickname' must be at most 80 characters.")
-    limits = fields.get("token_limits", {})
-    if not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in limits.items()
-    ):
-        raise UserError("'token_limits' maps family names to whole numbers of tokens.")
-    return fields
-
-
-def import_records(users: list[dict]) -> list[tuple[dict, dict]]:
-    """(exported user, record to store) for each user of an export, validated before anything is written."""
-    records = []
-    for user in users:
-        if not isinstance(user, dict) or not isinstance(user.get("token_hash"), str) or len(user["token_hash"]) != 64:
-            raise UserError("Each imported user needs the 64-character 'token_hash' of an export.")
-        editable = validate_fields({k: v for k, v in user.items() if k in EDITABLE_FIELDS})
-        kept = {
-            k: user[k]
-            for k in ("created_at", "last_used_at", "ips", "prompt_count", "disabled_at", "disabled_reason")
-            if k in user
-        }
-        record = {"id": user["token_hash"][:16], "token_hash": user["token_hash"], "created_at": time.time()}
-        records.append((user, {**record, **kept, **editable}))
-    return records
-
-
-def spent_amounts(spent: dict[str, int] | None) -> list[int]:
-    """The amounts of SPENT_FIGURES in `spent`, in their order (0 for those it leaves out)."""
-    if unknown := set(spent or {}) - set(SPENT_FIGURES):
-        raise ValueError(f"not a spent figure: {min(unknown)!r}")
-    return [int((spent or {}).get(name, 0)) for name in SPENT_FIGURES]
 
 
 def _window_name(identity: str, bucket: str) -> str:
@@ -199,11 +99,11 @@ class SQLiteStore:
     # -- users ---------------------------------------------------------------------------------------------
 
     def _user(self, where: str, value: str) -> dict | None:
-        row = self.db.execute(f"SELECT {', '.join(_USER_COLUMNS)} FROM users WHERE {where} = ?", (value,)).fetchone()
+        row = self.db.execute(f"SELECT {', '.join(USER_COLUMNS)} FROM users WHERE {where} = ?", (value,)).fetchone()
         if row is None:
             return None
-        user = dict(zip(_USER_COLUMNS, row, strict=True))
-        for column in _JSON_COLUMNS:
+        user = dict(zip(USER_COLUMNS, row, strict=True))
+        for column in JSON_COLUMNS:
             user[column] = json.loads(user[column])
         user["usage"] = {
             family: dict(zip(USAGE_FIGURES, figures, strict=True))
@@ -223,9 +123,9 @@ class SQLiteStore:
 
     def _insert_user(self, record: dict) -> None:
         record = {"type": "normal", "ips": [], "token_limits": {}, "prompt_count": 0, **record}
-        for column in _JSON_COLUMNS:
+        for column in JSON_COLUMNS:
             record[column] = json.dumps(record[column])
-        columns = [column for column in _USER_COLUMNS if column in record]
+        columns = [column for column in USER_COLUMNS if column in record]
         self.db.execute(
             f"INSERT INTO users ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns if c != 'id')}",
@@ -245,7 +145,7 @@ class SQLiteStore:
         """Sets editable fields; returns the user, or None if there is none with that id."""
         fields = validate_fields(dict(fields))
         if fields:
-            values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
+            values = [json.dumps(v) if k in JSON_COLUMNS else v for k, v in fields.items()]
             self.db.execute(
                 f"UPDATE users SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", [*values, user_id]
             )
@@ -503,61 +403,3 @@ class SQLiteStore:
             raise
         self._affinity_sizes[space] = size
         return current
-
-
-class StoreUnavailable(RuntimeError):
-    """The shared store cannot be reached; requests that need it get 503 until it is back."""
-
-
-STORES = ("sqlite", "redis")
-
-
-class Storage:
-    """Opens the configured store; other addons reach it as `ctx.master.addons.get("storage").store`."""
-
-    def __init__(self):
-        self.store = None
-
-    def load(self, loader):
-        loader.add_option(
-            "data_dir", str, "data", "Folder for the SQLite store and logs, relative to the working directory."
-        )
-        loader.add_option("store", str, "sqlite", "sqlite (one instance) or redis (several instances sharing state).")
-        loader.add_option("redis_url", str, "redis://127.0.0.1:6379/0", "The Redis server of STORE=redis.")
-
-    def configure(self, updated):
-        if not updated & {"data_dir", "store", "redis_url"}:
-            return
-        if ctx.options.store not in STORES:
-            raise exceptions.OptionsError(f"STORE must be one of {', '.join(STORES)}.")
-        if self.store:
-            self.store.close()
-        if ctx.options.store == "redis":
-            from addons.redisstore import RedisStore  # only deployments with Redis need the client
-
-            try:
-                self.store = RedisStore(ctx.options.redis_url)
-            except StoreUnavailable as error:
-                raise exceptions.OptionsError(str(error)) from None
-            return
-        path = Path(ctx.options.data_dir) / "proxy.sqlite3"
-        try:
-            self.store = SQLiteStore(path)
-        except (OSError, sqlite3.Error) as error:
-            raise exceptions.OptionsError(f"DATA_DIR: cannot open the store at {path}: {error}.") from None
-
-    @property
-    def shared(self) -> bool:
-        """Whether other instances share this store (their key health and rests must be read from it)."""
-        return not isinstance(self.store, SQLiteStore)
-
-    def healthy(self) -> bool:
-        try:
-            self.store.counters()
-        except StoreUnavailable:
-            return False
-        return True
-
-    def done(self):
-        if self.store:
-            self.store.close()
