@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One entry for everything: installs what is missing, then runs the proxy, the tests or the benchmark.
-#   ./run.sh [mitmproxy args]   the proxy (mitmdump, reverse mode, our addons)
+#   ./run.sh [mitmproxy args]   the proxy: mitmdump -s addons/proxy.py
 #   ./run.sh web [args]         the same under mitmweb
-#   ./run.sh local [args]       a regular (forward) proxy for apps whose API URL is hard-coded
+#   ./run.sh local [web] [args] a forward proxy for apps whose API URL is hard-coded (--set forward_proxy=true)
 #   ./run.sh demo [args]        the proxy against the fake upstream the tests use, with demo keys
 #   ./run.sh test [pytest args] ruff (lint, format check), then the whole test suite
 #   ./run.sh bench [args]       the benchmark: direct vs bare mitmdump vs this proxy
@@ -95,6 +95,8 @@ ensure_test_clients() {
     fi
 }
 
+# mitmproxy opens the listener its own options describe (*:8080 by default) before it loads a script; with
+# server=false it opens none, and the script opens the proxy's (PORT, BIND_ADDRESS) once it has loaded.
 command=${1:-}
 case "$command" in
     test)
@@ -118,13 +120,23 @@ case "$command" in
         install_requirements "$root/tests/requirements.txt"
         exec "$venv/bin/python" -m tests.demo "$@"
         ;;
-    web|local)
+    web)
         shift
         ensure_venv
-        exec "$venv/bin/python" -m addons.proxy "$command" "$@"
+        exec "$venv/bin/mitmweb" -s "$root/addons/proxy.py" --set server=false "$@"
+        ;;
+    local)
+        shift
+        ensure_venv
+        tool=mitmdump
+        if [ "${1:-}" = web ]; then
+            tool=mitmweb
+            shift
+        fi
+        exec "$venv/bin/$tool" -s "$root/addons/proxy.py" --set server=false --set forward_proxy=true "$@"
         ;;
     *)
         ensure_venv
-        exec "$venv/bin/python" -m addons.proxy dump "$@"
+        exec "$venv/bin/mitmdump" -s "$root/addons/proxy.py" --set server=false "$@"
         ;;
 esac

@@ -10,13 +10,18 @@ import time
 from collections import deque
 from urllib.parse import parse_qs
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
 from addons.apierrors import OPENAI, error_response, fail_closed
+from addons.flowstate import flow_state
 from addons.gatekeeper import client_ip, secret_matches, user_of_token
 from addons.headers import client_token
 from addons.pricing import usd
+from addons.quota import QuotaKeeper
+from llmproxy.pool.checker import KeyChecker
+from llmproxy.pool.keys import KeyPool
 from llmproxy.store import EDITABLE_FIELDS, USAGE_FIGURES, UserError
+from llmproxy.store.storage import Storage
 
 FAILED_LOGIN_LIMIT = 5
 FAILED_LOGIN_WINDOW = 300.0
@@ -66,30 +71,34 @@ def _json(status: int, body) -> http.Response:
 class AdminApi:
     """Answers `/admin/...` for the holder of ADMIN_KEY, and `/user/usage` for a user's own token."""
 
-    def __init__(self, secrets: dict):
+    def __init__(self, secrets: dict, storage: Storage, pool: KeyPool, checker: KeyChecker, quota: QuotaKeeper):
         self.admin_key = secrets.get("admin_key", "")
+        self.storage = storage
+        self.pool = pool
+        self.checker = checker
+        self.quota = quota
         self.failed_logins: dict[str, deque] = {}
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        route = flow.metadata.get("llmproxy", {}).get("route")
-        if route == "user_usage":
+        state = flow_state(flow)
+        if state.route == "user_usage":
             flow.response = self._own_usage(flow)
-        elif route == "admin":
+        elif state.route == "admin":
             flow.response = self._admin(flow)
         else:
             return
-        flow.metadata["llmproxy"]["decision"] = "local"
+        state.decision = "local"
 
     def _own_usage(self, flow: http.HTTPFlow) -> http.Response:
-        user = user_of_token(client_token(flow))
+        user = user_of_token(self.storage.store, client_token(flow))
         if user is None:
             return error_response(
                 OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token"
             )
-        quota = ctx.master.addons.get("quotakeeper")
+        quota = self.quota
         families = set(user["usage"]) | set(user["token_limits"]) | set(quota.quotas) | set(quota.cost_quotas)
         shown, unused = public_user(user), usage_view(dict.fromkeys(USAGE_FIGURES, 0))
         return _json(
@@ -165,9 +174,8 @@ class AdminApi:
             raise UserError("The request body must be a JSON object.")
         return body
 
-    @staticmethod
-    def _store():
-        return ctx.master.addons.get("storage").store
+    def _store(self):
+        return self.storage.store
 
     def _user_or_404(self, user: dict | None) -> http.Response:
         if user is None:
@@ -227,7 +235,6 @@ class AdminApi:
         return _json(200, {"reset": True})
 
     def list_keys(self, flow, query) -> http.Response:
-        pool = ctx.master.addons.get("keypool")
         health = self._store().key_health()
         keys = [
             {
@@ -244,12 +251,12 @@ class AdminApi:
                     f: round(until - time.time(), 1) for f, until in key.cooldown_until.items() if until > time.time()
                 },
             }
-            for key in pool.all_keys()
+            for key in self.pool.all_keys()
         ]
-        return _json(200, {"keys": keys, "status": ctx.master.addons.get("keychecker").status})
+        return _json(200, {"keys": keys, "status": self.checker.status})
 
     def recheck_keys(self, flow, query) -> http.Response:
-        ctx.master.addons.get("keychecker").recheck_all()
+        self.checker.recheck_all()
         return _json(202, {"rechecking": True})
 
     def openapi(self, flow, query) -> http.Response:

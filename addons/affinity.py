@@ -29,9 +29,11 @@ from mitmproxy import ctx, exceptions, http
 from addons import tokens
 from addons.apierrors import OPENAI, error_response, fail_closed
 from addons.body import parsed_body
+from addons.flowstate import flow_state
 from addons.gatekeeper import identity_digest
-from addons.keypool import KeyAffinity, PoolKey
 from addons.routes import forward_route
+from llmproxy.pool.keys import KeyAffinity, PoolKey
+from llmproxy.store.storage import Storage
 
 SESSIONS, RESPONSES = "session", "response"  # the store's two affinity spaces
 SESSION_HEADERS = ("x-claude-code-session-id", "session-id")  # read here, never forwarded (headers.py)
@@ -97,6 +99,9 @@ def _digest(*parts: str) -> str:
 class Affinity:
     """Names each request's conversation and the key it lives on; remembers the keys of new responses."""
 
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
     def load(self, loader):
         loader.add_option(
             "affinity",
@@ -131,20 +136,20 @@ class Affinity:
         if not ctx.options.affinity or forward_route(flow) is None:
             return
         if value := next((v for name in SESSION_HEADERS if (v := flow.request.headers.get(name, "").strip())), ""):
-            flow.metadata["llmproxy"]["client_session"] = _digest(value)
+            flow_state(flow).client_session = _digest(value)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if not ctx.options.affinity or (route := forward_route(flow)) is None:
             return
-        meta, body = flow.metadata["llmproxy"], parsed_body(flow)
-        store = ctx.master.addons.get("storage").store
+        state, body = flow_state(flow), parsed_body(flow)
+        store = self.storage.store
         previous = body.get("previous_response_id") if route.api == OPENAI else None
         if isinstance(previous, str):
             if bound := store.affinity(RESPONSES, previous, ctx.options.affinity_ttl):
                 key_id, _, owner = bound.partition(" ")
-                if owner != identity_digest(meta["identity"]):
-                    meta["decision"] = "previous_response_not_found"
+                if owner != identity_digest(state.identity):
+                    state.decision = "previous_response_not_found"
                     flow.response = error_response(
                         route.dialect,
                         400,
@@ -152,36 +157,34 @@ class Affinity:
                         "previous_response_not_found",
                     )
                     return
-                meta.update(affinity_key=key_id, pinned="previous_response")
+                state.affinity_key, state.pinned = key_id, "previous_response"
             return  # the rest of the conversation is upstream, not in the request: it names no conversation
-        if route.counts_tokens or not (named := conversation(body, meta.get("client_session"))):
+        if route.counts_tokens or not (named := conversation(body, state.client_session)):
             return  # a token count uses no cache and must not move a conversation
-        meta["session"] = _digest(meta["identity"], meta["family"], *named)
-        if key_id := store.affinity(SESSIONS, meta["session"], ctx.options.affinity_ttl):
-            meta["affinity_key"] = key_id
+        state.session = _digest(state.identity, state.family, *named)
+        if key_id := store.affinity(SESSIONS, state.session, ctx.options.affinity_ttl):
+            state.affinity_key = key_id
             if carries_encrypted_content(body):
-                meta["pinned"] = "encrypted_content"
+                state.pinned = "encrypted_content"
 
-    @staticmethod
-    def of(flow: http.HTTPFlow) -> KeyAffinity | None:
+    def of(self, flow: http.HTTPFlow) -> KeyAffinity | None:
         """The key the request's conversation lives on, for the pool's choice; None for a new conversation."""
-        meta = flow.metadata["llmproxy"]
-        if not (key_id := meta.get("affinity_key")):
+        state = flow_state(flow)
+        if not state.affinity_key:
             return None
-        return KeyAffinity(key_id, bool(meta.get("pinned")), ctx.options.affinity_min_headroom / 100)
+        unavailable = self._unavailable(flow) if state.pinned else ("", "")
+        return KeyAffinity(state.affinity_key, bool(state.pinned), ctx.options.affinity_min_headroom / 100, unavailable)
 
-    @staticmethod
-    def keep(flow: http.HTTPFlow, key: PoolKey) -> None:
+    def keep(self, flow: http.HTTPFlow, key: PoolKey) -> None:
         """The request's conversation now lives on `key`: it was new, or its key could not serve it."""
-        meta = flow.metadata["llmproxy"]
-        if not (session := meta.get("session")) or key.id == meta.get("affinity_key"):
+        state = flow_state(flow)
+        if not state.session or key.id == state.affinity_key:
             return
-        store = ctx.master.addons.get("storage").store
-        meta["affinity_key"] = store.bind_affinity(
+        state.affinity_key = self.storage.store.bind_affinity(
             SESSIONS,
-            session,
+            state.session,
             key.id,
-            meta.get("affinity_key"),
+            state.affinity_key or None,
             ctx.options.affinity_ttl,
             ctx.options.affinity_max_sessions,
         )
@@ -199,33 +202,32 @@ class Affinity:
     @staticmethod
     def _stores_response(flow: http.HTTPFlow) -> bool:
         """Whether the request's answer is a response the upstream stored, which a follow-up may name."""
-        if not ctx.options.affinity or flow.metadata["llmproxy"].get("route") != RESPONSE_ROUTE:
+        if not ctx.options.affinity or flow_state(flow).route != RESPONSE_ROUTE:
             return False
         return parsed_body(flow).get("store") is not False
 
-    @staticmethod
-    def _remember_response(flow: http.HTTPFlow, made: object) -> None:
+    def _remember_response(self, flow: http.HTTPFlow, made: object) -> None:
         """Notes the key that made a response (the last one tried) and whom it was made for; `made` is the id as the
         upstream gave it."""
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         if made is not None and not (isinstance(made, str) and RESPONSE_ID.fullmatch(made)):
             shown = f"{len(made)} characters" if isinstance(made, str) else type(made).__name__
             logger.warning("%s: the upstream's response id is no id (%s); not remembered", flow.id, shown)
             return
-        if made and meta.get("keys"):
-            ctx.master.addons.get("storage").store.bind_affinity(
+        if made and state.keys:
+            self.storage.store.bind_affinity(
                 RESPONSES,
                 made,
-                f"{meta['keys'][-1]} {identity_digest(meta['identity'])}",
+                f"{state.keys[-1]} {identity_digest(state.identity)}",
                 None,
                 ctx.options.affinity_ttl,
                 ctx.options.affinity_max_sessions,
             )
 
     @staticmethod
-    def unavailable(flow: http.HTTPFlow) -> tuple[str, str]:
+    def _unavailable(flow: http.HTTPFlow) -> tuple[str, str]:
         """(code, message) for a request whose conversation's state is held by a key that no longer serves."""
-        if flow.metadata["llmproxy"].get("pinned") == "previous_response":
+        if flow_state(flow).pinned == "previous_response":
             previous = parsed_body(flow)["previous_response_id"]
             return "previous_response_not_found", (
                 f"The response {previous} was made with a key this proxy no longer uses, and only that key's "

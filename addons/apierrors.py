@@ -13,12 +13,12 @@ import re
 from mitmproxy import http
 
 from addons import scrub
+from addons.flowstate import flow_state
+from llmproxy.api import ANTHROPIC, OPENAI, sse
 from llmproxy.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-OPENAI = "openai"
-ANTHROPIC = "anthropic"
 SERVICE_NAMES = {OPENAI: "OpenAI", ANTHROPIC: "Anthropic"}
 _SLASH_RUNS = re.compile(rb"//+")
 
@@ -63,10 +63,12 @@ def error_response(
 
 def sse_error_event(api: str, status: int, message: str, code: str) -> bytes:
     """An SSE event that makes the SDKs' stream parsers raise, for errors after the stream began."""
-    payload = json.dumps(error_body(api, status, message, code))
-    if api == ANTHROPIC:
-        return f"event: error\ndata: {payload}\n\n".encode()
-    return f"data: {payload}\n\n".encode()
+    return error_event(api, error_body(api, status, message, code))
+
+
+def error_event(api: str, body: dict) -> bytes:
+    """An error body as an SSE event: Anthropic's SDK raises on an event named `error`, OpenAI's on data with one."""
+    return sse.event(json.dumps(body), "error" if api == ANTHROPIC else None)
 
 
 def merge_slashes(raw_path: bytes) -> bytes:
@@ -99,7 +101,7 @@ def fail_closed(hook):
         except Exception as error:
             name = f"{type(self).__name__}.{hook.__name__}"
             logger.error("%s failed on %s: %s: %s", name, flow.id, type(error).__name__, scrub.text(str(error)))
-            tried = flow.metadata.get("llmproxy", {}).get("keys")  # the dispatcher's attempts with a key
+            tried = flow_state(flow).keys  # the dispatcher's attempts with a key
             fate = "it may have reached the upstream API" if tried else "it was not sent upstream"
             _end_flow(
                 flow,
@@ -113,8 +115,8 @@ def fail_closed(hook):
 
 def _end_flow(flow: http.HTTPFlow, status: int, message: str, code: str, headers: dict | None = None) -> None:
     """Answers the flow with an error in its client's API format, unless it has an answer already."""
-    meta = flow.metadata.setdefault("llmproxy", {})
+    state = flow_state(flow)
     if flow.live and flow.response is None:
-        dialect = meta.get("dialect") or api_of_path(flow.request.data.path)
+        dialect = state.dialect or api_of_path(flow.request.data.path)
         flow.response = error_response(dialect, status, message, code, headers)
-        meta["decision"] = code.removeprefix("proxy_")
+        state.decision = code.removeprefix("proxy_")

@@ -34,24 +34,31 @@ from mitmproxy.net import encoding
 from yarl import URL
 
 from addons import headers, scrub, translate, usage
+from addons.affinity import Affinity
 from addons.apierrors import (
     ANTHROPIC,
     OPENAI,
     api_of_path,
     error_body,
+    error_event,
     fail_closed,
     sse_error_event,
 )
-from addons.keypool import RETIRING, PoolKey, Verdict
+from addons.flowstate import flow_state
+from addons.quota import QuotaKeeper
 from addons.routes import ROUTES_BY_NAME, Route, forward_route
-from addons.waitqueue import QueueRefusal
+from addons.settlement import RequestSettledHook
+from addons.usage import Usage
+from llmproxy.api import sse
+from llmproxy.pool.keys import RETIRING, KeyPool, PoolKey, Verdict
+from llmproxy.pool.queue import QueueRefusal, WaitQueue
 
 logger = logging.getLogger(__name__)
 
 PIPE_PREFIX = "/pipe/"
 MAX_BUFFERED_RESPONSE = 64 * 1024 * 1024  # a JSON answer larger than this is not an LLM answer
 MAX_ATTEMPTS = 8  # upstream calls for one request, rate-limited and retired keys included
-_SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+_SSE_HEADERS = {"content-type": sse.MEDIA_TYPE, "cache-control": "no-cache"}
 
 
 def _after_answer(flow: http.HTTPFlow, step: str, work: Callable[[], None]) -> None:
@@ -124,10 +131,27 @@ class PipedRequest:
         self.position = position
 
 
-class Dispatcher:
-    """Calls the upstream API with a key from the pool; streams SSE through the loopback pipe."""
+def _identity(flow: http.HTTPFlow) -> str:
+    """Whose request this is, for the queue's fairness: the gatekeeper's identity, else the client's address."""
+    return flow_state(flow).identity or f"ip:{flow.client_conn.peername[0]}"
 
-    def __init__(self, pipe_socket: socket.socket | None = None):
+
+class Dispatcher:
+    """Calls the upstream API with a key from the pool; streams SSE through the loopback pipe. Each request it
+    takes on ends with one `request_settled` event."""
+
+    def __init__(
+        self,
+        pipe_socket: socket.socket | None,
+        pool: KeyPool,
+        queue: WaitQueue,
+        affinity: Affinity,
+        quota: QuotaKeeper,
+    ):
+        self.pool = pool
+        self.queue = queue
+        self.affinity = affinity
+        self.quota = quota
         self.pipe_socket = pipe_socket
         self.pipe_port = pipe_socket.getsockname()[1] if pipe_socket else 0
         self.session: aiohttp.ClientSession | None = None
@@ -137,6 +161,7 @@ class Dispatcher:
         self.served = {OPENAI: 0, ANTHROPIC: 0}
         self.upstreams: dict[str, URL] = {}
         self._runner: web.AppRunner | None = None
+        self._opening: asyncio.Task | None = None
 
     def load(self, loader):
         loader.add_option("openai_upstream_url", str, "https://api.openai.com", "Base URL of the OpenAI API (no /v1).")
@@ -169,23 +194,41 @@ class Dispatcher:
             if name in updated and getattr(ctx.options, name) <= 0:
                 raise exceptions.OptionsError(f"{name.upper()} must be a positive number of seconds.")
 
-    async def running(self):
+    def running(self):
+        """Opens the upstream session, and the pipe in the background; requests and the key checker wait for
+        `ready`."""
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None, connect=ctx.options.upstream_connect_timeout),
         )
+        self._opening = asyncio.create_task(self._open_pipe())
+
+    async def _open_pipe(self) -> None:
+        """Serves the pipe; `ready` once it does (never, if it cannot: requests then fail closed)."""
         if self.pipe_socket is not None:
             app = web.Application()
             app.router.add_route("*", PIPE_PREFIX + "{token}", self._serve_pipe)
             app.router.add_route("*", "/{tail:.*}", self._serve_unrouted)
             self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.SockSite(self._runner, self.pipe_socket).start()
+            try:
+                await self._runner.setup()
+                await web.SockSite(self._runner, self.pipe_socket).start()
+            except OSError as error:
+                logger.error("the pipe cannot listen, so no request can be answered: %s", error)
+                return
+            logger.debug("the pipe (streamed answers, loopback only) listens on 127.0.0.1:%d", self.pipe_port)
         self.ready.set()
 
-    async def done(self):
+    def done(self) -> asyncio.Task:
+        """Closes the pipe and the session in the background. The task is returned because mitmproxy's shutdown
+        awaits what a hook returns (and then nothing is left open), while a script reload goes on at once."""
+        if self._opening:
+            self._opening.cancel()
+        return asyncio.create_task(self._close())
+
+    async def _close(self) -> None:
         if self._runner:
             await self._runner.cleanup()
         if self.session:
@@ -195,16 +238,16 @@ class Dispatcher:
     async def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return  # the pipe answers unrouted flows with a 500: nothing unchecked goes anywhere
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         await asyncio.wait_for(self.ready.wait(), 10)
-        meta.update(keys=[], upstream_url=str(self.upstreams[route.api].join(URL(route.upstream_path))))
+        state.upstream_url = str(self.upstreams[route.api].join(URL(route.upstream_path)))
         try:
-            waits = ctx.master.addons.get("waitqueue").would_wait(flow, route.api, meta["family"])
+            waits = self.queue.would_wait(_identity(flow), route.api, state.family, self.affinity.of(flow))
         except QueueRefusal as refusal:  # decided before anything was sent: a real status, streaming or not
-            meta["decision"] = refusal.code
+            state.decision = refusal.code
             self._respond(flow, Answer.refusal(route.dialect, refusal))
             return
-        if meta.get("stream") and waits:
+        if state.stream and waits:
             # A streaming client hears from us at once (headers, heartbeats) while its request waits for a key.
             piped = PipedRequest(flow, route)
             piped.job = self._start_job(flow, self._obtain(flow, route, on_queued=piped.follow_position))
@@ -220,36 +263,45 @@ class Dispatcher:
         else:
             self._respond(flow, answer)
 
-    @staticmethod
-    def _respond(flow: http.HTTPFlow, answer: Answer) -> None:
+    def _respond(self, flow: http.HTTPFlow, answer: Answer) -> None:
         """A complete answer becomes the flow's response, and its usage is billed: nothing for an error, the proxy's
         estimate for a successful answer that reports none (as for a stream). Set first, the response stays
         whatever fails after it (fail_closed)."""
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         flow.response = http.Response.make(answer.status, answer.body, answer.headers)
-        flow.request.url = meta["upstream_url"]  # only shown: mitmproxy connects nowhere
-        quota = ctx.master.addons.get("quotakeeper")
+        flow.request.url = state.upstream_url  # only shown: mitmproxy connects nowhere
         upstream_body = answer.body if answer.upstream_body is None else answer.upstream_body
         billed, text = usage.read_answer(upstream_body) if answer.status < 400 else (None, "")
-        if billed is None and answer.status < 300 and not ROUTES_BY_NAME[meta["route"]].counts_tokens:
-            billed = usage.estimate(quota.prompt_estimate_of(flow), len(text))
-        quota.settle(flow, billed, text)
+        if billed is None and answer.status < 300 and not ROUTES_BY_NAME[state.route].counts_tokens:
+            billed = usage.estimate(self.quota.prompt_estimate_of(flow), len(text))
+        self._settle(flow, billed, text)
         if answer.status < 400:
-            ctx.master.addons.get("affinity").answered(flow, answer.body)
+            self.affinity.answered(flow, answer.body)
+
+    def _settle(self, flow: http.HTTPFlow, billed: Usage | None, completion: str = "") -> None:
+        """Ends the request's accounting, once: its final usage (None: nothing was produced, nothing is billed) goes
+        to the `request_settled` listeners, which bill, count and log it."""
+        state = flow_state(flow)
+        if state.settled:
+            return
+        state.settled = True
+        billed, cost = self.quota.final_usage(flow, billed)
+        # The synchronous trigger: requests settle in callbacks and `finally` blocks that cannot wait.
+        ctx.master.addons.trigger(RequestSettledHook(flow, billed, cost, completion))
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("llmproxy", {})
-        if meta.get("pipe_token"):
+        state = flow_state(flow)
+        if state.pipe_token:
             flow.response.stream = True
-            flow.request.url = meta["upstream_url"]  # the request has gone to the pipe; show the real target
+            flow.request.url = state.upstream_url  # the request has gone to the pipe; show the real target
 
     async def error(self, flow: http.HTTPFlow) -> None:
         """The client left before mitmproxy collected its stream: stop the upstream work."""
-        token = flow.metadata.get("llmproxy", {}).get("pipe_token")
+        token = flow_state(flow).pipe_token
         if token and (piped := self.piped.pop(token, None)):
             self._discard(piped)
-            ctx.master.addons.get("quotakeeper").settle(flow, None)
+            self._settle(flow, None)
 
     def client_disconnected(self, client) -> None:
         """A client that leaves takes its waiting or running upstream requests with it."""
@@ -264,7 +316,7 @@ class Dispatcher:
         def finished(done: asyncio.Task) -> None:
             jobs.discard(done)
             if done.cancelled() or done.exception():
-                ctx.master.addons.get("quotakeeper").settle(flow, None)  # nothing was produced: nothing is billed
+                self._settle(flow, None)  # nothing was produced: nothing is billed
 
         job.add_done_callback(finished)
         return job
@@ -278,27 +330,33 @@ class Dispatcher:
 
     async def _obtain(self, flow: http.HTTPFlow, route: Route, on_queued=None) -> Answer:
         """The answer to the request: retried on other keys until one answers, or an error for the client."""
-        meta = flow.metadata["llmproxy"]
-        api, family = route.api, meta["family"]
-        pool, queue = ctx.master.addons.get("keypool"), ctx.master.addons.get("waitqueue")
+        state = flow_state(flow)
+        api, family = route.api, state.family
         arrived = time.time()
+
+        def queued(position: Callable[[], int]) -> None:
+            state.queued = True
+            if on_queued:
+                on_queued(position)
+
         answer: Answer | None = None
         failed_key: PoolKey | None = None  # the key of a server error, retried once on another key
         suspected = False  # a request may make one key suspect; a second such answer is the request's own fault
         for _ in range(MAX_ATTEMPTS):
             if failed_key is None:
                 try:
-                    key = await queue.acquire(flow, api, family, arrived, on_queued)
+                    affinity = self.affinity.of(flow)
+                    key = await self.queue.acquire(_identity(flow), api, family, arrived, affinity, queued)
                 except QueueRefusal as refusal:
                     if suspected and refusal.code == "no_keys_available":
                         break  # the only key is suspect: the upstream's own answer says more than ours
-                    meta["decision"] = refusal.code
+                    state.decision = refusal.code
                     return Answer.refusal(route.dialect, refusal)
-                ctx.master.addons.get("affinity").keep(flow, key)
-            elif meta.get("pinned") or (key := pool.choose(api, family, exclude=[failed_key])) is None:
+                self.affinity.keep(flow, key)
+            elif state.pinned or (key := self.pool.choose(api, family, exclude=[failed_key])) is None:
                 return answer  # a pinned request's conversation lives on its one key
-            meta["queue_ms"] = round((time.time() - arrived) * 1000)
-            meta["keys"].append(key.id)
+            state.queue_ms = round((time.time() - arrived) * 1000)
+            state.keys.append(key.id)
             answer, verdict = await self._attempt(flow, route, key, may_suspect=not suspected)
             if verdict is Verdict.RATE_LIMITED:
                 continue
@@ -309,7 +367,7 @@ class Dispatcher:
                 failed_key = key
                 continue
             break
-        meta["decision"] = "served" if answer.status < 400 else meta.get("decision", "upstream_error")
+        state.decision = "served" if answer.status < 400 else state.decision or "upstream_error"
         if answer.status < 400:
             self.served[api] += 1
         return answer
@@ -318,20 +376,20 @@ class Dispatcher:
         self, flow: http.HTTPFlow, route: Route, key: PoolKey, may_suspect: bool
     ) -> tuple[Answer, Verdict]:
         """One upstream call with one key, and what its answer means. The key is always given back."""
-        meta = flow.metadata["llmproxy"]
-        pool, family = ctx.master.addons.get("keypool"), meta["family"]
+        state = flow_state(flow)
+        pool, family = self.pool, state.family
         try:
             upstream, body = await self._call(flow, key)
         except UpstreamFailure as failure:
             pool.abandon(key, family)
-            meta["decision"] = failure.code
+            state.decision = failure.code
             logger.warning("upstream %s: %s with key %s", route.api, failure.code, key.id)
             return Answer.error(route.dialect, failure.status, str(failure), failure.code), Verdict.SERVER_ERROR
         except BaseException:
             pool.abandon(key, family)
             raise
         client_headers = headers.client_response_headers(upstream.headers)
-        verdict = pool.release(key, family, upstream.status, upstream.headers, body or b"", meta["model"], may_suspect)
+        verdict = pool.release(key, family, upstream.status, upstream.headers, body or b"", state.model, may_suspect)
         if body is None:
             return Answer(upstream.status, client_headers, stream=upstream), verdict
         if not upstream.ok:
@@ -343,13 +401,13 @@ class Dispatcher:
 
     async def _call(self, flow: http.HTTPFlow, key: PoolKey) -> tuple[aiohttp.ClientResponse, bytes | None]:
         """Sends the request; returns the response and its body, or None for a stream still to be read."""
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         started = time.monotonic()
         try:
             async with asyncio.timeout(ctx.options.upstream_timeout):
                 upstream = await self.session.request(
                     flow.request.method,
-                    meta["upstream_url"],
+                    state.upstream_url,
                     data=flow.request.raw_content or b"",
                     headers=[*flow.request.headers.items(multi=True), *key.auth_headers()],
                     allow_redirects=False,
@@ -360,9 +418,9 @@ class Dispatcher:
         except aiohttp.ClientError:
             message = "The proxy could not reach the upstream API; try again shortly."
             raise UpstreamFailure(502, "upstream_unreachable", message) from None
-        meta["upstream_status"] = upstream.status
-        meta["upstream_ms"] = round((time.monotonic() - started) * 1000)
-        if upstream.ok and upstream.content_type == "text/event-stream":
+        state.upstream_status = upstream.status
+        state.upstream_ms = round((time.monotonic() - started) * 1000)
+        if upstream.ok and upstream.content_type == sse.MEDIA_TYPE:
             return upstream, None
         try:
             return upstream, await self._read_body(upstream)
@@ -382,7 +440,7 @@ class Dispatcher:
     def _point_at_pipe(self, flow: http.HTTPFlow, piped: PipedRequest) -> None:
         token = secrets.token_urlsafe(24)
         self.piped[token] = piped
-        flow.metadata["llmproxy"]["pipe_token"] = token
+        flow_state(flow).pipe_token = token
         # The pipe is the listener's reverse target already; in local (regular) mode the flow is pointed at it.
         flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", self.pipe_port
         # The hop needs the framing headers the allowlist removed.
@@ -401,8 +459,7 @@ class Dispatcher:
             return await self._pipe_after_wait(request, piped)
         finally:
             self._discard(piped)
-            quota = ctx.master.addons.get("quotakeeper")
-            _after_answer(piped.flow, "settling", lambda: quota.settle(piped.flow, None))  # no-op once billed
+            _after_answer(piped.flow, "settling", lambda: self._settle(piped.flow, None))  # no-op once billed
 
     async def _pipe_after_wait(self, request: web.Request, piped: PipedRequest) -> web.StreamResponse:
         """SSE headers and heartbeats while the request waits for a key, then the answer as SSE."""
@@ -411,8 +468,8 @@ class Dispatcher:
         try:
             await response.prepare(request)
             while True:
-                heartbeat = f": queued, position {piped.position()}, waited {time.monotonic() - waited:.0f}s\n\n"
-                await response.write(heartbeat.encode())
+                heartbeat = f"queued, position {piped.position()}, waited {time.monotonic() - waited:.0f}s"
+                await response.write(sse.comment(heartbeat))
                 done, _ = await asyncio.wait({piped.job}, timeout=ctx.options.queue_heartbeat)
                 if done:
                     break
@@ -440,20 +497,15 @@ class Dispatcher:
             body = None
         if not isinstance(body, dict) or "error" not in body:
             return sse_error_event(api, answer.status, "The upstream API refused the request.", "upstream_error")
-        prefix = "event: error\n" if api == ANTHROPIC else ""
-        return f"{prefix}data: {json.dumps(body)}\n\n".encode()
+        return error_event(api, body)
 
     async def _pipe_stream(
         self, request: web.Request, piped: PipedRequest, answer: Answer, response: web.StreamResponse | None = None
     ) -> web.StreamResponse:
         """Passes the upstream's events on as they come, reading their usage; bills what was streamed."""
-        api, upstream, meta = piped.route.api, answer.stream, piped.flow.metadata["llmproxy"]
-        meter = usage.StreamMeter(
-            api, drop_usage_chunk=meta.get("usage_chunk_added", False), keep_text=ctx.options.prompt_logging
-        )
-        translator = (
-            translate.MessagesToChatStream(meta.get("client_wants_usage", False)) if piped.route.client_format else None
-        )
+        api, upstream, state = piped.route.api, answer.stream, flow_state(piped.flow)
+        meter = usage.StreamMeter(api, drop_usage_chunk=state.usage_chunk_added, keep_text=ctx.options.prompt_logging)
+        translator = translate.MessagesToChatStream(state.client_wants_usage) if piped.route.client_format else None
         complete = False
         try:
             if response is None:
@@ -472,9 +524,9 @@ class Dispatcher:
                     message = "The upstream API broke off the stream."
                     await response.write(sse_error_event(piped.route.dialect, 502, message, "upstream_broken"))
                     break
-                passed = meter.feed(chunk) if chunk else meter.flush()
-                if "first_byte_ms" not in meta:
-                    meta["first_byte_ms"] = round((time.time() - piped.flow.request.timestamp_start) * 1000)
+                passed = meter.feed(chunk)
+                if state.first_byte_ms is None:
+                    state.first_byte_ms = round((time.time() - piped.flow.request.timestamp_start) * 1000)
                 await response.write(translator.feed(passed) if translator else passed)
                 if not chunk:
                     complete = True
@@ -499,13 +551,11 @@ class Dispatcher:
                 upstream.release()
             else:
                 upstream.close()
-            quota, flow = ctx.master.addons.get("quotakeeper"), piped.flow
+            flow, text = piped.flow, "".join(meter.text_parts)
             _after_answer(
-                flow,
-                "settling",
-                lambda: quota.settle(flow, meter.finish(quota.prompt_estimate_of(flow)), "".join(meter.text_parts)),
+                flow, "settling", lambda: self._settle(flow, meter.finish(self.quota.prompt_estimate_of(flow)), text)
             )
-            _after_answer(flow, "affinity", lambda: ctx.master.addons.get("affinity").streamed(flow, meter.response_id))
+            _after_answer(flow, "affinity", lambda: self.affinity.streamed(flow, meter.response_id))
         return response
 
     async def _serve_unrouted(self, request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, error_response, fail_closed
 from addons.body import BodyError, parsed_body
+from addons.flowstate import flow_state
 from addons.routes import forward_route
 
 DEFAULT_OPENAI_FAMILIES = [
@@ -133,29 +134,29 @@ class ModelFamilies:
     async def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         try:
             body = parsed_body(flow)
         except BodyError as error:
-            meta["decision"] = "bad_request"
+            state.decision = "bad_request"
             flow.response = error_response(route.dialect, 400, str(error), "invalid_body")
             return
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            meta["decision"] = "bad_request"
+            state.decision = "bad_request"
             flow.response = error_response(route.dialect, 400, "The request must name a model.", "model_missing")
             return
         family = self.family_of(route.api, model)
-        meta.update(model=model[:100], stream=body.get("stream") is True)
+        state.model, state.stream = model[:100], body.get("stream") is True
         if family is None:
-            meta["decision"] = "unknown_model"
+            state.decision = "unknown_model"
             flow.response = error_response(
                 route.dialect, 400, f"This proxy does not know the model {model[:100]!r}.", "model_not_found"
             )
             return
-        meta["family"] = family
+        state.family = family
         if not self.is_allowed(route.api, family):
-            meta["decision"] = "family_not_allowed"
+            state.decision = "family_not_allowed"
             flow.response = error_response(
                 route.dialect,
                 403,

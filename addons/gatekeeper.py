@@ -12,8 +12,11 @@ import time
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
+from addons.flowstate import flow_state
 from addons.headers import client_token
 from addons.routes import ROUTES_BY_NAME
+from llmproxy.store import Store
+from llmproxy.store.storage import Storage
 
 GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
 
@@ -27,11 +30,11 @@ def secret_matches(presented: str, secret: str) -> bool:
     return bool(secret) and hmac.compare_digest(_as_sent(presented), _as_sent(secret))
 
 
-def user_of_token(token: str) -> dict | None:
+def user_of_token(store: Store, token: str) -> dict | None:
     """The user whose token was presented, or None. A token that is not UTF-8 is nobody's: tokens are text."""
     if not token or not _is_utf8(token):
         return None
-    return ctx.master.addons.get("storage").store.user_by_token(token)
+    return store.user_by_token(token)
 
 
 def _as_sent(value: str) -> bytes:
@@ -66,9 +69,10 @@ def client_ip(flow: http.HTTPFlow) -> str:
 class Gatekeeper:
     """Checks the client's token on every API route and names the request's identity for limits and queues."""
 
-    def __init__(self, secrets: dict):
+    def __init__(self, secrets: dict, storage: Storage):
         self.proxy_key = secrets.get("proxy_key", "")
         self.admin_key = secrets.get("admin_key", "")
+        self.storage = storage
 
     def load(self, loader):
         loader.add_option("gatekeeper", str, "none", "none, proxy_key or user_token.", choices=GATEKEEPER_MODES)
@@ -103,12 +107,12 @@ class Gatekeeper:
         """Runs before the body is read, while X-Forwarded-For is still on the request."""
         if flow.response or not flow.live:
             return
-        meta = flow.metadata.get("llmproxy", {})
-        route = ROUTES_BY_NAME.get(meta.get("route"))
+        state = flow_state(flow)
+        route = ROUTES_BY_NAME.get(state.route)
         if route is None or not route.api:
             return  # the status pages are public; the admin API checks the admin key itself
         ip = client_ip(flow)
-        meta["identity"] = f"ip:{ip}"
+        state.identity = f"ip:{ip}"
         mode = ctx.options.gatekeeper
         token = client_token(flow)
         if mode == "proxy_key" and not secret_matches(token, self.proxy_key):
@@ -117,9 +121,8 @@ class Gatekeeper:
             self._check_user(flow, route.dialect, token, ip)
 
     def _check_user(self, flow: http.HTTPFlow, api: str, token: str, ip: str) -> None:
-        meta = flow.metadata["llmproxy"]
-        store = ctx.master.addons.get("storage").store
-        user = user_of_token(token)
+        store = self.storage.store
+        user = user_of_token(store, token)
         if user is None:
             return self._refuse(flow, api, 401, "A valid user token is required.", "invalid_user_token")
         if (
@@ -142,9 +145,11 @@ class Gatekeeper:
                     else "Forbidden: no more IP addresses allowed for this user token."
                 )
                 return self._refuse(flow, api, 403, message, "ip_limit")
-        meta.update(identity=f"user:{user['id']}", user=user["id"], user_type=user["type"], nickname=user["nickname"])
+        state = flow_state(flow)
+        state.identity, state.user, state.user_type = f"user:{user['id']}", user["id"], user["type"]
+        state.nickname = user["nickname"]
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, api: str, status: int, message: str, code: str) -> None:
-        flow.metadata["llmproxy"]["decision"] = "unauthorized" if status == 401 else "forbidden"
+        flow_state(flow).decision = "unauthorized" if status == 401 else "forbidden"
         flow.response = error_response(api, status, message, code)

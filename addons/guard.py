@@ -39,25 +39,13 @@ def check_versions() -> None:
             )
 
 
-def listen_mode(pipe_port: int, local: bool = False) -> str:
-    """The listener: reverse mode whose fixed target is the dispatcher's loopback pipe, never an API; or, for
-    `local`, a regular proxy (the router then handles the two APIs' hosts and passes other hosts through). Its
-    address is mitmproxy's own `listen_host`/`listen_port` (from BIND_ADDRESS and PORT, or `-p`/`--set`), so that
-    the command line can change it and mitmweb's status bar names it."""
-    return "regular" if local else f"reverse:http://127.0.0.1:{pipe_port}"
-
-
 class EngineGuard:
     """Refuses mitmproxy settings that would let a request past the pipeline or change how it is read.
 
     `connection_strategy=lazy`: no upstream connection before the addons decided. `validate_inbound_headers`:
-    mitmproxy's request-smuggling checks. No `stream_large_bodies`: a streamed request body would reach the
-    `request` hook empty. The listener's reverse target
-    must be the dispatcher's pipe, so a flow that escaped the addons reaches nothing but a refusal.
+    mitmproxy's request-smuggling checks. No `stream_large_bodies`: a streamed request body would leave before
+    the `request` hook read it. (The listener's mode and address are the Launcher's.)
     """
-
-    def __init__(self, pipe_port: int, local: bool = False):
-        self.pipe_target = listen_mode(pipe_port, local)
 
     def configure(self, updated):
         options = ctx.options
@@ -67,13 +55,6 @@ class EngineGuard:
             raise exceptions.OptionsError("validate_inbound_headers must stay on for this proxy.")
         if "stream_large_bodies" in updated and options.stream_large_bodies:
             raise exceptions.OptionsError("stream_large_bodies cannot be used with this proxy.")
-        if "mode" in updated:
-            for mode in options.mode:
-                if mode != self.pipe_target:
-                    raise exceptions.OptionsError(
-                        f"The listener mode is set by this proxy; {mode!r} is not accepted (PORT and BIND_ADDRESS, "
-                        "or -p and --listen-host, set its address)."
-                    )
 
 
 class _BoundedHttp1Server(Http1Server):

@@ -12,7 +12,9 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 
 from addons.apierrors import ANTHROPIC, api_of_path, error_response, fail_closed
+from addons.flowstate import flow_state
 from addons.routes import forward_route
+from llmproxy.api import DEFAULT_ANTHROPIC_VERSION
 
 CLIENT_CREDENTIALS = (
     "authorization",
@@ -71,7 +73,6 @@ _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9110 §5.6.3: the only whitespace HTTP allows around a field value. str.strip() would also take a no-break
 # space, U+3000 or \x1f off a token, and so accept a token that is not the one configured.
 OPTIONAL_WHITESPACE = " \t"
-DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
 def _connection_tokens(connection_values: list[str]) -> set[str]:
@@ -132,12 +133,12 @@ class HeaderHygiene:
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.setdefault("llmproxy", {})
-        if meta.get("passthrough"):
+        state = flow_state(flow)
+        if state.passthrough:
             return
         # RFC 9112 §9.6: a client that asks to close gets `Connection: close` on the answer. Read now, because
         # the allowlist removes the header from forwarded requests (mitmproxy would then keep the socket open).
-        meta["client_closes"] = http1.connection_close(flow.request.http_version, flow.request.headers)
+        state.client_closes = http1.connection_close(flow.request.http_version, flow.request.headers)
         # Removed before any other addon, mitmweb or a flow dump can see them.
         if token := presented_token(flow.request.headers):
             _client_tokens[flow] = token
@@ -163,13 +164,13 @@ class HeaderHygiene:
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        meta, headers = flow.metadata.get("llmproxy", {}), flow.response.headers
-        if meta.get("passthrough"):
+        state, headers = flow_state(flow), flow.response.headers
+        if state.passthrough:
             return
         # Browser-based chat clients call the proxy cross-origin; they never send cookies, so `*` is safe.
         headers["access-control-allow-origin"] = "*"
         headers["access-control-expose-headers"] = EXPOSED_HEADERS
         headers.pop("server", None)
         # Node's connection pools reuse a socket unless the answer says it closes; saying it is what RFC 9112 asks.
-        if meta.get("client_closes"):  # never for HTTP/2 clients: they cannot send `Connection`
+        if state.client_closes:  # never for HTTP/2 clients: they cannot send `Connection`
             headers["connection"] = "close"

@@ -11,6 +11,7 @@ from mitmproxy import http
 
 from addons import routes
 from addons.apierrors import error_response, fail_closed
+from addons.flowstate import flow_state
 from addons.headers import upstream_request_headers
 
 
@@ -21,16 +22,16 @@ class InterceptBeforePolicy:
     async def request(self, flow: http.HTTPFlow) -> None:
         if not flow.intercepted or flow.response:
             return
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         target = flow.request.data.method, flow.request.data.path
         await flow.wait_for_resume()
         if not flow.live:
             return  # killed in mitmweb
-        route = routes.ROUTES_BY_NAME.get(meta.get("route", ""))
+        route = routes.ROUTES_BY_NAME.get(state.route)
         if route is None or route.kind != routes.FORWARD:
             return  # not a request for an API: answered locally, or passed through (./run.sh local)
         if (flow.request.data.method, flow.request.data.path) != target:
-            meta["decision"] = "blocked_path"
+            state.decision = "blocked_path"
             flow.response = error_response(
                 route.dialect,
                 400,

@@ -7,6 +7,7 @@ waits and key states are read at scrape time. No label ever holds a key, a token
 
 import json
 import logging
+from dataclasses import asdict
 
 from mitmproxy import ctx, http
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -14,10 +15,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
+from addons.flowstate import flow_state
 from addons.gatekeeper import identity_digest, secret_matches
 from addons.headers import client_token
 from addons.pricing import usd
+from addons.settlement import settlement_listener
 from addons.usage import Usage
+from llmproxy.pool.keys import KeyPool
+from llmproxy.pool.queue import WaitQueue
 
 logger = logging.getLogger("llmproxy.requests")
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -26,8 +31,12 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 class _LiveFigures:
     """Queue lengths, estimated waits and key states, read when Prometheus scrapes."""
 
+    def __init__(self, pool: KeyPool, queue: WaitQueue):
+        self.pool = pool
+        self.queue = queue
+
     def collect(self):
-        queue, pool = ctx.master.addons.get("waitqueue"), ctx.master.addons.get("keypool")
+        queue, pool = self.queue, self.pool
         waiting = GaugeMetricFamily("llmproxy_queue_length", "Requests waiting for a key", labels=["family"])
         wait = GaugeMetricFamily("llmproxy_queue_estimated_wait_seconds", "Estimated wait", labels=["family"])
         for (api, family), family_queue in queue.queues.items():
@@ -42,9 +51,10 @@ class _LiveFigures:
 
 
 class Metrics:
-    """Prometheus figures and the per-request log line."""
+    """Prometheus figures and the per-request log line. `/metrics` asks for the admin key when the owner says so."""
 
-    def __init__(self):
+    def __init__(self, pool: KeyPool, queue: WaitQueue, admin_key: str):
+        self.admin_key = admin_key
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "llmproxy_requests",
@@ -95,13 +105,17 @@ class Metrics:
             buckets=_SECONDS,
             registry=self.registry,
         )
-        self.registry.register(_LiveFigures())
+        self.registry.register(_LiveFigures(pool, queue))
 
     def load(self, loader):
         loader.add_option("metrics_need_admin_key", bool, False, "Serve /metrics only with the ADMIN_KEY.")
 
-    def count_usage(self, family: str, usage: Usage, cost: int) -> None:
+    @settlement_listener
+    def request_settled(self, flow: http.HTTPFlow, usage: Usage | None, cost: int, completion: str) -> None:
         """A settled request's tokens, searches and cost (nano-dollars)."""
+        if usage is None:
+            return
+        family = flow_state(flow).family
         self.tokens.labels(family, "in").inc(usage.prompt)
         self.tokens.labels(family, "out").inc(usage.output)
         for kind in ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output"):
@@ -112,11 +126,11 @@ class Metrics:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live or flow.metadata.get("llmproxy", {}).get("route") != "metrics":
+        state = flow_state(flow)
+        if flow.response or not flow.live or state.route != "metrics":
             return
-        flow.metadata["llmproxy"]["decision"] = "local"
-        admin_key = ctx.master.addons.get("adminapi").admin_key
-        if ctx.options.metrics_need_admin_key and not secret_matches(client_token(flow), admin_key):
+        state.decision = "local"
+        if ctx.options.metrics_need_admin_key and not secret_matches(client_token(flow), self.admin_key):
             flow.response = http.Response.make(401, b"The metrics need Authorization: Bearer <ADMIN_KEY>.\n")
             return
         flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
@@ -128,17 +142,17 @@ class Metrics:
         self._finished(flow, 499)  # the client went away (nginx's number for it)
 
     def _finished(self, flow: http.HTTPFlow, status: int) -> None:
-        meta = flow.metadata.get("llmproxy", {})
-        route, family = meta.get("route", "none"), meta.get("family", "")
+        state = flow_state(flow)
+        route, family = state.route or "none", state.family
         self.requests.labels(route, family, str(status)).inc()
-        if len(meta.get("keys", [])) > 1:
-            self.retries.labels(family).inc(len(meta["keys"]) - 1)
-        if "upstream_ms" in meta:
-            self.upstream.labels(route).observe(meta["upstream_ms"] / 1000)
-        if "first_byte_ms" in meta:
-            self.first_byte.labels(route).observe(meta["first_byte_ms"] / 1000)
-        if meta.get("queued"):
-            self.queued.labels(family).observe(meta.get("queue_ms", 0) / 1000)
+        if len(state.keys) > 1:
+            self.retries.labels(family).inc(len(state.keys) - 1)
+        if state.upstream_ms is not None:
+            self.upstream.labels(route).observe(state.upstream_ms / 1000)
+        if state.first_byte_ms is not None:
+            self.first_byte.labels(route).observe(state.first_byte_ms / 1000)
+        if state.queued:
+            self.queued.labels(family).observe((state.queue_ms or 0) / 1000)
         if route in ("health", "metrics"):
             return
         logger.info(
@@ -146,14 +160,14 @@ class Metrics:
                 {
                     "route": route,
                     "status": status,
-                    "decision": meta.get("decision"),
-                    "identity": identity_digest(meta["identity"]) if meta.get("identity") else None,
+                    "decision": state.decision or None,
+                    "identity": identity_digest(state.identity) if state.identity else None,
                     "family": family or None,
-                    "model": meta.get("model"),
-                    "keys": meta.get("keys", []),
-                    "usage": meta.get("usage"),
-                    "queueMs": meta.get("queue_ms"),
-                    "upstreamMs": meta.get("upstream_ms"),
+                    "model": state.model or None,
+                    "keys": state.keys,
+                    "usage": asdict(state.usage) if state.usage else None,
+                    "queueMs": state.queue_ms,
+                    "upstreamMs": state.upstream_ms,
                 }
             )
         )

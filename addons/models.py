@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from mitmproxy import ctx, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
+from addons.families import ModelFamilies
+from addons.flowstate import flow_state
+from llmproxy.pool.keys import KeyPool
 
 DEFAULT_OPENAI_MODELS = [
     "gpt-6-astra",
@@ -75,6 +78,10 @@ def anthropic_model_list(models: list[str]) -> dict:
 class ModelList:
     """Lists the configured models whose family is allowed and served by a working key."""
 
+    def __init__(self, families: ModelFamilies, pool: KeyPool):
+        self.families = families
+        self.pool = pool
+
     def load(self, loader):
         loader.add_option(
             "openai_models", Sequence[str], DEFAULT_OPENAI_MODELS, "Models listed at /proxy/openai/v1/models."
@@ -87,18 +94,17 @@ class ModelList:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        route = flow.metadata.get("llmproxy", {}).get("route")
-        if route not in ("openai.models", "anthropic.models"):
+        state = flow_state(flow)
+        if state.route not in ("openai.models", "anthropic.models"):
             return
-        api = OPENAI if route == "openai.models" else ANTHROPIC
-        families, pool = ctx.master.addons.get("modelfamilies"), ctx.master.addons.get("keypool")
+        api = OPENAI if state.route == "openai.models" else ANTHROPIC
         models = [
             model
             for model in getattr(ctx.options, f"{api}_models")
-            if (family := families.family_of(api, model))
-            and families.is_allowed(api, family)
-            and pool.serving(api, family)
+            if (family := self.families.family_of(api, model))
+            and self.families.is_allowed(api, family)
+            and self.pool.serving(api, family)
         ]
         listing = openai_model_list(models) if api == OPENAI else anthropic_model_list(models)
-        flow.metadata["llmproxy"]["decision"] = "local"
+        state.decision = "local"
         flow.response = http.Response.make(200, json.dumps(listing), {"content-type": "application/json"})

@@ -24,7 +24,9 @@ from addons import tokens
 from addons.apierrors import ANTHROPIC, error_response, fail_closed
 from addons.body import parsed_body
 from addons.families import parse_family_numbers
+from addons.flowstate import flow_state
 from addons.routes import Route, forward_route
+from llmproxy.flowstate import FlowState
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +258,7 @@ class RequestPolicy:
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
 
-    async def running(self):
+    def running(self):
         """Loads the encodings on a worker thread, so that the first request does not wait for them."""
         asyncio.get_running_loop().run_in_executor(None, self._load_encodings)
 
@@ -272,18 +274,18 @@ class RequestPolicy:
     async def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         body = parsed_body(flow)
         try:
-            changed = await self._apply(route, meta, body)
+            changed = await self._apply(route, state, body)
         except PolicyError as refusal:
-            meta["decision"] = "filtered" if refusal.code == "content_rejected" else "invalid_request"
+            state.decision = "filtered" if refusal.code == "content_rejected" else "invalid_request"
             flow.response = error_response(route.dialect, 400, str(refusal), refusal.code)
             return
         if changed:  # a large body is serialised again only when the policy altered it
             flow.request.content = json.dumps(body).encode()
 
-    async def _apply(self, route: Route, meta: dict, body: dict) -> bool:
+    async def _apply(self, route: Route, state: FlowState, body: dict) -> bool:
         """Checks and normalises `body` in place; returns whether it changed; raises PolicyError."""
         changed = False
         for field in REDIRECTING_FIELDS:
@@ -304,12 +306,12 @@ class RequestPolicy:
         if route.counts_tokens:
             return changed
         output, capped = self._cap_output(route, body)
-        count = lambda: tokens.count_prompt(route.api, meta["model"], found)  # noqa: E731
+        count = lambda: tokens.count_prompt(route.api, state.model, found)  # noqa: E731
         if sum(map(len, found.texts)) > INLINE_COUNT_LIMIT:
             prompt = await asyncio.get_running_loop().run_in_executor(None, count)
         else:
             prompt = count()
-        meta["prompt_tokens"] = prompt.high
+        state.prompt_tokens = prompt.high
         anthropic = route.api == ANTHROPIC
         cap = ctx.options.max_context_tokens_anthropic if anthropic else ctx.options.max_context_tokens_openai
         if cap and prompt.high + output > cap:
@@ -318,11 +320,11 @@ class RequestPolicy:
                 f"more than the {cap} allowed here.",
                 "context_length_exceeded",
             )
-        window = self._window_of(meta["model"], meta["family"])
+        window = self._window_of(state.model, state.family)
         if window and prompt.low > window:
             raise PolicyError(
                 f"This prompt has at least {prompt.low} tokens, more than the {window}-token context window of "
-                f"{meta['model']}.",
+                f"{state.model}.",
                 "context_length_exceeded",
             )
         return changed or capped

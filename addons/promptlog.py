@@ -14,7 +14,9 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.body import parsed_body
 from addons.config import size_setting
+from addons.flowstate import flow_state
 from addons.gatekeeper import identity_digest
+from addons.settlement import settlement_listener
 from addons.usage import Usage
 
 BACKENDS = ("file", "sqlite")
@@ -43,20 +45,21 @@ class PromptLog:
         if self._db:
             self._db.close()
 
-    def record(self, flow: http.HTTPFlow, usage: Usage | None, completion: str) -> None:
+    @settlement_listener
+    def request_settled(self, flow: http.HTTPFlow, usage: Usage | None, cost: int, completion: str) -> None:
         if not ctx.options.prompt_logging or usage is None:
             return
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         body = parsed_body(flow)
         prompt = {
             field: body[field] for field in ("system", "messages", "prompt", "input", "instructions") if field in body
         }
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "endpoint": meta["route"],
-            "model": meta.get("model"),
-            "family": meta.get("family"),
-            "user": identity_digest(meta.get("identity", "")),
+            "endpoint": state.route,
+            "model": state.model,
+            "family": state.family,
+            "user": identity_digest(state.identity),
             "prompt": prompt,
             "completion": completion,
             "inputTokens": usage.prompt,

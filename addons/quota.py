@@ -22,11 +22,15 @@ from addons import scrub
 from addons.apierrors import error_response, fail_closed
 from addons.body import parsed_body
 from addons.config import ConfigError
-from addons.families import parse_family_numbers
+from addons.families import ModelFamilies, parse_family_numbers
+from addons.flowstate import flow_state
 from addons.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of, usd
 from addons.routes import ROUTES_BY_NAME, forward_route
+from addons.settlement import settlement_listener
 from addons.usage import CHARACTERS_PER_TOKEN, Usage
+from llmproxy.flowstate import BilledUsage, FlowState
 from llmproxy.store import StoreUnavailable
+from llmproxy.store.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +134,9 @@ class Reservation:
 class QuotaKeeper:
     """Reserves before dispatch, settles afterwards; also counts prompts, tokens and costs for the status page."""
 
-    def __init__(self):
+    def __init__(self, storage: Storage, families: ModelFamilies):
+        self.storage = storage
+        self.families = families
         self.quotas: dict[str, int] = {}
         self.cost_quotas: dict[str, int] = {}  # nano-dollars by family, and "total"
         self.prices: list[tuple[str, Price]] = []
@@ -169,8 +175,7 @@ class QuotaKeeper:
         if "token_quotas" in updated:
             self.quotas = parse_family_numbers("token_quotas", ctx.options.token_quotas)
         if "cost_quotas" in updated:
-            families = ctx.master.addons.get("modelfamilies").all_families()
-            self.cost_quotas = parse_cost_quotas(ctx.options.cost_quotas, families)
+            self.cost_quotas = parse_cost_quotas(ctx.options.cost_quotas, self.families.all_families())
         if "model_prices" in updated:
             self.prices = parse_prices(ctx.options.model_prices)
         if "quota_refresh_period" in updated:
@@ -185,11 +190,11 @@ class QuotaKeeper:
                     ) from None
             self.schedule = period
 
-    async def running(self):
+    def running(self):
         if self.schedule:
             self._task = asyncio.create_task(self._refresh_on_schedule())
 
-    async def done(self):
+    def done(self):
         if self._task:
             self._task.cancel()
 
@@ -205,7 +210,7 @@ class QuotaKeeper:
                 continue
             try:
                 upcoming = next_refresh(self.schedule, self.clock())
-                ctx.master.addons.get("storage").store.reset_usage()
+                self.storage.store.reset_usage()
             except Exception as error:
                 logger.error("quota refresh failed, trying again in a minute: %s", scrub.text(repr(error)))
                 due = self.clock() + _RETRY_AFTER
@@ -227,15 +232,15 @@ class QuotaKeeper:
             return None
         return self.cost_quotas.get(family) or None
 
-    def price_for(self, meta: dict) -> Price:
+    def price_for(self, state: FlowState) -> Price:
         """The price of the request's model."""
-        return price_of(self.prices, ROUTES_BY_NAME[meta["route"]].api, meta["model"], meta["family"])
+        return price_of(self.prices, ROUTES_BY_NAME[state.route].api, state.model, state.family)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata["llmproxy"]
+        state = flow_state(flow)
         body = parsed_body(flow)
         if route.name in _STREAM_USAGE_ROUTES and body.get("stream") is True:
             options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
@@ -243,22 +248,22 @@ class QuotaKeeper:
                 # Usage arrives only when asked for; the meter removes the extra chunk the client did not ask for.
                 body["stream_options"] = {**options, "include_usage": True}
                 flow.request.content = json.dumps(body).encode()
-                meta["usage_chunk_added"] = True
-        if not (user_id := meta.get("user")) or route.counts_tokens:
+                state.usage_chunk_added = True
+        if not (user_id := state.user) or route.counts_tokens:
             return
-        store = ctx.master.addons.get("storage").store
+        store = self.storage.store
         user = store.get_user(user_id)
-        family = meta["family"]
+        family = state.family
         limit, cost_limit, total_cost_limit = (
             self.limit_for(user, family),
             self.cost_limit_for(user, family),
             self.cost_limit_for(user, "total"),
         )
-        estimate = meta.get("prompt_tokens") or prompt_estimate(body)
+        estimate = state.prompt_tokens or prompt_estimate(body)
         output = output_reservation(body)
-        tokens, cost = estimate + output, self.price_for(meta).worst_case(estimate, output)
+        tokens, cost = estimate + output, self.price_for(state).worst_case(estimate, output)
         if not store.reserve(user_id, family, tokens, limit, cost, cost_limit, total_cost_limit):
-            meta["decision"] = "over_quota"
+            state.decision = "over_quota"
             message = over_quota_message(user, family, tokens, cost, limit, cost_limit, total_cost_limit)
             flow.response = error_response(route.dialect, 429, message, "quota_exceeded")
             return
@@ -268,35 +273,34 @@ class QuotaKeeper:
         reservation = self.reservations.get(flow)
         return reservation.prompt_estimate if reservation else prompt_estimate(parsed_body(flow))
 
-    def settle(self, flow: http.HTTPFlow, usage: Usage | None, completion: str = "") -> None:
-        """Ends the request's accounting once: its usage is billed (None: nothing was produced), counted on the
-        status page and in the metrics, and logged when prompt logging is on."""
-        meta = flow.metadata.get("llmproxy", {})
-        if meta.get("settled"):
-            return
-        meta["settled"] = True
-        store = ctx.master.addons.get("storage").store
-        reservation = self.reservations.pop(flow, None)
-        family, cost = meta.get("family", ""), 0
-        if usage is not None and usage.odd:  # a side with a figure that was no count counts at least as reserved
-            prompt = reservation.prompt_estimate if reservation else self.prompt_estimate_of(flow)
+    def final_usage(self, flow: http.HTTPFlow, usage: Usage | None) -> tuple[Usage | None, int]:
+        """What the request is billed (None: nothing was produced) and its cost in nano-dollars. A side of the bill
+        with a figure that was no count counts at least as reserved."""
+        if usage is None:
+            return None, 0
+        state = flow_state(flow)
+        price = self.price_for(state)
+        if usage.odd:
+            prompt = self.prompt_estimate_of(flow)
+            reservation = self.reservations.get(flow)
             output = reservation.tokens - prompt if reservation else output_reservation(parsed_body(flow))
-            usage = usage.at_least(prompt, output, self.price_for(meta).dearest_prompt_kind())
+            usage = usage.at_least(prompt, output, price.dearest_prompt_kind())
             logger.warning(
                 "%s answered usage figures that are no count (%s) on %s; counted as reserved",
-                meta.get("route"),
+                state.route,
                 ", ".join(sorted(usage.odd)),
                 flow.id,
             )
+        return usage, price.cost(usage)
+
+    @settlement_listener
+    def request_settled(self, flow: http.HTTPFlow, usage: Usage | None, cost: int, completion: str) -> None:
+        """Bills the request: counted for the status page, and the user's reservation replaced by what it used."""
+        state, store = flow_state(flow), self.storage.store
+        reservation = self.reservations.pop(flow, None)
+        family = state.family
         if usage is not None:
-            cost = self.price_for(meta).cost(usage)
-            meta["usage"] = {
-                "input": usage.prompt,
-                "output": usage.output,
-                "estimated": usage.estimated,
-                "cost_usd": usd(cost),
-            }
-            ctx.master.addons.get("metrics").count_usage(family, usage, cost)
+            state.usage = BilledUsage(usage.prompt, usage.output, usage.estimated, usd(cost))
         try:
             if usage is not None:
                 store.add_to_counters(
@@ -321,4 +325,3 @@ class QuotaKeeper:
         except StoreUnavailable as error:
             # The reservation's lease runs out on its own: the request counts not at all rather than in part.
             logger.warning("usage of a request could not be settled: %s", error)
-        ctx.master.addons.get("promptlog").record(flow, usage, completion)

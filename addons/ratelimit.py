@@ -7,7 +7,10 @@ import weakref
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
+from addons.flowstate import flow_state
 from addons.routes import forward_route
+from llmproxy.flowstate import FlowState
+from llmproxy.store.storage import Storage
 
 WINDOW = 60.0
 
@@ -19,7 +22,8 @@ class RateLimiter:
     unreachable, client gone): a frontend that retries such refusals must not lock itself out. Token counts have
     a window of their own: they generate nothing, and Claude Code sends them between prompts."""
 
-    def __init__(self):
+    def __init__(self, storage: Storage):
+        self.storage = storage
         # Each counted request's hit in its window, for the refund; beside the flow, not in its metadata.
         self._hits: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[str, str, str]] = weakref.WeakKeyDictionary()
 
@@ -44,21 +48,21 @@ class RateLimiter:
     async def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
-        meta = flow.metadata["llmproxy"]
-        if meta.get("user_type") == "special":
+        state = flow_state(flow)
+        if state.user_type == "special":
             return
-        store = ctx.master.addons.get("storage").store
-        identity = meta["identity"]
+        store = self.storage.store
+        identity = state.identity
         bucket, limit = (
             ("count_tokens", ctx.options.count_tokens_rate_limit)
             if route.counts_tokens
-            else ("", self._limit_for(meta))
+            else ("", self._limit_for(state))
         )
         if limit:
             allowed, remaining, reset_at, hit = store.hit_rate_window(identity, limit, WINDOW, bucket)
-            meta["rate_limit"] = [limit, remaining, math.ceil(reset_at)]
+            state.rate_limit = (limit, remaining, math.ceil(reset_at))
             if not allowed:
-                meta["decision"] = "rate_limited"
+                state.decision = "rate_limited"
                 wait = max(1, math.ceil(reset_at - time.time()))
                 kind = "token-count requests" if route.counts_tokens else "requests"
                 flow.response = error_response(
@@ -71,7 +75,7 @@ class RateLimiter:
                 return
             self._hits[flow] = (identity, hit, bucket)
         if not store.enter(identity, ctx.options.max_concurrent_per_identity):
-            meta["decision"] = "too_many_in_flight"
+            state.decision = "too_many_in_flight"
             flow.response = error_response(
                 route.dialect,
                 429,
@@ -80,19 +84,18 @@ class RateLimiter:
                 {"retry-after": "1"},
             )
             return
-        meta["in_flight"] = True
+        state.in_flight = True
 
-    @staticmethod
-    def _limit_for(meta: dict) -> int:
-        if user_id := meta.get("user"):
-            user = ctx.master.addons.get("storage").store.get_user(user_id)
+    def _limit_for(self, state: FlowState) -> int:
+        if state.user:
+            user = self.storage.store.get_user(state.user)
             if user and user["rate_limit"] is not None:
                 return user["rate_limit"]
         return ctx.options.model_rate_limit
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if rate_limit := flow.metadata.get("llmproxy", {}).get("rate_limit"):
+        if rate_limit := flow_state(flow).rate_limit:
             limit, remaining, reset_at = rate_limit
             flow.response.headers["x-ratelimit-limit"] = str(limit)
             flow.response.headers["x-ratelimit-remaining"] = str(remaining)
@@ -105,10 +108,10 @@ class RateLimiter:
         self._leave(flow)
 
     def _leave(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("llmproxy", {})
-        store = ctx.master.addons.get("storage").store
-        if meta.pop("in_flight", False):
-            store.leave(meta["identity"])
+        state, store = flow_state(flow), self.storage.store
+        if state.in_flight:
+            state.in_flight = False
+            store.leave(state.identity)
         hit = self._hits.pop(flow, None)
-        if hit and "upstream_status" not in meta:  # refused by the proxy itself, or the client left first
+        if hit and state.upstream_status is None:  # refused by the proxy itself, or the client left first
             store.refund_rate_window(*hit)

@@ -13,7 +13,9 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import fail_closed
 from addons.body import parsed_body
+from addons.flowstate import flow_state
 from addons.routes import ROUTES_BY_NAME
+from llmproxy.api import sse
 
 ERROR_FORMATS = ("error", "completion")
 _CHAT_ROUTES = ("openai.chat_completions", "anthropic.chat_completions")
@@ -21,12 +23,9 @@ _CHAT_ROUTES = ("openai.chat_completions", "anthropic.chat_completions")
 _MESSAGE_ROUTES = (*_CHAT_ROUTES, "openai.completions", "openai.responses", "anthropic.messages", "anthropic.complete")
 
 
-def _sse(events: list[tuple[str | None, dict | str]]) -> bytes:
-    out = []
-    for name, data in events:
-        payload = data if isinstance(data, str) else json.dumps(data)
-        out.append((f"event: {name}\n" if name else "") + f"data: {payload}\n\n")
-    return "".join(out).encode()
+def _json_stream(events: list[tuple[str | None, dict | str]]) -> bytes:
+    """(event name or None, data) pairs as a stream, each dict as JSON."""
+    return b"".join(sse.event(data if isinstance(data, str) else json.dumps(data), name) for name, data in events)
 
 
 def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[bytes, str]:
@@ -56,14 +55,14 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        return _sse(
+        return _json_stream(
             [(None, chunk({"role": "assistant", "content": text}, None)), (None, chunk({}, "stop")), (None, "[DONE]")]
-        ), "text/event-stream"
+        ), sse.MEDIA_TYPE
     if route == "openai.completions":
         choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
         body = {"id": ident, "object": "text_completion", "created": now, "model": model, "choices": [choice]}
         return (
-            (_sse([(None, body), (None, "[DONE]")]), "text/event-stream")
+            (_json_stream([(None, body), (None, "[DONE]")]), sse.MEDIA_TYPE)
             if stream
             else (json.dumps(body).encode(), "application/json")
         )
@@ -87,7 +86,7 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
         }
         if not stream:
             return json.dumps(response).encode(), "application/json"
-        return _sse(
+        return _json_stream(
             [
                 (
                     "response.output_text.delta",
@@ -102,11 +101,11 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
                 ),
                 ("response.completed", {"type": "response.completed", "response": response, "sequence_number": 1}),
             ]
-        ), "text/event-stream"
+        ), sse.MEDIA_TYPE
     if route == "anthropic.complete":
         body = {"type": "completion", "id": ident, "completion": text, "stop_reason": "stop_sequence", "model": model}
         return (
-            (_sse([("completion", body)]), "text/event-stream")
+            (_json_stream([("completion", body)]), sse.MEDIA_TYPE)
             if stream
             else (json.dumps(body).encode(), "application/json")
         )
@@ -121,7 +120,7 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
     }
     if not stream:
         return json.dumps({**message, "content": [{"type": "text", "text": text}]}).encode(), "application/json"
-    return _sse(
+    return _json_stream(
         [
             ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None}}),
             (
@@ -143,7 +142,7 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
             ),
             ("message_stop", {"type": "message_stop"}),
         ]
-    ), "text/event-stream"
+    ), sse.MEDIA_TYPE
 
 
 class RefusalFormat:
@@ -163,7 +162,7 @@ class RefusalFormat:
 
     @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
-        route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
+        route = ROUTES_BY_NAME.get(flow_state(flow).route)
         response = flow.response
         if (
             ctx.options.proxy_error_format != "completion"

@@ -1,11 +1,13 @@
 """Decides what a request is, before anything else looks at it: a known route, or a rejection."""
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs
 
 from addons import routes
 from addons.apierrors import ANTHROPIC, OPENAI, api_of_path, error_response, fail_closed
 from addons.config import size_setting
+from addons.flowstate import flow_state, new_flow_state
 
 API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 
@@ -16,6 +18,31 @@ _CORS_ALLOWED_HEADERS = (
     b"authorization, x-api-key, content-type, anthropic-version, anthropic-beta, openai-beta, "
     b"anthropic-dangerous-direct-browser-access"
 )
+
+
+def _under_upstream(request: http.Request) -> bytes | None:
+    """The proxy's own target (`/proxy/<api>/...`) for a request to a configured upstream URL, or None."""
+    for api in (OPENAI, ANTHROPIC):
+        scheme, host, port, base_path = url.parse(getattr(ctx.options, f"{api}_upstream_url"))
+        prefix, path = base_path.rstrip(b"/"), request.data.path
+        if (request.scheme, request.host, request.port) == (scheme.decode(), host.decode(), port) and path.startswith(
+            prefix + b"/"
+        ):
+            return f"/proxy/{api}".encode() + path[len(prefix) :]
+    return None
+
+
+def _show_as_sent(flow: http.HTTPFlow) -> None:
+    """mitmproxy names the reverse listener's stand-in target as every request's destination; mitmweb shows the
+    request as the client sent it instead (the dispatcher later shows a forwarded one at its upstream URL)."""
+    request, client = flow.request, flow.client_conn
+    scheme = "https" if client.tls_established else "http"
+    try:
+        host, port = url.parse_authority(request.host_header or "", check=True)
+    except ValueError:
+        host, port = client.sockname[0], client.sockname[1]
+    request.data.scheme, request.data.host = scheme.encode(), host
+    request.data.port = port or url.default_port(scheme)
 
 
 class Router:
@@ -52,23 +79,28 @@ class Router:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         raw_target = request.data.path
-        meta = flow.metadata.setdefault("llmproxy", {})
-        if isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode):  # ./run.sh local
+        state = new_flow_state(flow)
+        if flow.is_replay == "request" and (upstream_target := _under_upstream(request)):
+            # A flow mitmweb replays shows the upstream URL the request went to: it is that API's request again.
+            raw_target = upstream_target
+        elif isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode):  # ./run.sh local
             host_api = API_HOSTS.get(request.pretty_host)
             if host_api is None:
                 if ctx.options.local_other_hosts == "block":
-                    meta["decision"] = "blocked_host"
+                    state.decision = "blocked_host"
                     flow.response = error_response(
                         OPENAI, 403, "This proxy only lets the LLM APIs through.", "host_blocked"
                     )
                 else:
-                    meta["passthrough"] = True  # not an API: not ours to touch
+                    state.passthrough = True  # not an API: not ours to touch
                 return
             raw_target = f"/proxy/{host_api}".encode() + raw_target  # the API's own path, as under our prefix
+        else:
+            _show_as_sent(flow)
         api = api_of_path(raw_target)
         if request.http_version not in _VERSIONS_SPOKEN.get(flow.client_conn.alpn, ("HTTP/1.0", "HTTP/1.1")):
             # mitmproxy takes any `HTTP/d.d`; `HTTP/2.0` on an HTTP/1 connection would skip the absolute-form check.
-            meta["decision"] = "blocked_path"
+            state.decision = "blocked_path"
             flow.response = error_response(
                 api,
                 505,
@@ -77,23 +109,23 @@ class Router:
             )
             return
         if self._too_large(request.headers.get("content-length", "0")):
-            meta["decision"] = "too_large"
+            state.decision = "too_large"
             flow.response = self._too_large_response(api)
             return
         if request.http_version.startswith("HTTP/1") and request.data.authority:
             # mitmproxy would forward an absolute-form target (`POST http://elsewhere/...`) as it came.
-            meta["decision"] = "blocked_path"
+            state.decision = "blocked_path"
             flow.response = error_response(
                 api, 400, "Absolute-form request targets are not accepted; send the path only.", "absolute_form"
             )
             return
         if request.data.method == b"OPTIONS" and routes.is_known_path(raw_target):
-            meta["decision"] = "preflight"
+            state.decision = "preflight"
             flow.response = self._preflight(request)
             return
         if request.headers.get("upgrade", "").lower() == "websocket":
             # 426, not 404 or 405: Codex retries those for seconds before it falls back to HTTPS; 426 at once.
-            meta["decision"] = "blocked_path"
+            state.decision = "blocked_path"
             flow.response = error_response(
                 api,
                 426,
@@ -102,7 +134,7 @@ class Router:
             )
             return
         if routes.STORED_RESPONSE_PATH.fullmatch(routes.request_path(raw_target)):
-            meta["decision"] = "blocked_path"
+            state.decision = "blocked_path"
             flow.response = error_response(
                 api,
                 404,
@@ -114,11 +146,10 @@ class Router:
             return
         match = routes.lookup(request.data.method, raw_target)
         if match.route is not None:
-            meta["route"] = match.route.name
-            if match.route.dialect:
-                meta["dialect"] = match.route.dialect  # the error format of everything that follows
+            state.route = match.route.name
+            state.dialect = match.route.dialect  # the error format of everything that follows
             return
-        meta["decision"] = "blocked_path"
+        state.decision = "blocked_path"
         if (
             request.data.method == b"GET"
             and routes.request_path(raw_target).startswith(b"/proxy/")
@@ -145,7 +176,7 @@ class Router:
     async def request(self, flow: http.HTTPFlow) -> None:
         """Bodies sent without a declared length are measured once read."""
         if not flow.response and flow.live and self._too_large(len(flow.request.raw_content or b"")):
-            flow.metadata["llmproxy"]["decision"] = "too_large"
+            flow_state(flow).decision = "too_large"
             flow.response = self._too_large_response(api_of_path(flow.request.data.path))
 
     def _too_large(self, size: int | str) -> bool:

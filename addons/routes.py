@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from addons.apierrors import ANTHROPIC, OPENAI, merge_slashes
+from addons.flowstate import flow_state
 
 FORWARD = "forward"  # sent upstream with a pool key
 LOCAL = "local"  # answered by the proxy itself
@@ -18,7 +19,7 @@ LOCAL = "local"  # answered by the proxy itself
 
 @dataclass(frozen=True)
 class Route:
-    name: str  # e.g. "openai.chat_completions"; used in logs, metrics and flow metadata
+    name: str  # e.g. "openai.chat_completions"; used in logs, metrics and flow state
     api: str  # the upstream API: OPENAI or ANTHROPIC, or "" for the proxy's own pages
     method: str
     kind: str
@@ -128,5 +129,5 @@ def forward_route(flow) -> Route | None:
     """The route of a live, still unanswered flow that is to go upstream; None for every other flow."""
     if flow.response or not flow.live:
         return None
-    route = ROUTES_BY_NAME.get(flow.metadata.get("llmproxy", {}).get("route"))
+    route = ROUTES_BY_NAME.get(flow_state(flow).route)
     return route if route is not None and route.kind == FORWARD else None

@@ -10,7 +10,14 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import ANTHROPIC, OPENAI, SERVICE_NAMES, fail_closed
+from addons.dispatcher import Dispatcher
+from addons.families import ModelFamilies
+from addons.flowstate import flow_state
 from addons.pricing import format_usd, usd
+from llmproxy.pool.checker import KeyChecker
+from llmproxy.pool.keys import KeyPool
+from llmproxy.pool.queue import WaitQueue
+from llmproxy.store.storage import Storage
 from llmproxy.web import pages
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -66,9 +73,24 @@ def decode_page_body(encoded: str) -> str:
 
 
 class StatusPage:
-    """Serves the health check and the status page (default, or the owner's PAGE_BODY template)."""
+    """Serves the health check and the status page (default, or the owner's PAGE_BODY template). The requests
+    served are the dispatcher's count."""
 
-    def __init__(self):
+    def __init__(
+        self,
+        storage: Storage,
+        pool: KeyPool,
+        queue: WaitQueue,
+        checker: KeyChecker,
+        families: ModelFamilies,
+        dispatcher: Dispatcher,
+    ):
+        self.storage = storage
+        self.pool = pool
+        self.queue = queue
+        self.checker = checker
+        self.families = families
+        self.dispatcher = dispatcher
         self.started = time.time()
         self.build = ""
         self.template = ""
@@ -90,21 +112,21 @@ class StatusPage:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        route = flow.metadata.get("llmproxy", {}).get("route")
-        if route == "health":
-            if ctx.master.addons.get("storage").healthy():
+        state = flow_state(flow)
+        if state.route == "health":
+            if self.storage.healthy():
                 flow.response = http.Response.make(200, b"OK", {"content-type": "text/plain"})
             else:
                 flow.response = http.Response.make(503, b"store unavailable", {"content-type": "text/plain"})
-        elif route == "status":
+        elif state.route == "status":
             body = json.dumps(self.facts(flow.request), indent=2)
             flow.response = http.Response.make(200, body, {"content-type": "application/json"})
-        elif route == "status_page":
+        elif state.route == "status_page":
             body = self.page(self.facts(flow.request))
             flow.response = http.Response.make(200, body, {"content-type": "text/html; charset=utf-8"})
         else:
             return
-        flow.metadata["llmproxy"]["decision"] = "local"
+        state.decision = "local"
 
     def facts(self, request: http.Request) -> dict:
         """Everything the page shows. Public by design: never a key, a token or an address of a user."""
@@ -116,9 +138,7 @@ class StatusPage:
 
     def _gather(self) -> tuple[dict, dict]:
         """(the page's facts, what only a PAGE_BODY template needs: every family and the users), cached together."""
-        pool = ctx.master.addons.get("keypool")
-        served = ctx.master.addons.get("dispatcher").served
-        store = ctx.master.addons.get("storage").store
+        pool, served, store = self.pool, self.dispatcher.served, self.storage.store
         counters = store.counters()
         facts = {
             "title": ctx.options.server_title,
@@ -130,7 +150,7 @@ class StatusPage:
             "proomptersNow": store.active_identities(60),
             "openaiKeys": pool.counts(OPENAI)["total"],
             "anthropicKeys": pool.counts(ANTHROPIC)["total"],
-            "status": ctx.master.addons.get("keychecker").status,
+            "status": self.checker.status,
         }
         for api in (OPENAI, ANTHROPIC):
             facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
@@ -146,14 +166,12 @@ class StatusPage:
         template_only = {"families": every_family, "users": store.list_users() if self.template else []}
         return facts, template_only
 
-    @staticmethod
-    def family_facts() -> tuple[dict, list[str]]:
+    def family_facts(self) -> tuple[dict, list[str]]:
         """Per model family: key states, requests waiting and the estimated wait; and the families with keys."""
-        pool, queue = ctx.master.addons.get("keypool"), ctx.master.addons.get("waitqueue")
-        families = ctx.master.addons.get("modelfamilies")
+        pool, queue = self.pool, self.queue
         facts, with_keys = {}, []
         for api in (OPENAI, ANTHROPIC):
-            for family in families.all_families(api):
+            for family in self.families.all_families(api):
                 keys = pool.counts(api, family)
                 wait = queue.estimated_wait(api, family)
                 if keys["total"]:

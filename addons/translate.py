@@ -13,7 +13,9 @@ from mitmproxy import http
 
 from addons.apierrors import fail_closed
 from addons.body import parsed_body, replace_body
+from addons.flowstate import flow_state
 from addons.usage import Usage, from_usage_object
+from llmproxy.api import sse
 
 DEFAULT_MAX_TOKENS = 4096  # the Messages API requires one; OpenAI clients often send none
 FINISH_REASONS = {
@@ -125,7 +127,7 @@ def _usage(usage) -> dict:
     return {"prompt_tokens": figures.prompt, "completion_tokens": figures.output, "total_tokens": figures.total}
 
 
-def message_to_chat(answer: bytes) -> bytes:
+def message_to_chat(answer: bytes | str) -> bytes:
     """A Messages API answer (or error) as an OpenAI chat completion (or error)."""
     data = json.loads(answer)
     if data.get("type") == "error" or "error" in data:
@@ -177,7 +179,7 @@ class MessagesToChatStream:
         self.id, self.model, self.created = "chatcmpl-", "", int(time.time())
         self.usage: dict = {}
         self.tool_index: dict[int, int] = {}  # content block index -> tool call index
-        self._pending = b""
+        self._events = sse.Parser()
 
     def _chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
         chunk = {
@@ -189,15 +191,12 @@ class MessagesToChatStream:
         }
         if usage:
             chunk["usage"] = usage
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return sse.event(json.dumps(chunk))
 
     def feed(self, chunk: bytes) -> bytes:
-        self._pending += chunk
-        *events, self._pending = self._pending.replace(b"\r\n", b"\n").split(b"\n\n")
-        return b"".join(self._translate(event) for event in events)
+        return b"".join(self._translate(event.data) for event in self._events.feed(chunk))
 
-    def _translate(self, event: bytes) -> bytes:
-        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    def _translate(self, data: str) -> bytes:
         try:
             payload = json.loads(data)
         except ValueError:
@@ -238,9 +237,9 @@ class MessagesToChatStream:
             finish = FINISH_REASONS.get(payload.get("delta", {}).get("stop_reason"), "stop")
             return self._chunk({}, finish)
         if kind == "message_stop":
-            return (self._chunk({}, usage=_usage(self.usage)) if self.include_usage else b"") + b"data: [DONE]\n\n"
+            return (self._chunk({}, usage=_usage(self.usage)) if self.include_usage else b"") + sse.event("[DONE]")
         if kind == "error":
-            return b"data: " + message_to_chat(data) + b"\n\n"
+            return sse.event(message_to_chat(data).decode())
         return b""  # ping, content_block_start/stop of text
 
 
@@ -251,9 +250,9 @@ class ClaudeChatTranslator:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        meta = flow.metadata.get("llmproxy", {})
-        if meta.get("route") != _ROUTE:
+        state = flow_state(flow)
+        if state.route != _ROUTE:
             return
         body = parsed_body(flow)
-        meta["client_wants_usage"] = (body.get("stream_options") or {}).get("include_usage") is True
+        state.client_wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
         replace_body(flow, chat_to_messages(body))

@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from addons.apierrors import ANTHROPIC
+from llmproxy.api import sse
 
 _RESPONSE_ENDINGS = ("response.completed", "response.incomplete", "response.failed")
 CHARACTERS_PER_TOKEN = (
@@ -169,7 +170,7 @@ def _from_answer(answer: dict) -> Usage | None:
     return usage
 
 
-def _loads(data: bytes):
+def _loads(data: bytes | str):
     """Parsed JSON, or None for what is none (invalid, not UTF-8, nested beyond the parser's depth)."""
     try:
         return json.loads(data)
@@ -205,21 +206,19 @@ class StreamMeter:
         self.text_parts: list[str] = []
         self.web_searches = 0  # Anthropic's web searches seen, for a search count that is no count
         self._anthropic_usage = None
-        self._pending = b""
+        self._events = sse.Parser(comments=drop_usage_chunk)  # comments pass on too where events are written anew
         self.response_id = None  # the Responses API's response, named in its first event (affinity), as it came
 
     def feed(self, chunk: bytes) -> bytes:
-        self._pending += chunk
-        *events, self._pending = self._pending.replace(b"\r\n", b"\n").split(b"\n\n")
-        kept = [event for event in events if self._read(event)]
+        """Reads the events `chunk` completes. An event left unterminated when the stream ends is not read (nor,
+        when events are dropped, passed on): a client would discard it, and the upstream did not finish it."""
+        items = self._events.feed(chunk)
         if not self.drop_usage_chunk:
+            for item in items:
+                self._read(item)
             return chunk  # passed on untouched, as it came
-        return b"".join(event + b"\n\n" for event in kept)
-
-    def flush(self) -> bytes:
-        """What is left of an unterminated last event, once the stream has ended."""
-        rest, self._pending = self._pending, b""
-        return rest if self.drop_usage_chunk else b""
+        # The events kept are written anew: the same data, type and ID for the client's parser, comments kept.
+        return b"".join(bytes(item) for item in items if isinstance(item, sse.Comment) or self._read(item))
 
     def finish(self, prompt_estimate: int) -> Usage:
         """The stream's usage: the upstream's figures, or an estimate of the output from what was streamed."""
@@ -227,10 +226,10 @@ class StreamMeter:
             return self.usage
         return estimate(prompt_estimate, self.text_characters, self.started)
 
-    def _read(self, event: bytes) -> bool:
+    def _read(self, event: sse.Event) -> bool:
         """Learns from one event; False when the event is to be left out."""
-        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
-        if not data or data == b"[DONE]":
+        data = event.data
+        if not data or data == "[DONE]":
             return True
         payload = _loads(data)
         if not isinstance(payload, dict):

@@ -6,10 +6,11 @@ upstream misbehave on purpose; see tests/fakeupstream.py.
 """
 
 import os
+import subprocess
 import sys
 
-from addons import proxy
 from tests.fakeupstream import start_in_thread
+from tests.harness import ENTRY_SCRIPT, mitmproxy_command
 
 DEMO_KEYS = {"OPENAI_KEY": "sk-demo-openai-1,sk-demo-openai-2", "ANTHROPIC_KEY": "sk-ant-demo-1"}
 
@@ -24,7 +25,12 @@ def main(argv: list[str]) -> None:
         f'    -d \'{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
         flush=True,
     )
-    proxy.run(argv)
+    ui, args = ("web", argv[1:]) if argv[:1] == ["web"] else ("dump", argv)
+    command = [*mitmproxy_command(ui), "-s", str(ENTRY_SCRIPT), "--set", "server=false", *args]
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:  # the proxy got it too, and stopped
+        sys.exit(130)
 
 
 if __name__ == "__main__":

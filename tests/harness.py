@@ -1,4 +1,5 @@
-"""Starts the real proxy (our entry point, mitmdump with the addons) as a subprocess for end-to-end tests."""
+"""Starts the real proxy (mitmdump or mitmweb with `-s addons/proxy.py`, as ./run.sh does) as a subprocess for
+end-to-end tests."""
 
 import atexit
 import os
@@ -13,7 +14,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening at (?:\[[^\]]+\]|[\d.]+):(\d+)")
+ENTRY_SCRIPT = ROOT / "addons" / "proxy.py"
+# The proxy's own listener (mitmproxy may have opened and closed its default one before the script loaded).
+_LISTENING = re.compile(r"llm-proxy [^\n]* listening at (?:\[[^\]]+\]|[\d.]+|\*):(\d+)")
+
+
+def mitmproxy_command(ui: str = "dump") -> list[str]:
+    """mitmdump or mitmweb of this virtual environment."""
+    return [str(Path(sys.executable).parent / ("mitmweb" if ui.endswith("web") else "mitmdump"))]
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
@@ -29,7 +37,9 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
 class ProxyProcess:
     """One proxy process with its own environment, confdir and log file; `url` once started."""
 
-    def __init__(self, env: dict[str, str] | None = None, args: list[str] = (), ui: str = "dump"):
+    def __init__(
+        self, env: dict[str, str] | None = None, args: list[str] = (), ui: str = "dump", script: Path = ENTRY_SCRIPT
+    ):
         self.workdir = Path(tempfile.mkdtemp(prefix="llmproxy-test-"))
         # Kept until the test run ends (tests read the log after the proxy stopped), then removed.
         atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
@@ -42,8 +52,18 @@ class ProxyProcess:
             "BUILD_INFO": "test",
             **(env or {}),
         }
-        self.args = ["--set", f"confdir={self.workdir / 'confdir'}", *args]
-        self.ui = ui
+        # As ./run.sh runs it: ui is dump, web, local or "local web".
+        self.command = [
+            *mitmproxy_command(ui),
+            "-s",
+            str(script),
+            "--set",
+            "server=false",
+            *(["--set", "forward_proxy=true"] if ui.startswith("local") else []),
+            "--set",
+            f"confdir={self.workdir / 'confdir'}",
+            *args,
+        ]
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -54,7 +74,7 @@ class ProxyProcess:
     def start(self, timeout: float = 15) -> "ProxyProcess":
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "addons.proxy", self.ui, *self.args],
+                self.command,
                 cwd=self.workdir,  # no stray .env from the developer's checkout
                 env=self.env,
                 stdout=log,
@@ -76,7 +96,7 @@ class ProxyProcess:
         """For start-up failures: runs the process until it exits and returns its exit code."""
         with open(self.log_path, "wb") as log:
             completed = subprocess.run(
-                [sys.executable, "-m", "addons.proxy", self.ui, *self.args],
+                self.command,
                 cwd=self.workdir,
                 env=self.env,
                 stdout=log,

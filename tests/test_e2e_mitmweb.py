@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from mitmproxy import io
 
 from tests.conftest import CANARY, proxy_env
 from tests.harness import ProxyProcess, free_port, wait_until
@@ -89,6 +90,10 @@ def test_flow_files_written_with_w_hold_no_secret(fake, tmp_path):
             )
     data = dump.read_bytes()
     assert b"chat/completions" in data and CANARY.encode() not in data
+    with dump.open("rb") as file:
+        summaries = [flow.metadata["llmproxy"] for flow in io.FlowReader(file).stream()]
+    assert [summary["decision"] for summary in summaries] == ["served", "upstream_error"]  # a summary, as JSON
+    assert summaries[0]["keys"][0].startswith("oai-") and summaries[0]["usage"]["input"] > 0
 
 
 def test_mitmwebs_status_bar_names_the_real_listener(mitmweb):
@@ -139,3 +144,91 @@ def test_a_streamed_answer_is_shown_as_the_client_received_it(mitmweb):
     shown = api.get(f"/flows/{flow['id']}/response/content.data")
     assert shown.status_code == 200 and shown.content == received and b"data: [DONE]" in shown.content
     assert CANARY.encode() not in api.get("/flows/dump").content
+
+
+def finished(api: httpx.Client, count: int) -> list[dict]:
+    """mitmweb's flows once `count` of them carry the proxy's comment (it is written when a flow ends)."""
+    return wait_until(
+        lambda: (flows := api.get("/flows").json()) and sum(bool(f["comment"]) for f in flows) >= count and flows
+    )
+
+
+def replayed(api: httpx.Client, flow: dict) -> dict:
+    """The flow after mitmweb's replay of it (in place, as the same flow) has ended and been annotated anew."""
+    before = next(f["comment"] for f in api.get("/flows").json() if f["id"] == flow["id"])
+    assert api.post(f"/flows/{flow['id']}/replay").status_code == 200
+
+    def annotated_again():
+        now = next(f for f in api.get("/flows").json() if f["id"] == flow["id"])
+        return now if now["comment"].startswith("replay") and now["comment"] != before else None
+
+    return wait_until(annotated_again)
+
+
+def test_a_replay_is_a_new_request_from_the_same_client_through_the_whole_policy(mitmweb, fake):
+    proxy, api = mitmweb
+    auth = {"authorization": f"Bearer {PROXY_KEY}"}
+    ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        assert client.post(CHAT, headers=auth, json=ask).status_code == 200
+        streamed = {**ask, "stream": True, "messages": [{"role": "user", "content": "#fake:events=3"}]}
+        with client.stream("POST", CHAT, headers=auth, json=streamed) as stream:
+            "".join(stream.iter_text())
+        assert client.post(CHAT, headers={"authorization": "Bearer wrong"}, json=ask).status_code == 401
+        assert client.get("/proxy/openai/v1/organization/api_keys", headers=auth).status_code == 404
+    buffered, stream, unauthorized, blocked = finished(api, 4)
+    assert len(fake.requests) == 2
+    # Forwarded flows show the upstream exchange: its URL and, in the Connection tab, its address.
+    assert buffered["request"]["path"] == "/v1/chat/completions"
+    assert buffered["server_conn"]["address"] == ["127.0.0.1", int(fake.url.rsplit(":", 1)[1])]
+    # A refused one shows the request as the client sent it, and no server: nothing was sent anywhere.
+    assert blocked["request"]["path"] == "/proxy/openai/v1/organization/api_keys"
+    assert blocked["request"]["port"] == proxy.port and not blocked["server_conn"]["address"]
+
+    again = replayed(api, buffered)
+    assert again["comment"].startswith("replay · served") and "keys oai-" in again["comment"]
+    assert again["response"]["status_code"] == 200 and again["marked"] == "✅"
+    assert replayed(api, stream)["comment"].startswith("replay · served")
+    assert len(fake.requests) == 4 and all(r.path == "/v1/chat/completions" for r in fake.requests)
+    assert replayed(api, unauthorized)["comment"].startswith("replay · unauthorized")  # gated again
+    assert replayed(api, blocked)["response"]["status_code"] == 404  # the allowlist again
+    # An edited replay is checked as it is now: a changed path is another route, here none.
+    api.put(f"/flows/{buffered['id']}", json={"request": {"path": "/v1/files"}})
+    assert replayed(api, buffered)["comment"].startswith("replay · blocked path")
+    assert len(fake.requests) == 4
+    for url in ("/flows", "/flows/dump", "/events"):
+        assert CANARY.encode() not in api.get(url).content, url
+
+
+def test_exports_work_and_hold_no_secret(mitmweb, fake, tmp_path):
+    proxy, api = mitmweb
+    auth = {"authorization": f"Bearer {PROXY_KEY}", "cookie": f"session={PROXY_KEY}"}
+    ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "#fake:echo_key=1 hi"}]}
+    assert httpx.post(proxy.url + CHAT, headers=auth, json=ask, timeout=15).status_code == 200
+    (flow,) = finished(api, 1)
+    for export in ("curl", "httpie", "raw"):
+        text = api.post("/commands/export", json={"arguments": [export, f"@{flow['id']}"]}).json()["value"]
+        assert "/v1/chat/completions" in text and CANARY not in text, export
+    har = tmp_path / "flows.har"
+    assert api.post("/commands/save.har", json={"arguments": ["@all", str(har)]}).status_code == 200
+    saved = wait_until(lambda: har.exists() and har.read_text())
+    assert json.loads(saved)["log"]["entries"][0]["request"]["url"].endswith("/v1/chat/completions")
+    assert CANARY not in saved and CANARY not in api.get("/flows/dump").text
+
+
+def test_a_refused_option_change_at_run_time_keeps_the_policy(mitmweb, fake):
+    proxy, api = mitmweb
+    for change, sentence in (
+        ({"upstream_timeout": -1}, "UPSTREAM_TIMEOUT must be a positive number"),
+        ({"connection_strategy": "eager"}, "connection_strategy must stay 'lazy'"),
+        ({"mode": ["socks5"]}, "--mode socks5 is not accepted"),
+        ({"gatekeeper": "everyone"}, "GATEKEEPER must be one of"),
+    ):
+        refused = api.put("/options", json=change)
+        assert refused.status_code == 400 and sentence in refused.text, change
+    options = api.get("/options").json()
+    assert options["upstream_timeout"]["value"] == 600 and options["gatekeeper"]["value"] == "proxy_key"
+    ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(proxy.url + CHAT, json=ask, timeout=15).status_code == 401  # still gated
+    answer = httpx.post(proxy.url + CHAT, json=ask, headers={"authorization": f"Bearer {PROXY_KEY}"}, timeout=15)
+    assert answer.status_code == 200 and len(fake.requests) == 1

@@ -265,8 +265,8 @@ def test_chunked_body_over_the_limit_is_refused(proxy, fake):
 
 
 def test_pipe_refuses_requests_that_skipped_the_pipeline(proxy):
-    """The listener's reverse target is the dispatcher's pipe: without a token it only ever refuses."""
-    pipe_port = int(proxy.log().split("reverse proxy to http://127.0.0.1:")[1].split()[0].rstrip("."))
+    """The dispatcher's pipe, where streamed answers pass on loopback: without a token it only ever refuses."""
+    pipe_port = int(proxy.wait_for_log(r"the pipe .* listens on 127\.0\.0\.1:(\d+)").group(1))
     response = httpx.post(f"http://127.0.0.1:{pipe_port}/proxy/openai/v1/chat/completions", content=BODY)
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "proxy_internal_error"

@@ -17,8 +17,9 @@ from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from addons.apierrors import fail_closed
-from addons.keypool import DEFAULT_COOLDOWN, read_limits, retry_after
+from addons.flowstate import flow_state
 from addons.usage import StreamMeter, read_answer
+from llmproxy.pool.keys import DEFAULT_COOLDOWN, read_limits, retry_after
 from tests.conftest import ANTHROPIC_KEYS, CANARY, OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, wait_until
 from tests.test_e2e_users import ADMIN_KEY, Admin
@@ -461,11 +462,12 @@ class FailingAfterTheAnswer:
 
 async def test_a_failure_after_the_answer_keeps_the_answer():
     flow = tflow.tflow(resp=True)
-    flow.metadata["llmproxy"] = {"keys": ["oai-1234abcd"], "decision": "served"}
+    state = flow_state(flow)
+    state.keys, state.decision = ["oai-1234abcd"], "served"
     answer = flow.response.copy()
     await FailingAfterTheAnswer().response(flow)
     await FailingAfterTheAnswer().request(flow)
-    assert flow.response.get_state() == answer.get_state() and flow.metadata["llmproxy"]["decision"] == "served"
+    assert flow.response.get_state() == answer.get_state() and state.decision == "served"
 
 
 @pytest.mark.parametrize(
@@ -473,6 +475,6 @@ async def test_a_failure_after_the_answer_keeps_the_answer():
 )
 async def test_a_failure_before_the_answer_says_whether_the_request_went_upstream(keys, fate):
     flow = tflow.tflow(req=tutils.treq(path=b"/proxy/openai/v1/chat/completions"))
-    flow.metadata["llmproxy"] = {"keys": keys}
+    flow_state(flow).keys = keys
     await FailingAfterTheAnswer().request(flow)
     assert flow.response.status_code == 500 and fate in json.loads(flow.response.content)["error"]["message"]

@@ -3,9 +3,10 @@
 import time
 
 import pytest
-from mitmproxy.test import taddons
 
-from addons.keypool import (
+from addons.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
+from addons.usage import StreamMeter, Usage
+from llmproxy.pool.keys import (
     ACTIVE,
     REVOKED,
     KeyAffinity,
@@ -17,9 +18,21 @@ from addons.keypool import (
     read_limits,
     retry_after,
 )
-from addons.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
-from addons.usage import StreamMeter, Usage
-from addons.waitqueue import FamilyQueue, Waiter, WaitQueue
+from llmproxy.pool.queue import FamilyQueue, Waiter, WaitQueue
+from llmproxy.store.storage import Storage
+
+
+@pytest.fixture
+def storage(tmp_path):
+    """The store the pool keeps key health and rests in: a SQLite file of the test's own."""
+    storage = Storage()
+    storage.open(tmp_path / "proxy.sqlite3")
+    yield storage
+    storage.close()
+
+
+def make_pool(storage: Storage, *secrets: str) -> KeyPool:
+    return KeyPool({"openai_key": list(secrets)}, storage, lambda api: ["gpt4o", "gpt4"])
 
 
 @pytest.mark.parametrize(
@@ -123,8 +136,6 @@ def test_retry_after_prefers_the_explicit_header():
 class ConfirmationsAsked:
     """Stands in for the key checker: records which suspicions the pool asked it to confirm."""
 
-    name = "keychecker"
-
     def __init__(self):
         self.asked = []
 
@@ -132,56 +143,53 @@ class ConfirmationsAsked:
         self.asked.append((key.id, verdict, family, model))
 
 
-async def test_choice_follows_headroom_then_least_recent_use():
-    pool, checker = KeyPool({"openai_key": ["sk-a", "sk-b", "sk-c"]}), ConfirmationsAsked()
-    with taddons.context(pool, checker):
-        a, b, c = pool.keys["openai"]
-        now = time.time()
-        pool.release(
-            pool.choose("openai", "gpt4o"),
-            "gpt4o",
-            200,
-            {
-                "x-ratelimit-limit-requests": "10",
-                "x-ratelimit-remaining-requests": "2",
-                "x-ratelimit-reset-requests": "60s",
-            },
-            b"",
-        )
-        assert a.headroom("gpt4o", now) == pytest.approx(0.2)
-        assert [pool.choose("openai", "gpt4o") for _ in range(2)] == [b, c]  # fresh keys first, oldest use first
-        pool.release(c, "gpt4o", 429, {"retry-after": "30"}, b'{"error": {"type": "requests"}}')
-        pool.release(b, "gpt4o", 401, {}, b"{}", "gpt-4o")
-        assert b.suspected == REVOKED and b.state == a.state == ACTIVE  # suspected until the checker confirms
-        assert checker.asked == [(b.id, Verdict.REVOKED, "gpt4o", "gpt-4o")]
-        assert pool.choose("openai", "gpt4o") is a  # c rests, b is suspect
-        assert pool.choose("openai", "gpt4") is c  # the rest is per family: c serves gpt4, used before a
-        assert pool.choose("openai", "gpt4o", exclude=[a]) is None
-        a.cooldown_until["gpt4o"] = time.time() + 5
-        assert 4 < pool.seconds_until_free("openai", "gpt4o") <= 5  # a comes back before c
+async def test_choice_follows_headroom_then_least_recent_use(storage):
+    pool, checker = make_pool(storage, "sk-a", "sk-b", "sk-c"), ConfirmationsAsked()
+    pool.on_suspicion(checker.confirm)
+    a, b, c = pool.keys["openai"]
+    now = time.time()
+    pool.release(
+        pool.choose("openai", "gpt4o"),
+        "gpt4o",
+        200,
+        {
+            "x-ratelimit-limit-requests": "10",
+            "x-ratelimit-remaining-requests": "2",
+            "x-ratelimit-reset-requests": "60s",
+        },
+        b"",
+    )
+    assert a.headroom("gpt4o", now) == pytest.approx(0.2)
+    assert [pool.choose("openai", "gpt4o") for _ in range(2)] == [b, c]  # fresh keys first, oldest use first
+    pool.release(c, "gpt4o", 429, {"retry-after": "30"}, b'{"error": {"type": "requests"}}')
+    pool.release(b, "gpt4o", 401, {}, b"{}", "gpt-4o")
+    assert b.suspected == REVOKED and b.state == a.state == ACTIVE  # suspected until the checker confirms
+    assert checker.asked == [(b.id, Verdict.REVOKED, "gpt4o", "gpt-4o")]
+    assert pool.choose("openai", "gpt4o") is a  # c rests, b is suspect
+    assert pool.choose("openai", "gpt4") is c  # the rest is per family: c serves gpt4, used before a
+    assert pool.choose("openai", "gpt4o", exclude=[a]) is None
+    a.cooldown_until["gpt4o"] = time.time() + 5
+    assert 4 < pool.seconds_until_free("openai", "gpt4o") <= 5  # a comes back before c
 
 
 async def test_fair_turns_and_positions():
-    with taddons.context(WaitQueue()) as tctx:
-        tctx.options.queue_mode = "fair"
-        queue = FamilyQueue()
-        now = time.time()
-        a1, a2, a3, b1 = (Waiter(identity, now) for identity in ("a", "a", "a", "b"))
-        for waiter in (a1, a2, a3, b1):
-            queue.add(waiter)
-        assert [queue.position(w) for w in (a1, b1, a2, a3)] == [1, 2, 3, 4]
-        assert queue.count("a") == 3
+    queue = FamilyQueue()
+    now = time.time()
+    a1, a2, a3, b1 = (Waiter(identity, now) for identity in ("a", "a", "a", "b"))
+    for waiter in (a1, a2, a3, b1):
+        queue.add(waiter, fair=True)
+    assert [queue.position(w) for w in (a1, b1, a2, a3)] == [1, 2, 3, 4]
+    assert queue.count("a") == 3
 
-        def serve_next() -> Waiter:
-            waiter = queue.in_turn()[0]
-            queue.take(waiter)
-            return waiter
+    def serve_next() -> Waiter:
+        waiter = queue.in_turn()[0]
+        queue.take(waiter)
+        return waiter
 
-        assert [serve_next() for _ in range(4)] == [a1, b1, a2, a3]
-        tctx.options.queue_mode = "fifo"
-        for waiter in (a1, a2, a3, b1):
-            queue.add(waiter)
-        assert [serve_next() for _ in range(4)] == [a1, a2, a3, b1]
+    assert [serve_next() for _ in range(4)] == [a1, b1, a2, a3]
+    for waiter in (a1, a2, a3, b1):
+        queue.add(waiter, fair=False)
+    assert [serve_next() for _ in range(4)] == [a1, a2, a3, b1]
 
 
 def test_stream_meter_reads_usage_and_drops_only_the_chunk_it_added():
@@ -193,7 +201,7 @@ def test_stream_meter_reads_usage_and_drops_only_the_chunk_it_added():
     ]
     stream = b"".join(events)
     meter = StreamMeter("openai", drop_usage_chunk=True)
-    passed = b"".join(meter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7)) + meter.flush()
+    passed = b"".join(meter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
     assert passed == events[0] + events[1] + events[3]
     assert meter.finish(prompt_estimate=100) == Usage(7, 2)
     untouched = StreamMeter("openai", drop_usage_chunk=False)
@@ -216,73 +224,71 @@ def test_reservations_are_an_upper_bound():
     assert output_reservation({}) == DEFAULT_OUTPUT_RESERVATION
 
 
-async def test_a_conversation_keeps_its_key_while_it_has_headroom():
-    pool = KeyPool({"openai_key": ["sk-a", "sk-b", "sk-c"]})
-    with taddons.context(pool):
-        a, b, c = pool.keys["openai"]
-        keep_b = KeyAffinity(b.id, min_headroom=0.1)
-        assert [pool.choose("openai", "gpt4o", affinity=keep_b) for _ in range(3)] == [b, b, b]
-        assert pool.choose("openai", "gpt4o") is a  # a new conversation: the least recently used
-        pool.release(
-            b,
-            "gpt4o",
-            200,
-            {
-                "x-ratelimit-limit-requests": "100",
-                "x-ratelimit-remaining-requests": "5",
-                "x-ratelimit-reset-requests": "60s",
-            },
-            b"",
-        )
-        assert pool.choose("openai", "gpt4o", affinity=keep_b) is c  # below 10 % left: the key with the most
-        for key in (a, c):
-            key.limits["gpt4o"] = Limits(0.02, time.time() + 60)
-        assert pool.choose("openai", "gpt4o", affinity=keep_b) is b  # every key is low: it stays
-        b.cooldown_until["gpt4o"] = time.time() + 30
-        assert pool.choose("openai", "gpt4o", affinity=keep_b) in (a, c)  # its key rests: it moves
-        pinned = KeyAffinity(b.id, pinned=True)
-        assert pool.choose("openai", "gpt4o", affinity=pinned) is None  # pinned: that key or none
-        assert 29 < pool.seconds_until_free("openai", "gpt4o", pinned) <= 30
-        assert pool.seconds_until_free("openai", "gpt4o", KeyAffinity("oai-gone", pinned=True)) is None
+async def test_a_conversation_keeps_its_key_while_it_has_headroom(storage):
+    pool = make_pool(storage, "sk-a", "sk-b", "sk-c")
+    a, b, c = pool.keys["openai"]
+    keep_b = KeyAffinity(b.id, min_headroom=0.1)
+    assert [pool.choose("openai", "gpt4o", affinity=keep_b) for _ in range(3)] == [b, b, b]
+    assert pool.choose("openai", "gpt4o") is a  # a new conversation: the least recently used
+    pool.release(
+        b,
+        "gpt4o",
+        200,
+        {
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "5",
+            "x-ratelimit-reset-requests": "60s",
+        },
+        b"",
+    )
+    assert pool.choose("openai", "gpt4o", affinity=keep_b) is c  # below 10 % left: the key with the most
+    for key in (a, c):
+        key.limits["gpt4o"] = Limits(0.02, time.time() + 60)
+    assert pool.choose("openai", "gpt4o", affinity=keep_b) is b  # every key is low: it stays
+    b.cooldown_until["gpt4o"] = time.time() + 30
+    assert pool.choose("openai", "gpt4o", affinity=keep_b) in (a, c)  # its key rests: it moves
+    pinned = KeyAffinity(b.id, pinned=True)
+    assert pool.choose("openai", "gpt4o", affinity=pinned) is None  # pinned: that key or none
+    assert 29 < pool.seconds_until_free("openai", "gpt4o", pinned) <= 30
+    assert pool.seconds_until_free("openai", "gpt4o", KeyAffinity("oai-gone", pinned=True)) is None
 
 
-async def test_a_waiter_pinned_to_a_resting_key_lets_the_others_pass():
-    pool, queue = KeyPool({"openai_key": ["sk-a", "sk-b"]}), WaitQueue()
-    with taddons.context(pool, queue):
-        a, b = pool.keys["openai"]
-        a.cooldown_until["gpt4o"] = b.cooldown_until["gpt4o"] = time.time() + 30
-        family_queue = queue.queue("openai", "gpt4o")
-        now = time.time()
-        pinned, unpinned = Waiter("x", now, KeyAffinity(a.id, pinned=True)), Waiter("y", now)
-        family_queue.add(pinned)
-        assert not family_queue.holds_back(None) and not family_queue.holds_back(KeyAffinity(b.id, pinned=True))
-        assert family_queue.holds_back(KeyAffinity(a.id, pinned=True))
-        family_queue.add(unpinned)
-        assert family_queue.holds_back(KeyAffinity(b.id, pinned=True))  # an unpinned waiter may take any key
-        b.cooldown_until["gpt4o"] = 0
-        queue._pump("openai", "gpt4o")
-        assert unpinned.granted.result() is b and not pinned.granted.done()
-        assert family_queue.in_turn() == [pinned]
+async def test_a_waiter_pinned_to_a_resting_key_lets_the_others_pass(storage):
+    pool = make_pool(storage, "sk-a", "sk-b")
+    queue = WaitQueue(pool, storage)
+    a, b = pool.keys["openai"]
+    a.cooldown_until["gpt4o"] = b.cooldown_until["gpt4o"] = time.time() + 30
+    family_queue = queue.queue("openai", "gpt4o")
+    now = time.time()
+    pinned, unpinned = Waiter("x", now, KeyAffinity(a.id, pinned=True)), Waiter("y", now)
+    family_queue.add(pinned, fair=True)
+    assert not family_queue.holds_back(None) and not family_queue.holds_back(KeyAffinity(b.id, pinned=True))
+    assert family_queue.holds_back(KeyAffinity(a.id, pinned=True))
+    family_queue.add(unpinned, fair=True)
+    assert family_queue.holds_back(KeyAffinity(b.id, pinned=True))  # an unpinned waiter may take any key
+    b.cooldown_until["gpt4o"] = 0
+    queue._pump("openai", "gpt4o")
+    assert unpinned.granted.result() is b and not pinned.granted.done()
+    assert family_queue.in_turn() == [pinned]
 
 
-async def test_requests_sent_since_the_figures_came_count_against_the_headroom():
-    pool = KeyPool({"openai_key": ["sk-a", "sk-b"]})
-    with taddons.context(pool):
-        a, b = pool.keys["openai"]
-        pool.release(
-            pool.choose("openai", "gpt4o"),
-            "gpt4o",
-            200,
-            {
-                "x-ratelimit-limit-requests": "10",
-                "x-ratelimit-remaining-requests": "2",
-                "x-ratelimit-reset-requests": "60s",
-            },
-            b"",
-        )
-        b.limits["gpt4o"] = Limits(0.1, time.time() + 60, (10, 1))
-        stay_on_a = KeyAffinity(a.id)
-        assert [pool.choose("openai", "gpt4o", affinity=stay_on_a) for _ in range(2)] == [a, a]
-        assert a.headroom("gpt4o", time.time()) == 0 and not a.is_free("gpt4o", time.time())
-        assert pool.choose("openai", "gpt4o", affinity=stay_on_a) is b  # a's two requests left are spoken for
-        assert pool.choose("openai", "gpt4o") is None
+async def test_requests_sent_since_the_figures_came_count_against_the_headroom(storage):
+    pool = make_pool(storage, "sk-a", "sk-b")
+    a, b = pool.keys["openai"]
+    pool.release(
+        pool.choose("openai", "gpt4o"),
+        "gpt4o",
+        200,
+        {
+            "x-ratelimit-limit-requests": "10",
+            "x-ratelimit-remaining-requests": "2",
+            "x-ratelimit-reset-requests": "60s",
+        },
+        b"",
+    )
+    b.limits["gpt4o"] = Limits(0.1, time.time() + 60, (10, 1))
+    stay_on_a = KeyAffinity(a.id)
+    assert [pool.choose("openai", "gpt4o", affinity=stay_on_a) for _ in range(2)] == [a, a]
+    assert a.headroom("gpt4o", time.time()) == 0 and not a.is_free("gpt4o", time.time())
+    assert pool.choose("openai", "gpt4o", affinity=stay_on_a) is b  # a's two requests left are spoken for
+    assert pool.choose("openai", "gpt4o") is None

@@ -10,8 +10,9 @@ import pytest
 from mitmproxy.test import taddons
 
 from addons.config import ConfigError, ConfigSources, read_dotenv
+from addons.families import ModelFamilies
 from addons.quota import QuotaKeeper, next_refresh
-from addons.storage import Storage
+from llmproxy.store.storage import Storage
 
 
 @pytest.mark.parametrize(
@@ -78,10 +79,11 @@ async def eventually(condition, timeout: float = 5) -> None:
 
 
 async def test_the_refresh_task_outlives_a_failed_refresh(tmp_path, caplog):
-    storage, keeper = Storage(), QuotaKeeper()
+    storage = Storage()
+    keeper = QuotaKeeper(storage, ModelFamilies())
     keeper.clock = SteppingClock(datetime(2026, 11, 28, 14, 0))
-    with taddons.context(storage, keeper) as tctx:
-        tctx.configure(storage, data_dir=str(tmp_path))
+    with taddons.context(keeper) as tctx:
+        storage.open(tmp_path / "proxy.sqlite3")
         store = storage.store
         _, user = store.create_user({})
         store.reserve(user["id"], "gpt4o", 10, None)
@@ -90,15 +92,16 @@ async def test_the_refresh_task_outlives_a_failed_refresh(tmp_path, caplog):
         other_writer = sqlite3.connect(tmp_path / "proxy.sqlite3", isolation_level=None)
         other_writer.execute("BEGIN IMMEDIATE")  # holds the write lock: the refresh fails with "database is locked"
         tctx.configure(keeper, quota_refresh_period="* * * * *")
-        await keeper.running()
+        keeper.running()
         try:
             await eventually(lambda: "database is locked" in caplog.text)
             assert store.get_user(user["id"])["usage"]["gpt4o"]["used"] == 10
             other_writer.execute("ROLLBACK")
             await eventually(lambda: store.get_user(user["id"])["usage"]["gpt4o"]["used"] == 0)
         finally:
-            await keeper.done()
+            keeper.done()
             other_writer.close()
+            storage.close()
 
 
 def test_dotenv_comments_quotes_export_and_empty_values(tmp_path, monkeypatch):

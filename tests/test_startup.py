@@ -1,5 +1,6 @@
 """Start-up: a bad setting stops the proxy with one sentence naming it, never a traceback."""
 
+import re
 import time
 from datetime import datetime, timedelta
 
@@ -9,6 +10,14 @@ import pytest
 from tests.harness import ProxyProcess, free_port
 
 pytestmark = pytest.mark.e2e
+
+# mitmproxy's own lines around a failed start: its note that it loads the script, and why it exits.
+_MITMPROXY_LINES = re.compile(r"(\[[\d:.]+\] Loading script .*|Errors? logged during startup, exiting\.\.\.)")
+
+
+def said(output: str) -> list[str]:
+    """What the proxy itself printed."""
+    return [line for line in output.strip().splitlines() if not _MITMPROXY_LINES.fullmatch(line)]
 
 
 @pytest.mark.parametrize(
@@ -20,10 +29,9 @@ pytestmark = pytest.mark.e2e
         ({"STREAM_RECORD_LIMIT": "lots"}, [], "STREAM_RECORD_LIMIT must be a size such as 256k"),
         ({"OPENAI_UPSTREAM_URL": "ftp://example"}, [], "OPENAI_UPSTREAM_URL must be an http:// or https:// URL"),
         ({"PROXY_CONFIG": "/nonexistent.yaml"}, [], "Cannot read the configuration file /nonexistent.yaml"),
-        ({}, ["--set", "connection_strategy=eager"], "connection_strategy must stay 'lazy'"),
         ({}, ["--set", "stream_large_bodies=1"], "stream_large_bodies cannot be used"),
         ({}, ["--set", "validate_inbound_headers=false"], "validate_inbound_headers must stay on"),
-        ({}, ["--mode", "reverse:https://api.openai.com"], "is not accepted"),
+        ({}, ["--mode", "upstream:http://127.0.0.1:3128"], "--mode upstream:http://127.0.0.1:3128 is not accepted"),
         ({}, ["--set", "upstream_timeout=-1"], "UPSTREAM_TIMEOUT must be a positive number"),
         ({"GATEKEEPER": "user_token"}, [], "GATEKEEPER=user_token needs an ADMIN_KEY"),
         ({"GATEKEEPER": "proxy_key", "PROXY_KEY": "   "}, [], "GATEKEEPER=proxy_key needs a PROXY_KEY"),
@@ -50,7 +58,7 @@ def test_bad_setting_stops_start_up_with_one_sentence(env, args, sentence):
     output = process.log()
     assert sentence in output
     assert "Traceback" not in output
-    assert len(output.strip().splitlines()) == 1, output
+    assert len(said(output)) == 1, output
 
 
 def test_unknown_setting_in_config_file_is_named(tmp_path):
@@ -81,7 +89,7 @@ def test_a_malformed_dotenv_line_stops_start_up_with_one_sentence():
     output = process.log()
     assert f"{process.workdir / '.env'}: line 2 is not of the form NAME=value." in output
     assert "Traceback" not in output and "secret" not in output
-    assert len(output.strip().splitlines()) == 1, output
+    assert len(said(output)) == 1, output
 
 
 def test_a_refresh_period_naming_a_day_and_a_weekday_refreshes_on_either():
@@ -125,4 +133,4 @@ def test_bad_prices_and_usd_quotas_stop_start_up_with_one_sentence(env, sentence
     assert process.run_to_exit() != 0
     output = process.log()
     assert sentence in output and "Traceback" not in output
-    assert len(output.strip().splitlines()) == 1, output
+    assert len(said(output)) == 1, output

@@ -17,10 +17,15 @@ from addons import apierrors, config, headers, routes, scrub
 from addons.affinity import Affinity
 from addons.config import ConfigError, ConfigSources
 from addons.dispatcher import Dispatcher
-from addons.keypool import KeyPool
-from addons.proxy import build_addons
+from addons.failclosed import FailClosed
+from addons.families import ModelFamilies
+from addons.flowstate import flow_state
+from addons.quota import QuotaKeeper
 from addons.router import Router
-from addons.waitqueue import WaitQueue
+from addons.wiring import build_addons
+from llmproxy.pool.keys import KeyPool
+from llmproxy.pool.queue import WaitQueue
+from llmproxy.store.storage import Storage
 
 
 @pytest.mark.parametrize(
@@ -105,9 +110,9 @@ def test_unknown_setting_in_the_file_is_refused(tmp_path, monkeypatch):
 def test_config_yaml_documents_every_option_with_its_default(tmp_path):
     """config.yaml is the documentation of the defaults; it must not drift from the code."""
     documented = yaml.safe_load(config.DEFAULT_CONFIG.read_text())
-    with socket.socket() as pipe, taddons.context() as tctx:
+    with taddons.context() as tctx:
         builtin = set(tctx.options.keys())
-        for addon in build_addons({}, pipe):
+        for addon in build_addons(ConfigSources({}), FailClosed()):
             tctx.master.addons.add(addon)
         ours = {name: option.default for name, option in tctx.options.items() if name not in builtin}
     for name, default in ours.items():
@@ -162,19 +167,21 @@ def test_scrub_removes_configured_and_key_shaped_secrets():
     assert "plainsecretvalue" not in text and "sk-" not in text and "org-" not in text
 
 
-async def test_a_failing_hook_answers_500_and_sends_nothing(caplog):
+async def test_a_failing_hook_answers_500_and_sends_nothing(caplog, tmp_path):
     """A request-phase hook that raises (the dispatcher's, through the pool it asks for a key) ends the flow with a
     JSON 500 at once: nothing reaches the upstream, and the exception's text only the log, scrubbed."""
     secret = "sk-secret-in-message"
 
     class ExplodingPool(KeyPool):
-        name = "keypool"
-
         def candidates(self, api, family, affinity=None):  # the first pool method a request's key choice calls
             raise RuntimeError(f"boom with {secret}")
 
-    router, dispatcher = Router(), Dispatcher()
-    addons = router, Affinity(), WaitQueue(), ExplodingPool({"openai_key": ["sk-x"]}), dispatcher
+    storage, families = Storage(), ModelFamilies()
+    storage.open(tmp_path / "proxy.sqlite3")
+    pool = ExplodingPool({"openai_key": ["sk-x"]}, storage, families.all_families)
+    affinity, quota = Affinity(storage), QuotaKeeper(storage, families)
+    router, dispatcher = Router(), Dispatcher(None, pool, WaitQueue(pool, storage), affinity, quota)
+    addons = router, affinity, dispatcher
     with socket.create_server(("127.0.0.1", 0)) as upstream, taddons.context(*addons) as tctx:
         upstream.setblocking(False)
         upstream_url = f"http://127.0.0.1:{upstream.getsockname()[1]}"
@@ -182,19 +189,20 @@ async def test_a_failing_hook_answers_500_and_sends_nothing(caplog):
         flow = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/proxy/openai/v1/chat/completions", authority=b""))
         flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse("reverse:http://127.0.0.1:1")
         await router.requestheaders(flow)
-        flow.metadata["llmproxy"]["family"] = "gpt4o"  # as the families addon names it
-        await dispatcher.running()
+        flow_state(flow).family = "gpt4o"  # as the families addon names it
+        dispatcher.running()
         caplog.clear()  # from here on, what handling the request logs
         try:
             async with asyncio.timeout(2):  # the hook's own failure, not a timeout behind it
                 await dispatcher.request(flow)
         finally:
             await dispatcher.done()
+            storage.close()
         with pytest.raises(BlockingIOError):
             upstream.accept()  # no connection was ever made
-    assert flow.response.status_code == 500 and "pipe_token" not in flow.metadata["llmproxy"]
+    assert flow.response.status_code == 500 and not flow_state(flow).pipe_token
     assert json.loads(flow.response.content)["error"]["code"] == "proxy_internal_error"
-    assert flow.metadata["llmproxy"]["decision"] == "internal_error"
+    assert flow_state(flow).decision == "internal_error"
     assert "boom" not in flow.response.text and secret not in flow.response.text
     failures = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
     assert len(failures) == 1 and "Dispatcher.request" in failures[0] and "RuntimeError: boom" in failures[0]
@@ -385,7 +393,7 @@ def test_pdf_pages_and_opaque_blobs_have_stated_figures():
     ],
 )
 def test_the_key_checker_reads_any_answer_without_failing(body):
-    from addons.keychecker import _model_ids, _organization_ids
+    from llmproxy.pool.checker import _model_ids, _organization_ids
 
     assert _model_ids(body) == [] and _organization_ids(body) == []
     assert _model_ids(b'{"data": [{"id": "gpt-4o"}]}') == ["gpt-4o"]

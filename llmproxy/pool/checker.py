@@ -15,14 +15,14 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 import aiohttp
-from mitmproxy import ctx
 from yarl import URL
 
-from addons.apierrors import ANTHROPIC, OPENAI
-from addons.headers import DEFAULT_ANTHROPIC_VERSION
-from addons.keypool import ACTIVE, OVER_QUOTA, REVOKED, PoolKey, Verdict, classify
+from llmproxy.api import ANTHROPIC, DEFAULT_ANTHROPIC_VERSION, OPENAI
+from llmproxy.pool.keys import ACTIVE, OVER_QUOTA, REVOKED, KeyPool, PoolKey, Verdict, classify
 
 PROBE_PATHS = {OPENAI: "/v1/chat/completions", ANTHROPIC: "/v1/messages"}
 USER_AGENT = "llm-key-proxy/key-check"  # the checker's own requests say so, in upstream logs and in the tests
@@ -34,40 +34,48 @@ RETIRED_CHECK_FACTOR = 6  # retired keys are checked this many times less often
 MAX_BACKOFF = 600.0
 
 
-class KeyChecker:
-    """Runs the checks: all keys at start-up, then each key again when it is due."""
+class Upstream(Protocol):
+    """The dispatcher's connection to the APIs, which the checker's own requests use too."""
 
-    def __init__(self):
+    ready: asyncio.Event  # set once `session` is open
+    session: aiohttp.ClientSession | None
+    upstreams: dict[str, URL]  # each API's base URL
+
+
+class KeyChecker:
+    """Runs the checks: all keys at start-up, then each key again when it is due; and decides suspicions.
+
+    `family_of(api, model)` names a model's family (None: no family), for the families a key can use."""
+
+    def __init__(self, pool: KeyPool, family_of: Callable[[str, str], str | None], upstream: Upstream):
+        self.pool = pool
+        self.family_of = family_of
+        self.upstream = upstream
+        self.interval = 3600  # KEY_CHECK_INTERVAL: seconds between two checks of a working key
         self.status = "Key checking is disabled."
         self.checked_at: dict[str, float] = {}
         self.failures: dict[str, int] = {}
         self._task: asyncio.Task | None = None
         self._probes: dict[tuple[str, str], asyncio.Task] = {}  # (key id, family) -> its running confirmation
 
-    def load(self, loader):
-        loader.add_option("check_keys", bool, True, "Check keys at start-up and periodically.")
-        loader.add_option("key_check_interval", int, 3600, "Seconds between two checks of a working key.")
+    def start(self) -> None:
+        """Starts the periodic checks in the background."""
+        self._task = asyncio.create_task(self._run())
 
-    async def running(self):
-        if ctx.options.check_keys:
-            self._task = asyncio.create_task(self._run())
-
-    async def done(self):
+    def stop(self) -> None:
         if self._task:
             self._task.cancel()
 
     async def _run(self) -> None:
-        pool = ctx.master.addons.get("keypool")
-        dispatcher = ctx.master.addons.get("dispatcher")
-        await dispatcher.ready.wait()
+        await self.upstream.ready.wait()
         semaphore = asyncio.Semaphore(CONCURRENT_CHECKS)
 
         async def check_one(key: PoolKey) -> None:
             async with semaphore:
-                await self.check(key, dispatcher.session, dispatcher.upstreams[key.api], pool)
+                await self.check(key)
 
         while True:
-            keys = [key for key in list(pool.all_keys()) if self._is_due(key)]
+            keys = [key for key in list(self.pool.all_keys()) if self._is_due(key)]
             if keys:
                 self.status = f"Checking {len(keys)} keys."
                 await asyncio.gather(*(check_one(key) for key in keys))
@@ -82,14 +90,14 @@ class KeyChecker:
     def _is_due(self, key: PoolKey) -> bool:
         if key.id not in self.checked_at:
             return True
-        interval = ctx.options.key_check_interval * (1 if key.state == ACTIVE else RETIRED_CHECK_FACTOR)
+        interval = self.interval * (1 if key.state == ACTIVE else RETIRED_CHECK_FACTOR)
         if failures := self.failures.get(key.id):
             interval = min(MAX_BACKOFF, 2**failures)
         return time.time() - self.checked_at[key.id] >= interval
 
-    async def check(self, key: PoolKey, session: aiohttp.ClientSession, base, pool) -> None:
+    async def check(self, key: PoolKey) -> None:
         """One check of one key; network trouble is retried with exponential back-off."""
-        headers = _headers(key)
+        session, base, headers = self.upstream.session, self.upstream.upstreams[key.api], _headers(key)
         self.checked_at[key.id] = time.time()
         try:
             async with session.get(base.join(URL("/v1/models")), headers=headers) as response:
@@ -102,13 +110,12 @@ class KeyChecker:
         self.failures.pop(key.id, None)
         verdict = classify(status, body)
         if verdict is Verdict.SUCCESS:
-            families = ctx.master.addons.get("modelfamilies")
             models = _model_ids(body)
-            key.families = {f for model in models if (f := families.family_of(key.api, model))} or None
-            pool.set_state(key, ACTIVE, "the key check succeeded")
-            pool.add_organizations(key, organizations)
+            key.families = {f for model in models if (f := self.family_of(key.api, model))} or None
+            self.pool.set_state(key, ACTIVE, "the key check succeeded")
+            self.pool.add_organizations(key, organizations)
         elif verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
-            pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, f"key check got {status}")
+            self.pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, f"key check got {status}")
         else:
             logger.info("key %s check got %d; keeping its state", key.id, status)
 
@@ -121,27 +128,26 @@ class KeyChecker:
         probe.add_done_callback(lambda _: self._probes.pop((key.id, family), None))
 
     async def _confirm(self, key: PoolKey, suspected: Verdict, family: str, model: str) -> None:
-        pool, dispatcher = ctx.master.addons.get("keypool"), ctx.master.addons.get("dispatcher")
-        await dispatcher.ready.wait()
+        await self.upstream.ready.wait()
         headers = _headers(key)
-        url = dispatcher.upstreams[key.api].join(URL(PROBE_PATHS[key.api]))
+        url = self.upstream.upstreams[key.api].join(URL(PROBE_PATHS[key.api]))
         try:
-            async with dispatcher.session.post(
+            async with self.upstream.session.post(
                 url, json={"model": model, "messages": [], "max_tokens": 1}, headers=headers
             ) as response:
                 status, body = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
-            pool.clear_suspicion(key, family, f"its probe could not reach the API ({type(error).__name__})")
+            self.pool.clear_suspicion(key, family, f"its probe could not reach the API ({type(error).__name__})")
             return
         verdict = classify(status, body)
         reason = f"an answer to a request said {suspected.value}; the checker's probe confirmed it with HTTP {status}"
         if verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
-            pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, reason)
+            self.pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, reason)
         elif verdict is Verdict.FAMILY_FORBIDDEN:
-            pool.forbid_family(key, family, reason)
-            pool.clear_suspicion(key, family, "only the family was refused")
+            self.pool.forbid_family(key, family, reason)
+            self.pool.clear_suspicion(key, family, "only the family was refused")
         else:
-            pool.clear_suspicion(key, family, f"the checker's probe got HTTP {status}, so the request caused it")
+            self.pool.clear_suspicion(key, family, f"the checker's probe got HTTP {status}, so the request caused it")
 
     @staticmethod
     async def _extra_organizations(key: PoolKey, session, base, headers) -> list[str]:

@@ -4,6 +4,7 @@ A key is named everywhere by a short hash (`oai-1a2b3c4d`), never by itself. An 
 several organisations is one pool entry per organisation, each with its own health and limits.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -15,10 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from mitmproxy import ctx
-
-from addons import scrub
-from addons.apierrors import ANTHROPIC, OPENAI
+from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.store.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +198,6 @@ def retry_after(headers: Mapping[str, str], now: float, odd: set[str] | None = N
     return DEFAULT_COOLDOWN
 
 
-def _store():
-    """The state store, when the proxy runs with one (unit tests of the pool run without)."""
-    storage = ctx.master.addons.get("storage")
-    return storage.store if storage else None
-
-
 @dataclass(frozen=True)
 class KeyAffinity:
     """The key a request's conversation lives on (decided by addons/affinity.py)."""
@@ -212,6 +205,7 @@ class KeyAffinity:
     key_id: str
     pinned: bool = False  # the key holds state of the conversation that no other key can read: it or none
     min_headroom: float = 0.0  # a key with less headroom (0..1) than this gives way to the key with the most
+    unavailable: tuple[str, str] = ("", "")  # (code, message) for a pinned request whose key no longer serves
 
 
 @dataclass
@@ -275,17 +269,22 @@ class PoolKey:
 
 
 class KeyPool:
-    """Hands out the key with the most rate-limit headroom, least recently used first among equals."""
+    """Hands out the key with the most rate-limit headroom, least recently used first among equals.
 
-    def __init__(self, secrets: Mapping[str, list[str]]):
+    `all_families(api)` names every family of a service, for a key that turns out not to serve one of them."""
+
+    def __init__(self, secrets: Mapping[str, list[str]], storage: Storage, all_families: Callable[[str], list[str]]):
         self.keys = {
             OPENAI: [PoolKey(OPENAI, secret) for secret in secrets.get("openai_key", [])],
             ANTHROPIC: [PoolKey(ANTHROPIC, secret) for secret in secrets.get("anthropic_key", [])],
         }
-        scrub.register([key.secret for keys in self.keys.values() for key in keys])
+        self.storage = storage
+        self.all_families = all_families
         self._listeners: list[Callable[[], None]] = []
+        self._confirm: Callable[[PoolKey, Verdict, str, str], None] | None = None
 
-    def running(self):
+    def start(self) -> None:
+        """Takes each key's health from the store, once it is open; warns when there is no key at all."""
         if not any(self.keys.values()):
             logger.warning(
                 "No API key is configured: set OPENAI_KEY and/or ANTHROPIC_KEY (comma-separated, in the "
@@ -295,7 +294,7 @@ class KeyPool:
 
     def _load_health(self, keys: Iterable[PoolKey]) -> None:
         """Takes each key's state from the store; tells the listeners when a key came back."""
-        health = store.key_health() if (store := _store()) else {}
+        health = self.storage.store.key_health()
         came_back = False
         for key in keys:
             was_active = key.state == ACTIVE
@@ -307,9 +306,13 @@ class KeyPool:
     def all_keys(self) -> Iterable[PoolKey]:
         return (key for keys in self.keys.values() for key in keys)
 
-    def subscribe(self, listener: Callable[[], None]) -> None:
+    def on_key_usable(self, listener: Callable[[], None]) -> None:
         """`listener` is called whenever a key may have become usable (a rest ended, a key came back)."""
         self._listeners.append(listener)
+
+    def on_suspicion(self, confirm: Callable[[PoolKey, Verdict, str, str], None]) -> None:
+        """`confirm(key, verdict, family, model)` is called when an answer makes a key suspect; it decides."""
+        self._confirm = confirm
 
     def _changed(self) -> None:
         for listener in self._listeners:
@@ -322,11 +325,10 @@ class KeyPool:
 
     def _sync_shared(self) -> None:
         """With a shared store, what other instances learned (retired keys, rests) counts here too, at once."""
-        storage = ctx.master.addons.get("storage")
-        if not (storage and storage.shared):
+        if not self.storage.shared:
             return
         self._load_health(self.all_keys())
-        rests = storage.store.key_rests()
+        rests = self.storage.store.key_rests()
         by_id = {key.id: key for key in self.all_keys()}
         for (key_id, family), until in rests.items():
             if (key := by_id.get(key_id)) and until > key.cooldown_until.get(family, 0):
@@ -398,10 +400,9 @@ class KeyPool:
             rest = retry_after(headers, now, odd)
             key.cooldown_until[family] = now + rest
             key.probing.add(family)
-            if store := _store():
-                store.set_key_rest(key.id, family, now + rest)
+            self.storage.store.set_key_rest(key.id, family, now + rest)
             logger.info("key %s rests %.1f s for %s after a %d", key.id, rest, family, status)
-            ctx.master.event_loop.call_later(rest, self._changed)
+            asyncio.get_running_loop().call_later(rest, self._changed)
         elif verdict in RETIRING and may_suspect:
             self._suspect(key, verdict, family, model, status)
         if odd:
@@ -422,7 +423,7 @@ class KeyPool:
         else:
             key.suspected = REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA
         logger.warning("key %s is suspected %s after a %d; the key checker confirms", key.id, verdict.value, status)
-        ctx.master.addons.get("keychecker").confirm(key, verdict, family, model)
+        self._confirm(key, verdict, family, model)
 
     def clear_suspicion(self, key: PoolKey, family: str, reason: str) -> None:
         """The checker found the key (or its family) working: back into rotation."""
@@ -434,13 +435,9 @@ class KeyPool:
     def forbid_family(self, key: PoolKey, family: str, reason: str) -> None:
         """The checker confirmed that the key may not use the family's models, as it learns other capabilities."""
         key.suspected_families.discard(family)
-        key.families = (set(key.families) if key.families is not None else set(self._families(key.api))) - {family}
+        key.families = (set(key.families) if key.families is not None else set(self.all_families(key.api))) - {family}
         logger.warning("key %s no longer serves %s (%s)", key.id, family, reason)
         self._changed()
-
-    @staticmethod
-    def _families(api: str) -> list[str]:
-        return ctx.master.addons.get("modelfamilies").all_families(api)
 
     def abandon(self, key: PoolKey, family: str) -> None:
         """Ends a request that got no answer (network error, timeout, client gone)."""
@@ -465,8 +462,7 @@ class KeyPool:
             return
         key.state = state
         logger.warning("key %s is now %s (%s)", key.id, state, reason)
-        if store := _store():
-            store.set_key_health(key.id, None if state == ACTIVE else state, reason)
+        self.storage.store.set_key_health(key.id, None if state == ACTIVE else state, reason)
         if state == ACTIVE:
             self._changed()
 

@@ -6,16 +6,13 @@ address), so one identity's burst of fifty requests cannot hold another identity
 """
 
 import asyncio
-import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mitmproxy import ctx, exceptions, http
-
-from addons.keypool import KeyAffinity, PoolKey
-
-logger = logging.getLogger(__name__)
+from llmproxy.pool.keys import KeyAffinity, KeyPool, PoolKey
+from llmproxy.store.storage import Storage
 
 QUEUE_MODES = ("fair", "fifo", "none")
 WAIT_HISTORY_SECONDS = 300
@@ -51,8 +48,9 @@ class FamilyQueue:
     def __len__(self) -> int:
         return sum(len(waiters) for waiters in self.by_identity.values())
 
-    def add(self, waiter: Waiter) -> None:
-        identity = waiter.identity if ctx.options.queue_mode == "fair" else ""
+    def add(self, waiter: Waiter, fair: bool) -> None:
+        """Puts the waiter at the end of its identity's line (`fair`), or of the one line."""
+        identity = waiter.identity if fair else ""
         self.by_identity.setdefault(identity, deque()).append(waiter)
 
     def remove(self, waiter: Waiter) -> None:
@@ -91,66 +89,50 @@ class FamilyQueue:
         return sum(w.identity == identity for waiters in self.by_identity.values() for w in waiters)
 
 
-def identity_of(flow: http.HTTPFlow) -> str:
-    """Whose request this is, for fairness and limits: the gatekeeper's user, else the client's address."""
-    return flow.metadata.get("llmproxy", {}).get("identity") or f"ip:{flow.client_conn.peername[0]}"
-
-
 class WaitQueue:
-    """Gives each request a free key of its family, making it wait its turn while none is free."""
+    """Gives each request a free key of its family, making it wait its turn while none is free.
 
-    def __init__(self):
+    A request is named by its identity (a user, else the client's address) and comes with its conversation's key
+    affinity, if any. `serve_waiting` is to be called whenever a key may have become usable."""
+
+    def __init__(self, pool: KeyPool, storage: Storage):
+        self.pool = pool
+        self.storage = storage
         self.queues: dict[tuple[str, str], FamilyQueue] = {}
-
-    def load(self, loader):
-        loader.add_option(
-            "queue_mode", str, "fair", "fair, fifo or none (refuse with 429 when no key is free).", choices=QUEUE_MODES
-        )
-        loader.add_option("queue_timeout", int, 300, "Seconds a request may wait for a key before it fails.")
-        loader.add_option("queue_heartbeat", int, 10, "Seconds between heartbeat comments to waiting streams.")
-        loader.add_option("max_queued_per_identity", int, 1, "Requests one identity may have waiting at once.")
-
-    def configure(self, updated):
-        if "queue_mode" in updated and ctx.options.queue_mode not in QUEUE_MODES:
-            raise exceptions.OptionsError(f"QUEUE_MODE must be one of {', '.join(QUEUE_MODES)}.")
-        for name in ("queue_timeout", "queue_heartbeat", "max_queued_per_identity"):
-            if name in updated and getattr(ctx.options, name) < 1:
-                raise exceptions.OptionsError(f"{name.upper()} must be at least 1.")
-
-    def running(self):
-        ctx.master.addons.get("keypool").subscribe(self._pump_all)
+        self.mode = "fair"  # QUEUE_MODE: fair, fifo or none
+        self.timeout = 300  # QUEUE_TIMEOUT: seconds a request may wait
+        self.max_per_identity = 1  # MAX_QUEUED_PER_IDENTITY: requests one identity may have waiting
 
     def queue(self, api: str, family: str) -> FamilyQueue:
         return self.queues.setdefault((api, family), FamilyQueue())
 
-    def would_wait(self, flow: http.HTTPFlow, api: str, family: str) -> bool:
+    def would_wait(self, identity: str, api: str, family: str, affinity: KeyAffinity | None) -> bool:
         """Whether the request would have to queue if it arrived now; raises QueueRefusal when it may not wait at
         all, so that a refusal goes out as an error status before any byte of a stream."""
-        pool, affinity = ctx.master.addons.get("keypool"), ctx.master.addons.get("affinity").of(flow)
         now = time.time()
         if not self.queue(api, family).holds_back(affinity) and any(
-            key.is_free(family, now) for key in pool.candidates(api, family, affinity)
+            key.is_free(family, now) for key in self.pool.candidates(api, family, affinity)
         ):
             return False
-        self._check_may_wait(flow, api, family, affinity)
+        self._check_may_wait(identity, api, family, affinity)
         return True
 
-    def _check_may_wait(self, flow: http.HTTPFlow, api: str, family: str, affinity: KeyAffinity | None) -> None:
+    def _check_may_wait(self, identity: str, api: str, family: str, affinity: KeyAffinity | None) -> None:
         """Raises QueueRefusal when no key serves the family (or the pinned key no longer serves), the queue is
         off, or the identity waits already."""
-        rest = ctx.master.addons.get("keypool").seconds_until_free(api, family, affinity)
+        rest = self.pool.seconds_until_free(api, family, affinity)
         if rest is None and _pinned_key(affinity):
-            raise QueueRefusal(400, *ctx.master.addons.get("affinity").unavailable(flow))
+            raise QueueRefusal(400, *affinity.unavailable)
         if rest is None:
             raise QueueRefusal(503, "no_keys_available", f"This proxy has no working key for {family} models.")
-        if ctx.options.queue_mode == "none":
+        if self.mode == "none":
             raise QueueRefusal(
                 429,
                 "no_key_free",
                 f"Every key for {family} models is busy; try again shortly.",
                 retry_after=max(1.0, rest),
             )
-        if self.queue(api, family).count(identity_of(flow)) >= ctx.options.max_queued_per_identity:
+        if self.queue(api, family).count(identity) >= self.max_per_identity:
             raise QueueRefusal(
                 429,
                 "too_many_queued",
@@ -158,66 +140,71 @@ class WaitQueue:
                 retry_after=max(1.0, rest),
             )
 
-    async def acquire(self, flow: http.HTTPFlow, api: str, family: str, arrived: float, on_queued=None) -> PoolKey:
-        """A free key for the request, waiting for one if needed. Raises QueueRefusal."""
-        pool, affinity = ctx.master.addons.get("keypool"), ctx.master.addons.get("affinity").of(flow)
+    async def acquire(
+        self,
+        identity: str,
+        api: str,
+        family: str,
+        arrived: float,
+        affinity: KeyAffinity | None,
+        on_queued: Callable[[Callable[[], int]], None],
+    ) -> PoolKey:
+        """A free key for the request, waiting for one if needed. Raises QueueRefusal. When the request joins the
+        queue, `on_queued` is called with a function that tells its current place."""
         queue = self.queue(api, family)
-        if not queue.holds_back(affinity) and (key := pool.choose(api, family, affinity=affinity)):
+        if not queue.holds_back(affinity) and (key := self.pool.choose(api, family, affinity=affinity)):
             return key
-        self._check_may_wait(flow, api, family, affinity)
-        waiter = Waiter(identity_of(flow), arrived, affinity)
-        queue.add(waiter)
-        flow.metadata["llmproxy"]["queued"] = True
+        self._check_may_wait(identity, api, family, affinity)
+        waiter = Waiter(identity, arrived, affinity)
+        queue.add(waiter, fair=self.mode == "fair")
+        on_queued(lambda: queue.position(waiter))
         self._pump(api, family)
-        if on_queued and not waiter.granted.done():
-            on_queued(lambda: queue.position(waiter))
-        remaining = arrived + ctx.options.queue_timeout - time.time()
+        remaining = arrived + self.timeout - time.time()
         try:
             key = await asyncio.wait_for(asyncio.shield(waiter.granted), max(0.0, remaining))
         except (TimeoutError, asyncio.CancelledError) as stop:
             queue.remove(waiter)
             if waiter.granted.done() and not waiter.granted.cancelled():
-                pool.abandon(waiter.granted.result(), family)  # granted in the same instant: give it back
+                self.pool.abandon(waiter.granted.result(), family)  # granted in the same instant: give it back
             if isinstance(stop, asyncio.CancelledError):
                 raise
             awaited = "The key that holds this conversation" if _pinned_key(affinity) else f"No key for {family} models"
             raise QueueRefusal(
                 503,
                 "queue_timeout",
-                f"{awaited} did not become free within {ctx.options.queue_timeout} s; try again later.",
+                f"{awaited} did not become free within {self.timeout} s; try again later.",
             ) from None
-        ctx.master.addons.get("storage").store.record_wait(family, time.time() - arrived)
+        self.storage.store.record_wait(family, time.time() - arrived)
         return key
 
-    def _pump_all(self) -> None:
+    def serve_waiting(self) -> None:
+        """Hands the keys that are free now to the waiters of every family."""
         for api, family in list(self.queues):
             self._pump(api, family)
 
     def _pump(self, api: str, family: str) -> None:
         """Hands free keys to waiters in turn (a pinned waiter only its key); when no waiter can be served, wakes
         up again when the next rest a waiter waits for ends."""
-        pool = ctx.master.addons.get("keypool")
         queue = self.queue(api, family)
-        while grant := self._next_grant(pool, queue, api, family):
+        while grant := self._next_grant(queue, api, family):
             waiter, key = grant
             queue.take(waiter)
             waiter.granted.set_result(key)
         affinities = {_pinned_key(w.affinity): w.affinity for w in queue.in_turn()}.values()
-        rests = [rest for a in affinities if (rest := pool.seconds_until_free(api, family, a)) is not None]
+        rests = [rest for a in affinities if (rest := self.pool.seconds_until_free(api, family, a)) is not None]
         if rests and min(rests) > 0:
             if queue.timer:
                 queue.timer.cancel()
-            queue.timer = ctx.master.event_loop.call_later(min(rests), self._pump, api, family)
+            queue.timer = asyncio.get_running_loop().call_later(min(rests), self._pump, api, family)
 
-    @staticmethod
-    def _next_grant(pool, queue: FamilyQueue, api: str, family: str) -> tuple[Waiter, PoolKey] | None:
+    def _next_grant(self, queue: FamilyQueue, api: str, family: str) -> tuple[Waiter, PoolKey] | None:
         """The first waiter in turn that a free key can serve, with that key. Waiters that want what an earlier one
         could not get (any key, or the same pinned key) are not asked again."""
         refused: set[str | None] = set()
         for waiter in queue.in_turn():
             if (pinned := _pinned_key(waiter.affinity)) in refused:
                 continue
-            if key := pool.choose(api, family, affinity=waiter.affinity):
+            if key := self.pool.choose(api, family, affinity=waiter.affinity):
                 return waiter, key
             refused.add(pinned)
         return None
@@ -225,9 +212,9 @@ class WaitQueue:
     def estimated_wait(self, api: str, family: str) -> float:
         """Seconds a request arriving now may wait: recent waits, or the time until a key frees."""
         queue = self.queue(api, family)
-        waits = ctx.master.addons.get("storage").store.recent_waits(family, WAIT_HISTORY_SECONDS)
+        waits = self.storage.store.recent_waits(family, WAIT_HISTORY_SECONDS)
         recent = sum(waits) / len(waits) if waits else 0.0
         if not len(queue):
             return recent
-        rest = ctx.master.addons.get("keypool").seconds_until_free(api, family) or 0.0
+        rest = self.pool.seconds_until_free(api, family) or 0.0
         return max(recent, rest)

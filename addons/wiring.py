@@ -1,0 +1,81 @@
+"""The proxy's object graph in one place: the shared services, built once, and every addon in pipeline order, each
+given its collaborators. Nothing finds another addon by name."""
+
+from addons import (
+    admin,
+    affinity,
+    dispatcher,
+    families,
+    flownotes,
+    gatekeeper,
+    guard,
+    headers,
+    interception,
+    launcher,
+    metrics,
+    models,
+    policy,
+    promptlog,
+    quota,
+    ratelimit,
+    refusals,
+    router,
+    scrub,
+    services,
+    statuspage,
+    translate,
+)
+from addons.config import ConfigSources
+from addons.failclosed import FailClosed
+from llmproxy.pool.checker import KeyChecker
+from llmproxy.pool.keys import KeyPool
+from llmproxy.pool.queue import WaitQueue
+from llmproxy.store.storage import Storage
+
+
+def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
+    """Every addon, in the order a request passes them, for the settings `sources` read. `fail_closed` (one per
+    process, outside this list) lets requests leave only through the pipe of a pipeline that started."""
+    secrets = sources.secrets()
+    keys = [*secrets.get("openai_key", []), *secrets.get("anthropic_key", [])]
+    scrub.register([*keys, secrets.get("proxy_key", ""), secrets.get("admin_key", "")])  # out of every log line
+
+    # The plain services: no hooks; their options and lifecycle are the Services addon's.
+    storage = Storage()  # SQLite or Redis: users, usage, key health, rests, affinity across restarts
+    model_families = families.ModelFamilies()
+    pool = KeyPool(secrets, storage, model_families.all_families)
+    queue = WaitQueue(pool, storage)
+    pool.on_key_usable(queue.serve_waiting)  # a key that rested, came back or was given back serves a waiter
+    # The addons that others use.
+    conversations = affinity.Affinity(storage)
+    quotas = quota.QuotaKeeper(storage, model_families)
+    pipe_socket = dispatcher.bind_pipe_socket()  # the loopback socket streamed answers pass through
+    upstream = dispatcher.Dispatcher(pipe_socket, pool, queue, conversations, quotas)
+    checker = KeyChecker(pool, model_families.family_of, upstream)  # its requests use the dispatcher's session
+    pool.on_suspicion(checker.confirm)  # a key that one answer makes suspect retires only if the checker confirms
+
+    return [
+        guard.EngineGuard(),  # mitmproxy's own settings stay safe
+        interception.InterceptBeforePolicy(),  # mitmweb's intercept holds a request here, before any check
+        services.Services(storage, pool, queue, checker),  # the services' options; opens the store, starts checks
+        router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
+        headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
+        statuspage.StatusPage(storage, pool, queue, checker, model_families, upstream),  # /, /status, /health
+        metrics.Metrics(pool, queue, secrets.get("admin_key", "")),  # /metrics; one log line per request
+        promptlog.PromptLog(),  # prompts and completions, when the owner turns it on
+        admin.AdminApi(secrets, storage, pool, checker, quotas),  # /admin/... with ADMIN_KEY; /user/usage
+        gatekeeper.Gatekeeper(secrets, storage),  # none, proxy_key or user_token; names the identity for limits
+        models.ModelList(model_families, pool),  # GET .../v1/models, answered locally
+        model_families,  # the requested model's family; unknown or disallowed models refused
+        policy.RequestPolicy(),  # body validation, output and context caps, prompt filters, token count
+        translate.ClaudeChatTranslator(),  # OpenAI-format requests for Claude become Messages API requests
+        conversations,  # the conversation's key: prompt caches and Responses API state stay on one key
+        ratelimit.RateLimiter(storage),  # requests per minute and in flight, per identity
+        quotas,  # reserves the worst case against the user's token and USD quotas; settles afterwards
+        upstream,  # a pool key (waiting its turn while all rest), the upstream call, retries; SSE via the pipe
+        refusals.RefusalFormat(),  # errors as real errors, or as assistant messages (PROXY_ERROR_FORMAT)
+        flownotes.FlowNotes(),  # mitmweb: each flow's decision as a comment and a marker; a bounded flow list
+        # Last, so that its configure runs only once every other addon's passed: settings, the listener, and
+        # the word to fail_closed that this pipeline may send requests out.
+        launcher.Launcher(sources, fail_closed, pipe_socket.getsockname(), model_families),
+    ]
