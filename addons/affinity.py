@@ -19,81 +19,23 @@ Both maps live in the store (in Redis, one map for every instance), at most `aff
 least recently used first out, and forget a name unused for `affinity_ttl` seconds.
 """
 
-import hashlib
-import json
 import logging
-import re
 
 from mitmproxy import ctx, exceptions, http
 
-from addons import tokens
-from addons.apierrors import OPENAI, error_response, fail_closed
-from addons.body import parsed_body
-from addons.flowstate import flow_state
-from addons.gatekeeper import identity_digest
-from addons.routes import forward_route
+from addons.apierrors import error_response, fail_closed
+from addons.flowstate import flow_state, forward_route, parsed_body
+from llmproxy.api import OPENAI
+from llmproxy.conversation import RESPONSE_ID, carries_encrypted_content, conversation, digest, response_id
+from llmproxy.identity import identity_digest
 from llmproxy.pool.keys import KeyAffinity, PoolKey
 from llmproxy.store.storage import Storage
 
 SESSIONS, RESPONSES = "session", "response"  # the store's two affinity spaces
-SESSION_HEADERS = ("x-claude-code-session-id", "session-id")  # read here, never forwarded (headers.py)
+SESSION_HEADERS = ("x-claude-code-session-id", "session-id")  # read here, never forwarded (llmproxy/api/headers.py)
 RESPONSE_ROUTE = "openai.responses"  # the one route whose answers a follow-up can name (if stored, the default)
-# What the proxy remembers as a response id: printable ASCII, about ten times as long as OpenAI's (`resp_`, 50 digits).
-# Anything else the upstream names a response is not kept: a follow-up naming it goes to any key.
-RESPONSE_ID = re.compile(r"[!-~]{1,512}")
 
 logger = logging.getLogger(__name__)
-
-
-def response_id(body: bytes) -> object:
-    """The id of a buffered Responses API answer, as it came (None when there is none)."""
-    try:
-        answer = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return answer.get("id") if isinstance(answer, dict) else None
-
-
-def _opening(body: dict) -> list[str] | None:
-    """The text of the system prompt and of the first user message, which every turn of a conversation repeats
-    (cache markers, which clients move from turn to turn, are no text); None when the request has no user message."""
-    turns = body.get("messages") or body.get("input")
-    if isinstance(turns, str):  # a Responses input given as one text
-        turns = [{"role": "user", "content": turns}]
-    if not isinstance(turns, list):
-        return None
-    turns = [turn for turn in turns if isinstance(turn, dict)]
-    first_user = next((turn for turn in turns if turn.get("role") == "user"), None)
-    if first_user is None:
-        return None
-    system = next((turn for turn in turns if turn.get("role") in ("system", "developer")), None)
-    return tokens.model_input(
-        {"system": body.get("system"), "instructions": body.get("instructions"), "messages": [system, first_user]}
-    ).texts
-
-
-def conversation(body: dict, client_session: str | None) -> tuple[str, str] | None:
-    """What names the request's conversation, as (source, value); None when nothing does."""
-    if isinstance(key := body.get("prompt_cache_key"), str) and key:
-        return "prompt_cache_key", key
-    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    if isinstance(user := metadata.get("user_id"), str) and user:
-        return "metadata.user_id", user
-    if client_session:
-        return "header", client_session
-    if (opening := _opening(body)) is not None:
-        return "opening", json.dumps(opening)
-    return None
-
-
-def carries_encrypted_content(body: dict) -> bool:
-    """Whether a Responses request sends back items only the organisation that made them can read."""
-    items = body.get("input") if isinstance(body.get("input"), list) else []
-    return any(isinstance(item, dict) and isinstance(item.get("encrypted_content"), str) for item in items)
-
-
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 class Affinity:
@@ -136,7 +78,7 @@ class Affinity:
         if not ctx.options.affinity or forward_route(flow) is None:
             return
         if value := next((v for name in SESSION_HEADERS if (v := flow.request.headers.get(name, "").strip())), ""):
-            flow_state(flow).client_session = _digest(value)
+            flow_state(flow).client_session = digest(value)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -161,7 +103,7 @@ class Affinity:
             return  # the rest of the conversation is upstream, not in the request: it names no conversation
         if route.counts_tokens or not (named := conversation(body, state.client_session)):
             return  # a token count uses no cache and must not move a conversation
-        state.session = _digest(state.identity, state.family, *named)
+        state.session = digest(state.identity, state.family, *named)
         if key_id := store.affinity(SESSIONS, state.session, ctx.options.affinity_ttl):
             state.affinity_key = key_id
             if carries_encrypted_content(body):

@@ -1,53 +1,20 @@
-"""Errors the proxy produces itself, in the shape of the API the client is talking to.
-
-OpenAI clients parse `{"error": {"message", "type", "code"}}`; Anthropic clients parse
-`{"type": "error", "error": {"type", "message"}}`. Both SDKs raise their usual exception classes for
-these bodies, so a user sees a sentence, not a traceback.
+"""Errors on the mitmproxy side: a refusal as a response in the client's API format (llmproxy/api/errors.py), and
+the guards that make a failing hook refuse where mitmproxy would carry on (forward the flow, keep the setting).
 """
 
 import functools
 import json
 import logging
-import re
 
-from mitmproxy import http
+from mitmproxy import exceptions, http
 
-from addons import scrub
 from addons.flowstate import flow_state
-from llmproxy.api import ANTHROPIC, OPENAI, sse
+from llmproxy import scrub
+from llmproxy.api.errors import api_of_path, error_body
+from llmproxy.config import ConfigError
 from llmproxy.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAMES = {OPENAI: "OpenAI", ANTHROPIC: "Anthropic"}
-_SLASH_RUNS = re.compile(rb"//+")
-
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    426: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
-
-
-def _openai_type(status: int) -> str:
-    if status == 429:
-        return "rate_limit_error"
-    return "invalid_request_error" if status < 500 else "server_error"
-
-
-def error_body(api: str, status: int, message: str, code: str) -> dict:
-    """The JSON error object for `api`."""
-    if api == ANTHROPIC:
-        error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": error_type, "message": message}}
-    return {"error": {"message": message, "type": _openai_type(status), "param": None, "code": code}}
 
 
 def error_response(
@@ -59,26 +26,6 @@ def error_response(
         json.dumps(error_body(api, status, message, code)),
         {"content-type": "application/json", "x-proxy-error": code, **(headers or {})},
     )
-
-
-def sse_error_event(api: str, status: int, message: str, code: str) -> bytes:
-    """An SSE event that makes the SDKs' stream parsers raise, for errors after the stream began."""
-    return error_event(api, error_body(api, status, message, code))
-
-
-def error_event(api: str, body: dict) -> bytes:
-    """An error body as an SSE event: Anthropic's SDK raises on an event named `error`, OpenAI's on data with one."""
-    return sse.event(json.dumps(body), "error" if api == ANTHROPIC else None)
-
-
-def merge_slashes(raw_path: bytes) -> bytes:
-    """`raw_path` with each run of slashes as one (`/proxy/openai/v1//chat` -> `/proxy/openai/v1/chat`)."""
-    return _SLASH_RUNS.sub(b"/", raw_path)
-
-
-def api_of_path(raw_path: bytes) -> str:
-    """Which API's error format a request target expects."""
-    return ANTHROPIC if merge_slashes(raw_path).startswith(b"/proxy/anthropic") else OPENAI
 
 
 def fail_closed(hook):
@@ -111,6 +58,20 @@ def fail_closed(hook):
             )
 
     return guarded
+
+
+def refuses_config_errors(configure):
+    """Makes a ConfigError of the plain readers (llmproxy) in a `configure` hook refuse the setting: mitmproxy rolls
+    an option back only on OptionsError, and logs any other exception and keeps the value."""
+
+    @functools.wraps(configure)
+    def refusing(self, updated: set[str]) -> None:
+        try:
+            configure(self, updated)
+        except ConfigError as error:
+            raise exceptions.OptionsError(str(error)) from None
+
+    return refusing
 
 
 def _end_flow(flow: http.HTTPFlow, status: int, message: str, code: str, headers: dict | None = None) -> None:

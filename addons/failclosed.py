@@ -12,8 +12,9 @@ import logging
 
 from mitmproxy import ctx, http
 
-from addons.apierrors import api_of_path, error_response
+from addons.apierrors import error_response
 from addons.flowstate import flow_state
+from llmproxy.api.errors import api_of_path
 
 logger = logging.getLogger(__name__)
 

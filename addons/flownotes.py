@@ -13,10 +13,11 @@ from dataclasses import asdict
 from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import url
 
-from addons.config import size_setting
+from addons.apierrors import refuses_config_errors
 from addons.flowstate import flow_state
-from addons.gatekeeper import identity_digest
+from llmproxy.config import size_setting
 from llmproxy.flowstate import FlowState
+from llmproxy.identity import identity_digest
 
 MARKERS = {"served": ":white_check_mark:", "local": ":information_source:", "preflight": ":information_source:"}
 REFUSED = ":no_entry:"
@@ -74,6 +75,7 @@ class FlowNotes:
             "How much of a streamed answer a flow keeps, for mitmweb's detail view and flow files (0: none).",
         )
 
+    @refuses_config_errors
     def configure(self, updated):
         if "stream_record_limit" in updated:
             self.stream_record_limit = size_setting("stream_record_limit", ctx.options.stream_record_limit, "256k")

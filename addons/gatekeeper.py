@@ -5,53 +5,18 @@ The client presents its token the way its SDK already does: `Authorization: Bear
 only the spaces and tabs HTTP allows around a header value taken off; an empty secret never matches anything.
 """
 
-import hashlib
-import hmac
 import time
 
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
 from addons.flowstate import flow_state
-from addons.headers import client_token
-from addons.routes import ROUTES_BY_NAME
-from llmproxy.store import Store
+from addons.headerhygiene import client_token
+from llmproxy.api.routes import ROUTES_BY_NAME
+from llmproxy.identity import secret_matches, user_of_token
 from llmproxy.store.storage import Storage
 
 GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
-
-
-def secret_matches(presented: str, secret: str) -> bool:
-    """Whether `presented` (as `presented_token` read it) is `secret`, byte for byte, in constant time.
-
-    Both are encoded as mitmproxy decoded the header, so a byte that is not UTF-8 is compared as the byte it was
-    instead of raising. An empty secret never matches.
-    """
-    return bool(secret) and hmac.compare_digest(_as_sent(presented), _as_sent(secret))
-
-
-def user_of_token(store: Store, token: str) -> dict | None:
-    """The user whose token was presented, or None. A token that is not UTF-8 is nobody's: tokens are text."""
-    if not token or not _is_utf8(token):
-        return None
-    return store.user_by_token(token)
-
-
-def _as_sent(value: str) -> bytes:
-    return value.encode("utf-8", "surrogateescape")
-
-
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a byte that was not UTF-8, decoded by mitmproxy as a lone surrogate
-        return False
-    return True
-
-
-def identity_digest(identity: str) -> str:
-    """An identity (user id or client address) as logs, metrics and mitmweb may show it: a short, stable hash."""
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def client_ip(flow: http.HTTPFlow) -> str:

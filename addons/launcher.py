@@ -15,9 +15,11 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.net import server_spec
 from mitmproxy.proxy import mode_specs
 
-from addons import config, quota
 from addons.failclosed import FailClosed
-from addons.guard import RequestHeadLimit, check_versions
+from addons.requestheadlimit import RequestHeadLimit
+from llmproxy import config
+from llmproxy.quota import legacy_quota_settings
+from llmproxy.versions import check_versions
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ class Launcher:
         # rounds an option change starts, also inside that one. Reaching its end means every addon before took it.
         if updated >= set(options.keys()):
             # The original's TOKEN_QUOTA_<FAMILY> settings, now that the families are known.
-            legacy = quota.legacy_quota_settings(self.sources.prefixed("TOKEN_QUOTA_"), self.families.all_families())
+            legacy = legacy_quota_settings(self.sources.prefixed("TOKEN_QUOTA_"), self.families.all_families())
             if missing := [entry for entry in legacy if entry not in options.token_quotas]:
                 options.update(token_quotas=[*options.token_quotas, *missing])
             self.configured = True

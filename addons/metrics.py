@@ -14,15 +14,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
+from addons.apierrors import fail_closed
 from addons.flowstate import flow_state
-from addons.gatekeeper import identity_digest, secret_matches
-from addons.headers import client_token
-from addons.pricing import usd
+from addons.headerhygiene import client_token
 from addons.settlement import settlement_listener
-from addons.usage import Usage
+from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.api.usage import Usage
+from llmproxy.identity import identity_digest, secret_matches
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
+from llmproxy.pricing import usd
 
 logger = logging.getLogger("llmproxy.requests")
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

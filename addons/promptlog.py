@@ -12,12 +12,12 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body import parsed_body
-from addons.config import size_setting
-from addons.flowstate import flow_state
-from addons.gatekeeper import identity_digest
+from addons.apierrors import refuses_config_errors
+from addons.flowstate import flow_state, parsed_body
 from addons.settlement import settlement_listener
-from addons.usage import Usage
+from llmproxy.api.usage import Usage
+from llmproxy.config import size_setting
+from llmproxy.identity import identity_digest
 
 BACKENDS = ("file", "sqlite")
 ROTATED_FILES_KEPT = 5
@@ -35,6 +35,7 @@ class PromptLog:
         loader.add_option("prompt_logging_backend", str, "file", "file (JSON lines) or sqlite.")
         loader.add_option("prompt_log_max_bytes", str, "100m", "Size at which the log file is rotated.")
 
+    @refuses_config_errors
     def configure(self, updated):
         if "prompt_logging_backend" in updated and ctx.options.prompt_logging_backend not in BACKENDS:
             raise exceptions.OptionsError(f"PROMPT_LOGGING_BACKEND must be one of {', '.join(BACKENDS)}.")

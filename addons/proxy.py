@@ -20,7 +20,8 @@ if (_root / "llmproxy").is_dir() and str(_root) not in sys.path:
 
 from mitmproxy import ctx  # noqa: E402
 
-from addons import config, launcher, wiring  # noqa: E402
+from addons import launcher, wiring  # noqa: E402
+from llmproxy import config  # noqa: E402
 
 fail_closed = launcher.install_fail_closed(ctx.master)  # first: whatever fails below, it refuses every request
 try:

@@ -4,10 +4,11 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs
 
-from addons import routes
-from addons.apierrors import ANTHROPIC, OPENAI, api_of_path, error_response, fail_closed
-from addons.config import size_setting
+from addons.apierrors import error_response, fail_closed, refuses_config_errors
 from addons.flowstate import flow_state, new_flow_state
+from llmproxy.api import ANTHROPIC, OPENAI, routes
+from llmproxy.api.errors import api_of_path
+from llmproxy.config import size_setting
 
 API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
 
@@ -62,6 +63,7 @@ class Router:
             "./run.sh local: pass (untouched) or block requests to hosts other than the two APIs.",
         )
 
+    @refuses_config_errors
     def configure(self, updated):
         if "local_other_hosts" in updated and ctx.options.local_other_hosts not in ("pass", "block"):
             raise exceptions.OptionsError("LOCAL_OTHER_HOSTS must be pass or block.")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from mitmproxy import hooks, http
 
-from addons import scrub
-from addons.usage import Usage
+from llmproxy import scrub
+from llmproxy.api.usage import Usage
 
 logger = logging.getLogger(__name__)
 

@@ -1,22 +1,22 @@
 """The proxy's own pages: `/health`, `/status` (JSON) and `/` (the same facts as HTML)."""
 
-import base64
 import json
 import re
 import subprocess
 import time
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 
-from addons.apierrors import ANTHROPIC, OPENAI, SERVICE_NAMES, fail_closed
+from addons.apierrors import fail_closed, refuses_config_errors
 from addons.dispatcher import Dispatcher
-from addons.families import ModelFamilies
 from addons.flowstate import flow_state
-from addons.pricing import format_usd, usd
+from addons.modelfamilies import ModelFamilies
+from llmproxy.api import ANTHROPIC, OPENAI, SERVICE_NAMES
 from llmproxy.pool.checker import KeyChecker
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
+from llmproxy.pricing import format_usd, usd
 from llmproxy.store.storage import Storage
 from llmproxy.web import pages
 
@@ -26,14 +26,6 @@ _SERVICES = {
     OPENAI: {"name": SERVICE_NAMES[OPENAI], "key_setting": "OPENAI_KEY"},
     ANTHROPIC: {"name": SERVICE_NAMES[ANTHROPIC], "key_setting": "ANTHROPIC_KEY"},
 }
-
-
-def format_wait(seconds: float) -> str:
-    """`no wait` up to 2 s, else `Nsec` or `Nmin, Nsec` (whole seconds, floored minutes)."""
-    if seconds <= 2:
-        return "no wait"
-    total = round(seconds)
-    return f"{total}sec" if total < 60 else f"{total // 60}min, {total % 60}sec"
 
 
 def git_build() -> str:
@@ -62,14 +54,6 @@ _FAMILY_FIELDS = ("activeKeys", "revokedKeys", "overQuotaKeys", "proomptersInQue
 _KEY_FIELDS = {"activeKeys": "active", "revokedKeys": "revoked", "overQuotaKeys": "overQuota"}
 # The original's page tags for families it grouped differently: gpt432k is gpt4-32k, anthropic is every Claude family.
 _TAG_ALIASES = {"gpt432k": ["gpt4-32k"], "anthropic": ["claude", "claude-opus", "claude-sonnet", "claude-haiku"]}
-
-
-def decode_page_body(encoded: str) -> str:
-    """PAGE_BODY: base64 of UTF-8 HTML (the original's atob() mangled anything beyond Latin-1; this does not)."""
-    try:
-        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        raise exceptions.OptionsError("PAGE_BODY must be base64-encoded UTF-8 HTML.") from None
 
 
 class StatusPage:
@@ -102,11 +86,12 @@ class StatusPage:
         loader.add_option("page_body", str, "", "Base64 HTML replacing the status page; {tags} are filled in.")
         loader.add_option("show_token_costs", bool, False, "Show tokens and their cost per family on the status page.")
 
+    @refuses_config_errors
     def configure(self, updated):
         if "build_info" in updated:
             self.build = ctx.options.build_info or git_build()
         if "page_body" in updated:
-            self.template = decode_page_body(ctx.options.page_body) if ctx.options.page_body else ""
+            self.template = pages.decode_page_body(ctx.options.page_body) if ctx.options.page_body else ""
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -179,7 +164,7 @@ class StatusPage:
                 facts[family] = {
                     **{field: keys[state] for field, state in _KEY_FIELDS.items()},
                     "proomptersInQueue": len(queue.queue(api, family)),
-                    "estimatedQueueTime": format_wait(wait),
+                    "estimatedQueueTime": pages.format_wait(wait),
                     "estimatedQueueSeconds": round(wait),
                 }
         return facts, with_keys
@@ -233,7 +218,7 @@ class StatusPage:
         for tag, members in _TAG_ALIASES.items():
             group = [families[m] for m in members if m in families]
             families[tag] = {field: sum(f[field] for f in group) for field in _FAMILY_FIELDS[:4]}
-            families[tag]["estimatedQueueTime"] = format_wait(
+            families[tag]["estimatedQueueTime"] = pages.format_wait(
                 max((f["estimatedQueueSeconds"] for f in group), default=0)
             )
         # The sum above counts a key serving four Claude families four times; the service's tag counts it once.

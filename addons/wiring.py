@@ -2,35 +2,36 @@
 given its collaborators. Nothing finds another addon by name."""
 
 from addons import (
-    admin,
+    adminapi,
     affinity,
+    claudechattranslator,
     dispatcher,
-    families,
+    engineguard,
     flownotes,
     gatekeeper,
-    guard,
-    headers,
-    interception,
+    headerhygiene,
+    interceptbeforepolicy,
     launcher,
     metrics,
-    models,
-    policy,
+    modelfamilies,
+    modellist,
     promptlog,
-    quota,
-    ratelimit,
-    refusals,
+    quotakeeper,
+    ratelimiter,
+    refusalformat,
+    requestpolicy,
     router,
-    scrub,
     services,
     statuspage,
-    translate,
 )
-from addons.config import ConfigSources
 from addons.failclosed import FailClosed
+from llmproxy import scrub
+from llmproxy.config import ConfigSources
 from llmproxy.pool.checker import KeyChecker
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
 from llmproxy.store.storage import Storage
+from llmproxy.upstream.pipe import bind_pipe_socket
 
 
 def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
@@ -42,38 +43,38 @@ def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
 
     # The plain services: no hooks; their options and lifecycle are the Services addon's.
     storage = Storage()  # SQLite or Redis: users, usage, key health, rests, affinity across restarts
-    model_families = families.ModelFamilies()
+    model_families = modelfamilies.ModelFamilies()
     pool = KeyPool(secrets, storage, model_families.all_families)
     queue = WaitQueue(pool, storage)
     pool.on_key_usable(queue.serve_waiting)  # a key that rested, came back or was given back serves a waiter
     # The addons that others use.
     conversations = affinity.Affinity(storage)
-    quotas = quota.QuotaKeeper(storage, model_families)
-    pipe_socket = dispatcher.bind_pipe_socket()  # the loopback socket streamed answers pass through
+    quotas = quotakeeper.QuotaKeeper(storage, model_families)
+    pipe_socket = bind_pipe_socket()  # the loopback socket streamed answers pass through
     upstream = dispatcher.Dispatcher(pipe_socket, pool, queue, conversations, quotas)
     checker = KeyChecker(pool, model_families.family_of, upstream)  # its requests use the dispatcher's session
     pool.on_suspicion(checker.confirm)  # a key that one answer makes suspect retires only if the checker confirms
 
     return [
-        guard.EngineGuard(),  # mitmproxy's own settings stay safe
-        interception.InterceptBeforePolicy(),  # mitmweb's intercept holds a request here, before any check
+        engineguard.EngineGuard(),  # mitmproxy's own settings stay safe
+        interceptbeforepolicy.InterceptBeforePolicy(),  # mitmweb's intercept holds a request here, before any check
         services.Services(storage, pool, queue, checker),  # the services' options; opens the store, starts checks
         router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
-        headers.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
+        headerhygiene.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
         statuspage.StatusPage(storage, pool, queue, checker, model_families, upstream),  # /, /status, /health
         metrics.Metrics(pool, queue, secrets.get("admin_key", "")),  # /metrics; one log line per request
         promptlog.PromptLog(),  # prompts and completions, when the owner turns it on
-        admin.AdminApi(secrets, storage, pool, checker, quotas),  # /admin/... with ADMIN_KEY; /user/usage
+        adminapi.AdminApi(secrets, storage, pool, checker, quotas),  # /admin/... with ADMIN_KEY; /user/usage
         gatekeeper.Gatekeeper(secrets, storage),  # none, proxy_key or user_token; names the identity for limits
-        models.ModelList(model_families, pool),  # GET .../v1/models, answered locally
+        modellist.ModelList(model_families, pool),  # GET .../v1/models, answered locally
         model_families,  # the requested model's family; unknown or disallowed models refused
-        policy.RequestPolicy(),  # body validation, output and context caps, prompt filters, token count
-        translate.ClaudeChatTranslator(),  # OpenAI-format requests for Claude become Messages API requests
+        requestpolicy.RequestPolicy(),  # body validation, output and context caps, prompt filters, token count
+        claudechattranslator.ClaudeChatTranslator(),  # OpenAI-format requests for Claude become Messages API requests
         conversations,  # the conversation's key: prompt caches and Responses API state stay on one key
-        ratelimit.RateLimiter(storage),  # requests per minute and in flight, per identity
+        ratelimiter.RateLimiter(storage),  # requests per minute and in flight, per identity
         quotas,  # reserves the worst case against the user's token and USD quotas; settles afterwards
         upstream,  # a pool key (waiting its turn while all rest), the upstream call, retries; SSE via the pipe
-        refusals.RefusalFormat(),  # errors as real errors, or as assistant messages (PROXY_ERROR_FORMAT)
+        refusalformat.RefusalFormat(),  # errors as real errors, or as assistant messages (PROXY_ERROR_FORMAT)
         flownotes.FlowNotes(),  # mitmweb: each flow's decision as a comment and a marker; a bounded flow list
         # Last, so that its configure runs only once every other addon's passed: settings, the listener, and
         # the word to fail_closed that this pipeline may send requests out.

@@ -29,6 +29,8 @@ class FlowState:
     decision: str = ""  # what became of the request: served, local, rate_limited, over_quota, ... (any addon)
     # Header hygiene
     client_closes: bool = False  # the client asked to close the connection after the answer
+    # The first addon that reads the body (addons/flowstate.py's parsed_body), and any that replaces it
+    body: dict | None = None  # the request body as JSON; None: not parsed yet
     # The gatekeeper
     identity: str = ""  # whose request it is, for limits, queues and fairness: user:<id> or ip:<address>
     user: str = ""  # the user's id, with GATEKEEPER=user_token

@@ -1,6 +1,6 @@
 """What names a conversation, from the request alone."""
 
-from addons.affinity import carries_encrypted_content, conversation
+from llmproxy.conversation import carries_encrypted_content, conversation
 
 
 def test_the_client_names_its_conversation_first():

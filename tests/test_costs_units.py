@@ -9,12 +9,12 @@ import json
 from decimal import Decimal
 
 import pytest
-from mitmproxy import exceptions
 
-from addons.policy import server_tools
-from addons.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of
-from addons.quota import over_quota_message
-from addons.usage import StreamMeter, Usage, read_answer
+from llmproxy.api.usage import StreamMeter, Usage, read_answer
+from llmproxy.config import ConfigError
+from llmproxy.policy import server_tools
+from llmproxy.pricing import DEFAULT_PRICES, Price, format_usd, parse_cost_quotas, parse_prices, price_of
+from llmproxy.quota import over_quota_message
 from llmproxy.store import USAGE_FIGURES
 
 PRICES = parse_prices(DEFAULT_PRICES)
@@ -320,7 +320,7 @@ def test_price_entries_may_leave_out_trailing_figures_and_name_families_or_servi
     ],
 )
 def test_a_bad_price_table_stops_start_up_with_one_sentence(entries, message):
-    with pytest.raises(exceptions.OptionsError, match=message.replace("*", r"\*")):
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
         parse_prices(entries)
 
 
@@ -347,7 +347,7 @@ def test_cost_quotas_are_whole_nano_dollars_of_known_families():
         (["gpt-4o=1"], "no model family"),
         (["gpt4o=-1"], "family=usd or total=usd"),
     ):
-        with pytest.raises(exceptions.OptionsError, match=message):
+        with pytest.raises(ConfigError, match=message):
             parse_cost_quotas(entries, ["gpt4o"])
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from addons.pricing import format_usd
+from llmproxy.pricing import format_usd
 from tests.conftest import OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, wait_until
 from tests.test_e2e_users import ADMIN_KEY, Admin

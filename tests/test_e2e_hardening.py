@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from addons.body import MAX_NESTING
+from llmproxy.api.body import MAX_NESTING
 from tests.conftest import proxy_env
 from tests.harness import is_whole, send_raw
 

@@ -103,6 +103,8 @@ def test_mitmwebs_status_bar_names_the_real_listener(mitmweb):
     assert options["listen_port"]["value"] == proxy.port and options["listen_host"]["value"] == "127.0.0.1"
     (server,) = api.get("/state").json()["servers"].values()
     assert server["listen_addrs"][0][1] == proxy.port
+    # The status bar names the proxy, not the listener's stand-in target or the pipe.
+    assert server["description"].startswith("llm-proxy (OpenAI under /proxy/openai")
 
 
 def test_intercept_pauses_before_the_policy_and_the_edit_is_what_is_sent(mitmweb, fake):

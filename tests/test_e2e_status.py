@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from addons.statuspage import format_wait
+from llmproxy.web.pages import format_wait
 from tests.conftest import CANARY, proxy_env
 from tests.harness import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client

@@ -18,7 +18,7 @@ from mitmproxy.test import tflow, tutils
 
 from addons.apierrors import fail_closed
 from addons.flowstate import flow_state
-from addons.usage import StreamMeter, read_answer
+from llmproxy.api.usage import StreamMeter, read_answer
 from llmproxy.pool.keys import DEFAULT_COOLDOWN, read_limits, retry_after
 from tests.conftest import ANTHROPIC_KEYS, CANARY, OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, wait_until

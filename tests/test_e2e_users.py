@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from addons.usage import CHARACTERS_PER_TOKEN
+from llmproxy.api.usage import CHARACTERS_PER_TOKEN
 from tests.conftest import OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, wait_until
 

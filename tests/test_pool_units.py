@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from addons.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
-from addons.usage import StreamMeter, Usage
+from llmproxy.api.usage import StreamMeter, Usage
 from llmproxy.pool.keys import (
     ACTIVE,
     REVOKED,
@@ -19,6 +18,7 @@ from llmproxy.pool.keys import (
     retry_after,
 )
 from llmproxy.pool.queue import FamilyQueue, Waiter, WaitQueue
+from llmproxy.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
 from llmproxy.store.storage import Storage
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from addons.body import MAX_NESTING
+from llmproxy.api.body import MAX_NESTING
 from tests.conftest import proxy_env
 from tests.harness import ProxyProcess, wait_until
 from tests.test_e2e_routes import raw_request

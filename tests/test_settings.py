@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 import pytest
 from mitmproxy.test import taddons
 
-from addons.config import ConfigError, ConfigSources, read_dotenv
-from addons.families import ModelFamilies
-from addons.quota import QuotaKeeper, next_refresh
+from addons.modelfamilies import ModelFamilies
+from addons.quotakeeper import QuotaKeeper
+from llmproxy.config import ConfigError, ConfigSources, read_dotenv
+from llmproxy.quota import next_refresh
 from llmproxy.store.storage import Storage
 
 

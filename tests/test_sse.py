@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addons.usage import StreamMeter
 from llmproxy.api import sse
 from llmproxy.api.sse import Comment, Event
+from llmproxy.api.usage import StreamMeter
 
 EXAMPLES = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 

@@ -540,7 +540,7 @@ def test_instances_agree_on_affinity(redis_store, shared):
 
 # -- costs: USD quotas and usage by kind -------------------------------------------------------------------
 
-# A Claude request with cache reads, both kinds of cache writes and three web searches, as quota.py settles it.
+# A Claude request with cache reads, both kinds of cache writes and three web searches, as the quota keeper settles it.
 SPENT = {
     "cost_nanousd": 54_900_000,
     "input": 50,

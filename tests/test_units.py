@@ -8,21 +8,25 @@ from collections.abc import Sequence
 
 import pytest
 import yaml
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
 from multidict import CIMultiDict
 
-from addons import apierrors, config, headers, routes, scrub
 from addons.affinity import Affinity
-from addons.config import ConfigError, ConfigSources
 from addons.dispatcher import Dispatcher
 from addons.failclosed import FailClosed
-from addons.families import ModelFamilies
+from addons.flownotes import FlowNotes
 from addons.flowstate import flow_state
-from addons.quota import QuotaKeeper
+from addons.modelfamilies import ModelFamilies
+from addons.promptlog import PromptLog
+from addons.quotakeeper import QuotaKeeper
+from addons.requestpolicy import RequestPolicy
 from addons.router import Router
 from addons.wiring import build_addons
+from llmproxy import config, scrub
+from llmproxy.api import ANTHROPIC, DEFAULT_ANTHROPIC_VERSION, headers, routes
+from llmproxy.config import ConfigError, ConfigSources
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
 from llmproxy.store.storage import Storage
@@ -107,6 +111,27 @@ def test_unknown_setting_in_the_file_is_refused(tmp_path, monkeypatch):
         ConfigSources({"PROXY_CONFIG": str(tmp_path / "c.yaml")}).options({"upstream_timeout": int})
 
 
+@pytest.mark.parametrize(
+    "make, change, sentence",
+    [
+        (Router, {"max_request_body": "lots"}, "MAX_REQUEST_BODY must be a size such as 4m"),
+        (FlowNotes, {"stream_record_limit": "1.5m"}, "STREAM_RECORD_LIMIT must be a size"),
+        (PromptLog, {"prompt_log_max_bytes": "big"}, "PROMPT_LOG_MAX_BYTES must be a size"),
+        (ModelFamilies, {"openai_model_families": ["gpt5"]}, "OPENAI_MODEL_FAMILIES entries look like"),
+        (RequestPolicy, {"reject_phrases": ["(a+)+"], "reject_phrases_regex": True}, "exponential time"),
+        (lambda: QuotaKeeper(Storage(), ModelFamilies()), {"model_prices": ["openai=1/2"]}, "add anthropic="),
+    ],
+)
+def test_a_setting_the_plain_readers_refuse_is_refused_and_the_previous_value_stays(make, change, sentence):
+    """llmproxy/ raises ConfigError; mitmproxy rolls an option back only on OptionsError, and would keep the value."""
+    addon = make()
+    with taddons.context(addon) as tctx:
+        before = {name: getattr(tctx.options, name) for name in change}
+        with pytest.raises(exceptions.OptionsError, match=sentence):
+            tctx.configure(addon, **change)
+        assert {name: getattr(tctx.options, name) for name in change} == before
+
+
 def test_config_yaml_documents_every_option_with_its_default(tmp_path):
     """config.yaml is the documentation of the defaults; it must not drift from the code."""
     documented = yaml.safe_load(config.DEFAULT_CONFIG.read_text())
@@ -134,12 +159,12 @@ def test_request_headers_allowlist():
             (b"Accept-Encoding", b"gzip"),
         ]
     )
-    result = headers.upstream_request_headers(client_headers, apierrors.ANTHROPIC)
+    result = http.Headers(headers.upstream_request_headers(client_headers.items(multi=True), ANTHROPIC))
     assert dict(result.items()) == {
         "content-type": "application/json",
         "x-stainless-lang": "python",
         "accept-encoding": "identity",
-        "anthropic-version": headers.DEFAULT_ANTHROPIC_VERSION,
+        "anthropic-version": DEFAULT_ANTHROPIC_VERSION,
     }
 
 
@@ -218,13 +243,13 @@ async def test_a_failing_hook_answers_500_and_sends_nothing(caplog, tmp_path):
     ],
 )
 def test_offline_encodings_give_the_official_tokens(name, text, expected):
-    from addons import tokens
+    from llmproxy import tokens
 
     assert tokens.encoding(name).encode(text) == expected
 
 
 def test_chat_prompt_count_follows_openais_formula():
-    from addons import tokens
+    from llmproxy import tokens
 
     # 3 per message + role + content, + 3 priming: the OpenAI cookbook's counting for current models.
     body = {"messages": [{"role": "system", "content": "hello world"}, {"role": "user", "content": "hello world"}]}
@@ -234,17 +259,15 @@ def test_chat_prompt_count_follows_openais_formula():
 
 @pytest.mark.parametrize("pattern", [r"(a+)+$", r"(x*)*y", r"(a|aa)+", r"(\w+\s?)*$", r"(a)\1"])
 def test_regex_phrases_that_could_backtrack_forever_are_refused(pattern):
-    from mitmproxy import exceptions
+    from llmproxy.policy import safe_pattern
 
-    from addons.policy import safe_pattern
-
-    with pytest.raises(exceptions.OptionsError, match="exponential time"):
+    with pytest.raises(ConfigError, match="exponential time"):
         safe_pattern(pattern)
     assert safe_pattern(r"\bsecret\s+plan\b").search("a SECRET plan")
 
 
 def test_claude_stream_becomes_openai_chunks_event_by_event():
-    from addons.translate import MessagesToChatStream, chat_to_messages
+    from llmproxy.api.translate import MessagesToChatStream, chat_to_messages
 
     translator = MessagesToChatStream(include_usage=True)
     events = [
@@ -303,7 +326,7 @@ def _png(width: int, height: int, padding: int = 0) -> str:
 
 
 def test_images_count_by_the_providers_formulas_not_as_base64_text():
-    from addons import tokens
+    from llmproxy import tokens
 
     big = _png(1000, 500, padding=3_000_000)  # 4 MB of base64: as text it would be about a million tokens
     claude = {
@@ -341,7 +364,7 @@ def test_images_count_by_the_providers_formulas_not_as_base64_text():
     ],
 )
 def test_image_sizes_are_read_from_the_header(header, size):
-    from addons import tokens
+    from llmproxy import tokens
 
     assert tokens.image_size(header) == size
 
@@ -350,7 +373,7 @@ def test_pdf_pages_and_opaque_blobs_have_stated_figures():
     import base64
     import zlib
 
-    from addons import tokens
+    from llmproxy import tokens
 
     plain = b"%PDF-1.4\n2 0 obj << /Type /Pages /Kids [3 0 R 4 0 R] /Count 2 >> endobj"
     compressed = (

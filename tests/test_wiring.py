@@ -7,11 +7,11 @@ from pathlib import Path
 
 from mitmproxy.test import taddons, tflow
 
-from addons import scrub
-from addons.config import ConfigSources
 from addons.failclosed import FailClosed
 from addons.settlement import RequestSettledHook, settlement_listener
 from addons.wiring import build_addons
+from llmproxy import scrub
+from llmproxy.config import ConfigSources
 
 ROOT = Path(__file__).resolve().parent.parent
 LIFECYCLE_HOOKS = ("load", "configure", "running", "done")

@@ -40,7 +40,7 @@ USER_COLUMNS = (
 )
 # What a settled request adds to its user's figures of a family besides the tokens token quotas count (`used`): its
 # cost in nano-dollars (10⁻⁹ USD, whole numbers, so that sums and quota checks are exact in both stores) and its
-# tokens by the kinds addons/usage.py reads. Like `used`, they start afresh with each quota period.
+# tokens by the kinds llmproxy/api/usage.py reads. Like `used`, they start afresh with each quota period.
 SPENT_FIGURES = (
     "cost_nanousd",
     "input",

@@ -1,10 +1,14 @@
-"""The status page as HTML: the default page from Jinja2 templates, and the owner's PAGE_BODY with its {tags} filled."""
+"""The status page as HTML: the default page from Jinja2 templates, and the owner's PAGE_BODY (base64 in the
+setting) with its {tags} filled."""
 
+import base64
 import html
 import re
 from collections.abc import Callable, Mapping
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from llmproxy.config import ConfigError
 
 # Autoescaping escapes every value a template shows; StrictUndefined makes a misspelt name fail, not vanish.
 _ENV = Environment(
@@ -39,3 +43,19 @@ def page_body(template: str, values: Mapping[str, str], header: str) -> str:
     escaped = {tag: html.escape(value) for tag, value in values.items()}
     escaped["headerHtml"] = header
     return _TAG.sub(lambda match: escaped.get(match.group(1), match.group(0)), template)
+
+
+def decode_page_body(encoded: str) -> str:
+    """PAGE_BODY: base64 of UTF-8 HTML (the original's atob() mangled anything beyond Latin-1; this does not)."""
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError("PAGE_BODY must be base64-encoded UTF-8 HTML.") from None
+
+
+def format_wait(seconds: float) -> str:
+    """`no wait` up to 2 s, else `Nsec` or `Nmin, Nsec` (whole seconds, floored minutes)."""
+    if seconds <= 2:
+        return "no wait"
+    total = round(seconds)
+    return f"{total}sec" if total < 60 else f"{total // 60}min, {total % 60}sec"

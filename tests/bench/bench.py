@@ -385,7 +385,7 @@ async def agent_sessions(fake: Target, proxy: Target, turns: int, run: int) -> c
 
 def time_token_count() -> tuple[int, float]:
     """The proxy's prompt count of a chat request of about 100,000 tokens: (tokens, median ms of 3)."""
-    from addons import tokens
+    from llmproxy import tokens
 
     tokens.encoding("o200k_base")  # loaded once at start in the proxy too
     body = {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 10_000}]}

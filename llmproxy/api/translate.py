@@ -1,4 +1,4 @@
-"""The OpenAI chat format for Claude: `POST /proxy/anthropic/v1/chat/completions`.
+"""The OpenAI chat format for Claude (`POST /proxy/anthropic/v1/chat/completions`), translated both ways.
 
 Requests are translated to the Messages API (system messages, roles, merged consecutive turns, stop sequences,
 sampling, `max_tokens`, images, tools); answers come back as `chat.completion` objects, and streams event by
@@ -9,13 +9,8 @@ import json
 import re
 import time
 
-from mitmproxy import http
-
-from addons.apierrors import fail_closed
-from addons.body import parsed_body, replace_body
-from addons.flowstate import flow_state
-from addons.usage import Usage, from_usage_object
 from llmproxy.api import sse
+from llmproxy.api.usage import Usage, from_usage_object
 
 DEFAULT_MAX_TOKENS = 4096  # the Messages API requires one; OpenAI clients often send none
 FINISH_REASONS = {
@@ -27,7 +22,6 @@ FINISH_REASONS = {
     "refusal": "content_filter",
 }
 _DATA_URL = re.compile(r"data:(?P<media>[\w/+.-]+);base64,(?P<data>.+)", re.DOTALL)
-_ROUTE = "anthropic.chat_completions"
 
 
 def _blocks(content) -> list[dict]:
@@ -241,18 +235,3 @@ class MessagesToChatStream:
         if kind == "error":
             return sse.event(message_to_chat(data).decode())
         return b""  # ping, content_block_start/stop of text
-
-
-class ClaudeChatTranslator:
-    """Turns requests to the OpenAI-format Claude endpoint into Messages API requests."""
-
-    @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
-            return
-        state = flow_state(flow)
-        if state.route != _ROUTE:
-            return
-        body = parsed_body(flow)
-        state.client_wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
-        replace_body(flow, chat_to_messages(body))

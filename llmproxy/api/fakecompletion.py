@@ -1,26 +1,17 @@
-"""How refusals reach the user: as real errors, or as an assistant message a chat frontend will show.
-
-`PROXY_ERROR_FORMAT=error` (the default) keeps the error status and the API's JSON error, so SDKs raise properly.
-`completion` answers HTTP 200 with a made-up assistant message in the client's own format, streamed as SSE when
-the client asked to stream, because some chat frontends show nothing but message text.
+"""An assistant message the proxy makes up, in the format of the route the client called: chat completions, text
+completions, the Responses API, Messages, text completions for Claude; as JSON or, when the client asked to
+stream, as SSE. Chat frontends that show nothing but message text show it (PROXY_ERROR_FORMAT=completion).
 """
 
 import json
 import time
 import uuid
 
-from mitmproxy import ctx, exceptions, http
-
-from addons.apierrors import fail_closed
-from addons.body import parsed_body
-from addons.flowstate import flow_state
-from addons.routes import ROUTES_BY_NAME
 from llmproxy.api import sse
 
-ERROR_FORMATS = ("error", "completion")
 _CHAT_ROUTES = ("openai.chat_completions", "anthropic.chat_completions")
 # The routes whose answers are assistant messages, so that a refusal can be one too.
-_MESSAGE_ROUTES = (*_CHAT_ROUTES, "openai.completions", "openai.responses", "anthropic.messages", "anthropic.complete")
+MESSAGE_ROUTES = (*_CHAT_ROUTES, "openai.completions", "openai.responses", "anthropic.messages", "anthropic.complete")
 
 
 def _json_stream(events: list[tuple[str | None, dict | str]]) -> bytes:
@@ -143,51 +134,3 @@ def fake_completion(route: str, model: str, text: str, stream: bool) -> tuple[by
             ("message_stop", {"type": "message_stop"}),
         ]
     ), sse.MEDIA_TYPE
-
-
-class RefusalFormat:
-    """Rewrites error answers of generation routes into assistant messages when PROXY_ERROR_FORMAT=completion."""
-
-    def load(self, loader):
-        loader.add_option(
-            "proxy_error_format",
-            str,
-            "error",
-            "error: real error statuses; completion: HTTP 200 with the error as an assistant message.",
-        )
-
-    def configure(self, updated):
-        if "proxy_error_format" in updated and ctx.options.proxy_error_format not in ERROR_FORMATS:
-            raise exceptions.OptionsError(f"PROXY_ERROR_FORMAT must be one of {', '.join(ERROR_FORMATS)}.")
-
-    @fail_closed
-    async def response(self, flow: http.HTTPFlow) -> None:
-        route = ROUTES_BY_NAME.get(flow_state(flow).route)
-        response = flow.response
-        if (
-            ctx.options.proxy_error_format != "completion"
-            or route is None
-            or response.stream
-            or response.status_code < 400
-            or route.name not in _MESSAGE_ROUTES
-        ):
-            return
-        try:
-            error = json.loads(response.content).get("error", {})
-            message = error.get("message") if isinstance(error, dict) else str(error)
-        except (ValueError, AttributeError):
-            message = response.text[:500]
-        try:
-            body = parsed_body(flow)
-        except ValueError:
-            body = {}
-        text = f"**Proxy error (HTTP {response.status_code})**\n\n{message}"
-        content, content_type = fake_completion(
-            route.name, str(body.get("model", "")), text, body.get("stream") is True
-        )
-        headers = response.headers.copy()
-        headers.pop("content-length", None)
-        headers["content-type"] = content_type
-        headers["x-proxy-error-status"] = str(response.status_code)
-        headers.setdefault("x-proxy-error", "upstream_error")
-        flow.response = http.Response.make(200, content, headers)

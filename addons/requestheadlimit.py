@@ -1,16 +1,15 @@
-"""Keeps mitmproxy's own settings on the safe side of the line this proxy depends on."""
+"""Bounds the request head of every HTTP/1 client connection, which mitmproxy buffers without bound, before any body
+is read."""
 
 import logging
 import re
-from importlib.metadata import version
 
-from mitmproxy import ctx, exceptions
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
-from addons.apierrors import api_of_path, error_response
-from addons.config import ConfigError
+from addons.apierrors import error_response
+from llmproxy.api.errors import api_of_path
 
 logger = logging.getLogger(__name__)
 
@@ -19,42 +18,6 @@ MAX_REQUEST_LINE = 8192
 # Longest request head (request line and headers); Node's default is 16 KiB, Claude Code's heads are about 2 KiB.
 MAX_REQUEST_HEAD = 65536
 _HEAD_END = re.compile(rb"\n\r?\n")  # how h11, under mitmproxy, finds the end of a head
-
-# Versions below these accept request-smuggling tricks (h11 chunk terminators, h2 header handling).
-SECURITY_FLOORS = {"mitmproxy": (12, 1, 2), "h11": (0, 16, 0), "h2": (4, 3, 0)}
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
-
-
-def check_versions() -> None:
-    """Refuses to start on a library version below its security floor."""
-    for package, floor in SECURITY_FLOORS.items():
-        installed = version(package)
-        if _version_tuple(installed) < floor:
-            raise ConfigError(
-                f"{package} {installed} is below the security floor {'.'.join(map(str, floor))}; "
-                "run ./run.sh again to install the pinned versions."
-            )
-
-
-class EngineGuard:
-    """Refuses mitmproxy settings that would let a request past the pipeline or change how it is read.
-
-    `connection_strategy=lazy`: no upstream connection before the addons decided. `validate_inbound_headers`:
-    mitmproxy's request-smuggling checks. No `stream_large_bodies`: a streamed request body would leave before
-    the `request` hook read it. (The listener's mode and address are the Launcher's.)
-    """
-
-    def configure(self, updated):
-        options = ctx.options
-        if "connection_strategy" in updated and options.connection_strategy != "lazy":
-            raise exceptions.OptionsError("connection_strategy must stay 'lazy' for this proxy.")
-        if "validate_inbound_headers" in updated and not options.validate_inbound_headers:
-            raise exceptions.OptionsError("validate_inbound_headers must stay on for this proxy.")
-        if "stream_large_bodies" in updated and options.stream_large_bodies:
-            raise exceptions.OptionsError("stream_large_bodies cannot be used with this proxy.")
 
 
 class _BoundedHttp1Server(Http1Server):

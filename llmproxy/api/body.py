@@ -1,4 +1,4 @@
-"""The request body as JSON, parsed once per flow and shared by every addon that reads it.
+"""A request body as JSON, parsed the way the upstream will read it.
 
 Only bodies every JSON parser reads alike are accepted, because the upstream parses the bytes the proxy forwards,
 not the dict the proxy checked: UTF-8 without a byte-order mark, no field named twice, no lone surrogate, no NaN or
@@ -8,10 +8,7 @@ Infinity, no number a 64-bit integer or a double cannot hold, and no nesting bey
 import json
 import math
 import re
-import weakref
 from itertools import accumulate
-
-from mitmproxy import http
 
 # Containers within containers, the body itself counting as one. Codex CLI's tool schemas reach 16 and Claude
 # Code's 10 (tests/fixtures/clients); 64 leaves room for deep JSON schemas and stays far below the point where
@@ -25,8 +22,6 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
 _NESTING_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
-
-_parsed: "weakref.WeakKeyDictionary[http.HTTPFlow, dict]" = weakref.WeakKeyDictionary()
 
 
 class BodyError(ValueError):
@@ -95,11 +90,8 @@ def _check_surrogates(raw: bytes, body: dict) -> None:
             ) from None
 
 
-def parsed_body(flow: http.HTTPFlow) -> dict:
-    """The body of a forwarded request as a dict; raises BodyError when it is not a JSON object."""
-    if flow in _parsed:
-        return _parsed[flow]
-    raw = flow.request.raw_content or b""
+def parse_body(raw: bytes) -> dict:
+    """A request body as a dict; raises BodyError when it is not a JSON object every parser reads alike."""
     try:
         body = json.loads(
             _decode(raw),
@@ -119,11 +111,4 @@ def parsed_body(flow: http.HTTPFlow) -> dict:
     if _nesting(raw) > MAX_NESTING:
         raise BodyError(f"The request body is nested deeper than {MAX_NESTING} levels.")
     _check_surrogates(raw, body)
-    _parsed[flow] = body
     return body
-
-
-def replace_body(flow: http.HTTPFlow, body: dict) -> None:
-    """Makes `body` what the upstream will receive, and what later addons read."""
-    flow.request.content = json.dumps(body).encode()
-    _parsed[flow] = body

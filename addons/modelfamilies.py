@@ -1,77 +1,21 @@
-"""Model families: groups of models that share keys, limits and a queue.
+"""Model families (llmproxy/families.py): the requested model's family names the keys, limits and queue that serve it;
+a model no table entry matches, or of a family the owner did not allow, is refused."""
 
-A family table per service maps model-name patterns to family names, first match first; the last entry of
-each table is that service's fallback family and catches the service's other model names. A model no entry
-matches is unknown and refused.
-"""
-
-import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.apierrors import ANTHROPIC, OPENAI, error_response, fail_closed
-from addons.body import BodyError, parsed_body
-from addons.flowstate import flow_state
-from addons.routes import forward_route
-
-DEFAULT_OPENAI_FAMILIES = [
-    "gpt6=gpt-6*",
-    "gpt5=gpt-5*",
-    "gpt4.1=gpt-4.1*",
-    "gpt4o=gpt-4o*|chatgpt-4o*",
-    "gpt4-32k=gpt-4-32k*",
-    "gpt4-turbo=gpt-4-turbo*|gpt-4-*-preview|gpt-4-vision*",
-    "gpt4=gpt-4|gpt-4-0*",
-    "o=o[0-9]*|codex-*",
-    "embeddings=text-embedding-*",
-    "turbo=gpt-*|chatgpt-*|davinci-*|babbage-*",
-]
-DEFAULT_ANTHROPIC_FAMILIES = [
-    "claude-opus=claude-opus-*|claude-*-opus*",
-    "claude-sonnet=claude-sonnet-*|claude-*-sonnet*",
-    "claude-haiku=claude-haiku-*|claude-*-haiku*",
-    "claude=claude-*",
-]
-# Names the original project used in settings; each stands for the families it covered there.
-LEGACY_ALIASES = {
-    "claude": ["claude", "claude-opus", "claude-sonnet", "claude-haiku"],
-    "gpt432k": ["gpt4-32k"],
-}
-
-
-@dataclass(frozen=True)
-class FamilyRule:
-    family: str
-    patterns: tuple[str, ...]
-
-    def matches(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.patterns)
-
-
-def parse_table(name: str, entries: Sequence[str]) -> list[FamilyRule]:
-    """`family=pattern|pattern` entries, in order."""
-    rules = []
-    for entry in entries:
-        family, sep, patterns = entry.partition("=")
-        if not sep or not family.strip() or not patterns.strip():
-            raise exceptions.OptionsError(f"{name.upper()} entries look like family=pattern|pattern, not {entry!r}.")
-        rules.append(FamilyRule(family.strip(), tuple(p.strip().lower() for p in patterns.split("|") if p.strip())))
-    if not rules:
-        raise exceptions.OptionsError(f"{name.upper()} needs at least one family.")
-    return rules
-
-
-def parse_family_numbers(name: str, entries: Sequence[str]) -> dict[str, int]:
-    """`family=number` entries (token quotas, context windows) as a mapping."""
-    numbers = {}
-    for entry in entries:
-        family, _, number = entry.partition("=")
-        if not number.strip().isdigit():
-            raise exceptions.OptionsError(f"{name.upper()} entries look like family=tokens, not {entry!r}.")
-        numbers[family.strip()] = int(number)
-    return numbers
+from addons.apierrors import error_response, fail_closed, refuses_config_errors
+from addons.flowstate import flow_state, forward_route, parsed_body
+from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.api.body import BodyError
+from llmproxy.families import (
+    DEFAULT_ANTHROPIC_FAMILIES,
+    DEFAULT_OPENAI_FAMILIES,
+    LEGACY_ALIASES,
+    FamilyRule,
+    parse_table,
+)
 
 
 class ModelFamilies:
@@ -102,6 +46,7 @@ class ModelFamilies:
         )
         loader.add_option("turbo_only", bool, False, "Allow only the turbo family of OpenAI models.")
 
+    @refuses_config_errors
     def configure(self, updated):
         for api in (OPENAI, ANTHROPIC):
             name = f"{api}_model_families"

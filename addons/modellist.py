@@ -2,14 +2,15 @@
 account, and a client only needs to know what it may ask for here."""
 
 import json
-import time
 from collections.abc import Sequence
 
 from mitmproxy import ctx, http
 
-from addons.apierrors import ANTHROPIC, OPENAI, fail_closed
-from addons.families import ModelFamilies
+from addons.apierrors import fail_closed
 from addons.flowstate import flow_state
+from addons.modelfamilies import ModelFamilies
+from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.api.modellists import anthropic_model_list, openai_model_list
 from llmproxy.pool.keys import KeyPool
 
 DEFAULT_OPENAI_MODELS = [
@@ -41,38 +42,6 @@ DEFAULT_ANTHROPIC_MODELS = [
     "claude-sonnet-4-6",
     "claude-haiku-4-5",
 ]
-
-
-def openai_model_list(models: list[str]) -> dict:
-    created = int(time.time())
-    return {
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "openai"} for model in models],
-    }
-
-
-def anthropic_model_list(models: list[str]) -> dict:
-    """Anthropic's list shape, each entry also carrying OpenAI's fields for clients of the OpenAI-format endpoint."""
-    now = time.time()
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    data = [
-        {
-            "type": "model",
-            "id": model,
-            "display_name": model,
-            "created_at": created,
-            "object": "model",
-            "created": int(now),
-            "owned_by": "anthropic",
-        }
-        for model in models
-    ]
-    return {
-        "data": data,
-        "has_more": False,
-        "first_id": models[0] if models else None,
-        "last_id": models[-1] if models else None,
-    }
 
 
 class ModelList:

@@ -9,10 +9,10 @@ the upstream receives, and the key is still added last, out of sight.
 
 from mitmproxy import http
 
-from addons import routes
 from addons.apierrors import error_response, fail_closed
 from addons.flowstate import flow_state
-from addons.headers import upstream_request_headers
+from llmproxy.api import routes
+from llmproxy.api.headers import upstream_request_headers
 
 
 class InterceptBeforePolicy:
@@ -41,4 +41,5 @@ class InterceptBeforePolicy:
             )
             return
         # Headers were filtered when the request arrived; an editor may have added any (a credential, say).
-        flow.request.headers = upstream_request_headers(flow.request.headers, route.api)
+        fields = flow.request.headers.items(multi=True)
+        flow.request.headers = http.Headers(upstream_request_headers(fields, route.api))

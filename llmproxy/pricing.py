@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from mitmproxy import exceptions
-
-from addons.apierrors import ANTHROPIC, OPENAI
-from addons.usage import PROMPT_FIGURES, Usage
+from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.api.usage import PROMPT_FIGURES, Usage
+from llmproxy.config import ConfigError
 
 NANODOLLARS_PER_USD = 10**9
 DEFAULT_WEB_SEARCH_PRICE = Decimal(10)  # USD per 1,000 searches: Anthropic's and OpenAI's web search, 2025
@@ -126,7 +125,7 @@ def parse_prices(entries: Sequence[str]) -> list[tuple[str, Price]]:
         except InvalidOperation:
             numbers = []
         if not name.strip() or not 2 <= len(numbers) <= 6:
-            raise exceptions.OptionsError(
+            raise ConfigError(
                 f"MODEL_PRICES entries look like model-pattern={_FIELDS} (USD per million tokens, web searches "
                 f"per 1,000), not {entry!r}."
             )
@@ -135,9 +134,7 @@ def parse_prices(entries: Sequence[str]) -> list[tuple[str, Price]]:
         search = rest[3] if len(rest) == 4 else DEFAULT_WEB_SEARCH_PRICE
         table.append((name.strip().lower(), Price(given, output, read, write_5m, write_1h, search)))
     if missing := [api for api in (OPENAI, ANTHROPIC) if api not in {name for name, _ in table}]:
-        raise exceptions.OptionsError(
-            f"MODEL_PRICES needs a fallback entry for each service: add {missing[0]}={_FIELDS}."
-        )
+        raise ConfigError(f"MODEL_PRICES needs a fallback entry for each service: add {missing[0]}={_FIELDS}.")
     return table
 
 
@@ -155,9 +152,7 @@ def parse_cost_quotas(entries: Sequence[str], families: list[str]) -> dict[str, 
         try:
             quotas[name] = int(_amount(amount) * NANODOLLARS_PER_USD)
         except InvalidOperation:
-            raise exceptions.OptionsError(
-                f"COST_QUOTAS entries look like family=usd or total=usd, not {entry!r}."
-            ) from None
+            raise ConfigError(f"COST_QUOTAS entries look like family=usd or total=usd, not {entry!r}.") from None
         if name not in families and name != "total":
-            raise exceptions.OptionsError(f"COST_QUOTAS names no model family of this proxy: {name!r}.")
+            raise ConfigError(f"COST_QUOTAS names no model family of this proxy: {name!r}.")
     return quotas

@@ -18,8 +18,7 @@ answer shows are counted.
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from addons.apierrors import ANTHROPIC
-from llmproxy.api import sse
+from llmproxy.api import ANTHROPIC, sse
 
 _RESPONSE_ENDINGS = ("response.completed", "response.incomplete", "response.failed")
 CHARACTERS_PER_TOKEN = (

@@ -7,8 +7,7 @@ import weakref
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
-from addons.flowstate import flow_state
-from addons.routes import forward_route
+from addons.flowstate import flow_state, forward_route
 from llmproxy.flowstate import FlowState
 from llmproxy.store.storage import Storage
 

@@ -10,9 +10,9 @@ path. The upstream path is taken from this table, never from the client's bytes.
 import re
 from dataclasses import dataclass
 
-from addons.apierrors import ANTHROPIC, OPENAI, merge_slashes
-from addons.flowstate import flow_state
+from llmproxy.api import ANTHROPIC, OPENAI
 
+_SLASH_RUNS = re.compile(rb"//+")
 FORWARD = "forward"  # sent upstream with a pool key
 LOCAL = "local"  # answered by the proxy itself
 
@@ -97,6 +97,11 @@ class Match:
     allowed_methods: tuple[str, ...] = ()  # non-empty when the path is known but the method is not
 
 
+def merge_slashes(raw_path: bytes) -> bytes:
+    """`raw_path` with each run of slashes as one (`/proxy/openai/v1//chat` -> `/proxy/openai/v1/chat`)."""
+    return _SLASH_RUNS.sub(b"/", raw_path)
+
+
 def request_path(raw_target: bytes) -> bytes:
     """The path of a raw request target, runs of slashes merged; the query is not part of it."""
     return merge_slashes(raw_target.partition(b"?")[0])
@@ -123,11 +128,3 @@ def lookup(method: bytes, raw_target: bytes) -> Match:
 def is_known_path(raw_target: bytes) -> bool:
     path = request_path(raw_target)
     return path in TABLE or bool(_ADMIN_PATH.fullmatch(path) or STORED_RESPONSE_PATH.fullmatch(path))
-
-
-def forward_route(flow) -> Route | None:
-    """The route of a live, still unanswered flow that is to go upstream; None for every other flow."""
-    if flow.response or not flow.live:
-        return None
-    route = ROUTES_BY_NAME.get(flow_state(flow).route)
-    return route if route is not None and route.kind == FORWARD else None

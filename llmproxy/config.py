@@ -15,8 +15,6 @@ from pathlib import Path
 
 import yaml
 from dotenv.parser import parse_stream
-from mitmproxy import exceptions
-from mitmproxy.utils import human
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -24,6 +22,8 @@ SECRET_LISTS = ("openai_key", "anthropic_key")  # comma-separated
 SECRET_VALUES = ("proxy_key", "admin_key")  # taken whole: a password may contain a comma
 SECRET_SETTINGS = SECRET_LISTS + SECRET_VALUES
 LISTEN_SETTINGS = ("port", "bind_address", "log_level")  # read by the entry point, not mitmproxy options
+# Size suffixes as mitmproxy's `human.parse_size` reads them: MAX_REQUEST_BODY also sets mitmproxy's body_size_limit.
+SIZE_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 class ConfigError(Exception):
@@ -65,12 +65,23 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def parse_size(value: str) -> int:
+    """A size with an optional b, k, m, g or t suffix (`4m`, `256k`) in bytes; ValueError for anything else."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    if value[-1:] in SIZE_UNITS:
+        return int(value[:-1]) * SIZE_UNITS[value[-1]]
+    raise ValueError(f"not a size: {value!r}")
+
+
 def size_setting(name: str, value: str, example: str) -> int:
     """A size option (`4m`, `256k`) in bytes; a value that is none stops start-up naming the setting."""
     try:
-        return human.parse_size(value) or 0
+        return parse_size(value)
     except ValueError:
-        raise exceptions.OptionsError(f"{name.upper()} must be a size such as {example}, not {value!r}.") from None
+        raise ConfigError(f"{name.upper()} must be a size such as {example}, not {value!r}.") from None
 
 
 def split_list(value: str) -> list[str]:

@@ -1,0 +1,86 @@
+"""The admin API's wire format: its endpoints, its OpenAPI description, and users as it shows them."""
+
+from llmproxy.pricing import usd
+from llmproxy.store import EDITABLE_FIELDS
+
+_USER_ID = r"(?P<user>[0-9a-f]{16})"
+# (method, path pattern, the AdminApi method that answers); the pattern must match the whole path.
+ROUTES = [
+    ("GET", r"/admin/users", "list_users"),
+    ("POST", r"/admin/users", "create_user"),
+    ("GET", r"/admin/users/export", "export_users"),
+    ("POST", r"/admin/users/import", "import_users"),
+    ("GET", rf"/admin/users/{_USER_ID}", "get_user"),
+    ("PATCH", rf"/admin/users/{_USER_ID}", "update_user"),
+    ("DELETE", rf"/admin/users/{_USER_ID}", "delete_user"),
+    ("POST", rf"/admin/users/{_USER_ID}/disable", "disable_user"),
+    ("POST", rf"/admin/users/{_USER_ID}/enable", "enable_user"),
+    ("POST", rf"/admin/users/{_USER_ID}/reset-usage", "reset_user_usage"),
+    ("POST", r"/admin/quotas/reset", "reset_all_usage"),
+    ("GET", r"/admin/keys", "list_keys"),
+    ("POST", r"/admin/keys/recheck", "recheck_keys"),
+    ("GET", r"/admin/openapi.json", "openapi"),
+]
+
+
+def usage_view(figures: dict) -> dict:
+    """A family's usage figures as the APIs show them: costs in USD rather than the store's nano-dollars."""
+    shown = {name: value for name, value in figures.items() if name not in ("cost_nanousd", "reserved_nanousd")}
+    return {**shown, "cost_usd": usd(figures["cost_nanousd"]), "reserved_usd": usd(figures["reserved_nanousd"])}
+
+
+def public_user(user: dict) -> dict:
+    """A user as the admin API shows it: everything but the token hash, with costs in USD and their sum."""
+    shown = {key: value for key, value in user.items() if key != "token_hash"}
+    shown["usage"] = {family: usage_view(figures) for family, figures in user["usage"].items()}
+    shown["cost_usd"] = usd(sum(figures["cost_nanousd"] for figures in user["usage"].values()))
+    return shown
+
+
+def openapi_description() -> dict:
+    """OpenAPI 3.1 description of the admin API, generated from the route table."""
+    summaries = {
+        "list_users": "List users (query `sort=field,field`, largest first)",
+        "create_user": "Create a user; the response holds its token, shown only this once",
+        "export_users": "Every user with token hash and usage, for import elsewhere",
+        "import_users": 'Create or replace users from an export: {"users": [...]}',
+        "get_user": "One user",
+        "update_user": f"Set fields: {', '.join(sorted(EDITABLE_FIELDS))}",
+        "delete_user": "Delete a user",
+        "disable_user": 'Disable a user: {"reason": "..."}',
+        "enable_user": "Enable a disabled user",
+        "reset_user_usage": "Start a new quota period for one user",
+        "reset_all_usage": "Start a new quota period for everyone",
+        "list_keys": "Key ids (hashes) and health",
+        "recheck_keys": "Check every key again now",
+        "openapi": "This description",
+    }
+    paths: dict = {}
+    for method, pattern, handler in ROUTES:
+        path = pattern.replace(_USER_ID, "{user_id}")
+        operation = {
+            "summary": summaries[handler],
+            "operationId": handler,
+            "security": [{"adminKey": []}],
+            "responses": {
+                "200": {"description": "OK"},
+                "401": {"description": "No or wrong admin key"},
+                "429": {"description": "Too many failed logins"},
+            },
+        }
+        if "{user_id}" in path:
+            operation["parameters"] = [
+                {
+                    "name": "user_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                }
+            ]
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM key-sharing proxy: admin API", "version": "1"},
+        "components": {"securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
