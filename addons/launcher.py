@@ -16,6 +16,7 @@ from mitmproxy.net import server_spec
 from mitmproxy.proxy import mode_specs
 
 from addons.failclosed import FailClosed
+from addons.modeguard import STAND_IN_TARGET, ModeGuard, accepted_mode
 from addons.requestheadlimit import RequestHeadLimit
 from llmproxy import config
 from llmproxy.quota import legacy_quota_settings
@@ -23,9 +24,6 @@ from llmproxy.versions import check_versions
 
 logger = logging.getLogger(__name__)
 
-# The reverse target of the listener. Nothing listens on port 1, so even a flow that escaped every check could
-# reach nothing; it never gets that far, as FailClosed answers it first.
-STAND_IN_TARGET = "http://127.0.0.1:1"
 REVERSE_LISTENER = "llm-proxy (OpenAI under /proxy/openai, Anthropic under /proxy/anthropic)"
 FORWARD_LISTENER = "llm-proxy as a forward proxy for api.openai.com and api.anthropic.com"
 LOG_LEVELS = ("error", "warn", "info", "debug")
@@ -48,19 +46,27 @@ class _ConfigErrorsAsSentences(logging.Filter):
 
 
 def install_fail_closed(master) -> FailClosed:
-    """FailClosed at the end of the chain and RequestHeadLimit right after NextLayer, registered once per process
-    before anything in the script can fail."""
+    """FailClosed at the end of the chain, RequestHeadLimit right after NextLayer and ModeGuard right before the
+    proxyserver, registered once per process before anything in the script can fail."""
     global _fail_closed, _mitmproxy_options
     if _fail_closed is None:
         _mitmproxy_options = set(master.options.keys())  # and those of scripts loaded before this one
         logging.getLogger("mitmproxy.addons.script").addFilter(_ConfigErrorsAsSentences())
         _fail_closed = FailClosed()
-        master.addons.add(_fail_closed)
-        head_limit = RequestHeadLimit()  # it adjusts the layer NextLayer chose, so it must come right after it
-        master.addons.add(head_limit)
-        master.addons.chain.remove(head_limit)
-        master.addons.chain.insert(master.addons.chain.index(master.addons.get("nextlayer")) + 1, head_limit)
+        _register(master, _fail_closed)  # last: after every other request hook, the user's scripts' too
+        # RequestHeadLimit adjusts the layer NextLayer chose; the proxyserver restarts the listener on a mode change.
+        _register(master, RequestHeadLimit(), after=master.addons.get("nextlayer"))
+        _register(master, ModeGuard(), before=master.addons.get("proxyserver"))
     return _fail_closed
+
+
+def _register(master, addon, before: object = None, after: object = None) -> None:
+    """Registers `addon` on mitmproxy itself: at the end of the chain, or right before or after one of its own."""
+    master.addons.add(addon)
+    if neighbour := before or after:
+        chain = master.addons.chain
+        chain.remove(addon)
+        chain.insert(chain.index(neighbour) + (neighbour is after), addon)
 
 
 def log_level(level: str) -> str:
@@ -163,20 +169,8 @@ class Launcher:
     def _from_mode(modes: list[str]) -> dict:
         """The settings a user's `--mode` stands for: mitmproxy's default (regular) stands for none, and
         `reverse:URL[@[host:]port]` for the upstream of the API it names and the listener's address."""
-        if modes in (["regular"], [f"reverse:{STAND_IN_TARGET}"]):
+        if (mode := accepted_mode(modes)) is None:
             return {}
-        refusal = (
-            f"--mode {' '.join(modes)} is not accepted: this proxy listens in reverse mode for both APIs "
-            "(or --set forward_proxy=true); --mode reverse:URL may only name the upstream of one API."
-        )
-        if len(modes) != 1:
-            raise exceptions.OptionsError(refusal)
-        try:
-            mode = mode_specs.ProxyMode.parse(modes[0])
-        except ValueError:
-            raise exceptions.OptionsError(refusal) from None
-        if not isinstance(mode, mode_specs.ReverseMode) or mode.scheme not in ("http", "https"):
-            raise exceptions.OptionsError(refusal)
         host, port = mode.address
         default_port = server_spec.parse(f"{mode.scheme}://{host}", default_scheme="https")[1][1]
         url = f"{mode.scheme}://{host}" + ("" if port == default_port else f":{port}")

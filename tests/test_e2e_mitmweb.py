@@ -228,6 +228,8 @@ def test_a_refused_option_change_at_run_time_keeps_the_policy(mitmweb, fake):
     ):
         refused = api.put("/options", json=change)
         assert refused.status_code == 400 and sentence in refused.text, change
+    # Refused before mitmproxy's proxyserver acted on it: the listener never changed, not even for a moment.
+    assert "SOCKS" not in proxy.log() and "stopped" not in proxy.log()
     options = api.get("/options").json()
     assert options["upstream_timeout"]["value"] == 600 and options["gatekeeper"]["value"] == "proxy_key"
     ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
