@@ -14,7 +14,7 @@ from mitmproxy import ctx, http
 
 from addons.apierrors import error_response
 from addons.flowstate import flow_state
-from llmproxy.api.errors import api_of_path
+from llmproxy.api.errors import api_of_request
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class FailClosed:
             return
         if self.pipes and flow_state(flow).passthrough:  # under forward_proxy, a host other than the APIs'
             return
-        api = api_of_path(flow.request.data.path)
+        api = api_of_request(flow.request.pretty_host, flow.request.data.path)
         if not self.pipes:
             flow.response = error_response(api, 503, NOT_LOADED, "policy_not_loaded")
             return

@@ -10,8 +10,6 @@ from llmproxy.api import ANTHROPIC, OPENAI, routes
 from llmproxy.api.errors import api_of_path
 from llmproxy.config import size_setting
 
-API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}
-
 # What each client connection's protocol (ALPN) may call itself; a cleartext HTTP/1 connection has none.
 _VERSIONS_SPOKEN = {b"h2": ("HTTP/2.0",), b"h3": ("HTTP/3",)}
 
@@ -86,7 +84,7 @@ class Router:
             # A flow mitmweb replays shows the upstream URL the request went to: it is that API's request again.
             raw_target = upstream_target
         elif isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode):  # ./run.sh local
-            host_api = API_HOSTS.get(request.pretty_host)
+            host_api = routes.API_HOSTS.get(request.pretty_host)
             if host_api is None:
                 if ctx.options.local_other_hosts == "block":
                     state.decision = "blocked_host"

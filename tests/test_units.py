@@ -26,6 +26,7 @@ from addons.router import Router
 from addons.wiring import build_addons
 from llmproxy import config, scrub
 from llmproxy.api import ANTHROPIC, DEFAULT_ANTHROPIC_VERSION, headers, routes
+from llmproxy.api.errors import api_of_request
 from llmproxy.config import ConfigError, ConfigSources
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
@@ -421,3 +422,16 @@ def test_the_key_checker_reads_any_answer_without_failing(body):
     assert _model_ids(body) == [] and _organization_ids(body) == []
     assert _model_ids(b'{"data": [{"id": "gpt-4o"}]}') == ["gpt-4o"]
     assert _organization_ids(b'{"data": [{"id": "org-a", "is_default": true}, {"id": "org-b"}]}') == ["org-b"]
+
+
+@pytest.mark.parametrize(
+    "host, target, api",
+    [
+        ("api.anthropic.com", b"/v1/messages", "anthropic"),  # an app through the forward proxy
+        ("api.openai.com", b"/v1/chat/completions", "openai"),
+        ("127.0.0.1", b"/proxy/anthropic/v1/messages", "anthropic"),  # a client of the reverse proxy
+        ("127.0.0.1", b"/proxy/openai/v1/files", "openai"),
+    ],
+)
+def test_an_error_takes_the_format_of_the_api_the_request_names(host, target, api):
+    assert api_of_request(host, target) == api

@@ -8,7 +8,7 @@ these bodies, so a user sees a sentence, not a traceback.
 import json
 
 from llmproxy.api import ANTHROPIC, OPENAI, sse
-from llmproxy.api.routes import merge_slashes
+from llmproxy.api.routes import API_HOSTS, merge_slashes
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -51,3 +51,9 @@ def error_event(api: str, body: dict) -> bytes:
 def api_of_path(raw_path: bytes) -> str:
     """Which API's error format a request target expects."""
     return ANTHROPIC if merge_slashes(raw_path).startswith(b"/proxy/anthropic") else OPENAI
+
+
+def api_of_request(host: str, raw_path: bytes) -> str:
+    """Which API's error format a request expects: its host's, when an app names the API's own host (the forward
+    proxy), else its target's."""
+    return API_HOSTS.get(host) or api_of_path(raw_path)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from llmproxy.api import ANTHROPIC, OPENAI
 
 _SLASH_RUNS = re.compile(rb"//+")
+API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}  # as apps with a hard-coded URL name them
 FORWARD = "forward"  # sent upstream with a pool key
 LOCAL = "local"  # answered by the proxy itself
 
