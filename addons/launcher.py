@@ -16,6 +16,7 @@ from mitmproxy.net import server_spec
 from mitmproxy.proxy import mode_specs
 
 from addons.failclosed import FailClosed
+from addons.hookindex import index_hooks
 from addons.modeguard import STAND_IN_TARGET, ModeGuard, accepted_mode
 from addons.requestheadlimit import RequestHeadLimit
 from llmproxy import config
@@ -51,6 +52,7 @@ def install_fail_closed(master) -> FailClosed:
     global _fail_closed, _mitmproxy_options
     if _fail_closed is None:
         _mitmproxy_options = set(master.options.keys())  # and those of scripts loaded before this one
+        index_hooks(master)
         logging.getLogger("mitmproxy.addons.script").addFilter(_ConfigErrorsAsSentences())
         _fail_closed = FailClosed()
         _register(master, _fail_closed)  # last: after every other request hook, the user's scripts' too
