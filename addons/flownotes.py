@@ -8,6 +8,7 @@ newest `web_keep_flows` finished ones, so a long-running proxy under mitmweb doe
 """
 
 import collections
+import functools
 from dataclasses import asdict
 
 from mitmproxy import connection, ctx, http
@@ -49,14 +50,23 @@ def _show_upstream(flow: http.HTTPFlow, state: FlowState) -> None:
     target that mitmproxy's own connection names. The live connection is the layer's, so this changes no I/O."""
     if state.passthrough:
         return  # a connection of mitmproxy's own, to the host the client named
+    if state.shown_server is not None and flow.server_conn is state.shown_server:
+        return  # set when the response's headers came; the upstream did not change since
     if state.upstream_url and state.keys:
-        scheme, host, port, _ = url.parse(state.upstream_url)
-        shown = connection.Server(address=(host.decode(), port), sni=host.decode() if scheme == b"https" else None)
-        shown.tls = scheme == b"https"
+        host, port, tls = _origin_address("/".join(state.upstream_url.split("/", 3)[:3]))
+        shown = connection.Server(address=(host, port), sni=host if tls else None)
+        shown.tls = tls
         shown.timestamp_start = flow.request.timestamp_start
     else:
         shown = connection.Server(address=None)
-    flow.server_conn = shown
+    flow.server_conn = state.shown_server = shown
+
+
+@functools.lru_cache(maxsize=16)
+def _origin_address(origin: str) -> tuple[str, int, bool]:
+    """(host, port, whether TLS) of an upstream's scheme://host[:port], each of the few parsed once."""
+    scheme, host, port, _ = url.parse(origin)
+    return host.decode(), port, scheme == b"https"
 
 
 class FlowNotes:

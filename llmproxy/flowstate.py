@@ -66,3 +66,4 @@ class FlowState:
     # The flow notes
     stream_record: bytearray | None = None  # the start of a streamed answer, as the client received it
     stream_record_cut: bool = False  # the streamed answer was longer than the record keeps
+    shown_server: object | None = None  # the server connection the flow shows, once set
