@@ -1,5 +1,6 @@
 """The embedded store: one SQLite file (WAL) for a single instance."""
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -65,6 +66,7 @@ class SQLiteStore:
         self._rests: dict[tuple[str, str], float] = {}
         self._waits: dict[str, deque] = {}
         self._affinity_sizes: dict[str, int] = {}
+        self._uses: dict[tuple[str, str], float] = {}  # affinity hits not yet written: (space, name) -> time
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -286,12 +288,16 @@ class SQLiteStore:
             self.db.execute(f"UPDATE usage SET {zeroed} WHERE user_id = ?", (user_id,))
 
     def add_to_counters(self, **amounts: int) -> None:
-        for name, amount in amounts.items():
-            self.db.execute(
-                "INSERT INTO counters (name, value) VALUES (?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                (name, amount),
-            )
+        """The counters and the affinity uses noted since the last write, in one transaction: a request's one
+        synced write."""
+        with self._transaction():
+            if amounts:
+                self.db.execute(
+                    "INSERT INTO counters (name, value) VALUES " + ", ".join(["(?, ?)"] * len(amounts)) + " ON CONFLICT"
+                    " (name) DO UPDATE SET value = value + excluded.value",
+                    [part for pair in amounts.items() for part in pair],
+                )
+            self._write_uses()
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, value FROM counters"))
@@ -352,7 +358,19 @@ class SQLiteStore:
             self._in_flight.pop(identity, None)
 
     def close(self) -> None:
+        with self._transaction():
+            self._write_uses()
         self.db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     # -- affinity: which key holds a conversation's cache or a response's state ----------------------------
 
@@ -360,13 +378,23 @@ class SQLiteStore:
         """What `name` is bound to in `space`, or None when it is unknown or was not used for `ttl` seconds;
         a hit counts as a use."""
         now = time.time()
-        row = self.db.execute(
-            "SELECT value FROM affinity WHERE space = ? AND name = ? AND used_at > ?", (space, name, now - ttl)
-        ).fetchone()
-        if row is None:
+        row = self.db.execute("SELECT value, used_at FROM affinity WHERE space = ? AND name = ?", (space, name))
+        value, used_at = row.fetchone() or (None, 0.0)
+        if value is None or max(used_at, self._uses.get((space, name), 0.0)) <= now - ttl:
             return None
-        self.db.execute("UPDATE affinity SET used_at = ? WHERE space = ? AND name = ?", (now, space, name))
-        return row[0]
+        # Noted in memory and written with the request's counters (or the next binding): a write here was a
+        # second synced transaction per request. A crash loses the uses since the last request was settled.
+        self._uses[(space, name)] = now
+        return value
+
+    def _write_uses(self) -> None:
+        """Writes the affinity uses noted in memory; inside a transaction."""
+        if self._uses:
+            self.db.executemany(
+                "UPDATE affinity SET used_at = max(used_at, ?) WHERE space = ? AND name = ?",
+                [(used_at, space, name) for (space, name), used_at in self._uses.items()],
+            )
+            self._uses.clear()
 
     def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float, capacity: int) -> str:
         """Binds `name` to `value` if it is bound to `expected` now (None: to nothing), and returns what it is
@@ -379,6 +407,7 @@ class SQLiteStore:
             ).fetchone()
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            self._write_uses()  # the least recently used names are found by what the file says
             size = self._affinity_sizes[space]
             size -= self.db.execute(
                 "DELETE FROM affinity WHERE space = ? AND used_at <= ?", (space, now - ttl)
