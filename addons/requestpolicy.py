@@ -6,6 +6,7 @@ costs its sender nothing.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -88,16 +89,12 @@ class RequestPolicy:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
 
     def running(self):
-        """Loads the encodings on a worker thread, so that the first request does not wait for them."""
-        asyncio.get_running_loop().run_in_executor(None, self._load_encodings)
-
-    @staticmethod
-    def _load_encodings() -> None:
-        try:
-            for name in ("o200k_base", "cl100k_base"):
-                tokens.encoding(name)
-        except tokens.TokenizerUnavailable as error:
-            logger.error("%s", error)
+        # The vocabularies load when a prompt first needs counting; that they can is known now.
+        if missing := tokens.missing_vocabularies():
+            logger.error(
+                "The tokenizers cannot be loaded offline (%s missing); reinstall the pinned requirements.",
+                ", ".join(missing),
+            )
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -138,20 +135,20 @@ class RequestPolicy:
         anthropic = route.api == ANTHROPIC
         output_cap = ctx.options.max_output_tokens_anthropic if anthropic else ctx.options.max_output_tokens_openai
         output, capped = cap_output(route, body, output_cap)
-        count = lambda: tokens.count_prompt(route.api, state.model, found)  # noqa: E731
-        if sum(map(len, found.texts)) > INLINE_COUNT_LIMIT:
-            prompt = await asyncio.get_running_loop().run_in_executor(None, count)
-        else:
-            prompt = count()
-        state.prompt_tokens = prompt.high
         cap = ctx.options.max_context_tokens_anthropic if anthropic else ctx.options.max_context_tokens_openai
+        window = context_window(self.windows, state.model, state.family)
+        # Counting needs the model's vocabulary in memory (21-43 MB each). A user's token quota reserves the count;
+        # otherwise the prompt is counted only when its bytes, an upper bound of its tokens, might not fit.
+        prompt = tokens.bound_prompt(route.api, found)
+        if state.user or (cap and prompt.high + output > cap) or (window and prompt.high > window):
+            prompt = await self._count(route.api, state.model, found)
+        state.prompt_tokens = prompt.high
         if cap and prompt.high + output > cap:
             raise PolicyError(
                 f"This request needs about {prompt.high} prompt + {output} output = {prompt.high + output} tokens, "
                 f"more than the {cap} allowed here.",
                 "context_length_exceeded",
             )
-        window = context_window(self.windows, state.model, state.family)
         if window and prompt.low > window:
             raise PolicyError(
                 f"This prompt has at least {prompt.low} tokens, more than the {window}-token context window of "
@@ -159,3 +156,11 @@ class RequestPolicy:
                 "context_length_exceeded",
             )
         return changed or capped
+
+    @staticmethod
+    async def _count(api: str, model: str, found: tokens.ModelInput) -> tokens.Estimate:
+        """The prompt's count; on a worker thread when it is long or the vocabulary still has to load."""
+        count = functools.partial(tokens.count_prompt, api, model, found)
+        if sum(map(len, found.texts)) > INLINE_COUNT_LIMIT or not tokens.is_loaded(tokens.encoding_for(api, model)):
+            return await asyncio.get_running_loop().run_in_executor(None, count)
+        return count()

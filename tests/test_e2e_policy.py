@@ -138,6 +138,19 @@ def test_output_is_capped_and_context_limited(start_proxy, fake):
     assert len(fake.requests) == 4
 
 
+def test_a_vocabulary_loads_only_when_a_prompt_needs_counting(start_proxy, fake):
+    """A short prompt's bytes bound its tokens well inside every limit: no vocabulary is loaded (o200k_base holds
+    43 MB). One whose bytes might not fit is counted, which loads its model's vocabulary."""
+    proxy = start_proxy(proxy_env(fake, MAX_OUTPUT_TOKENS_OPENAI="100", MAX_CONTEXT_TOKENS_OPENAI="150"))
+    client = openai_client(proxy)
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x" * 20}])
+    assert "vocabulary" not in proxy.log()
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello " * 8}])
+    assert "loaded the o200k_base vocabulary to count prompts" in proxy.log()
+    assert "cl100k_base" not in proxy.log() and len(fake.requests) == 4
+
+
 def test_the_models_own_window_refuses_only_a_prompt_that_cannot_fit(proxy, fake):
     """The window check reads the prompt alone, at its lower estimate: whether prompt + max_tokens may exceed the
     window is the upstream's call (newer APIs accept it), so the default table never refuses a valid request."""

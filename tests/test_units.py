@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import exceptions, http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
@@ -255,7 +257,21 @@ def test_chat_prompt_count_follows_openais_formula():
     # 3 per message + role + content, + 3 priming: the OpenAI cookbook's counting for current models.
     body = {"messages": [{"role": "system", "content": "hello world"}, {"role": "user", "content": "hello world"}]}
     assert tokens.count_prompt("openai", "gpt-4o", tokens.model_input(body)).high == 3 + 1 + 2 + 3 + 1 + 2 + 3
-    assert tokens.encoding_for("gpt-4-0613") == "cl100k_base" and tokens.encoding_for("gpt-5.4-mini") == "o200k_base"
+    assert tokens.encoding_for("openai", "gpt-4-0613") == "cl100k_base"
+    assert tokens.encoding_for("openai", "gpt-5.4-mini") == "o200k_base"
+    assert tokens.encoding_for("anthropic", "claude-sonnet-4-5") == "cl100k_base"
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.text(max_size=200), max_size=5))
+def test_the_byte_bound_of_a_prompt_is_never_below_its_count(texts):
+    from llmproxy import tokens
+
+    body = {"messages": [{"role": "user", "content": text} for text in texts]}
+    found = tokens.model_input(body)
+    bound, exact = tokens.bound_prompt("openai", found), tokens.count_prompt("openai", "gpt-4o", found)
+    assert bound.low <= exact.low and bound.high >= exact.high
+    assert tokens.bound_prompt("anthropic", found).high >= tokens.count_prompt("anthropic", "claude-x", found).low
 
 
 @pytest.mark.parametrize("pattern", [r"(a+)+$", r"(x*)*y", r"(a|aa)+", r"(\w+\s?)*$", r"(a)\1"])

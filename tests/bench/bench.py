@@ -391,7 +391,7 @@ def time_token_count() -> tuple[int, float]:
     """The proxy's prompt count of a chat request of about 100,000 tokens: (tokens, median ms of 3)."""
     from llmproxy import tokens
 
-    tokens.encoding("o200k_base")  # loaded once at start in the proxy too
+    tokens.encoding("o200k_base")  # loaded by the first prompt the proxy counts
     body = {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 10_000}]}
     timings = []
     for _ in range(3):
