@@ -91,3 +91,6 @@ def index_hooks(master) -> None:
     if not isinstance(master.addons, IndexedAddonManager):
         master.addons.__class__ = IndexedAddonManager
         master.addons._handlers = {}
+        # mitmproxy turns every log record, debug ones included, into the deprecated `add_log` event: formatted,
+        # and handed to the event loop from any thread. Built only when an addon still handles it.
+        master._legacy_log_events.addFilter(lambda record: bool(master.addons.handlers("add_log")))

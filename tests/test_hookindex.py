@@ -1,6 +1,7 @@
 """The indexed addon manager calls events as mitmproxy's own would: in chain order, children after their parent,
 errors logged per handler, AddonHalt ending the event, and a changed chain seen at the next event."""
 
+import asyncio
 import logging
 
 from mitmproxy import exceptions, hooks
@@ -93,3 +94,24 @@ def test_an_async_handler_cannot_run_in_a_sync_trigger(caplog):
         context.master.addons.trigger(HttpRequestHook(tflow.tflow()))
     assert calls == ["b"]
     assert "cannot be called from sync context" in caplog.text
+
+
+class LogListener:
+    def __init__(self):
+        self.entries = []
+
+    def add_log(self, entry):
+        self.entries.append(entry.msg)
+
+
+async def test_log_records_become_add_log_events_only_while_an_addon_handles_them():
+    listener = LogListener()
+    with indexed(Recorder("a", [])) as context:
+        handler = context.master._legacy_log_events
+        record = logging.LogRecord("test", logging.INFO, __file__, 1, "hello", (), None)
+        assert not handler.filter(record)
+        context.master.addons.add(listener)
+        assert handler.filter(record)
+        logging.getLogger("test.hookindex").warning("heard")
+        await asyncio.sleep(0)  # the record was handed to the loop with call_soon_threadsafe: one turn delivers it
+    assert [entry.endswith("heard") for entry in listener.entries] == [True]
