@@ -59,10 +59,15 @@ class IndexedAddonManager(AddonManager):
         args = event.args()
         try:
             for func in self.handlers(event.name):
-                with safecall():
+                try:  # safecall's handling, without entering a context manager per call
                     result = func(*args)
                     if result is not None and inspect.isawaitable(result):
                         await result
+                except (exceptions.AddonHalt, exceptions.OptionsError):
+                    raise
+                except Exception:
+                    with safecall():
+                        raise
         except exceptions.AddonHalt:
             pass
         finally:
@@ -73,12 +78,17 @@ class IndexedAddonManager(AddonManager):
         args = event.args()
         try:
             for func in self.handlers(event.name):
-                with safecall():
+                try:
                     if inspect.iscoroutinefunction(func):
                         raise exceptions.AddonManagerError(
                             f"Async handler {event.name} ({func}) cannot be called from sync context"
                         )
                     func(*args)
+                except (exceptions.AddonHalt, exceptions.OptionsError):
+                    raise
+                except Exception:
+                    with safecall():
+                        raise
         except exceptions.AddonHalt:
             pass
         finally:
