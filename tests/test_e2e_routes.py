@@ -274,6 +274,22 @@ def test_pipe_refuses_requests_that_skipped_the_pipeline(proxy):
     assert guessed.status_code == 500
 
 
+def test_streams_one_after_another_on_one_connection_each_arrive_whole(proxy, fake):
+    """mitmproxy keeps its connection to the pipe for the client's next request: each streamed answer is framed
+    on its own, and a buffered answer between them takes no part."""
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Hello #fake:events=5"}]}
+    with httpx.Client(base_url=proxy.url) as client:
+        for _ in range(3):
+            response = client.post("/proxy/openai/v1/chat/completions", json=body)
+            assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]")
+            assert response.text.count('"chat.completion.chunk"') == 7  # a role chunk, 5 with content, the end
+        buffered = client.post("/proxy/openai/v1/chat/completions", json={**body, "stream": False})
+        assert buffered.json()["object"] == "chat.completion"
+        again = client.post("/proxy/openai/v1/chat/completions", json=body)
+        assert again.text.count('"chat.completion.chunk"') == 7 and again.text.rstrip().endswith("data: [DONE]")
+    assert [request.stream_ending for request in fake.requests] == ["completed"] * 3 + [None, "completed"]
+
+
 def test_health_and_status(proxy):
     assert httpx.get(f"{proxy.url}/health").text == "OK"
     status = httpx.get(f"{proxy.url}/status").json()
