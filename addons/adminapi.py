@@ -51,7 +51,7 @@ class AdminApi:
         self.failed_logins: dict[str, deque] = {}
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)

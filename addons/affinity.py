@@ -73,7 +73,7 @@ class Affinity:
                 raise exceptions.OptionsError(f"{name.upper()} must be at least 1.")
 
     @fail_closed
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         """The client's session header is read before the header allowlist removes it; only its digest is kept."""
         if not ctx.options.affinity or forward_route(flow) is None:
             return
@@ -81,7 +81,7 @@ class Affinity:
             flow_state(flow).client_session = digest(value)
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if not ctx.options.affinity or (route := forward_route(flow)) is None:
             return
         state, body = flow_state(flow), parsed_body(flow)

@@ -15,7 +15,7 @@ class ClaudeChatTranslator:
     """Turns requests to the OpenAI-format Claude endpoint into Messages API requests."""
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)

@@ -197,13 +197,13 @@ class Dispatcher:
         ctx.master.addons.trigger(RequestSettledHook(flow, billed, cost, completion))
 
     @fail_closed
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
         if state.pipe_token:
             flow.response.stream = True
             flow.request.url = state.upstream_url  # the request has gone to the pipe; show the real target
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         """The client left before mitmproxy collected its stream: stop the upstream work."""
         token = flow_state(flow).pipe_token
         if token and (piped := self.pipe.withdraw(token)):

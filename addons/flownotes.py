@@ -90,7 +90,7 @@ class FlowNotes:
         if "stream_record_limit" in updated:
             self.stream_record_limit = size_setting("stream_record_limit", ctx.options.stream_record_limit, "256k")
 
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A streamed answer passes chunk by chunk and mitmproxy keeps none of it ("Content is missing" in
         mitmweb); the first `stream_record_limit` bytes of what the client received are kept for the flow."""
         _show_upstream(flow, flow_state(flow))
@@ -104,10 +104,10 @@ class FlowNotes:
 
             flow.response.stream = passed_on
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow, flow.response.status_code)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         self._finished(flow, None)
 
     def _finished(self, flow: http.HTTPFlow, status: int | None) -> None:

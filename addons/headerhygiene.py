@@ -24,7 +24,7 @@ class HeaderHygiene:
     """Takes client credentials off every flow, and leaves forwarded requests with allowlisted headers only."""
 
     @fail_closed
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
         if state.passthrough:
             return
@@ -38,7 +38,7 @@ class HeaderHygiene:
             flow.request.headers.pop(name, None)
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
         if flow.request.headers.get("content-encoding", "identity") != "identity":
@@ -56,7 +56,7 @@ class HeaderHygiene:
         flow.request.headers = http.Headers(upstream_request_headers(fields, route.api))
 
     @fail_closed
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         state, headers = flow_state(flow), flow.response.headers
         if state.passthrough:
             return

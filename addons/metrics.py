@@ -126,7 +126,7 @@ class Metrics:
         self.cost.labels(family).inc(usd(cost))
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
         if flow.response or not flow.live or state.route != "metrics":
             return
@@ -136,10 +136,10 @@ class Metrics:
             return
         flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow, flow.response.status_code)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         self._finished(flow, 499)  # the client went away (nginx's number for it)
 
     def _finished(self, flow: http.HTTPFlow, status: int) -> None:

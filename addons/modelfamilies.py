@@ -76,7 +76,7 @@ class ModelFamilies:
         return self.allowed is None or family in self.allowed
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
         state = flow_state(flow)

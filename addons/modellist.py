@@ -60,7 +60,7 @@ class ModelList:
         )
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)

@@ -34,7 +34,7 @@ class RefusalFormat:
             raise exceptions.OptionsError(f"PROXY_ERROR_FORMAT must be one of {', '.join(ERROR_FORMATS)}.")
 
     @fail_closed
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         route = ROUTES_BY_NAME.get(flow_state(flow).route)
         response = flow.response
         if (

@@ -76,7 +76,7 @@ class Router:
             raise exceptions.OptionsError("body_size_limit is set by this proxy; use MAX_REQUEST_BODY instead.")
 
     @fail_closed
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         raw_target = request.data.path
         state = new_flow_state(flow)
@@ -173,7 +173,7 @@ class Router:
             )
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         """Bodies sent without a declared length are measured once read."""
         if not flow.response and flow.live and self._too_large(len(flow.request.raw_content or b"")):
             flow_state(flow).decision = "too_large"

@@ -94,7 +94,7 @@ class StatusPage:
             self.template = pages.decode_page_body(ctx.options.page_body) if ctx.options.page_body else ""
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)

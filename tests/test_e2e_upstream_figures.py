@@ -6,6 +6,7 @@ them, the oddity is logged naming the field, and the pool keeps serving. One pro
 last tests check the same rules where the figures are read.
 """
 
+import inspect
 import json
 import math
 import re
@@ -460,21 +461,42 @@ class FailingAfterTheAnswer:
         raise RuntimeError("failed on purpose")
 
 
-async def test_a_failure_after_the_answer_keeps_the_answer():
+class FailingSynchronously:
+    """The same with synchronous hooks, which fail_closed keeps synchronous."""
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        raise RuntimeError("failed on purpose")
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        raise RuntimeError("failed on purpose")
+
+
+async def call(hook, flow: http.HTTPFlow) -> None:
+    """Calls a hook as mitmproxy does: a coroutine is awaited."""
+    if inspect.isawaitable(result := hook(flow)):
+        await result
+
+
+@pytest.mark.parametrize("failing", [FailingAfterTheAnswer, FailingSynchronously])
+async def test_a_failure_after_the_answer_keeps_the_answer(failing):
     flow = tflow.tflow(resp=True)
     state = flow_state(flow)
     state.keys, state.decision = ["oai-1234abcd"], "served"
     answer = flow.response.copy()
-    await FailingAfterTheAnswer().response(flow)
-    await FailingAfterTheAnswer().request(flow)
+    await call(failing().response, flow)
+    await call(failing().request, flow)
     assert flow.response.get_state() == answer.get_state() and state.decision == "served"
 
 
+@pytest.mark.parametrize("failing", [FailingAfterTheAnswer, FailingSynchronously])
 @pytest.mark.parametrize(
     "keys, fate", [([], "it was not sent upstream"), (["oai-1234abcd"], "it may have reached the upstream API")]
 )
-async def test_a_failure_before_the_answer_says_whether_the_request_went_upstream(keys, fate):
+async def test_a_failure_before_the_answer_says_whether_the_request_went_upstream(keys, fate, failing):
     flow = tflow.tflow(req=tutils.treq(path=b"/proxy/openai/v1/chat/completions"))
     flow_state(flow).keys = keys
-    await FailingAfterTheAnswer().request(flow)
+    assert inspect.iscoroutinefunction(failing.request) == (failing is FailingAfterTheAnswer)
+    await call(failing().request, flow)
     assert flow.response.status_code == 500 and fate in json.loads(flow.response.content)["error"]["message"]

@@ -216,7 +216,7 @@ async def test_a_failing_hook_answers_500_and_sends_nothing(caplog, tmp_path):
         tctx.configure(dispatcher, max_request_body="4m", openai_upstream_url=upstream_url)
         flow = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/proxy/openai/v1/chat/completions", authority=b""))
         flow.client_conn.proxy_mode = mode_specs.ProxyMode.parse("reverse:http://127.0.0.1:1")
-        await router.requestheaders(flow)
+        router.requestheaders(flow)
         flow_state(flow).family = "gpt4o"  # as the families addon names it
         dispatcher.running()
         caplog.clear()  # from here on, what handling the request logs
