@@ -5,15 +5,13 @@ The client presents its token the way its SDK already does: `Authorization: Bear
 only the spaces and tabs HTTP allows around a header value taken off; an empty secret never matches anything.
 """
 
-import time
-
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
 from addons.flowstate import flow_state
 from addons.headerhygiene import client_token
 from llmproxy.api.routes import ROUTES_BY_NAME
-from llmproxy.identity import secret_matches, user_of_token
+from llmproxy.identity import admit_token, secret_matches
 from llmproxy.store.storage import Storage
 
 GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
@@ -86,33 +84,23 @@ class Gatekeeper:
             self._check_user(flow, route.dialect, token, ip)
 
     def _check_user(self, flow: http.HTTPFlow, api: str, token: str, ip: str) -> None:
-        store = self.storage.store
-        user = user_of_token(store, token)
+        max_ips, auto_ban = ctx.options.max_ips_per_user, ctx.options.max_ips_auto_ban
+        user, visit = admit_token(self.storage.store, token, ip, max_ips, auto_ban)  # one step on the store
         if user is None:
             return self._refuse(flow, api, 401, "A valid user token is required.", "invalid_user_token")
-        if (
-            user["disabled_at"] is None
-            and user["type"] == "temporary"
-            and user["expires_at"]
-            and user["expires_at"] <= time.time()
-        ):
-            user = store.set_disabled(user["id"], "Temporary token expired.")
+        if visit != "ok":
+            message = (
+                "Forbidden: IP address limit exceeded."
+                if visit == "banned"
+                else "Forbidden: no more IP addresses allowed for this user token."
+            )
+            return self._refuse(flow, api, 403, message, "ip_limit")
         if user["disabled_at"] is not None:
             reason = user["disabled_reason"] or "Token disabled."
             return self._refuse(flow, api, 403, f"Forbidden: {reason}", "user_disabled")
-        if user["type"] != "special":
-            max_ips = user["max_ips"] if user["max_ips"] is not None else ctx.options.max_ips_per_user
-            visit = store.record_visit(user["id"], ip, max_ips, ctx.options.max_ips_auto_ban)
-            if visit != "ok":
-                message = (
-                    "Forbidden: IP address limit exceeded."
-                    if visit == "banned"
-                    else "Forbidden: no more IP addresses allowed for this user token."
-                )
-                return self._refuse(flow, api, 403, message, "ip_limit")
         state = flow_state(flow)
         state.identity, state.user, state.user_type = f"user:{user['id']}", user["id"], user["type"]
-        state.nickname = user["nickname"]
+        state.nickname, state.user_record = user["nickname"], user
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, api: str, status: int, message: str, code: str) -> None:

@@ -157,9 +157,7 @@ class QuotaKeeper:
                 state.usage_chunk_added = True
         if not (user_id := state.user) or route.counts_tokens:
             return
-        store = self.storage.store
-        user = store.get_user(user_id)
-        family = state.family
+        store, user, family = self.storage.store, state.user_record, state.family  # the gatekeeper's read of the user
         limit, cost_limit, total_cost_limit = (
             self.limit_for(user, family),
             self.cost_limit_for(user, family),
@@ -170,7 +168,8 @@ class QuotaKeeper:
         tokens, cost = estimate + output, self.price_for(state).worst_case(estimate, output)
         if not store.reserve(user_id, family, tokens, limit, cost, cost_limit, total_cost_limit):
             state.decision = "over_quota"
-            message = over_quota_message(user, family, tokens, cost, limit, cost_limit, total_cost_limit)
+            figures = store.get_user(user_id) or {"usage": {}}  # read only now: a request within quota needs none
+            message = over_quota_message(figures, family, tokens, cost, limit, cost_limit, total_cost_limit)
             flow.response = error_response(route.dialect, 429, message, "quota_exceeded")
             return
         self.reservations[flow] = Reservation(user_id, family, tokens, estimate, cost)
@@ -204,21 +203,18 @@ class QuotaKeeper:
         """Bills the request: counted for the status page, and the user's reservation replaced by what it used."""
         state, store = flow_state(flow), self.storage.store
         reservation = self.reservations.pop(flow, None)
-        family = state.family
+        family, counted = state.family, {}
         if usage is not None:
             state.usage = BilledUsage(usage.prompt, usage.output, usage.estimated, usd(cost))
+            counted = {
+                "prompts": 1,
+                "tokens": usage.total,
+                "cost_nanousd": cost,
+                f"tokens:{family}": usage.total,
+                f"cost_nanousd:{family}": cost,
+            }
         try:
-            if usage is not None:
-                store.add_to_counters(
-                    **{
-                        "prompts": 1,
-                        "tokens": usage.total,
-                        "cost_nanousd": cost,
-                        f"tokens:{family}": usage.total,
-                        f"cost_nanousd:{family}": cost,
-                    }
-                )
-            if reservation:
+            if reservation:  # the counters go with the settlement: one write
                 spent = {**usage.counts(), "cost_nanousd": cost} if usage else None
                 store.settle(
                     reservation.user,
@@ -227,7 +223,10 @@ class QuotaKeeper:
                     usage.total if usage else 0,
                     reservation.cost,
                     spent,
+                    counted,
                 )
+            elif counted:
+                store.add_to_counters(**counted)
         except StoreUnavailable as error:
             # The reservation's lease runs out on its own: the request counts not at all rather than in part.
             logger.warning("usage of a request could not be settled: %s", error)

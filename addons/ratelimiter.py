@@ -73,7 +73,9 @@ class RateLimiter:
                 )
                 return
             self._hits[flow] = (identity, hit, bucket)
-        if not store.enter(identity, ctx.options.max_concurrent_per_identity):
+        if not (in_flight_limit := ctx.options.max_concurrent_per_identity):
+            return  # no limit, no count (two round trips to a shared store); a limit set later counts from then on
+        if not store.enter(identity, in_flight_limit):
             state.decision = "too_many_in_flight"
             flow.response = error_response(
                 route.dialect,
@@ -85,11 +87,11 @@ class RateLimiter:
             return
         state.in_flight = True
 
-    def _limit_for(self, state: FlowState) -> int:
-        if state.user:
-            user = self.storage.store.get_user(state.user)
-            if user and user["rate_limit"] is not None:
-                return user["rate_limit"]
+    @staticmethod
+    def _limit_for(state: FlowState) -> int:
+        """The user's own limit, as the gatekeeper read it (a store read here was a round trip), else the proxy's."""
+        if state.user_record and state.user_record["rate_limit"] is not None:
+            return state.user_record["rate_limit"]
         return ctx.options.model_rate_limit
 
     @fail_closed

@@ -36,6 +36,7 @@ class FlowState:
     user: str = ""  # the user's id, with GATEKEEPER=user_token
     user_type: str = ""  # the user's type: normal, special or temporary
     nickname: str | None = None  # the user's nickname, for mitmweb's comment
+    user_record: dict | None = None  # the user as the gatekeeper read it (no usage), for the limits that follow
     # The model families
     model: str = ""  # the requested model, at most 100 characters
     stream: bool = False  # the client asked for a streamed answer

@@ -23,6 +23,13 @@ def user_of_token(store: Store, token: str) -> dict | None:
     return store.user_by_token(token)
 
 
+def admit_token(store: Store, token: str, ip: str, max_ips: int, auto_ban: bool) -> tuple[dict | None, str]:
+    """Store.admit for the token that was presented; a token that is not UTF-8 is nobody's, as in user_of_token."""
+    if not token or not _is_utf8(token):
+        return None, "ok"
+    return store.admit(token, ip, max_ips, auto_ban)
+
+
 def _as_sent(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 

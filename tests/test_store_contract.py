@@ -82,6 +82,11 @@ def shared(redis_url, prefix):
     other.close()
 
 
+def columns(user: dict) -> dict:
+    """A user as `admit` returns it: without its usage."""
+    return {k: v for k, v in user.items() if k != "usage"}
+
+
 def figures(**given: int) -> dict:
     """A family's usage figures: those given, and 0 for the rest."""
     return {**dict.fromkeys(USAGE_FIGURES, 0), **given}
@@ -157,6 +162,15 @@ def test_key_rests_end_by_themselves(store, clock):
     store.set_key_rest("k1", "gpt4o", now + 30)  # a new rest replaces the old one
     clock.offset += 10
     assert store.key_rests() == {("k1", "gpt4o"): pytest.approx(now + 30)}
+
+
+def test_key_states_are_health_and_rests_together(store):
+    assert store.key_states() == ({}, {})
+    store.set_key_health("k1", "revoked", "401 from upstream")
+    store.set_key_rest("k2", "gpt4o", time.time() + 60)
+    store.set_key_rest("k3", "gpt4o", time.time() - 1)
+    assert store.key_states() == (store.key_health(), store.key_rests())
+    assert set(store.key_states()[0]) == {"k1"} and set(store.key_states()[1]) == {("k2", "gpt4o")}
 
 
 # -- users -------------------------------------------------------------------------------------------------
@@ -235,9 +249,9 @@ def test_set_disabled_and_delete(store):
 
 
 def test_export_import_round_trip(store):
-    _, ann = store.create_user({"nickname": "ann", "token_limits": {"gpt4o": 100}})
+    ann_token, ann = store.create_user({"nickname": "ann", "token_limits": {"gpt4o": 100}})
     _, bob = store.create_user({"type": "temporary", "expires_at": 12.5})
-    store.record_visit(ann["id"], "10.0.0.1", 0, False)
+    store.admit(ann_token, "10.0.0.1", 0, False)
     store.reserve(ann["id"], "gpt4o", 40, 100)
     store.settle(ann["id"], "gpt4o", 40, 30)
     store.set_disabled(bob["id"], "Paused.")
@@ -260,23 +274,49 @@ def test_import_is_all_or_nothing(store):
     assert store.list_users() == []
 
 
-def test_record_visit_limits_addresses_and_bans(store):
-    _, user = store.create_user({})
-    assert store.record_visit(user["id"], "10.0.0.1", 2, False) == "ok"
-    assert store.record_visit(user["id"], "10.0.0.1", 2, False) == "ok"
-    assert store.record_visit(user["id"], "2001:db8::1", 2, False) == "ok"
-    assert store.record_visit(user["id"], "10.0.0.3", 2, False) == "limited"
+def test_admit_limits_addresses_and_bans(store):
+    token, user = store.create_user({})
+    assert store.admit(token, "10.0.0.1", 2, False)[1] == "ok"
+    assert store.admit(token, "10.0.0.1", 2, False)[1] == "ok"
+    seen, visit = store.admit(token, "2001:db8::1", 2, False)
+    assert visit == "ok" and seen == columns(store.get_user(user["id"]))
+    assert store.admit(token, "10.0.0.3", 2, False)[1] == "limited"
     seen = store.get_user(user["id"])
     assert seen["ips"] == ["10.0.0.1", "2001:db8::1"] and seen["disabled_at"] is None
     assert abs(seen["last_used_at"] - time.time()) < 5
-    assert store.record_visit(user["id"], "10.0.0.1", 2, True) == "ok"  # a known address is always fine
-    assert store.record_visit(user["id"], "10.0.0.3", 2, True) == "banned"
-    banned = store.get_user(user["id"])
+    assert store.admit(token, "10.0.0.1", 2, True)[1] == "ok"  # a known address is always fine
+    banned, visit = store.admit(token, "10.0.0.3", 2, True)
+    assert visit == "banned" and banned == columns(store.get_user(user["id"]))
     assert banned["disabled_reason"] == "IP address limit exceeded." and banned["disabled_at"] is not None
     assert banned["ips"] == ["10.0.0.1", "2001:db8::1", "10.0.0.3"]
-    _, free = store.create_user({})
-    assert all(store.record_visit(free["id"], f"10.1.0.{i}", 0, True) == "ok" for i in range(5))
+    assert store.admit(token, "10.0.0.4", 2, True) == (banned, "ok")  # a disabled user's visit is not noted
+    free_token, free = store.create_user({})
+    assert all(store.admit(free_token, f"10.1.0.{i}", 0, True)[1] == "ok" for i in range(5))
     assert len(store.get_user(free["id"])["ips"]) == 5
+    assert store.admit("not-a-token", "10.0.0.1", 2, True) == (None, "ok")
+
+
+def test_admit_uses_the_users_own_address_limit_and_spares_special_users(store):
+    token, user = store.create_user({"max_ips": 1})
+    assert store.admit(token, "10.0.0.1", 0, False)[1] == "ok"
+    assert store.admit(token, "10.0.0.2", 0, False)[1] == "limited"  # its own limit, not the proxy's "any"
+    store.update_user(user["id"], {"max_ips": 0})
+    assert store.admit(token, "10.0.0.2", 1, False)[1] == "ok"  # 0 of its own: no limit
+    special_token, special = store.create_user({"type": "special"})
+    assert store.admit(special_token, "10.0.0.9", 1, True) == (columns(special), "ok")  # no limit for them
+    assert store.get_user(special["id"]) == special  # and nothing noted
+
+
+def test_admit_disables_an_expired_temporary_user(store):
+    expired_token, expired = store.create_user({"type": "temporary", "expires_at": time.time() - 1})
+    user, visit = store.admit(expired_token, "10.0.0.1", 0, False)
+    assert visit == "ok" and user["disabled_reason"] == "Temporary token expired." and user["disabled_at"]
+    assert store.get_user(expired["id"])["ips"] == []  # a refused visit is not noted
+    assert store.get_user(expired["id"])["disabled_reason"] == "Temporary token expired."
+    for fields in ({"type": "temporary", "expires_at": time.time() + 600}, {"type": "temporary"}):
+        token, _ = store.create_user(fields)
+        user, visit = store.admit(token, "10.0.0.1", 0, False)
+        assert (visit, user["disabled_at"], user["ips"]) == ("ok", None, ["10.0.0.1"])
 
 
 # -- usage -------------------------------------------------------------------------------------------------
@@ -345,6 +385,17 @@ def test_counters(store):
     store.add_to_counters(prompts=1, tokens=120)
     store.add_to_counters(prompts=1, tokens=30, errors=0)
     assert store.counters() == {"prompts": 2, "tokens": 150, "errors": 0}
+
+
+def test_settle_adds_to_the_counters_in_the_same_step(store):
+    _, user = store.create_user({})
+    store.add_to_counters(prompts=1, tokens=120)
+    assert store.reserve(user["id"], "gpt4o", 60, 100)
+    store.settle(user["id"], "gpt4o", 60, 25, counters={"prompts": 1, "tokens": 25, "tokens:gpt4o": 25})
+    assert store.counters() == {"prompts": 2, "tokens": 145, "tokens:gpt4o": 25}
+    assert store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=25)
+    store.settle(user["id"], "gpt4o", 0, 0)  # no counters: none change
+    assert store.counters() == {"prompts": 2, "tokens": 145, "tokens:gpt4o": 25}
 
 
 # -- windows -----------------------------------------------------------------------------------------------
@@ -452,8 +503,8 @@ def test_in_flight_slots_of_a_crashed_instance_lapse(redis_store, monkeypatch):
 def test_an_export_moves_between_backends(tmp_path, redis_store):
     sqlite = SQLiteStore(tmp_path / "proxy.sqlite3")
     try:
-        _, user = sqlite.create_user({"nickname": "ann", "max_ips": 3, "expires_at": 7, "admin_note": "vip"})
-        sqlite.record_visit(user["id"], "10.0.0.1", 3, False)
+        token, user = sqlite.create_user({"nickname": "ann", "max_ips": 3, "expires_at": 7, "admin_note": "vip"})
+        sqlite.admit(token, "10.0.0.1", 3, False)
         sqlite.reserve(user["id"], "gpt4o", 10, None)
         sqlite.settle(user["id"], "gpt4o", 10, 9)
         assert redis_store.import_users(sqlite.export_users()) == 1

@@ -52,6 +52,9 @@ SPENT_FIGURES = (
     "web_searches",
 )
 USAGE_FIGURES = ("used", "reserved", "reserved_nanousd", *SPENT_FIGURES)  # a family's figures, as get_user shows them
+# Why `admit` disabled a user.
+EXPIRED_REASON = "Temporary token expired."
+IP_LIMIT_REASON = "IP address limit exceeded."
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ class Store(Protocol):
     def key_rests(self) -> dict[tuple[str, str], float]:
         """Every rest that has not ended yet: (key id, family) -> until; ended rests are forgotten."""
 
+    def key_states(self) -> tuple[dict[str, KeyHealth], dict[tuple[str, str], float]]:
+        """key_health() and key_rests() together, in one step: what a pool on a shared store reads before each
+        choice of a key."""
+
     # -- users
 
     def create_user(self, fields: dict) -> tuple[str, dict]:
@@ -166,9 +173,12 @@ class Store(Protocol):
     def import_users(self, users: list[dict]) -> int:
         """Creates or replaces users from an export, all or none (UserError before any write); returns how many."""
 
-    def record_visit(self, user_id: str, ip: str, max_ips: int, auto_ban: bool) -> str:
-        """Notes a request of an existing user from `ip`: "ok", "limited" (a new address over `max_ips`, refused) or
-        "banned" (the same, and the user is now disabled). `max_ips` 0 means no limit."""
+    def admit(self, token: str, ip: str, max_ips: int, auto_ban: bool) -> tuple[dict | None, str]:
+        """A request presenting `token` from `ip`, as the gatekeeper lets it in: (the user afterwards, USER_COLUMNS
+        without usage, or None if the token is nobody's; the visit). A temporary user past `expires_at` is disabled
+        first. A visit of a user neither disabled nor special is noted: "ok", "limited" (a new address over the
+        user's `max_ips`, else over `max_ips`; refused) or "banned" (the same, and the user is now disabled); 0 means
+        no limit. Anyone else's visit is "ok" and not noted."""
 
     # -- usage
 
@@ -194,9 +204,11 @@ class Store(Protocol):
         used: int,
         reserved_cost: int = 0,
         spent: dict[str, int] | None = None,
+        counters: dict[str, int] | None = None,
     ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
-        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request, which is no prompt)."""
+        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request, which is no prompt), and
+        adds `counters` as add_to_counters does, in the same step: a request's bill is one write."""
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all: used and spent figures to 0, reservations kept."""

@@ -39,13 +39,14 @@ from urllib.parse import urlsplit
 import redis
 
 from llmproxy.store.base import (
+    EXPIRED_REASON,
+    IP_LIMIT_REASON,
     JSON_COLUMNS,
     SPENT_FIGURES,
     USAGE_FIGURES,
     USER_COLUMNS,
     KeyHealth,
     StoreUnavailable,
-    UserError,
     import_records,
     spent_amounts,
     token_hash,
@@ -90,41 +91,55 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), lease)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
 """
-# KEYS: usage, leases, user. ARGV: family, reserved tokens, reserved cost, now, then pairs of a figure and the amount
-# to add, "used" first.
+# KEYS: usage, leases, user, counters. ARGV: family, reserved tokens, reserved cost, now, the number of figures, then
+# pairs of a figure and the amount to add ("used" first), then pairs of a counter and the amount to add.
 _SETTLE = """
-local family = ARGV[1]
+local family, figures_end = ARGV[1], 5 + 2 * tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
 for _, lease in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
   local tokens, cost, leased = string.match(lease, '^(%d+):(%d+):%x+:(.*)$')
   if tokens == ARGV[2] and cost == ARGV[3] and leased == family then redis.call('ZREM', KEYS[2], lease) break end
 end
 if redis.call('HEXISTS', KEYS[1], family .. ':used') == 1 then
-  for i = 5, #ARGV, 2 do
+  for i = 6, figures_end, 2 do
     if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', KEYS[1], family .. ':' .. ARGV[i], ARGV[i + 1]) end
   end
 end
-if tonumber(ARGV[6]) ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+if tonumber(ARGV[7]) ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'prompt_count', 1)
 end
+for i = figures_end + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
 """
-# KEYS: user. ARGV: ip, max_ips (0 = no limit), auto_ban ("1"/""), now, reason. The outcome; false: no user.
-_RECORD_VISIT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local ips = cjson.decode(redis.call('HGET', KEYS[1], 'ips') or '[]')
-local outcome, known = 'ok', false
-for _, seen in ipairs(ips) do if seen == ARGV[1] then known = true end end
-if not known then
-  local max_ips = tonumber(ARGV[2])
-  if max_ips > 0 and #ips >= max_ips then outcome = (ARGV[3] == '1') and 'banned' or 'limited' end
-  if outcome ~= 'limited' then
-    table.insert(ips, ARGV[1])
-    redis.call('HSET', KEYS[1], 'ips', cjson.encode(ips))
+# KEYS: token. ARGV: the users' key prefix, ip, max_ips (0 = no limit), auto_ban ("1"/""), now, the reasons for
+# disabling an expired user and one over the address limit. {the user's hash as field, value, ..., the visit};
+# false: nobody's token. The user's key is known only from the token's value, so it is built here (one server).
+_ADMIT = """
+local id = redis.call('GET', KEYS[1])
+if not id then return false end
+local user = ARGV[1] .. id
+local kind, expires, disabled, max_ips =
+  unpack(redis.call('HMGET', user, 'type', 'expires_at', 'disabled_at', 'max_ips'))
+if not kind then return false end
+local visit, now = 'ok', ARGV[5]
+if not disabled and kind ~= 'special' then
+  if kind == 'temporary' and expires and tonumber(expires) ~= 0 and tonumber(expires) <= tonumber(now) then
+    redis.call('HSET', user, 'disabled_at', now, 'disabled_reason', ARGV[6])
+  else
+    local ips, known = cjson.decode(redis.call('HGET', user, 'ips') or '[]'), false
+    for _, seen in ipairs(ips) do if seen == ARGV[2] then known = true end end
+    if not known then
+      local limit = tonumber(max_ips or ARGV[3])
+      if limit > 0 and #ips >= limit then visit = (ARGV[4] == '1') and 'banned' or 'limited' end
+      if visit ~= 'limited' then
+        table.insert(ips, ARGV[2])
+        redis.call('HSET', user, 'ips', cjson.encode(ips))
+      end
+    end
+    redis.call('HSET', user, 'last_used_at', now)
+    if visit == 'banned' then redis.call('HSET', user, 'disabled_at', now, 'disabled_reason', ARGV[7]) end
   end
 end
-redis.call('HSET', KEYS[1], 'last_used_at', ARGV[4])
-if outcome == 'banned' then redis.call('HSET', KEYS[1], 'disabled_at', ARGV[4], 'disabled_reason', ARGV[5]) end
-return outcome
+return {redis.call('HGETALL', user), visit}
 """
 # KEYS: user. ARGV: number of pairs, field, value, ..., then fields to clear. 0 if there is no such user.
 _PATCH_USER = """
@@ -139,6 +154,11 @@ _RESET_USAGE = """
 for _, key in ipairs(KEYS) do
   for _, field in ipairs(redis.call('HKEYS', key)) do redis.call('HSET', key, field, 0) end
 end
+"""
+# KEYS: key_health, key_rests. ARGV: now. {every key health, every rest that has not ended with its end}.
+_KEY_STATES = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
 """
 # KEYS: window, active. ARGV: identity, limit, now, cutoff, window ms, nonce, '1' to mark the identity active.
 # {allowed, count, oldest score}.
@@ -234,7 +254,7 @@ def _limit(limit: int | None) -> int | str:
     return "" if limit is None else int(limit)
 
 
-def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
+def _decode_columns(raw: dict) -> dict:
     user = {}
     for column in USER_COLUMNS:
         value = raw.get(column)
@@ -243,6 +263,11 @@ def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
         elif value is not None and column in _FLOAT_COLUMNS + _INT_COLUMNS:
             value = float(value) if column in _FLOAT_COLUMNS else int(value)
         user[column] = value
+    return user
+
+
+def _decode(raw: dict, usage: dict, leases: list[str]) -> dict:
+    user = _decode_columns(raw)
     user["usage"] = {}
     for field, amount in usage.items():
         family, _, figure = field.rpartition(":")
@@ -261,14 +286,19 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "llmproxy:"):
         self.url, self.prefix = _redacted(url), prefix
         try:
-            self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+            # One connection, not one taken from a pool and given back at every command: that took a third of a
+            # command's time, and the proxy calls from its one event loop (threads would wait on a lock).
+            self.redis = redis.Redis.from_url(
+                url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True, single_connection_client=True
+            )
             self.redis.ping()
         except ValueError as error:
             raise StoreUnavailable(f"{self.url} is not a usable Redis URL ({error}).") from None
         except redis.exceptions.RedisError as error:
             raise _unavailable(self.url, error) from None
         script = self.redis.register_script
-        self._reserve, self._settle, self._record_visit = script(_RESERVE), script(_SETTLE), script(_RECORD_VISIT)
+        self._reserve, self._settle, self._admit = script(_RESERVE), script(_SETTLE), script(_ADMIT)
+        self._key_states = script(_KEY_STATES)
         self._patch_user, self._reset_usage = script(_PATCH_USER), script(_RESET_USAGE)
         self._hit_window, self._enter = script(_HIT_WINDOW), script(_ENTER)
         self._affinity, self._bind_affinity = script(_AFFINITY), script(_BIND_AFFINITY)
@@ -298,11 +328,15 @@ class RedisStore:
 
     def key_rests(self) -> dict[tuple[str, str], float]:
         """Every rest that has not ended yet: (key id, family) -> until."""
-        with self.redis.pipeline() as pipe:
-            pipe.zremrangebyscore(self._key("key_rests"), "-inf", time.time())
-            pipe.zrange(self._key("key_rests"), 0, -1, withscores=True)
-            rests = pipe.execute()[1]
-        return {tuple(json.loads(member)): until for member, until in rests}
+        return self.key_states()[1]
+
+    def key_states(self) -> tuple[dict[str, KeyHealth], dict[tuple[str, str], float]]:
+        """key_health() and key_rests() in one script: one round trip where they were two."""
+        health, rests = self._key_states(keys=[self._key("key_health"), self._key("key_rests")], args=[time.time()])
+        return (
+            {key_id: KeyHealth(*json.loads(record)) for key_id, record in zip(health[::2], health[1::2], strict=True)},
+            {tuple(json.loads(member)): float(until) for member, until in zip(rests[::2], rests[1::2], strict=True)},
+        )
 
     # -- users ---------------------------------------------------------------------------------------------
 
@@ -395,16 +429,25 @@ class RedisStore:
             pipe.execute()
         return len(records)
 
-    def record_visit(self, user_id: str, ip: str, max_ips: int, auto_ban: bool) -> str:
-        """Notes a request from `ip`: "ok", "limited" (a new address over the limit, refused) or "banned"
-        (the same, and the user is now disabled). `max_ips` 0 means no limit."""
-        outcome = self._record_visit(
-            keys=[self._key("user", user_id)],
-            args=[ip, max_ips or 0, "1" if auto_ban else "", time.time(), "IP address limit exceeded."],
+    def admit(self, token: str, ip: str, max_ips: int, auto_ban: bool) -> tuple[dict | None, str]:
+        """The user `token` names, after its visit from `ip`, and the visit: "ok", "limited" or "banned" (see
+        Store.admit). One script: the gatekeeper's one round trip."""
+        admitted = self._admit(
+            keys=[self._key("token", token_hash(token))],
+            args=[
+                self._key("user", ""),
+                ip,
+                max_ips or 0,
+                "1" if auto_ban else "",
+                time.time(),
+                EXPIRED_REASON,
+                IP_LIMIT_REASON,
+            ],
         )
-        if outcome is None:
-            raise UserError(f"There is no user {user_id!r}.")
-        return outcome
+        if not admitted:
+            return None, "ok"
+        fields, visit = admitted
+        return _decode_columns(dict(zip(fields[::2], fields[1::2], strict=True))), visit
 
     # -- usage ---------------------------------------------------------------------------------------------
 
@@ -446,13 +489,28 @@ class RedisStore:
         used: int,
         reserved_cost: int = 0,
         spent: dict[str, int] | None = None,
+        counters: dict[str, int] | None = None,
     ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
-        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request)."""
-        pairs = zip(("used", *SPENT_FIGURES), (int(used), *spent_amounts(spent)), strict=True)
+        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request), and adds `counters`, in
+        one script."""
+        figures = zip(("used", *SPENT_FIGURES), (int(used), *spent_amounts(spent)), strict=True)
         self._settle(
-            keys=[self._key("usage", user_id), self._key("leases", user_id), self._key("user", user_id)],
-            args=[family, int(reserved), int(reserved_cost), time.time(), *itertools.chain(*pairs)],
+            keys=[
+                self._key("usage", user_id),
+                self._key("leases", user_id),
+                self._key("user", user_id),
+                self._key("counters"),
+            ],
+            args=[
+                family,
+                int(reserved),
+                int(reserved_cost),
+                time.time(),
+                1 + len(SPENT_FIGURES),
+                *itertools.chain(*figures),
+                *itertools.chain(*(counters or {}).items()),
+            ],
         )
 
     def reset_usage(self, user_id: str | None = None) -> None:

@@ -9,6 +9,8 @@ from collections import deque
 from pathlib import Path
 
 from llmproxy.store.base import (
+    EXPIRED_REASON,
+    IP_LIMIT_REASON,
     JSON_COLUMNS,
     SPENT_FIGURES,
     USAGE_FIGURES,
@@ -98,15 +100,24 @@ class SQLiteStore:
             del self._rests[ended]
         return dict(self._rests)
 
+    def key_states(self) -> tuple[dict[str, KeyHealth], dict[tuple[str, str], float]]:
+        """key_health() and key_rests() together."""
+        return self.key_health(), self.key_rests()
+
     # -- users ---------------------------------------------------------------------------------------------
 
-    def _user(self, where: str, value: str) -> dict | None:
+    def _user_columns(self, where: str, value: str) -> dict | None:
         row = self.db.execute(f"SELECT {', '.join(USER_COLUMNS)} FROM users WHERE {where} = ?", (value,)).fetchone()
         if row is None:
             return None
         user = dict(zip(USER_COLUMNS, row, strict=True))
         for column in JSON_COLUMNS:
             user[column] = json.loads(user[column])
+        return user
+
+    def _user(self, where: str, value: str) -> dict | None:
+        if (user := self._user_columns(where, value)) is None:
+            return None
         user["usage"] = {
             family: dict(zip(USAGE_FIGURES, figures, strict=True))
             for family, *figures in self.db.execute(
@@ -191,37 +202,30 @@ class SQLiteStore:
             raise
         return len(records)
 
-    def record_visit(self, user_id: str, ip: str, max_ips: int, auto_ban: bool) -> str:
-        """Notes a request from `ip`: "ok", "limited" (a new address over the limit, refused) or "banned"
-        (the same, and the user is now disabled). `max_ips` 0 means no limit."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            (ips,) = self.db.execute("SELECT ips FROM users WHERE id = ?", (user_id,)).fetchone()
-            ips = json.loads(ips)
-            outcome = "ok"
-            if ip not in ips:
-                if max_ips and len(ips) >= max_ips:
-                    outcome = "banned" if auto_ban else "limited"
-                if outcome != "limited":
-                    ips.append(ip)
+    def admit(self, token: str, ip: str, max_ips: int, auto_ban: bool) -> tuple[dict | None, str]:
+        """The user `token` names, after its visit from `ip`, and the visit: "ok", "limited" or "banned" (see
+        Store.admit)."""
+        with self._transaction():
+            user, visit, now = self._user_columns("token_hash", token_hash(token)), "ok", time.time()
+            if user is None or user["disabled_at"] is not None or user["type"] == "special":
+                return user, visit
+            if user["type"] == "temporary" and user["expires_at"] and user["expires_at"] <= now:
+                user["disabled_at"], user["disabled_reason"] = now, EXPIRED_REASON
+            else:
+                limit = user["max_ips"] if user["max_ips"] is not None else max_ips
+                if ip not in user["ips"]:
+                    if limit and len(user["ips"]) >= limit:
+                        visit = "banned" if auto_ban else "limited"
+                    if visit != "limited":
+                        user["ips"].append(ip)
+                user["last_used_at"] = now
+                if visit == "banned":
+                    user["disabled_at"], user["disabled_reason"] = now, IP_LIMIT_REASON
             self.db.execute(
-                "UPDATE users SET ips = ?, last_used_at = ?, disabled_at = CASE WHEN ? THEN ? ELSE disabled_at END,"
-                " disabled_reason = CASE WHEN ? THEN ? ELSE disabled_reason END WHERE id = ?",
-                (
-                    json.dumps(ips),
-                    time.time(),
-                    outcome == "banned",
-                    time.time(),
-                    outcome == "banned",
-                    "IP address limit exceeded.",
-                    user_id,
-                ),
+                "UPDATE users SET ips = ?, last_used_at = ?, disabled_at = ?, disabled_reason = ? WHERE id = ?",
+                [json.dumps(user["ips"]), *(user[c] for c in ("last_used_at", "disabled_at", "disabled_reason", "id"))],
             )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        return outcome
+        return user, visit
 
     # -- usage ---------------------------------------------------------------------------------------------
 
@@ -267,17 +271,22 @@ class SQLiteStore:
         used: int,
         reserved_cost: int = 0,
         spent: dict[str, int] | None = None,
+        counters: dict[str, int] | None = None,
     ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
-        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request)."""
-        self.db.execute(
-            f"UPDATE usage SET reserved = MAX(0, reserved - ?), reserved_nanousd = MAX(0, reserved_nanousd - ?),"
-            f" used = used + ?, {', '.join(f'{name} = {name} + ?' for name in SPENT_FIGURES)}"
-            " WHERE user_id = ? AND family = ?",
-            (reserved, reserved_cost, used, *spent_amounts(spent), user_id, family),
-        )
-        if used:
-            self.db.execute("UPDATE users SET prompt_count = prompt_count + 1 WHERE id = ?", (user_id,))
+        `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request), and adds `counters`, in
+        one transaction with the affinity uses noted since the last write."""
+        amounts = spent_amounts(spent)
+        with self._transaction():
+            self.db.execute(
+                f"UPDATE usage SET reserved = MAX(0, reserved - ?), reserved_nanousd = MAX(0, reserved_nanousd - ?),"
+                f" used = used + ?, {', '.join(f'{name} = {name} + ?' for name in SPENT_FIGURES)}"
+                " WHERE user_id = ? AND family = ?",
+                (reserved, reserved_cost, used, *amounts, user_id, family),
+            )
+            if used:
+                self.db.execute("UPDATE users SET prompt_count = prompt_count + 1 WHERE id = ?", (user_id,))
+            self._add_counters(counters or {})
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all."""
@@ -291,13 +300,17 @@ class SQLiteStore:
         """The counters and the affinity uses noted since the last write, in one transaction: a request's one
         synced write."""
         with self._transaction():
-            if amounts:
-                self.db.execute(
-                    "INSERT INTO counters (name, value) VALUES " + ", ".join(["(?, ?)"] * len(amounts)) + " ON CONFLICT"
-                    " (name) DO UPDATE SET value = value + excluded.value",
-                    [part for pair in amounts.items() for part in pair],
-                )
-            self._write_uses()
+            self._add_counters(amounts)
+
+    def _add_counters(self, amounts: dict[str, int]) -> None:
+        """Adds to the counters and writes the affinity uses noted in memory; inside a transaction."""
+        if amounts:
+            self.db.execute(
+                "INSERT INTO counters (name, value) VALUES " + ", ".join(["(?, ?)"] * len(amounts)) + " ON CONFLICT"
+                " (name) DO UPDATE SET value = value + excluded.value",
+                [part for pair in amounts.items() for part in pair],
+            )
+        self._write_uses()
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, value FROM counters"))
