@@ -17,6 +17,7 @@ from datetime import datetime
 from enum import Enum
 
 from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.store import KeyHealth
 from llmproxy.store.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ ACTIVE = "active"
 REVOKED = "revoked"
 OVER_QUOTA = "over_quota"
 _ID_PREFIX = {OPENAI: "oai", ANTHROPIC: "ant"}
+SHARED_SYNC_INTERVAL = 0.25  # seconds: how stale this instance's view of other instances' key states may be
 DEFAULT_COOLDOWN = 10.0  # seconds, when a 429 says nothing about when to come back (or nothing believable)
 # Seconds: the longest window either API limits by (requests per day). A longer wait, like a negative, infinite or
 # unreadable one, is no figure the pool believes: it would take a key out of service for good.
@@ -282,6 +284,7 @@ class KeyPool:
         self.all_families = all_families
         self._listeners: list[Callable[[], None]] = []
         self._confirm: Callable[[PoolKey, Verdict, str, str], None] | None = None
+        self._synced = -SHARED_SYNC_INTERVAL  # when the shared store's key states were last read (monotonic)
 
     def start(self) -> None:
         """Takes each key's health from the store, once it is open; warns when there is no key at all."""
@@ -292,9 +295,10 @@ class KeyPool:
             )
         self._load_health(self.all_keys())
 
-    def _load_health(self, keys: Iterable[PoolKey]) -> None:
-        """Takes each key's state from the store; tells the listeners when a key came back."""
-        health = self.storage.store.key_health()
+    def _load_health(self, keys: Iterable[PoolKey], health: dict[str, KeyHealth] | None = None) -> None:
+        """Takes each key's state from the store (`health`, when already read from it); tells the listeners when a
+        key came back."""
+        health = self.storage.store.key_health() if health is None else health
         came_back = False
         for key in keys:
             was_active = key.state == ACTIVE
@@ -324,11 +328,14 @@ class KeyPool:
         return [key for key in self.keys[api] if key.serves(family)]
 
     def _sync_shared(self) -> None:
-        """With a shared store, what other instances learned (retired keys, rests) counts here too, at once."""
-        if not self.storage.shared:
+        """With a shared store, what other instances learned (retired keys, rests) counts here too, within
+        SHARED_SYNC_INTERVAL: reading it for every choice was two of a request's round trips to Redis, and a key
+        another instance just saw rest costs at most one more 429 here, after which it rests here too."""
+        if not self.storage.shared or time.monotonic() - self._synced < SHARED_SYNC_INTERVAL:
             return
-        self._load_health(self.all_keys())
-        rests = self.storage.store.key_rests()
+        health, rests = self.storage.store.key_states()  # one round trip
+        self._synced = time.monotonic()
+        self._load_health(self.all_keys(), health)
         by_id = {key.id: key for key in self.all_keys()}
         for (key_id, family), until in rests.items():
             if (key := by_id.get(key_id)) and until > key.cooldown_until.get(family, 0):
