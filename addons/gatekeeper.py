@@ -5,6 +5,8 @@ The client presents its token the way its SDK already does: `Authorization: Bear
 only the spaces and tabs HTTP allows around a header value taken off; an empty secret never matches anything.
 """
 
+import time
+
 from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed
@@ -15,6 +17,11 @@ from llmproxy.identity import admit_token, secret_matches
 from llmproxy.store.storage import Storage
 
 GATEKEEPER_MODES = ("none", "proxy_key", "user_token")
+# Seconds a token's admission from an address is taken as it was: each admission is a round trip to a shared
+# store, and a change to the user made by another instance (disabled, new limits) counts here that much later.
+# Changes made through this instance count at once; a temporary token still ends on time.
+ADMISSION_TTL = 1.0
+ADMISSIONS_KEPT = 10_000  # beyond this many tokens, those whose admissions all expired are dropped
 
 
 def client_ip(flow: http.HTTPFlow) -> str:
@@ -29,6 +36,11 @@ def client_ip(flow: http.HTTPFlow) -> str:
     return forwarded[-hops] if len(forwarded) >= hops else forwarded[0]
 
 
+def _latest(admissions: dict[str, tuple[float, int, dict]]) -> float:
+    """When the last of a token's admissions ends."""
+    return max(until for until, _, _ in admissions.values())
+
+
 class Gatekeeper:
     """Checks the client's token on every API route and names the request's identity for limits and queues."""
 
@@ -36,6 +48,8 @@ class Gatekeeper:
         self.proxy_key = secrets.get("proxy_key", "")
         self.admin_key = secrets.get("admin_key", "")
         self.storage = storage
+        # token -> address -> (until, the store's users_version, the user as admitted)
+        self._admitted: dict[str, dict[str, tuple[float, int, dict]]] = {}
 
     def load(self, loader):
         loader.add_option("gatekeeper", str, "none", "none, proxy_key or user_token.", choices=GATEKEEPER_MODES)
@@ -61,6 +75,8 @@ class Gatekeeper:
                 raise exceptions.OptionsError("GATEKEEPER=user_token needs an ADMIN_KEY to manage the users.")
             if ctx.options.gatekeeper == "proxy_key" and not self.proxy_key:
                 raise exceptions.OptionsError("GATEKEEPER=proxy_key needs a PROXY_KEY.")
+        if updated & {"max_ips_per_user", "max_ips_auto_ban"}:
+            self._admitted.clear()
         for name in ("trusted_proxies", "max_ips_per_user"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
@@ -84,8 +100,7 @@ class Gatekeeper:
             self._check_user(flow, route.dialect, token, ip)
 
     def _check_user(self, flow: http.HTTPFlow, api: str, token: str, ip: str) -> None:
-        max_ips, auto_ban = ctx.options.max_ips_per_user, ctx.options.max_ips_auto_ban
-        user, visit = admit_token(self.storage.store, token, ip, max_ips, auto_ban)  # one step on the store
+        user, visit = self._admit(token, ip)
         if user is None:
             return self._refuse(flow, api, 401, "A valid user token is required.", "invalid_user_token")
         if visit != "ok":
@@ -101,6 +116,31 @@ class Gatekeeper:
         state = flow_state(flow)
         state.identity, state.user, state.user_type = f"user:{user['id']}", user["id"], user["type"]
         state.nickname, state.user_record = user["nickname"], user
+
+    def _admit(self, token: str, ip: str) -> tuple[dict | None, str]:
+        """Store.admit, or its answer of less than ADMISSION_TTL ago for the same token and address."""
+        store, now = self.storage.store, time.monotonic()
+        kept = self._admitted.get(token, {}).get(ip)
+        if kept and kept[0] > now and kept[1] == store.users_version:
+            return kept[2], "ok"
+        version = store.users_version
+        user, visit = admit_token(store, token, ip, ctx.options.max_ips_per_user, ctx.options.max_ips_auto_ban)
+        if user is None:
+            return user, visit  # nobody's token: nothing is kept
+        if visit != "ok" or user["disabled_at"] is not None:
+            self._admitted.pop(token, None)  # a ban from another address, or an expiry, ends every admission
+            return user, visit
+        ttl = ADMISSION_TTL
+        if user["type"] == "temporary" and user["expires_at"]:
+            ttl = min(ttl, user["expires_at"] - time.time())
+        if len(self._admitted) >= ADMISSIONS_KEPT:
+            self._admitted = {
+                kept_token: by_ip
+                for kept_token, by_ip in self._admitted.items()
+                if max(e[0] for e in by_ip.values()) > now
+            }
+        self._admitted.setdefault(token, {})[ip] = (now + ttl, version, user)
+        return user, visit
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, api: str, status: int, message: str, code: str) -> None:

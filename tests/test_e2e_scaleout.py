@@ -144,3 +144,21 @@ def test_fifty_parallel_requests_over_three_instances_against_a_usd_quota_for_fi
     fifty_in_flight_at_once(proxies, fake, token)
     shown = Admin(proxies[1]).user(user["id"])
     assert shown["usage"]["gpt4o"]["reserved_usd"] == 0 and 0 < shown["cost_usd"] <= 0.0051
+
+
+def test_a_user_disabled_on_one_instance_is_refused_by_another_within_a_second(instances, fake):
+    """Each instance takes a token's admission from an address as it was for up to a second (a round trip to Redis
+    saved per request); a change made through another instance counts after that, one made here at once."""
+    a, b = instances(2)
+    admin_a, admin_b = Admin(a), Admin(b)
+    token, user = admin_a.create()
+    auth = {"authorization": f"Bearer {token}"}
+    assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 200  # admitted on B
+    assert admin_a.post(f"/users/{user['id']}/disable", json={"reason": "enough"}).status_code == 200
+    started = time.monotonic()
+    wait_until(lambda: httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 403, timeout=3)
+    assert time.monotonic() - started < 1.5
+    assert admin_a.post(f"/users/{user['id']}/enable").status_code == 200
+    wait_until(lambda: httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 200, timeout=3)
+    assert admin_b.post(f"/users/{user['id']}/disable", json={"reason": "again"}).status_code == 200
+    assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 403  # through B itself: at once

@@ -4,6 +4,7 @@ Users are stored under the SHA-256 of their token: the token itself is shown onc
 nowhere, so a copy of the store lets nobody in.
 """
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -119,12 +120,27 @@ def spent_amounts(spent: dict[str, int] | None) -> list[int]:
     return [int((spent or {}).get(name, 0)) for name in SPENT_FIGURES]
 
 
+def changes_users(method):
+    """Marks a store method that changes or removes users: what this process read of them before is stale."""
+
+    @functools.wraps(method)
+    def changing(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.users_version += 1
+
+    return changing
+
+
 class Store(Protocol):
     """The state that must survive a restart (or be shared by instances): SQLiteStore and RedisStore.
 
     Every operation is one atomic step on the store: callers never read, decide in Python, then write. Times are
     `time.time()`. A shared store that cannot be reached raises StoreUnavailable from any operation.
     """
+
+    users_version: int  # counts this process's changes to existing users (changes_users), for what it keeps of them
 
     # -- keys
 

@@ -47,6 +47,7 @@ from llmproxy.store.base import (
     USER_COLUMNS,
     KeyHealth,
     StoreUnavailable,
+    changes_users,
     import_records,
     spent_amounts,
     token_hash,
@@ -285,6 +286,7 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str = "llmproxy:"):
         self.url, self.prefix = _redacted(url), prefix
+        self.users_version = 0
         try:
             # One connection, not one taken from a pool and given back at every command: that took a third of a
             # command's time, and the proxy calls from its one event loop (threads would wait on a lock).
@@ -385,6 +387,7 @@ class RedisStore:
         users = [user for user in self._users(list(self.redis.smembers(self._key("users")))) if user]
         return sorted(users, key=lambda user: (user["created_at"], user["id"]))
 
+    @changes_users
     def update_user(self, user_id: str, fields: dict) -> dict | None:
         """Sets editable fields; returns the user, or None if there is none with that id."""
         fields = validate_fields(dict(fields))
@@ -392,11 +395,13 @@ class RedisStore:
             self._patch(user_id, fields)
         return self.get_user(user_id)
 
+    @changes_users
     def set_disabled(self, user_id: str, reason: str | None) -> dict | None:
         """Disables a user with a reason, or (reason None) enables it again."""
         self._patch(user_id, {"disabled_at": time.time() if reason is not None else None, "disabled_reason": reason})
         return self.get_user(user_id)
 
+    @changes_users
     def delete_user(self, user_id: str) -> bool:
         user_key = self._key("user", user_id)
 
@@ -415,6 +420,7 @@ class RedisStore:
         """Every user with its token hash (never the token), usage included, for import elsewhere."""
         return self.list_users()
 
+    @changes_users
     def import_users(self, users: list[dict]) -> int:
         """Creates or replaces users from an export, all or none; returns how many."""
         records = import_records(users)

@@ -16,6 +16,7 @@ from llmproxy.store.base import (
     USAGE_FIGURES,
     USER_COLUMNS,
     KeyHealth,
+    changes_users,
     import_records,
     spent_amounts,
     token_hash,
@@ -35,6 +36,7 @@ class SQLiteStore:
     """
 
     def __init__(self, path: Path):
+        self.users_version = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: each statement is its own transaction
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -154,6 +156,7 @@ class SQLiteStore:
     def list_users(self) -> list[dict]:
         return [self.get_user(user_id) for (user_id,) in self.db.execute("SELECT id FROM users")]
 
+    @changes_users
     def update_user(self, user_id: str, fields: dict) -> dict | None:
         """Sets editable fields; returns the user, or None if there is none with that id."""
         fields = validate_fields(dict(fields))
@@ -164,6 +167,7 @@ class SQLiteStore:
             )
         return self.get_user(user_id)
 
+    @changes_users
     def set_disabled(self, user_id: str, reason: str | None) -> dict | None:
         """Disables a user with a reason, or (reason None) enables it again."""
         self.db.execute(
@@ -172,6 +176,7 @@ class SQLiteStore:
         )
         return self.get_user(user_id)
 
+    @changes_users
     def delete_user(self, user_id: str) -> bool:
         deleted = self.db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount
         self.db.execute("DELETE FROM usage WHERE user_id = ?", (user_id,))
@@ -181,6 +186,7 @@ class SQLiteStore:
         """Every user with its token hash (never the token), usage included, for import elsewhere."""
         return self.list_users()
 
+    @changes_users
     def import_users(self, users: list[dict]) -> int:
         """Creates or replaces users from an export; returns how many."""
         records = import_records(users)
