@@ -16,10 +16,13 @@ state belongs to the organisation that made it: a `previous_response_id` exists 
   conversation's key in the same way.
 
 Both maps live in the store (in Redis, one map for every instance), at most `affinity_max_sessions` names each,
-least recently used first out, and forget a name unused for `affinity_ttl` seconds.
+least recently used first out, and forget a name unused for `affinity_ttl` seconds. A binding read is taken as
+read for a second (an agent's turns come faster, and each read was a round trip to Redis): a conversation another
+instance moved follows it here that much later.
 """
 
 import logging
+import time
 
 from mitmproxy import ctx, exceptions, http
 
@@ -34,6 +37,8 @@ from llmproxy.store.storage import Storage
 SESSIONS, RESPONSES = "session", "response"  # the store's two affinity spaces
 SESSION_HEADERS = ("x-claude-code-session-id", "session-id")  # read here, never forwarded (llmproxy/api/headers.py)
 RESPONSE_ROUTE = "openai.responses"  # the one route whose answers a follow-up can name (if stored, the default)
+BINDING_READ_TTL = 1.0  # seconds a binding read from the store (or made here) is taken as it was
+BINDINGS_KEPT = 10_000  # beyond this many, the expired ones are dropped
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class Affinity:
 
     def __init__(self, storage: Storage):
         self.storage = storage
+        self._read: dict[tuple[str, str], tuple[float, str]] = {}  # (space, name) -> (until, bound value)
 
     def load(self, loader):
         loader.add_option(
@@ -85,10 +91,9 @@ class Affinity:
         if not ctx.options.affinity or (route := forward_route(flow)) is None:
             return
         state, body = flow_state(flow), parsed_body(flow)
-        store = self.storage.store
         previous = body.get("previous_response_id") if route.api == OPENAI else None
         if isinstance(previous, str):
-            if bound := store.affinity(RESPONSES, previous, ctx.options.affinity_ttl):
+            if bound := self._binding(RESPONSES, previous):
                 key_id, _, owner = bound.partition(" ")
                 if owner != identity_digest(state.identity):
                     state.decision = "previous_response_not_found"
@@ -104,7 +109,7 @@ class Affinity:
         if route.counts_tokens or not (named := conversation(body, state.client_session)):
             return  # a token count uses no cache and must not move a conversation
         state.session = digest(state.identity, state.family, *named)
-        if key_id := store.affinity(SESSIONS, state.session, ctx.options.affinity_ttl):
+        if key_id := self._binding(SESSIONS, state.session):
             state.affinity_key = key_id
             if carries_encrypted_content(body):
                 state.pinned = "encrypted_content"
@@ -122,14 +127,7 @@ class Affinity:
         state = flow_state(flow)
         if not state.session or key.id == state.affinity_key:
             return
-        state.affinity_key = self.storage.store.bind_affinity(
-            SESSIONS,
-            state.session,
-            key.id,
-            state.affinity_key or None,
-            ctx.options.affinity_ttl,
-            ctx.options.affinity_max_sessions,
-        )
+        state.affinity_key = self._bind(SESSIONS, state.session, key.id, state.affinity_key or None)
 
     def answered(self, flow: http.HTTPFlow, body: bytes) -> None:
         """A buffered answer was passed on: remembers the key of the response it stored."""
@@ -157,14 +155,29 @@ class Affinity:
             logger.warning("%s: the upstream's response id is no id (%s); not remembered", flow.id, shown)
             return
         if made and state.keys:
-            self.storage.store.bind_affinity(
-                RESPONSES,
-                made,
-                f"{state.keys[-1]} {identity_digest(state.identity)}",
-                None,
-                ctx.options.affinity_ttl,
-                ctx.options.affinity_max_sessions,
-            )
+            self._bind(RESPONSES, made, f"{state.keys[-1]} {identity_digest(state.identity)}", None)
+
+    def _binding(self, space: str, name: str) -> str | None:
+        """What `name` is bound to: as read (or bound) here less than BINDING_READ_TTL ago, else from the store."""
+        now = time.monotonic()
+        if (kept := self._read.get((space, name))) and kept[0] > now:
+            return kept[1]
+        if (value := self.storage.store.affinity(space, name, ctx.options.affinity_ttl)) is not None:
+            self._keep(space, name, value, now)
+        return value
+
+    def _bind(self, space: str, name: str, value: str, expected: str | None) -> str:
+        options = ctx.options
+        bound = self.storage.store.bind_affinity(
+            space, name, value, expected, options.affinity_ttl, options.affinity_max_sessions
+        )
+        self._keep(space, name, bound, time.monotonic())
+        return bound
+
+    def _keep(self, space: str, name: str, value: str, now: float) -> None:
+        if len(self._read) >= BINDINGS_KEPT:
+            self._read = {kept: entry for kept, entry in self._read.items() if entry[0] > now}
+        self._read[(space, name)] = (now + BINDING_READ_TTL, value)
 
     @staticmethod
     def _unavailable(flow: http.HTTPFlow) -> tuple[str, str]:

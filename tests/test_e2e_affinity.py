@@ -4,11 +4,13 @@ to the key that made the response; with one instance and with two sharing Redis.
 import hashlib
 import json
 import threading
+import time
 import uuid
 
 import httpx
 import pytest
 
+from addons.affinity import BINDING_READ_TTL
 from tests.conftest import proxy_env
 from tests.harness import wait_until
 from tests.test_e2e_scaleout import redis_server  # noqa: F401 (a fixture)
@@ -235,6 +237,7 @@ def test_two_instances_agree_on_a_conversations_key(start_proxy, fake, redis_ser
     assert len(keys) == 3 and len(set(keys)) == 1 and keys[0] != KEYS[0]
     fake.set_key_behaviour(keys[0], "rate_limit_for", seconds=30)
     conversation.turn(b)  # B moves it ...
+    time.sleep(BINDING_READ_TTL)  # (A takes the binding it read as read for that long)
     conversation.turn(a)  # ... and A follows, although A learned of no rest itself
     moved = keys_for(fake, "/v1/chat/completions", in_conversation("the shared conversation"))[3:]
     assert moved[0] == keys[0] and moved[1] == moved[2] != keys[0]

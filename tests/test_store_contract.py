@@ -101,6 +101,9 @@ class Clock:
     def time(self) -> float:
         return time.time() + self.offset
 
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
 
 @pytest.fixture
 def clock(monkeypatch) -> Clock:

@@ -23,6 +23,8 @@ from llmproxy.store.base import (
     validate_fields,
 )
 
+USES_WRITTEN_EVERY = 1.0  # seconds between two writes of the affinity uses noted in memory
+
 
 def _window_name(identity: str, bucket: str) -> str:
     return f"{bucket}\0{identity}" if bucket else identity
@@ -71,6 +73,7 @@ class SQLiteStore:
         self._waits: dict[str, deque] = {}
         self._affinity_sizes: dict[str, int] = {}
         self._uses: dict[tuple[str, str], float] = {}  # affinity hits not yet written: (space, name) -> time
+        self._uses_written = 0.0  # when they were last written (monotonic)
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -281,7 +284,7 @@ class SQLiteStore:
     ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request), and adds `counters`, in
-        one transaction with the affinity uses noted since the last write."""
+        one transaction (with the affinity uses noted in memory, once a second)."""
         amounts = spent_amounts(spent)
         with self._transaction():
             self.db.execute(
@@ -293,6 +296,8 @@ class SQLiteStore:
             if used:
                 self.db.execute("UPDATE users SET prompt_count = prompt_count + 1 WHERE id = ?", (user_id,))
             self._add_counters(counters or {})
+            if self._uses_due():
+                self._write_uses()
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all."""
@@ -303,20 +308,21 @@ class SQLiteStore:
             self.db.execute(f"UPDATE usage SET {zeroed} WHERE user_id = ?", (user_id,))
 
     def add_to_counters(self, **amounts: int) -> None:
-        """The counters and the affinity uses noted since the last write, in one transaction: a request's one
-        synced write."""
+        """The counters in one statement, so one synced transaction; the affinity uses noted in memory go with them
+        once a second (with every request's counters they doubled its cost)."""
+        if not self._uses_due():
+            return self._add_counters(amounts)
         with self._transaction():
             self._add_counters(amounts)
+            self._write_uses()
 
     def _add_counters(self, amounts: dict[str, int]) -> None:
-        """Adds to the counters and writes the affinity uses noted in memory; inside a transaction."""
         if amounts:
             self.db.execute(
                 "INSERT INTO counters (name, value) VALUES " + ", ".join(["(?, ?)"] * len(amounts)) + " ON CONFLICT"
                 " (name) DO UPDATE SET value = value + excluded.value",
                 [part for pair in amounts.items() for part in pair],
             )
-        self._write_uses()
 
     def counters(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, value FROM counters"))
@@ -401,10 +407,14 @@ class SQLiteStore:
         value, used_at = row.fetchone() or (None, 0.0)
         if value is None or max(used_at, self._uses.get((space, name), 0.0)) <= now - ttl:
             return None
-        # Noted in memory and written with the request's counters (or the next binding): a write here was a
-        # second synced transaction per request. A crash loses the uses since the last request was settled.
+        # Noted in memory, and written with a request's counters once a second (or with the next binding): a write
+        # here was a second synced transaction per request. A crash loses the last second's uses, so a name may
+        # be forgotten that much earlier.
         self._uses[(space, name)] = now
         return value
+
+    def _uses_due(self) -> bool:
+        return bool(self._uses) and time.monotonic() - self._uses_written >= USES_WRITTEN_EVERY
 
     def _write_uses(self) -> None:
         """Writes the affinity uses noted in memory; inside a transaction."""
@@ -414,6 +424,7 @@ class SQLiteStore:
                 [(used_at, space, name) for (space, name), used_at in self._uses.items()],
             )
             self._uses.clear()
+            self._uses_written = time.monotonic()
 
     def bind_affinity(self, space: str, name: str, value: str, expected: str | None, ttl: float, capacity: int) -> str:
         """Binds `name` to `value` if it is bound to `expected` now (None: to nothing), and returns what it is
