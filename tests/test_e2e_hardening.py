@@ -223,3 +223,18 @@ def test_a_header_byte_that_is_not_utf8_from_the_upstream_costs_no_answer(start_
     response = httpx.post(f"{proxy.url}{CHAT}", json=chat_body(stream=stream))
     assert response.status_code == 200 and response.content == content
     upstream.server.close()
+
+
+def test_a_cookie_an_api_sets_goes_to_no_one_else(start_proxy, fake):
+    """The APIs set cookies (Cloudflare's `__cf_bm`); a client library keeps them and sends them with every later
+    request, which here would be every user's. The fake sets one on each answer; under a host name (cookies from a
+    bare IP address are dropped by any jar) no later request carries it."""
+    named = fake.url.replace("127.0.0.1", "localhost")
+    proxy = start_proxy(proxy_env(fake, OPENAI_UPSTREAM_URL=named, ANTHROPIC_UPSTREAM_URL=named))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+    for token in ("first-user", "second-user"):
+        chat = f"{proxy.url}/proxy/openai/v1/chat/completions"
+        answer = httpx.post(chat, json=body, headers={"authorization": token})
+        assert answer.status_code == 200 and "set-cookie" not in answer.headers
+    assert len(fake.requests) == 2
+    assert all(name.lower() != "cookie" for request in fake.requests for name, _ in request.headers)

@@ -69,9 +69,11 @@ class UpstreamClient:
         self.idle_timeout = 120  # UPSTREAM_IDLE_TIMEOUT: seconds of silence in the middle of a body
 
     def open(self, connect_timeout: float) -> None:
-        # Bodies pass as they come (streams untouched) and no header is added that the client did not send.
+        # Bodies pass as they come (streams untouched) and no header is added that the client did not send. No
+        # cookie jar: a cookie an API sets (Cloudflare's) would otherwise go along with every user's requests.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
