@@ -13,7 +13,7 @@ the event.
 import inspect
 import types
 
-from mitmproxy import exceptions, hooks
+from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager, safecall, traverse
 
 
@@ -55,10 +55,20 @@ class IndexedAddonManager(AddonManager):
                 raise exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
             yield func
 
-    async def trigger_event(self, event: hooks.Hook):
+    async def handle_lifecycle(self, event: hooks.Hook):
+        """A flow event, then the `update` event mitmproxy follows it with, only if an addon handles `update`
+        (mitmweb's view; nothing under mitmdump)."""
         args = event.args()
+        await self._call(event.name, args)
+        if args and isinstance(args[0], flow.Flow) and self.handlers("update"):
+            await self._call("update", [[args[0]]])
+
+    async def trigger_event(self, event: hooks.Hook):
+        await self._call(event.name, event.args())
+
+    async def _call(self, name: str, args: list):
         try:
-            for func in self.handlers(event.name):
+            for func in self.handlers(name):
                 try:  # safecall's handling, without entering a context manager per call
                     result = func(*args)
                     if result is not None and inspect.isawaitable(result):
@@ -71,7 +81,7 @@ class IndexedAddonManager(AddonManager):
         except exceptions.AddonHalt:
             pass
         finally:
-            if event.name == "configure":
+            if name == "configure":
                 self._handlers = {}
 
     def trigger(self, event: hooks.Hook):

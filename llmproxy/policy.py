@@ -201,6 +201,8 @@ def reject_patterns(phrases: Sequence[str], regex: bool) -> list[re.Pattern]:
 def is_rejected(texts: list[str], phrases: list[re.Pattern], reject_cjk: bool) -> bool:
     """Whether a text holds a refused phrase or, with `reject_cjk` (the original's REJECT_DISALLOWED), a CJK
     ideograph."""
+    if not phrases and not reject_cjk:
+        return False
     return any(any(phrase.search(text) for phrase in phrases) or (reject_cjk and _CJK.search(text)) for text in texts)
 
 

@@ -115,3 +115,20 @@ async def test_log_records_become_add_log_events_only_while_an_addon_handles_the
         logging.getLogger("test.hookindex").warning("heard")
         await asyncio.sleep(0)  # the record was handed to the loop with call_soon_threadsafe: one turn delivers it
     assert [entry.endswith("heard") for entry in listener.entries] == [True]
+
+
+class UpdateListener:
+    def __init__(self):
+        self.updated = []
+
+    def update(self, flows):
+        self.updated.append(flows)
+
+
+async def test_a_flow_event_is_followed_by_update_as_mitmproxy_does_while_an_addon_handles_it():
+    calls, listener, flow = [], UpdateListener(), tflow.tflow()
+    with indexed(Recorder("a", calls)) as context:
+        await context.master.addons.handle_lifecycle(HttpRequestHook(flow))
+        context.master.addons.add(listener)
+        await context.master.addons.handle_lifecycle(HttpRequestHook(flow))
+    assert calls == ["a", "a"] and listener.updated == [[flow]]
