@@ -164,6 +164,10 @@ class QuotaKeeper:
             self.cost_limit_for(user, "total"),
         )
         estimate = state.prompt_tokens or prompt_estimate(body)
+        if limit is None and cost_limit is None and total_cost_limit is None:
+            # Nothing to hold back, so nothing is reserved (a round trip to a shared store); the settlement bills.
+            self.reservations[flow] = Reservation(user_id, family, 0, estimate, 0)
+            return
         output = output_reservation(body)
         tokens, cost = estimate + output, self.price_for(state).worst_case(estimate, output)
         if not store.reserve(user_id, family, tokens, limit, cost, cost_limit, total_cost_limit):

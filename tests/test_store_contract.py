@@ -401,6 +401,18 @@ def test_settle_adds_to_the_counters_in_the_same_step(store):
     assert store.counters() == {"prompts": 2, "tokens": 145, "tokens:gpt4o": 25}
 
 
+def test_settle_without_a_reservation_bills_an_existing_user_only(store):
+    """A user without limits reserves nothing (a round trip to a shared store saved); the settlement bills it."""
+    _, user = store.create_user({})
+    store.settle(user["id"], "claude-sonnet", 0, 40, spent={"input": 30, "output": 10, "cost_nanousd": 7})
+    usage = store.get_user(user["id"])["usage"]["claude-sonnet"]
+    assert usage == figures(used=40, input=30, output=10, cost_nanousd=7)
+    assert store.get_user(user["id"])["prompt_count"] == 1
+    store.delete_user(user["id"])
+    store.settle(user["id"], "claude-sonnet", 0, 40, spent={"input": 40})
+    assert store.get_user(user["id"]) is None and all(u["id"] != user["id"] for u in store.export_users())
+
+
 # -- windows -----------------------------------------------------------------------------------------------
 
 

@@ -224,7 +224,8 @@ class Store(Protocol):
     ) -> None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request, which is no prompt), and
-        adds `counters` as add_to_counters does, in the same step: a request's bill is one write."""
+        adds `counters` as add_to_counters does, in the same step: a request's bill is one write. With nothing
+        reserved (0, 0: a user without limits), it bills an existing user all the same."""
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all: used and spent figures to 0, reservations kept."""

@@ -101,7 +101,7 @@ for _, lease in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
   local tokens, cost, leased = string.match(lease, '^(%d+):(%d+):%x+:(.*)$')
   if tokens == ARGV[2] and cost == ARGV[3] and leased == family then redis.call('ZREM', KEYS[2], lease) break end
 end
-if redis.call('HEXISTS', KEYS[1], family .. ':used') == 1 then
+if redis.call('EXISTS', KEYS[3]) == 1 then
   for i = 6, figures_end, 2 do
     if tonumber(ARGV[i + 1]) ~= 0 then redis.call('HINCRBY', KEYS[1], family .. ':' .. ARGV[i], ARGV[i + 1]) end
   end

@@ -287,6 +287,11 @@ class SQLiteStore:
         one transaction (with the affinity uses noted in memory, once a second)."""
         amounts = spent_amounts(spent)
         with self._transaction():
+            self.db.execute(  # a user without limits reserved nothing, and may have no row for the family yet
+                "INSERT OR IGNORE INTO usage (user_id, family)"
+                " SELECT ?, ? WHERE EXISTS (SELECT 1 FROM users WHERE id = ?)",
+                (user_id, family, user_id),
+            )
             self.db.execute(
                 f"UPDATE usage SET reserved = MAX(0, reserved - ?), reserved_nanousd = MAX(0, reserved_nanousd - ?),"
                 f" used = used + ?, {', '.join(f'{name} = {name} + ?' for name in SPENT_FIGURES)}"
