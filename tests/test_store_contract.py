@@ -408,6 +408,10 @@ def test_settle_without_a_reservation_bills_an_existing_user_only(store):
     usage = store.get_user(user["id"])["usage"]["claude-sonnet"]
     assert usage == figures(used=40, input=30, output=10, cost_nanousd=7)
     assert store.get_user(user["id"])["prompt_count"] == 1
+    large = 123_456_789_012_345_678  # nano-dollars; no figure passes through a floating-point number
+    store.settle(user["id"], "claude-sonnet", 0, 0, spent={"cost_nanousd": large}, counters={"cost_nanousd": large})
+    assert store.get_user(user["id"])["usage"]["claude-sonnet"]["cost_nanousd"] == 7 + large
+    assert store.counters()["cost_nanousd"] == large
     store.delete_user(user["id"])
     store.settle(user["id"], "claude-sonnet", 0, 40, spent={"input": 40})
     assert store.get_user(user["id"]) is None and all(u["id"] != user["id"] for u in store.export_users())
