@@ -10,6 +10,7 @@ reorders scripts there). Errors are handled as mitmproxy handles them: logged pe
 the event.
 """
 
+import contextlib
 import inspect
 import types
 
@@ -67,7 +68,7 @@ class IndexedAddonManager(AddonManager):
         await self._call(event.name, event.args())
 
     async def _call(self, name: str, args: list):
-        try:
+        with self._event(name):
             for func in self.handlers(name):
                 try:  # safecall's handling, without entering a context manager per call
                     result = func(*args)
@@ -76,17 +77,11 @@ class IndexedAddonManager(AddonManager):
                 except (exceptions.AddonHalt, exceptions.OptionsError):
                     raise
                 except Exception:
-                    with safecall():
-                        raise
-        except exceptions.AddonHalt:
-            pass
-        finally:
-            if name == "configure":
-                self._handlers = {}
+                    _log_failure()
 
     def trigger(self, event: hooks.Hook):
         args = event.args()
-        try:
+        with self._event(event.name):
             for func in self.handlers(event.name):
                 try:
                     if inspect.iscoroutinefunction(func):
@@ -97,13 +92,24 @@ class IndexedAddonManager(AddonManager):
                 except (exceptions.AddonHalt, exceptions.OptionsError):
                     raise
                 except Exception:
-                    with safecall():
-                        raise
+                    _log_failure()
+
+    @contextlib.contextmanager
+    def _event(self, name: str):
+        """One event: AddonHalt ends it, and a `configure` round leaves the index stale."""
+        try:
+            yield
         except exceptions.AddonHalt:
             pass
         finally:
-            if event.name == "configure":
+            if name == "configure":
                 self._handlers = {}
+
+
+def _log_failure() -> None:
+    """The handler's exception being handled, logged as mitmproxy's safecall logs it."""
+    with safecall():
+        raise
 
 
 def index_hooks(master) -> None:
