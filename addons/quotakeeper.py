@@ -164,12 +164,13 @@ class QuotaKeeper:
             self.cost_limit_for(user, "total"),
         )
         estimate = state.prompt_tokens or prompt_estimate(body)
-        if limit is None and cost_limit is None and total_cost_limit is None:
-            # Nothing to hold back, so nothing is reserved (a round trip to a shared store); the settlement bills.
-            self.reservations[flow] = Reservation(user_id, family, 0, estimate, 0)
-            return
         output = output_reservation(body)
         tokens, cost = estimate + output, self.price_for(state).worst_case(estimate, output)
+        if limit is None and cost_limit is None and total_cost_limit is None:
+            # Nothing to hold back, so nothing is set aside in the store (a round trip to a shared store saved); the
+            # estimate still bounds what odd usage figures count, and the settlement bills.
+            self.reservations[flow] = Reservation(user_id, family, tokens, estimate, cost, held=False)
+            return
         if not store.reserve(user_id, family, tokens, limit, cost, cost_limit, total_cost_limit):
             state.decision = "over_quota"
             figures = store.get_user(user_id) or {"usage": {}}  # read only now: a request within quota needs none
@@ -223,9 +224,9 @@ class QuotaKeeper:
                 store.settle(
                     reservation.user,
                     reservation.family,
-                    reservation.tokens,
+                    reservation.held_tokens,
                     usage.total if usage else 0,
-                    reservation.cost,
+                    reservation.held_cost,
                     spent,
                     counted,
                 )

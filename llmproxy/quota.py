@@ -99,8 +99,19 @@ def over_quota_message(
 
 @dataclass
 class Reservation:
+    """What a request may use at most, as the quota keeper estimated it before sending it."""
+
     user: str
     family: str
     tokens: int
     prompt_estimate: int
     cost: int  # nano-dollars
+    held: bool = True  # set aside in the store; a user without limits holds nothing back
+
+    @property
+    def held_tokens(self) -> int:
+        return self.tokens if self.held else 0
+
+    @property
+    def held_cost(self) -> int:
+        return self.cost if self.held else 0
