@@ -82,7 +82,7 @@ class Gatekeeper:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
 
     @fail_closed
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Runs before the body is read, while X-Forwarded-For is still on the request."""
         if flow.response or not flow.live:
             return

@@ -143,7 +143,7 @@ class QuotaKeeper:
         return price_of(self.prices, ROUTES_BY_NAME[state.route].api, state.model, state.family)
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
         state = flow_state(flow)

@@ -44,7 +44,7 @@ class RateLimiter:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         if (route := forward_route(flow)) is None:
             return
         state = flow_state(flow)
@@ -95,17 +95,17 @@ class RateLimiter:
         return ctx.options.model_rate_limit
 
     @fail_closed
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         if rate_limit := flow_state(flow).rate_limit:
             limit, remaining, reset_at = rate_limit
             flow.response.headers["x-ratelimit-limit"] = str(limit)
             flow.response.headers["x-ratelimit-remaining"] = str(remaining)
             flow.response.headers["x-ratelimit-reset"] = str(reset_at)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         self._leave(flow)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         self._leave(flow)
 
     def _leave(self, flow: http.HTTPFlow) -> None:
