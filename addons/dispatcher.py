@@ -17,12 +17,11 @@ from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
-from mitmproxy.net.http import url
 from yarl import URL
 
 from addons.affinity import Affinity
 from addons.apierrors import fail_closed
-from addons.flowstate import flow_state, forward_route
+from addons.flowstate import flow_state, forward_route, upstream_target
 from addons.quotakeeper import QuotaKeeper
 from addons.settlement import RequestSettledHook
 from llmproxy.api import ANTHROPIC, OPENAI, usage
@@ -251,11 +250,6 @@ class Dispatcher:
         return job
 
 
-@functools.lru_cache(maxsize=64)
-def _target_parts(upstream_url: str) -> tuple[bytes, bytes, int, bytes]:
-    return url.parse(upstream_url)
-
-
 def _show_target(flow: http.HTTPFlow, upstream_url: str) -> None:
-    """The flow's request shows the upstream URL (as `flow.request.url = ...` would, each URL parsed once)."""
-    flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = _target_parts(upstream_url)
+    """The flow's request shows the upstream URL, as `flow.request.url = upstream_url` would."""
+    flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = upstream_target(upstream_url)

@@ -8,14 +8,12 @@ newest `web_keep_flows` finished ones, so a long-running proxy under mitmweb doe
 """
 
 import collections
-import functools
 from dataclasses import asdict
 
 from mitmproxy import connection, ctx, http
-from mitmproxy.net.http import url
 
 from addons.apierrors import refuses_config_errors
-from addons.flowstate import flow_state
+from addons.flowstate import flow_state, upstream_target
 from llmproxy.config import size_setting
 from llmproxy.flowstate import FlowState
 from llmproxy.identity import identity_digest
@@ -53,20 +51,14 @@ def _show_upstream(flow: http.HTTPFlow, state: FlowState) -> None:
     if state.shown_server is not None and flow.server_conn is state.shown_server:
         return  # set when the response's headers came; the upstream did not change since
     if state.upstream_url and state.keys:
-        host, port, tls = _origin_address("/".join(state.upstream_url.split("/", 3)[:3]))
-        shown = connection.Server(address=(host, port), sni=host if tls else None)
+        scheme, host, port, _ = upstream_target(state.upstream_url)
+        tls, name = scheme == b"https", host.decode()
+        shown = connection.Server(address=(name, port), sni=name if tls else None)
         shown.tls = tls
         shown.timestamp_start = flow.request.timestamp_start
     else:
         shown = connection.Server(address=None)
     flow.server_conn = state.shown_server = shown
-
-
-@functools.lru_cache(maxsize=16)
-def _origin_address(origin: str) -> tuple[str, int, bool]:
-    """(host, port, whether TLS) of an upstream's scheme://host[:port], each of the few parsed once."""
-    scheme, host, port, _ = url.parse(origin)
-    return host.decode(), port, scheme == b"https"
 
 
 class FlowNotes:

@@ -5,10 +5,12 @@ the addons read through it: the flow's route, its parsed body.
 keyed weakly by the flow, a state goes when its flow goes.
 """
 
+import functools
 import json
 import weakref
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from llmproxy.api.body import parse_body
 from llmproxy.api.routes import FORWARD, ROUTES_BY_NAME, Route
@@ -51,3 +53,9 @@ def replace_body(flow: http.HTTPFlow, body: dict) -> None:
     """Makes `body` what the upstream will receive, and what later addons read."""
     flow.request.content = json.dumps(body).encode()
     flow_state(flow).body = body
+
+
+@functools.lru_cache(maxsize=64)
+def upstream_target(upstream_url: str) -> tuple[bytes, bytes, int, bytes]:
+    """(scheme, host, port, path) of a flow's `upstream_url` as mitmproxy parses it: one per route, parsed once."""
+    return url.parse(upstream_url)
