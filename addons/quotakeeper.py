@@ -165,12 +165,13 @@ class QuotaKeeper:
         )
         estimate = state.prompt_tokens or prompt_estimate(body)
         output = output_reservation(body)
-        tokens, cost = estimate + output, self.price_for(state).worst_case(estimate, output)
+        tokens = estimate + output
         if limit is None and cost_limit is None and total_cost_limit is None:
             # Nothing to hold back, so nothing is set aside in the store (a round trip to a shared store saved); the
             # estimate still bounds what odd usage figures count, and the settlement bills.
-            self.reservations[flow] = Reservation(user_id, family, tokens, estimate, cost, held=False)
+            self.reservations[flow] = Reservation(user_id, family, tokens, estimate, 0, held=False)
             return
+        cost = self.price_for(state).worst_case(estimate, output)
         if not store.reserve(user_id, family, tokens, limit, cost, cost_limit, total_cost_limit):
             state.decision = "over_quota"
             figures = store.get_user(user_id) or {"usage": {}}  # read only now: a request within quota needs none
@@ -226,7 +227,7 @@ class QuotaKeeper:
                     reservation.family,
                     reservation.held_tokens,
                     usage.total if usage else 0,
-                    reservation.held_cost,
+                    reservation.cost,
                     spent,
                     counted,
                 )

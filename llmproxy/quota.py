@@ -105,13 +105,9 @@ class Reservation:
     family: str
     tokens: int
     prompt_estimate: int
-    cost: int  # nano-dollars
+    cost: int  # nano-dollars; 0 when not held
     held: bool = True  # set aside in the store; a user without limits holds nothing back
 
     @property
     def held_tokens(self) -> int:
         return self.tokens if self.held else 0
-
-    @property
-    def held_cost(self) -> int:
-        return self.cost if self.held else 0

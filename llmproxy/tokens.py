@@ -345,7 +345,7 @@ def count_prompt(api: str, model: str, found: ModelInput) -> Estimate:
 def bound_prompt(api: str, found: ModelInput) -> Estimate:
     """The prompt's tokens without a vocabulary: no token of either API is shorter than a byte, so the text's UTF-8
     bytes bound its count from above; nothing bounds it from below."""
-    text = sum(len(piece.encode("utf-8", "surrogatepass")) for piece in found.texts)
+    text = sum(len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass")) for piece in found.texts)
     return _with_parts(api, found, Estimate(0, text + _framing(found)))
 
 
