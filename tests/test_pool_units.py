@@ -35,6 +35,16 @@ def make_pool(storage: Storage, *secrets: str) -> KeyPool:
     return KeyPool({"openai_key": list(secrets)}, storage, lambda api: ["gpt4o", "gpt4"])
 
 
+def answer_with_two_of_ten_left(pool: KeyPool) -> None:
+    """The next gpt4o key answers 200 with 2 of its 10 requests a minute left."""
+    headers = {
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "60s",
+    }
+    pool.release(pool.choose("openai", "gpt4o"), "gpt4o", 200, headers, b"")
+
+
 @pytest.mark.parametrize(
     "status, body, verdict",
     [
@@ -148,17 +158,7 @@ async def test_choice_follows_headroom_then_least_recent_use(storage):
     pool.on_suspicion(checker.confirm)
     a, b, c = pool.keys["openai"]
     now = time.time()
-    pool.release(
-        pool.choose("openai", "gpt4o"),
-        "gpt4o",
-        200,
-        {
-            "x-ratelimit-limit-requests": "10",
-            "x-ratelimit-remaining-requests": "2",
-            "x-ratelimit-reset-requests": "60s",
-        },
-        b"",
-    )
+    answer_with_two_of_ten_left(pool)
     assert a.headroom("gpt4o", now) == pytest.approx(0.2)
     assert [pool.choose("openai", "gpt4o") for _ in range(2)] == [b, c]  # fresh keys first, oldest use first
     pool.release(c, "gpt4o", 429, {"retry-after": "30"}, b'{"error": {"type": "requests"}}')
@@ -275,17 +275,7 @@ async def test_a_waiter_pinned_to_a_resting_key_lets_the_others_pass(storage):
 async def test_requests_sent_since_the_figures_came_count_against_the_headroom(storage):
     pool = make_pool(storage, "sk-a", "sk-b")
     a, b = pool.keys["openai"]
-    pool.release(
-        pool.choose("openai", "gpt4o"),
-        "gpt4o",
-        200,
-        {
-            "x-ratelimit-limit-requests": "10",
-            "x-ratelimit-remaining-requests": "2",
-            "x-ratelimit-reset-requests": "60s",
-        },
-        b"",
-    )
+    answer_with_two_of_ten_left(pool)
     b.limits["gpt4o"] = Limits(0.1, time.time() + 60, (10, 1))
     stay_on_a = KeyAffinity(a.id)
     assert [pool.choose("openai", "gpt4o", affinity=stay_on_a) for _ in range(2)] == [a, a]
