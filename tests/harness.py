@@ -3,6 +3,7 @@ end-to-end tests."""
 
 import atexit
 import os
+import random
 import re
 import shutil
 import signal
@@ -169,9 +170,18 @@ class RedisServer:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a port the kernel hands out for port 0 (the proxy's
+    own pipe binds one) could be handed out again before the test's process binds it."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 0
+    while True:
+        port = random.randrange(max(1024, low - 12_000), low) if low > 2048 else 0  # else: the kernel's choice
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
 
 
 def send_raw(port: int, data: bytes) -> tuple[int, bytes, bytes]:
