@@ -41,7 +41,9 @@ _HEAD_LIMIT = 1 << 20  # bytes of a request head: mitmproxy sends the allowliste
 
 def bind_pipe_socket() -> socket.socket:
     """The loopback socket the pipe will serve on; bound before the addons are built, which are given its address."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP. Without
+    # it, an event written while the previous segment waits for mitmproxy's delayed ACK was held back 40 ms.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
