@@ -1,0 +1,1 @@
+"""The upstream services: one module each, and the table of them."""
