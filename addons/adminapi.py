@@ -55,9 +55,9 @@ class AdminApi:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)
-        if state.route == "user_usage":
+        if state.route_name == "user_usage":
             flow.response = self._own_usage(flow)
-        elif state.route == "admin":
+        elif state.route_name == "admin":
             flow.response = self._admin(flow)
         else:
             return
@@ -210,7 +210,7 @@ class AdminApi:
         keys = [
             {
                 "id": key.id,
-                "service": key.api,
+                "service": key.service,
                 "organization": key.organization is not None,
                 "state": key.state,
                 "reason": health[key.id].reason if key.id in health else None,

@@ -91,7 +91,7 @@ class Affinity:
         if not ctx.options.affinity or (route := forward_route(flow)) is None:
             return
         state, body = flow_state(flow), parsed_body(flow)
-        previous = body.get("previous_response_id") if route.api == OPENAI else None
+        previous = body.get("previous_response_id") if route.wire == OPENAI else None
         if isinstance(previous, str):
             if bound := self._binding(RESPONSES, previous):
                 key_id, _, owner = bound.partition(" ")
@@ -142,7 +142,8 @@ class Affinity:
     @staticmethod
     def _stores_response(flow: http.HTTPFlow) -> bool:
         """Whether the request's answer is a response the upstream stored, which a follow-up may name."""
-        if not ctx.options.affinity or flow_state(flow).route != RESPONSE_ROUTE:
+        route = flow_state(flow).route
+        if not ctx.options.affinity or route is None or route.form != RESPONSE_ROUTE:
             return False
         return parsed_body(flow).get("store") is not False
 

@@ -13,7 +13,7 @@ on the flow, so nothing that shows or saves flows (mitmweb, `-w`, `flow_detail`)
 import asyncio
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
@@ -24,10 +24,12 @@ from addons.apierrors import fail_closed
 from addons.flowstate import flow_state, forward_route, upstream_target
 from addons.quotakeeper import QuotaKeeper
 from addons.settlement import RequestSettledHook
-from llmproxy.api import ANTHROPIC, OPENAI, usage
-from llmproxy.api.routes import ROUTES_BY_NAME, Route
+from llmproxy.api import usage
+from llmproxy.api.routes import Route
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import QueueRefusal, WaitQueue
+from llmproxy.services import read_answer
+from llmproxy.services.base import Service, under
 from llmproxy.upstream.client import Answer, UpstreamClient, UpstreamRequest
 from llmproxy.upstream.pipe import PIPE_PREFIX, Pipe, PipedRequest
 from llmproxy.upstream.retry import PooledCaller
@@ -39,22 +41,25 @@ class Dispatcher:
 
     def __init__(
         self,
+        services: Sequence[Service],
         pipe_socket: socket.socket | None,
         pool: KeyPool,
         queue: WaitQueue,
         affinity: Affinity,
         quota: QuotaKeeper,
     ):
+        self.services = services
         self.queue = queue
         self.affinity = affinity
         self.quota = quota
         self.client = UpstreamClient(encoding.decode)
-        self.caller = PooledCaller(pool, queue, self.client)
+        self.upstreams: dict[str, URL] = {}  # each service's base URL, as configured
+        by_name = {service.name: service for service in services}
+        self.caller = PooledCaller(by_name, self.upstreams, pool, queue, self.client)
         self.pipe = Pipe(pipe_socket)
         self.ready = self.pipe.ready  # requests and the key checker wait for the pipe
-        self.served = self.caller.served  # requests answered per API, for the status page
+        self.served = self.caller.served  # requests answered per service, for the status page
         self.jobs: dict[str, set[asyncio.Task]] = {}  # client connection id -> its requests' upstream work
-        self.upstreams: dict[str, URL] = {}
         self._upstream_urls: dict[str, str] = {}  # route name -> its upstream URL, joined once
         self._opening: asyncio.Task | None = None
 
@@ -64,10 +69,13 @@ class Dispatcher:
         return self.client.session
 
     def load(self, loader):
-        loader.add_option("openai_upstream_url", str, "https://api.openai.com", "Base URL of the OpenAI API (no /v1).")
-        loader.add_option(
-            "anthropic_upstream_url", str, "https://api.anthropic.com", "Base URL of the Anthropic API (no /v1)."
-        )
+        for service in self.services:
+            loader.add_option(
+                f"{service.option_prefix}_upstream_url",
+                str,
+                service.default_url,
+                f"Base URL of the {service.title} API (no /v1).",
+            )
         loader.add_option("upstream_connect_timeout", int, 10, "Seconds to wait for a connection to the upstream API.")
         loader.add_option(
             "upstream_timeout",
@@ -83,13 +91,13 @@ class Dispatcher:
         )
 
     def configure(self, updated):
-        for api in (OPENAI, ANTHROPIC):
-            name = f"{api}_upstream_url"
+        for service in self.services:
+            name = f"{service.option_prefix}_upstream_url"
             if name in updated:
                 url = URL(getattr(ctx.options, name))
                 if url.scheme not in ("http", "https") or not url.host:
                     raise exceptions.OptionsError(f"{name.upper()} must be an http:// or https:// URL.")
-                self.upstreams[api] = url
+                self.upstreams[service.name] = url
                 self._upstream_urls.clear()
         for name in ("upstream_connect_timeout", "upstream_timeout", "upstream_idle_timeout"):
             if name in updated and getattr(ctx.options, name) <= 0:
@@ -127,10 +135,10 @@ class Dispatcher:
             return  # the pipe answers unrouted flows with a 500: nothing unchecked goes anywhere
         state = flow_state(flow)
         await asyncio.wait_for(self.ready.wait(), 10)
-        state.upstream_url = self._upstream_url(route)
+        state.upstream_url = self._upstream_url(route, state.upstream_path)
         identity = state.identity or f"ip:{flow.client_conn.peername[0]}"  # whose request, for the queue's fairness
         try:
-            waits = self.queue.would_wait(identity, route.api, state.family, self.affinity.of(flow))
+            waits = self.queue.would_wait(identity, route.service, state.family, self.affinity.of(flow))
         except QueueRefusal as refusal:  # decided before anything was sent: a real status, streaming or not
             state.decision = refusal.code
             self._respond(flow, Answer.refusal(route.dialect, refusal))
@@ -151,9 +159,11 @@ class Dispatcher:
         else:
             self._respond(flow, answer)
 
-    def _upstream_url(self, route: Route) -> str:
+    def _upstream_url(self, route: Route, upstream_path: str) -> str:
+        if upstream_path:  # a parametric route's, rebuilt by its service from checked parts
+            return str(self.upstreams[route.service]).rstrip("/") + upstream_path
         if (joined := self._upstream_urls.get(route.name)) is None:
-            joined = self._upstream_urls[route.name] = str(self.upstreams[route.api].join(URL(route.upstream_path)))
+            joined = self._upstream_urls[route.name] = str(under(self.upstreams[route.service], route.upstream_path))
         return joined
 
     def _piped(self, flow: http.HTTPFlow, route: Route, answer: Answer | None = None) -> PipedRequest:
@@ -185,8 +195,8 @@ class Dispatcher:
         flow.response = http.Response.make(answer.status, answer.body, answer.headers)
         _show_target(flow, state.upstream_url)  # only shown: mitmproxy connects nowhere
         upstream_body = answer.body if answer.upstream_body is None else answer.upstream_body
-        billed, text = usage.read_answer(upstream_body) if answer.status < 400 else (None, "")
-        if billed is None and answer.status < 300 and not ROUTES_BY_NAME[state.route].counts_tokens:
+        billed, text = read_answer(state.route.wire, upstream_body) if answer.status < 400 else (None, "")
+        if billed is None and answer.status < 300 and not state.route.counts_tokens:
             billed = usage.estimate(self.quota.prompt_estimate_of(flow), len(text))
         self._settle(flow, billed, text)
         if answer.status < 400:

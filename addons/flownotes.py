@@ -28,7 +28,7 @@ def summary(state: FlowState, decision: str) -> dict:
     key, a token or the client's address."""
     return {
         "decision": decision,
-        "route": state.route,
+        "route": state.route_name,
         "family": state.family,
         "model": state.model,
         "user": state.user,

@@ -13,7 +13,7 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from llmproxy.api.body import parse_body
-from llmproxy.api.routes import FORWARD, ROUTES_BY_NAME, Route
+from llmproxy.api.routes import FORWARD, Route
 from llmproxy.flowstate import FlowState
 
 _states: "weakref.WeakKeyDictionary[http.HTTPFlow, FlowState]" = weakref.WeakKeyDictionary()
@@ -36,7 +36,7 @@ def forward_route(flow: http.HTTPFlow) -> Route | None:
     """The route of a live, still unanswered flow that is to go upstream; None for every other flow."""
     if flow.response or not flow.live:
         return None
-    route = ROUTES_BY_NAME.get(flow_state(flow).route)
+    route = flow_state(flow).route
     return route if route is not None and route.kind == FORWARD else None
 
 

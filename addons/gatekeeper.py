@@ -12,7 +12,6 @@ from mitmproxy import ctx, exceptions, http
 from addons.apierrors import error_response, fail_closed
 from addons.flowstate import flow_state
 from addons.headerhygiene import client_token
-from llmproxy.api.routes import ROUTES_BY_NAME
 from llmproxy.identity import admit_token, secret_matches
 from llmproxy.store.storage import Storage
 
@@ -87,8 +86,8 @@ class Gatekeeper:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)
-        route = ROUTES_BY_NAME.get(state.route)
-        if route is None or not route.api:
+        route = state.route
+        if route is None or not route.service:
             return  # the status pages are public; the admin API checks the admin key itself
         ip = client_ip(flow)
         state.identity = f"ip:{ip}"

@@ -53,7 +53,7 @@ class HeaderHygiene:
                 )
                 return
         fields = flow.request.headers.items(multi=True)
-        flow.request.headers = http.Headers(upstream_request_headers(fields, route.api))
+        flow.request.headers = http.Headers(upstream_request_headers(fields, route.wire))
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:

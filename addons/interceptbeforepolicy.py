@@ -27,7 +27,7 @@ class InterceptBeforePolicy:
         await flow.wait_for_resume()
         if not flow.live:
             return  # killed in mitmweb
-        route = routes.ROUTES_BY_NAME.get(state.route)
+        route = state.route
         if route is None or route.kind != routes.FORWARD:
             return  # not a request for an API: answered locally, or passed through (./run.sh local)
         if (flow.request.data.method, flow.request.data.path) != target:
@@ -42,4 +42,4 @@ class InterceptBeforePolicy:
             return
         # Headers were filtered when the request arrived; an editor may have added any (a credential, say).
         fields = flow.request.headers.items(multi=True)
-        flow.request.headers = http.Headers(upstream_request_headers(fields, route.api))
+        flow.request.headers = http.Headers(upstream_request_headers(fields, route.wire))

@@ -90,8 +90,16 @@ class Launcher:
     to FailClosed once every addon configured and started. It is the last addon of the pipeline, so its
     `configure` runs only when every other addon's passed."""
 
-    def __init__(self, sources: config.ConfigSources, fail_closed: FailClosed, pipe_address: tuple[str, int], families):
+    def __init__(
+        self,
+        sources: config.ConfigSources,
+        key_settings: list[str],
+        fail_closed: FailClosed,
+        pipe_address: tuple[str, int],
+        families,
+    ):
         self.sources = sources
+        self.key_settings = key_settings  # the services' key settings: settings, never options
         self.fail_closed = fail_closed
         self.pipe_address = pipe_address
         self.families = families
@@ -135,7 +143,7 @@ class Launcher:
         engine = {"connection_strategy": "lazy", "keep_host_header": True, "server": True}
         options.update(**{name: value for name, value in engine.items() if name in options})
         ours = {name: option.typespec for name, option in options.items() if name not in _mitmproxy_options}
-        values = self.sources.options(ours)
+        values = self.sources.options(ours, self.key_settings)
         # (A master without a terminal log or a proxy server, as in unit tests, lacks some of mitmproxy's options.)
         if "termlog_verbosity" in options and options.termlog_verbosity == options.default("termlog_verbosity"):
             values["termlog_verbosity"] = log_level(self.sources.value("log_level", str, "info"))

@@ -7,6 +7,7 @@ waits and key states are read at scrape time. No label ever holds a key, a token
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from mitmproxy import ctx, http
@@ -18,12 +19,12 @@ from addons.apierrors import fail_closed
 from addons.flowstate import flow_state
 from addons.headerhygiene import client_token
 from addons.settlement import settlement_listener
-from llmproxy.api import ANTHROPIC, OPENAI
 from llmproxy.api.usage import Usage
 from llmproxy.identity import identity_digest, secret_matches
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
 from llmproxy.pricing import usd
+from llmproxy.services.base import Service
 
 logger = logging.getLogger("llmproxy.requests")
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -32,7 +33,8 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 class _LiveFigures:
     """Queue lengths, estimated waits and key states, read when Prometheus scrapes."""
 
-    def __init__(self, pool: KeyPool, queue: WaitQueue):
+    def __init__(self, services: Sequence[Service], pool: KeyPool, queue: WaitQueue):
+        self.services = services
         self.pool = pool
         self.queue = queue
 
@@ -40,21 +42,21 @@ class _LiveFigures:
         queue, pool = self.queue, self.pool
         waiting = GaugeMetricFamily("llmproxy_queue_length", "Requests waiting for a key", labels=["family"])
         wait = GaugeMetricFamily("llmproxy_queue_estimated_wait_seconds", "Estimated wait", labels=["family"])
-        for (api, family), family_queue in queue.queues.items():
+        for (service, family), family_queue in queue.queues.items():
             waiting.add_metric([family], len(family_queue))
-            wait.add_metric([family], queue.estimated_wait(api, family))
+            wait.add_metric([family], queue.estimated_wait(service, family))
         keys = GaugeMetricFamily("llmproxy_keys", "Keys by service and state", labels=["service", "state"])
-        for api in (OPENAI, ANTHROPIC):
-            counts = pool.counts(api)
+        for service in self.services:
+            counts = pool.counts(service.name)
             for state in ("active", "revoked", "overQuota"):
-                keys.add_metric([api, state], counts[state])
+                keys.add_metric([service.name, state], counts[state])
         yield from (waiting, wait, keys)
 
 
 class Metrics:
     """Prometheus figures and the per-request log line. `/metrics` asks for the admin key when the owner says so."""
 
-    def __init__(self, pool: KeyPool, queue: WaitQueue, admin_key: str):
+    def __init__(self, services: Sequence[Service], pool: KeyPool, queue: WaitQueue, admin_key: str):
         self.admin_key = admin_key
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -106,7 +108,7 @@ class Metrics:
             buckets=_SECONDS,
             registry=self.registry,
         )
-        self.registry.register(_LiveFigures(pool, queue))
+        self.registry.register(_LiveFigures(services, pool, queue))
 
     def load(self, loader):
         loader.add_option("metrics_need_admin_key", bool, False, "Serve /metrics only with the ADMIN_KEY.")
@@ -128,7 +130,7 @@ class Metrics:
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
-        if flow.response or not flow.live or state.route != "metrics":
+        if flow.response or not flow.live or state.route_name != "metrics":
             return
         state.decision = "local"
         if ctx.options.metrics_need_admin_key and not secret_matches(client_token(flow), self.admin_key):
@@ -144,7 +146,7 @@ class Metrics:
 
     def _finished(self, flow: http.HTTPFlow, status: int) -> None:
         state = flow_state(flow)
-        route, family = state.route or "none", state.family
+        route, family = state.route_name or "none", state.family
         self.requests.labels(route, family, str(status)).inc()
         if len(state.keys) > 1:
             self.retries.labels(family).inc(len(state.keys) - 1)

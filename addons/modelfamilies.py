@@ -7,37 +7,29 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.apierrors import error_response, fail_closed, refuses_config_errors
 from addons.flowstate import flow_state, forward_route, parsed_body
-from llmproxy.api import ANTHROPIC, OPENAI
+from llmproxy.api import OPENAI
 from llmproxy.api.body import BodyError
-from llmproxy.families import (
-    DEFAULT_ANTHROPIC_FAMILIES,
-    DEFAULT_OPENAI_FAMILIES,
-    LEGACY_ALIASES,
-    FamilyRule,
-    parse_table,
-)
+from llmproxy.families import LEGACY_ALIASES, FamilyRule, parse_table
+from llmproxy.services.base import Service
 
 
 class ModelFamilies:
     """Reads the requested model, names its family, and refuses unknown or disallowed models."""
 
-    def __init__(self):
+    def __init__(self, services: Sequence[Service]):
+        self.services = services
         self.tables: dict[str, list[FamilyRule]] = {}
         self.allowed: set[str] | None = None
 
     def load(self, loader):
-        loader.add_option(
-            "openai_model_families",
-            Sequence[str],
-            DEFAULT_OPENAI_FAMILIES,
-            "OpenAI family table: family=pattern|pattern, first match wins, the last entry is the fallback.",
-        )
-        loader.add_option(
-            "anthropic_model_families",
-            Sequence[str],
-            DEFAULT_ANTHROPIC_FAMILIES,
-            "Anthropic family table: family=pattern|pattern, first match wins, the last entry is the fallback.",
-        )
+        for service in self.services:
+            loader.add_option(
+                f"{service.option_prefix}_model_families",
+                Sequence[str],
+                list(service.families),
+                f"{service.title} family table: family=pattern|pattern, first match wins, the last entry is the "
+                "fallback.",
+            )
         loader.add_option(
             "allowed_model_families",
             Sequence[str],
@@ -48,11 +40,11 @@ class ModelFamilies:
 
     @refuses_config_errors
     def configure(self, updated):
-        for api in (OPENAI, ANTHROPIC):
-            name = f"{api}_model_families"
+        tables = {f"{service.option_prefix}_model_families": service.name for service in self.services}
+        for name, service in tables.items():
             if name in updated:
-                self.tables[api] = parse_table(name, getattr(ctx.options, name))
-        if updated & {"allowed_model_families", "openai_model_families", "anthropic_model_families"}:
+                self.tables[service] = parse_table(name, getattr(ctx.options, name))
+        if "allowed_model_families" in updated or updated & tables.keys():
             known = self.all_families()
             requested = [family.strip() for family in ctx.options.allowed_model_families if family.strip()]
             expanded = {member for family in requested for member in LEGACY_ALIASES.get(family, [family])}
@@ -60,18 +52,18 @@ class ModelFamilies:
                 raise exceptions.OptionsError(f"ALLOWED_MODEL_FAMILIES names an unknown family: {unknown[0]!r}.")
             self.allowed = expanded or None
 
-    def all_families(self, api: str | None = None) -> list[str]:
-        """Family names in table order, of one service or of both."""
-        apis = [api] if api else [OPENAI, ANTHROPIC]
-        return list(dict.fromkeys(rule.family for a in apis for rule in self.tables[a]))
+    def all_families(self, service: str | None = None) -> list[str]:
+        """Family names in table order, of one service or of all."""
+        names = [service] if service else [s.name for s in self.services]
+        return list(dict.fromkeys(rule.family for name in names for rule in self.tables[name]))
 
-    def family_of(self, api: str, model: str) -> str | None:
+    def family_of(self, service: str, model: str) -> str | None:
         """The family of `model`, or None when no entry of the service's table matches it."""
         model = model.lower()
-        return next((rule.family for rule in self.tables[api] if rule.matches(model)), None)
+        return next((rule.family for rule in self.tables[service] if rule.matches(model)), None)
 
-    def is_allowed(self, api: str, family: str) -> bool:
-        if ctx.options.turbo_only and api == OPENAI and family != "turbo":
+    def is_allowed(self, service: str, family: str) -> bool:
+        if ctx.options.turbo_only and service == OPENAI and family != "turbo":
             return False
         return self.allowed is None or family in self.allowed
 
@@ -86,13 +78,13 @@ class ModelFamilies:
             state.decision = "bad_request"
             flow.response = error_response(route.dialect, 400, str(error), "invalid_body")
             return
-        model = body.get("model")
+        model = state.path_model or body.get("model")
         if not isinstance(model, str) or not model:
             state.decision = "bad_request"
             flow.response = error_response(route.dialect, 400, "The request must name a model.", "model_missing")
             return
-        family = self.family_of(route.api, model)
-        state.model, state.stream = model[:100], body.get("stream") is True
+        family = self.family_of(route.service, model)
+        state.model, state.stream = model[:100], route.streams or body.get("stream") is True
         if family is None:
             state.decision = "unknown_model"
             flow.response = error_response(
@@ -100,7 +92,7 @@ class ModelFamilies:
             )
             return
         state.family = family
-        if not self.is_allowed(route.api, family):
+        if not self.is_allowed(route.service, family):
             state.decision = "family_not_allowed"
             flow.response = error_response(
                 route.dialect,

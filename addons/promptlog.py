@@ -57,7 +57,7 @@ class PromptLog:
         }
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "endpoint": state.route,
+            "endpoint": state.route_name,
             "model": state.model,
             "family": state.family,
             "user": identity_digest(state.identity),

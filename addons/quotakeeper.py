@@ -20,7 +20,6 @@ from addons.flowstate import flow_state, forward_route, parsed_body
 from addons.modelfamilies import ModelFamilies
 from addons.settlement import settlement_listener
 from llmproxy import scrub
-from llmproxy.api.routes import ROUTES_BY_NAME
 from llmproxy.api.usage import Usage
 from llmproxy.families import parse_family_numbers
 from llmproxy.flowstate import BilledUsage, FlowState
@@ -39,9 +38,10 @@ _RETRY_AFTER = timedelta(minutes=1)  # after a failed refresh
 class QuotaKeeper:
     """Reserves before dispatch, settles afterwards; also counts prompts, tokens and costs for the status page."""
 
-    def __init__(self, storage: Storage, families: ModelFamilies):
+    def __init__(self, storage: Storage, families: ModelFamilies, price_fallbacks: dict[str, str]):
         self.storage = storage
         self.families = families
+        self.price_fallbacks = price_fallbacks  # service -> the MODEL_PRICES entry its unlisted models cost
         self.quotas: dict[str, int] = {}
         self.cost_quotas: dict[str, int] = {}  # nano-dollars by family, and "total"
         self.prices: list[tuple[str, Price]] = []
@@ -140,7 +140,8 @@ class QuotaKeeper:
 
     def price_for(self, state: FlowState) -> Price:
         """The price of the request's model."""
-        return price_of(self.prices, ROUTES_BY_NAME[state.route].api, state.model, state.family)
+        service = state.route.service
+        return price_of(self.prices, service, state.model, state.family, self.price_fallbacks[service])
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -148,7 +149,7 @@ class QuotaKeeper:
             return
         state = flow_state(flow)
         body = parsed_body(flow)
-        if route.name in _STREAM_USAGE_ROUTES and body.get("stream") is True:
+        if route.form in _STREAM_USAGE_ROUTES and body.get("stream") is True:
             options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
             if options.get("include_usage") is not True:
                 # Usage arrives only when asked for; the meter removes the extra chunk the client did not ask for.
@@ -198,7 +199,7 @@ class QuotaKeeper:
             usage = usage.at_least(prompt, output, price.dearest_prompt_kind())
             logger.warning(
                 "%s answered usage figures that are no count (%s) on %s; counted as reserved",
-                state.route,
+                state.route_name,
                 ", ".join(sorted(usage.odd)),
                 flow.id,
             )

@@ -13,7 +13,6 @@ from mitmproxy import ctx, exceptions, http
 from addons.apierrors import fail_closed
 from addons.flowstate import flow_state, parsed_body
 from llmproxy.api.fakecompletion import MESSAGE_ROUTES, fake_completion
-from llmproxy.api.routes import ROUTES_BY_NAME
 
 ERROR_FORMATS = ("error", "completion")
 
@@ -35,14 +34,14 @@ class RefusalFormat:
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        route = ROUTES_BY_NAME.get(flow_state(flow).route)
+        route = flow_state(flow).route
         response = flow.response
         if (
             ctx.options.proxy_error_format != "completion"
             or route is None
             or response.stream
             or response.status_code < 400
-            or route.name not in MESSAGE_ROUTES
+            or route.form not in MESSAGE_ROUTES
         ):
             return
         try:
@@ -56,7 +55,7 @@ class RefusalFormat:
             body = {}
         text = f"**Proxy error (HTTP {response.status_code})**\n\n{message}"
         content, content_type = fake_completion(
-            route.name, str(body.get("model", "")), text, body.get("stream") is True
+            route.form, str(body.get("model", "")), text, body.get("stream") is True
         )
         headers = response.headers.copy()
         headers.pop("content-length", None)

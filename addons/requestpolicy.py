@@ -118,7 +118,7 @@ class RequestPolicy:
             if field in body:
                 del body[field]
                 changed = True
-        validate(route.name, body)
+        validate(route.form, body)
         if (body.get("n") or 1) > 1 and not ctx.options.allow_multiple_completions:  # "n": null is absent
             raise PolicyError("This proxy answers one completion per request ('n' must be 1).", "n_not_allowed")
         if not ctx.options.allow_server_tools and not route.counts_tokens and (provider_run := server_tools(body)):
@@ -132,16 +132,16 @@ class RequestPolicy:
             raise PolicyError(ctx.options.reject_message, "content_rejected")
         if route.counts_tokens:
             return changed
-        anthropic = route.api == ANTHROPIC
+        anthropic = route.wire == ANTHROPIC
         output_cap = ctx.options.max_output_tokens_anthropic if anthropic else ctx.options.max_output_tokens_openai
         output, capped = cap_output(route, body, output_cap)
         cap = ctx.options.max_context_tokens_anthropic if anthropic else ctx.options.max_context_tokens_openai
         window = context_window(self.windows, state.model, state.family)
         # Counting needs the model's vocabulary in memory (21-43 MB each). A user's token quota reserves the count;
         # otherwise the prompt is counted only when its bytes, an upper bound of its tokens, might not fit.
-        prompt = tokens.bound_prompt(route.api, found)
+        prompt = tokens.bound_prompt(route.wire, found)
         if state.user or (cap and prompt.high + output > cap) or (window and prompt.high > window):
-            prompt = await self._count(route.api, state.model, found)
+            prompt = await self._count(route.wire, state.model, found)
         state.prompt_tokens = prompt.high
         if cap and prompt.high + output > cap:
             raise PolicyError(

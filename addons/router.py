@@ -1,14 +1,18 @@
 """Decides what a request is, before anything else looks at it: a known route, or a rejection."""
 
+from collections.abc import Sequence
+
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs
 
 from addons.apierrors import error_response, fail_closed, refuses_config_errors
 from addons.flowstate import flow_state, new_flow_state
-from llmproxy.api import ANTHROPIC, OPENAI, routes
+from llmproxy.api import OPENAI, routes
 from llmproxy.api.errors import api_of_path
+from llmproxy.api.routes import RouteTable
 from llmproxy.config import size_setting
+from llmproxy.services.base import Service
 
 # What each client connection's protocol (ALPN) may call itself; a cleartext HTTP/1 connection has none.
 _VERSIONS_SPOKEN = {b"h2": ("HTTP/2.0",), b"h3": ("HTTP/3",)}
@@ -19,15 +23,15 @@ _CORS_ALLOWED_HEADERS = (
 )
 
 
-def _under_upstream(request: http.Request) -> bytes | None:
-    """The proxy's own target (`/proxy/<api>/...`) for a request to a configured upstream URL, or None."""
-    for api in (OPENAI, ANTHROPIC):
-        scheme, host, port, base_path = url.parse(getattr(ctx.options, f"{api}_upstream_url"))
+def _under_upstream(request: http.Request, services: Sequence[Service]) -> bytes | None:
+    """The proxy's own target (`/proxy/<service>/...`) for a request to a configured upstream URL, or None."""
+    for service in services:
+        scheme, host, port, base_path = url.parse(getattr(ctx.options, f"{service.option_prefix}_upstream_url"))
         prefix, path = base_path.rstrip(b"/"), request.data.path
         if (request.scheme, request.host, request.port) == (scheme.decode(), host.decode(), port) and path.startswith(
             prefix + b"/"
         ):
-            return f"/proxy/{api}".encode() + path[len(prefix) :]
+            return f"/proxy/{service.name}".encode() + path[len(prefix) :]
     return None
 
 
@@ -47,7 +51,9 @@ def _show_as_sent(flow: http.HTTPFlow) -> None:
 class Router:
     """Matches the raw request target against the route table; answers everything that does not match."""
 
-    def __init__(self):
+    def __init__(self, services: Sequence[Service], table: RouteTable):
+        self.services = services
+        self.table = table
         self.max_request_body = 0
 
     def load(self, loader):
@@ -58,7 +64,7 @@ class Router:
             "local_other_hosts",
             str,
             "pass",
-            "./run.sh local: pass (untouched) or block requests to hosts other than the two APIs.",
+            "./run.sh local: pass (untouched) or block requests to hosts other than the APIs'.",
         )
 
     @refuses_config_errors
@@ -80,12 +86,12 @@ class Router:
         request = flow.request
         raw_target = request.data.path
         state = new_flow_state(flow)
-        if flow.is_replay == "request" and (upstream_target := _under_upstream(request)):
+        if flow.is_replay == "request" and (upstream_target := _under_upstream(request, self.services)):
             # A flow mitmweb replays shows the upstream URL the request went to: it is that API's request again.
             raw_target = upstream_target
         elif isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode):  # ./run.sh local
-            host_api = routes.API_HOSTS.get(request.pretty_host)
-            if host_api is None:
+            host_service = self.table.hosts.get(request.pretty_host)
+            if host_service is None:
                 if ctx.options.local_other_hosts == "block":
                     state.decision = "blocked_host"
                     flow.response = error_response(
@@ -94,7 +100,7 @@ class Router:
                 else:
                     state.passthrough = True  # not an API: not ours to touch
                 return
-            raw_target = f"/proxy/{host_api}".encode() + raw_target  # the API's own path, as under our prefix
+            raw_target = f"/proxy/{host_service}".encode() + raw_target  # the API's own path, under our prefix
         else:
             _show_as_sent(flow)
         api = api_of_path(raw_target)
@@ -119,7 +125,7 @@ class Router:
                 api, 400, "Absolute-form request targets are not accepted; send the path only.", "absolute_form"
             )
             return
-        if request.data.method == b"OPTIONS" and routes.is_known_path(raw_target):
+        if request.data.method == b"OPTIONS" and self.table.is_known_path(raw_target):
             state.decision = "preflight"
             flow.response = self._preflight(request)
             return
@@ -144,9 +150,9 @@ class Router:
                 "stored_responses_not_served",
             )
             return
-        match = routes.lookup(request.data.method, raw_target)
+        match = self.table.lookup(request.data.method, raw_target)
         if match.route is not None:
-            state.route = match.route.name
+            state.route, state.upstream_path, state.path_model = match.route, match.upstream_path, match.model
             state.dialect = match.route.dialect  # the error format of everything that follows
             return
         state.decision = "blocked_path"

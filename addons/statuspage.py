@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mitmproxy import ctx, http
@@ -12,20 +13,16 @@ from addons.apierrors import fail_closed, refuses_config_errors
 from addons.dispatcher import Dispatcher
 from addons.flowstate import flow_state
 from addons.modelfamilies import ModelFamilies
-from llmproxy.api import ANTHROPIC, OPENAI, SERVICE_NAMES
+from llmproxy.api import ANTHROPIC
 from llmproxy.pool.checker import KeyChecker
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
 from llmproxy.pricing import format_usd, usd
+from llmproxy.services.base import Service
 from llmproxy.store.storage import Storage
 from llmproxy.web import pages
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
-# The header's row per service: its name, and the setting that adds its keys (shown while it has none).
-_SERVICES = {
-    OPENAI: {"name": SERVICE_NAMES[OPENAI], "key_setting": "OPENAI_KEY"},
-    ANTHROPIC: {"name": SERVICE_NAMES[ANTHROPIC], "key_setting": "ANTHROPIC_KEY"},
-}
 
 
 def git_build() -> str:
@@ -62,6 +59,7 @@ class StatusPage:
 
     def __init__(
         self,
+        services: Sequence[Service],
         storage: Storage,
         pool: KeyPool,
         queue: WaitQueue,
@@ -69,6 +67,11 @@ class StatusPage:
         families: ModelFamilies,
         dispatcher: Dispatcher,
     ):
+        self.services = services
+        # The header's row per service: its name, and the setting that adds its keys (shown while it has none).
+        self.header_rows = {
+            service.name: {"name": service.title, "key_setting": service.key_setting.upper()} for service in services
+        }
         self.storage = storage
         self.pool = pool
         self.queue = queue
@@ -98,15 +101,15 @@ class StatusPage:
         if flow.response or not flow.live:
             return
         state = flow_state(flow)
-        if state.route == "health":
+        if state.route_name == "health":
             if self.storage.healthy():
                 flow.response = http.Response.make(200, b"OK", {"content-type": "text/plain"})
             else:
                 flow.response = http.Response.make(503, b"store unavailable", {"content-type": "text/plain"})
-        elif state.route == "status":
+        elif state.route_name == "status":
             body = json.dumps(self.facts(flow.request), indent=2)
             flow.response = http.Response.make(200, body, {"content-type": "application/json"})
-        elif state.route == "status_page":
+        elif state.route_name == "status_page":
             body = self.page(self.facts(flow.request))
             flow.response = http.Response.make(200, body, {"content-type": "text/html; charset=utf-8"})
         else:
@@ -119,7 +122,7 @@ class StatusPage:
         if self._cached is None or now - self._cached[0] > FACTS_CACHE_SECONDS:
             self._cached = (now, *self._gather())
         base = self._base_url(request)
-        return {**self._cached[1], "endpoints": {api: f"{base}/proxy/{api}/v1" for api in (OPENAI, ANTHROPIC)}}
+        return {**self._cached[1], "endpoints": {s.name: f"{base}{s.client_base}" for s in self.services}}
 
     def _gather(self) -> tuple[dict, dict]:
         """(the page's facts, what only a PAGE_BODY template needs: every family and the users), cached together."""
@@ -133,12 +136,11 @@ class StatusPage:
             "proompts": counters.get("prompts", 0),
             "tookens": counters.get("tokens", 0),
             "proomptersNow": store.active_identities(60),
-            "openaiKeys": pool.counts(OPENAI)["total"],
-            "anthropicKeys": pool.counts(ANTHROPIC)["total"],
+            **{f"{service.name}Keys": pool.counts(service.name)["total"] for service in self.services},
             "status": self.checker.status,
         }
-        for api in (OPENAI, ANTHROPIC):
-            facts[api] = {"keys": pool.counts(api), "requestsServed": served[api]}
+        for service in self.services:
+            facts[service.name] = {"keys": pool.counts(service.name), "requestsServed": served[service.name]}
         every_family, with_keys = self.family_facts()
         if ctx.options.show_token_costs:
             facts["costUsd"] = usd(counters.get("cost_nanousd", 0))
@@ -155,15 +157,15 @@ class StatusPage:
         """Per model family: key states, requests waiting and the estimated wait; and the families with keys."""
         pool, queue = self.pool, self.queue
         facts, with_keys = {}, []
-        for api in (OPENAI, ANTHROPIC):
-            for family in self.families.all_families(api):
-                keys = pool.counts(api, family)
-                wait = queue.estimated_wait(api, family)
+        for service in self.services:
+            for family in self.families.all_families(service.name):
+                keys = pool.counts(service.name, family)
+                wait = queue.estimated_wait(service.name, family)
                 if keys["total"]:
                     with_keys.append(family)
                 facts[family] = {
                     **{field: keys[state] for field, state in _KEY_FIELDS.items()},
-                    "proomptersInQueue": len(queue.queue(api, family)),
+                    "proomptersInQueue": len(queue.queue(service.name, family)),
                     "estimatedQueueTime": pages.format_wait(wait),
                     "estimatedQueueSeconds": round(wait),
                 }
@@ -191,8 +193,8 @@ class StatusPage:
     def page(self, facts: dict) -> str:
         """The owner's PAGE_BODY with its tags filled in, else the default page."""
         if not self.template:
-            return pages.status_page(facts, _SERVICES, format_usd)
-        return pages.page_body(self.template, self.tag_values(facts), pages.header_html(facts, _SERVICES))
+            return pages.status_page(facts, self.header_rows, format_usd)
+        return pages.page_body(self.template, self.tag_values(facts), pages.header_html(facts, self.header_rows))
 
     def tag_values(self, facts: dict) -> dict[str, str]:
         """PAGE_BODY's tags and their values as plain text (the renderer escapes them); all but {headerHtml}."""
@@ -205,9 +207,8 @@ class StatusPage:
                 "proompts",
                 "tookens",
                 "proomptersNow",
-                "openaiKeys",
-                "anthropicKeys",
                 "status",
+                *(f"{service.name}Keys" for service in self.services),
             )
         }
         values.update({f"endpoints:{api}": url for api, url in facts["endpoints"].items()})

@@ -1,9 +1,10 @@
-"""The proxy's object graph in one place: the shared services, built once, and every addon in pipeline order, each
-given its collaborators. Nothing finds another addon by name."""
+"""The proxy's object graph in one place: the upstream services, the shared parts built once, and every addon in
+pipeline order, each given its collaborators. Nothing finds another addon by name."""
 
 from addons import (
     adminapi,
     affinity,
+    backbone,
     claudechattranslator,
     dispatcher,
     engineguard,
@@ -21,15 +22,17 @@ from addons import (
     refusalformat,
     requestpolicy,
     router,
-    services,
     statuspage,
 )
 from addons.failclosed import FailClosed
 from llmproxy import scrub
+from llmproxy.api.routes import RouteTable
 from llmproxy.config import ConfigSources
 from llmproxy.pool.checker import KeyChecker
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
+from llmproxy.services import BUILT_IN, pool_keys
+from llmproxy.services.compatible import declared_services
 from llmproxy.store.storage import Storage
 from llmproxy.upstream.pipe import bind_pipe_socket
 
@@ -37,36 +40,46 @@ from llmproxy.upstream.pipe import bind_pipe_socket
 def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
     """Every addon, in the order a request passes them, for the settings `sources` read. `fail_closed` (one per
     process, outside this list) lets requests leave only through the pipe of a pipeline that started."""
-    secrets = sources.secrets()
-    keys = [*secrets.get("openai_key", []), *secrets.get("anthropic_key", [])]
-    scrub.register([*keys, secrets.get("proxy_key", ""), secrets.get("admin_key", "")])  # out of every log line
+    # The upstream APIs (llmproxy/services), each with its routes, keys and families: the built-in ones, and the
+    # OpenAI-compatible ones the owner declared.
+    services = (*BUILT_IN, *declared_services(sources.declared_services(), [s.name for s in BUILT_IN]))
+    key_settings = [service.key_setting for service in services]
+    secrets = sources.secrets(key_settings)
+    keys = pool_keys(services, secrets)
+    by_name = {service.name: service for service in services}
+    secret_keys = [
+        part for name, entries in keys.items() for key in entries for part in by_name[name].secret_parts(key.secret)
+    ]
+    scrub.register([*secret_keys, secrets.get("proxy_key", ""), secrets.get("admin_key", "")])  # out of every log
 
-    # The plain services: no hooks; their options and lifecycle are the Services addon's.
+    # The backbone: no hooks; its options and lifecycle are the Backbone addon's.
     storage = Storage()  # SQLite or Redis: users, usage, key health, rests, affinity across restarts
-    model_families = modelfamilies.ModelFamilies()
-    pool = KeyPool(secrets, storage, model_families.all_families)
+    model_families = modelfamilies.ModelFamilies(services)
+    pool = KeyPool(keys, storage, model_families.all_families)
     queue = WaitQueue(pool, storage)
     pool.on_key_usable(queue.serve_waiting)  # a key that rested, came back or was given back serves a waiter
     # The addons that others use.
     conversations = affinity.Affinity(storage)
-    quotas = quotakeeper.QuotaKeeper(storage, model_families)
+    quotas = quotakeeper.QuotaKeeper(storage, model_families, {s.name: s.price_fallback for s in services})
     pipe_socket = bind_pipe_socket()  # the loopback socket streamed answers pass through
-    upstream = dispatcher.Dispatcher(pipe_socket, pool, queue, conversations, quotas)
-    checker = KeyChecker(pool, model_families.family_of, upstream)  # its requests use the dispatcher's session
+    upstream = dispatcher.Dispatcher(services, pipe_socket, pool, queue, conversations, quotas)
+    checker = KeyChecker(
+        services, pool, model_families.family_of, upstream
+    )  # its requests use the dispatcher's session
     pool.on_suspicion(checker.confirm)  # a key that one answer makes suspect retires only if the checker confirms
 
     return [
         engineguard.EngineGuard(),  # mitmproxy's own settings stay safe
         interceptbeforepolicy.InterceptBeforePolicy(),  # mitmweb's intercept holds a request here, before any check
-        services.Services(storage, pool, queue, checker),  # the services' options; opens the store, starts checks
-        router.Router(),  # exact route table; everything else is answered 404/405/302 or a CORS preflight
+        backbone.Backbone(services, storage, pool, queue, checker),  # settings; opens the store, starts key checks
+        router.Router(services, RouteTable(services)),  # exact routes; the rest gets 404/405/302 or a CORS preflight
         headerhygiene.HeaderHygiene(),  # client credentials leave the flow; allowlisted headers only, both ways
-        statuspage.StatusPage(storage, pool, queue, checker, model_families, upstream),  # /, /status, /health
-        metrics.Metrics(pool, queue, secrets.get("admin_key", "")),  # /metrics; one log line per request
+        statuspage.StatusPage(services, storage, pool, queue, checker, model_families, upstream),  # /, /status, /health
+        metrics.Metrics(services, pool, queue, secrets.get("admin_key", "")),  # /metrics; one log line per request
         promptlog.PromptLog(),  # prompts and completions, when the owner turns it on
         adminapi.AdminApi(secrets, storage, pool, checker, quotas),  # /admin/... with ADMIN_KEY; /user/usage
         gatekeeper.Gatekeeper(secrets, storage),  # none, proxy_key or user_token; names the identity for limits
-        modellist.ModelList(model_families, pool),  # GET .../v1/models, answered locally
+        modellist.ModelList(services, model_families, pool),  # GET .../v1/models, answered locally
         model_families,  # the requested model's family; unknown or disallowed models refused
         requestpolicy.RequestPolicy(),  # body validation, output and context caps, prompt filters, token count
         claudechattranslator.ClaudeChatTranslator(),  # OpenAI-format requests for Claude become Messages API requests
@@ -78,5 +91,5 @@ def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
         flownotes.FlowNotes(),  # mitmweb: each flow's decision as a comment and a marker; a bounded flow list
         # Last, so that its configure runs only once every other addon's passed: settings, the listener, and
         # the word to fail_closed that this pipeline may send requests out.
-        launcher.Launcher(sources, fail_closed, pipe_socket.getsockname(), model_families),
+        launcher.Launcher(sources, key_settings, fail_closed, pipe_socket.getsockname(), model_families),
     ]

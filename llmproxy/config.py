@@ -10,7 +10,7 @@ import csv
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -18,10 +18,10 @@ from dotenv.parser import parse_stream
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
-SECRET_LISTS = ("openai_key", "anthropic_key")  # comma-separated
+# Secrets besides the services' keys (each service names its own key setting, a comma-separated list).
 SECRET_VALUES = ("proxy_key", "admin_key")  # taken whole: a password may contain a comma
-SECRET_SETTINGS = SECRET_LISTS + SECRET_VALUES
 LISTEN_SETTINGS = ("port", "bind_address", "log_level")  # read by the entry point, not mitmproxy options
+SERVICES = "services"  # the declared OpenAI-compatible services (llmproxy/services/compatible.py), read once
 # Size suffixes as mitmproxy's `human.parse_size` reads them: MAX_REQUEST_BODY also sets mitmproxy's body_size_limit.
 SIZE_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -144,10 +144,11 @@ class ConfigSources:
             return True, self.from_file[name]
         return False, None
 
-    def secrets(self) -> dict[str, list[str] | str]:
-        """Keys as de-duplicated lists, passwords as stripped strings (empty when unset)."""
+    def secrets(self, key_settings: Iterable[str]) -> dict[str, list[str] | str]:
+        """The services' keys (`key_settings`) as de-duplicated lists, passwords as stripped strings (empty when
+        unset)."""
         secrets: dict[str, list[str] | str] = {
-            name: list(dict.fromkeys(convert(name, self._value_of(name)[1], Sequence[str]))) for name in SECRET_LISTS
+            name: list(dict.fromkeys(convert(name, self._value_of(name)[1], Sequence[str]))) for name in key_settings
         }
         for name in SECRET_VALUES:
             secrets[name] = str(self._value_of(name)[1] or "").strip()
@@ -156,6 +157,17 @@ class ConfigSources:
     def prefixed(self, prefix: str) -> dict[str, str]:
         """Environment (and .env) settings whose names start with `prefix`, such as TOKEN_QUOTA_GPT4."""
         return {name: value for name, value in self.from_env.items() if name.startswith(prefix)}
+
+    def declared_services(self) -> object:
+        """The SERVICES setting as YAML read it (a list of mappings, if well formed); in the environment it is YAML
+        or JSON text."""
+        present, value = self._value_of(SERVICES)
+        if present and isinstance(value, str):
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError("SERVICES must be a YAML or JSON list of services.") from None
+        return value
 
     def listen_address(self) -> tuple[str, int]:
         """(BIND_ADDRESS, PORT)."""
@@ -169,9 +181,10 @@ class ConfigSources:
         present, value = self._value_of(name)
         return convert(name, value, typespec) if present else default
 
-    def options(self, option_types: Mapping[str, object]) -> dict[str, object]:
-        """Typed values for the options in `option_types` (name -> mitmproxy typespec) that are set anywhere."""
-        known = set(option_types) | set(SECRET_SETTINGS) | set(LISTEN_SETTINGS)
+    def options(self, option_types: Mapping[str, object], key_settings: Iterable[str]) -> dict[str, object]:
+        """Typed values for the options in `option_types` (name -> mitmproxy typespec) that are set anywhere; the
+        services' `key_settings` are settings too, though never options."""
+        known = set(option_types) | set(key_settings) | set(SECRET_VALUES) | set(LISTEN_SETTINGS) | {SERVICES}
         unknown = sorted(set(self.from_file) - known)
         if unknown:
             raise ConfigError(f"{self.path} names a setting this proxy does not have: {unknown[0]!r}.")

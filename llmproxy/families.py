@@ -11,24 +11,6 @@ from dataclasses import dataclass
 
 from llmproxy.config import ConfigError
 
-DEFAULT_OPENAI_FAMILIES = [
-    "gpt6=gpt-6*",
-    "gpt5=gpt-5*",
-    "gpt4.1=gpt-4.1*",
-    "gpt4o=gpt-4o*|chatgpt-4o*",
-    "gpt4-32k=gpt-4-32k*",
-    "gpt4-turbo=gpt-4-turbo*|gpt-4-*-preview|gpt-4-vision*",
-    "gpt4=gpt-4|gpt-4-0*",
-    "o=o[0-9]*|codex-*",
-    "embeddings=text-embedding-*",
-    "turbo=gpt-*|chatgpt-*|davinci-*|babbage-*",
-]
-DEFAULT_ANTHROPIC_FAMILIES = [
-    "claude-opus=claude-opus-*|claude-*-opus*",
-    "claude-sonnet=claude-sonnet-*|claude-*-sonnet*",
-    "claude-haiku=claude-haiku-*|claude-*-haiku*",
-    "claude=claude-*",
-]
 # Names the original project used in settings; each stands for the families it covered there.
 LEGACY_ALIASES = {
     "claude": ["claude", "claude-opus", "claude-sonnet", "claude-haiku"],

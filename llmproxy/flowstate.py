@@ -6,6 +6,10 @@ write into the metadata when the flow finishes.
 """
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmproxy.api.routes import Route
 
 
 @dataclass
@@ -23,8 +27,10 @@ class FlowState:
     """One request's state; every field starts empty and is set by the addon named in its comment."""
 
     # The router
-    route: str = ""  # the route table's name for the request ("openai.chat_completions", "status", ...); "": none
+    route: "Route | None" = None  # the route table's entry for the request; None: none
     dialect: str = ""  # the API whose error format the client reads; "": the one its path names
+    upstream_path: str = ""  # a parametric route's path (and query) upstream, rebuilt by its service; "": the route's
+    path_model: str = ""  # the model a parametric route's path names (Gemini's); "": the body names it
     passthrough: bool = False  # ./run.sh local: a request to another host, not the proxy's to touch
     decision: str = ""  # what became of the request: served, local, rate_limited, over_quota, ... (any addon)
     # Header hygiene
@@ -68,3 +74,8 @@ class FlowState:
     stream_record: bytearray | None = None  # the start of a streamed answer, as the client received it
     stream_record_cut: bool = False  # the streamed answer was longer than the record keeps
     shown_server: object | None = None  # the server connection the flow shows, once set
+
+    @property
+    def route_name(self) -> str:
+        """The route's name ("openai.chat_completions", "status", ...), for logs and figures; "": none."""
+        return self.route.name if self.route else ""

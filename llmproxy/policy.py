@@ -33,7 +33,7 @@ REDIRECTING_FIELDS = (
     "default_headers",
 )
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-# Routes whose output is capped: the body field with the output cap.
+# Endpoints whose output is capped, by Route.form: the body field with the output cap.
 _OUTPUT_FIELD = {
     "openai.chat_completions": "max_completion_tokens",
     "openai.completions": "max_tokens",
@@ -212,16 +212,16 @@ def cap_output(route: Route, body: dict, cap: int) -> tuple[int, bool]:
 
     A lowered Claude `max_tokens` lowers a thinking budget that no longer fits under it, or the upstream would
     refuse the request; when even the smallest budget does not fit, thinking is turned off."""
-    if route.name not in _OUTPUT_FIELD:
+    if route.form not in _OUTPUT_FIELD:
         return 0, False
-    field = _OUTPUT_FIELD[route.name]
-    if route.name == "openai.chat_completions" and "max_tokens" in body and "max_completion_tokens" not in body:
+    field = _OUTPUT_FIELD[route.form]
+    if route.form == "openai.chat_completions" and "max_tokens" in body and "max_completion_tokens" not in body:
         field = "max_tokens"  # the older name, still accepted; the cap applies to whichever is sent
     if not cap or (body.get(field) is not None and body[field] <= cap):
         return body.get(field) or 0, False
     body[field] = cap
     thinking = body.get("thinking")
-    if route.api == ANTHROPIC and isinstance(thinking, dict) and (thinking.get("budget_tokens") or 0) >= cap:
+    if route.wire == ANTHROPIC and isinstance(thinking, dict) and (thinking.get("budget_tokens") or 0) >= cap:
         if cap - 1 >= MIN_THINKING_BUDGET:
             thinking["budget_tokens"] = cap - 1
         else:

@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 from llmproxy.api import ANTHROPIC, OPENAI
 from llmproxy.api.usage import PROMPT_FIGURES, Usage
 from llmproxy.config import ConfigError
+from llmproxy.services.gemini import DEFAULT_PRICES as GEMINI_PRICES
 
 NANODOLLARS_PER_USD = 10**9
 DEFAULT_WEB_SEARCH_PRICE = Decimal(10)  # USD per 1,000 searches: Anthropic's and OpenAI's web search, 2025
@@ -62,6 +63,7 @@ DEFAULT_PRICES = [
     "claude-haiku-*=1/5/0.1/1.25/2",
     "claude-*sonnet*=3/15/0.3/3.75/6",
     "anthropic=15/75/1.5/18.75/30",
+    *GEMINI_PRICES,
 ]
 _FIELDS = "input/output[/cache read[/cache write 5m[/cache write 1h[/web search]]]]"
 
@@ -96,6 +98,9 @@ class Price:
     def dearest_prompt_kind(self) -> str:
         """The prompt's kind (input or a cache kind) with the highest price, input among equals."""
         return max(PROMPT_FIGURES, key=lambda kind: getattr(self, kind))
+
+
+UNPRICED = Price(*(Decimal(0),) * 6)
 
 
 def usd(nanodollars: int) -> float:
@@ -138,10 +143,15 @@ def parse_prices(entries: Sequence[str]) -> list[tuple[str, Price]]:
     return table
 
 
-def price_of(table: list[tuple[str, Price]], api: str, model: str, family: str) -> Price:
-    """The first entry naming the model (by pattern), its family or its service."""
+def price_of(table: list[tuple[str, Price]], service: str, model: str, family: str, fallback: str = "") -> Price:
+    """The first entry naming the model (by pattern), its family or its service; else the `fallback` entry (the
+    service's price_fallback: Azure's models cost OpenAI's prices); else nothing (a local model the owner did not
+    price)."""
     model = model.lower()
-    return next(price for name, price in table if name in (family, api) or fnmatch.fnmatchcase(model, name))
+    named = (family, service)
+    if found := next((price for name, price in table if name in named or fnmatch.fnmatchcase(model, name)), None):
+        return found
+    return next((price for name, price in table if name == fallback), UNPRICED)
 
 
 def parse_cost_quotas(entries: Sequence[str], families: list[str]) -> dict[str, int]:

@@ -14,6 +14,10 @@ _SECRET_SHAPES = re.compile(
     r"|org-[A-Za-z0-9]{8,}"  # OpenAI organisation ids
     r"|proj_[A-Za-z0-9]{8,}"  # OpenAI project ids
     r"|[0-9a-f]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-f]{12}"  # Anthropic organisation ids
+    r"|AIza[0-9A-Za-z_\-]{35}"  # Google API keys (Gemini)
+    r"|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"  # AWS access key ids
+    r"|ya29\.[\w.\-]+"  # Google OAuth2 access tokens
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[^-]*-----END [A-Z ]*PRIVATE KEY-----"  # a PEM private key, whole
 )
 
 _known_secrets: list[str] = []

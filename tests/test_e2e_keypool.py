@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from llmproxy.pool.checker import USER_AGENT as KEY_CHECK_AGENT
+from llmproxy.services.base import USER_AGENT as KEY_CHECK_AGENT
 from tests.conftest import proxy_env
 from tests.harness import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client

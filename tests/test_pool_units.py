@@ -19,6 +19,7 @@ from llmproxy.pool.keys import (
 )
 from llmproxy.pool.queue import FamilyQueue, Waiter, WaitQueue
 from llmproxy.quota import DEFAULT_OUTPUT_RESERVATION, output_reservation, prompt_estimate
+from llmproxy.services import BUILT_IN, pool_keys
 from llmproxy.store.storage import Storage
 
 
@@ -32,7 +33,7 @@ def storage(tmp_path):
 
 
 def make_pool(storage: Storage, *secrets: str) -> KeyPool:
-    return KeyPool({"openai_key": list(secrets)}, storage, lambda api: ["gpt4o", "gpt4"])
+    return KeyPool(pool_keys(BUILT_IN, {"openai_key": list(secrets)}), storage, lambda service: ["gpt4o", "gpt4"])
 
 
 def answer_with_two_of_ten_left(pool: KeyPool) -> None:

@@ -13,6 +13,7 @@ from addons.modelfamilies import ModelFamilies
 from addons.quotakeeper import QuotaKeeper
 from llmproxy.config import ConfigError, ConfigSources, read_dotenv
 from llmproxy.quota import next_refresh
+from llmproxy.services import BUILT_IN
 from llmproxy.store.storage import Storage
 
 
@@ -81,7 +82,7 @@ async def eventually(condition, timeout: float = 5) -> None:
 
 async def test_the_refresh_task_outlives_a_failed_refresh(tmp_path, caplog):
     storage = Storage()
-    keeper = QuotaKeeper(storage, ModelFamilies())
+    keeper = QuotaKeeper(storage, ModelFamilies(BUILT_IN), {})
     keeper.clock = SteppingClock(datetime(2026, 11, 28, 14, 0))
     with taddons.context(keeper) as tctx:
         storage.open(tmp_path / "proxy.sqlite3")
@@ -118,7 +119,7 @@ def test_dotenv_comments_quotes_export_and_empty_values(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
     sources = ConfigSources({"PROXY_CONFIG": str(tmp_path / "config.yaml")})
-    assert sources.secrets() == {
+    assert sources.secrets(["openai_key", "anthropic_key"]) == {
         "openai_key": ["sk-a", "sk-b"],
         "anthropic_key": [],
         "proxy_key": "pass #word",
@@ -135,7 +136,7 @@ def test_dotenv_values_are_literal_and_the_environment_wins(tmp_path, monkeypatc
     sources = ConfigSources(
         {"PROXY_CONFIG": str(tmp_path / "config.yaml"), "HOME": "/root", "SERVER_TITLE": "from the environment"}
     )
-    assert sources.secrets()["proxy_key"] == "pa$$w${HOME}rd"  # no interpolation: a password is taken as written
+    assert sources.secrets([])["proxy_key"] == "pa$$w${HOME}rd"  # no interpolation: a password is taken as written
     assert sources.value("server_title", str, "") == "from the environment"
 
 

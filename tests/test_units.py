@@ -32,8 +32,11 @@ from llmproxy.api.errors import api_of_request
 from llmproxy.config import ConfigError, ConfigSources
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
+from llmproxy.services import BUILT_IN, pool_keys
 from llmproxy.store.storage import Storage
 from llmproxy.upstream.pipe import Pipe, bind_pipe_socket
+
+ROUTES = routes.RouteTable(BUILT_IN)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +52,7 @@ from llmproxy.upstream.pipe import Pipe, bind_pipe_socket
     ],
 )
 def test_routes_match_exactly(method, target, route):
-    assert routes.lookup(method, target).route.name == route
+    assert ROUTES.lookup(method, target).route.name == route
 
 
 @pytest.mark.parametrize(
@@ -57,11 +60,11 @@ def test_routes_match_exactly(method, target, route):
     [b"/proxy/openai/v1/chat/completions?x=%2e", b"/proxy/openai/v1/chat/completions?a=b#c", b"/status/", b"//"],
 )
 def test_routes_refuse_near_misses(target):
-    assert routes.lookup(b"POST", target).route is None
+    assert ROUTES.lookup(b"POST", target).route is None
 
 
 def test_upstream_paths_come_from_the_table():
-    assert {route.upstream_path for route in routes.ROUTES_BY_NAME.values() if route.kind == routes.FORWARD} == {
+    assert {route.upstream_path for route in ROUTES.by_name.values() if route.kind == routes.FORWARD} == {
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/responses",
@@ -71,6 +74,11 @@ def test_upstream_paths_come_from_the_table():
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/v1/complete",
+        "/chat/completions",  # Azure's, under each deployment
+        "/completions",
+        "/embeddings",
+        "/v1beta/openai/chat/completions",  # Gemini's OpenAI-compatible endpoint
+        "",  # Gemini's native calls: their service rebuilds the path from checked parts (its own tests)
     }
 
 
@@ -81,9 +89,11 @@ def test_settings_precedence_and_types(tmp_path, monkeypatch):
     sources = ConfigSources(
         {"PROXY_CONFIG": str(tmp_path / "config.yaml"), "UPSTREAM_TIMEOUT": "50", "ANTHROPIC_KEY": 'k1, "k,2", k1'}
     )
-    values = sources.options({"upstream_timeout": int, "openai_models": Sequence[str], "server_title": str})
+    values = sources.options(
+        {"upstream_timeout": int, "openai_models": Sequence[str], "server_title": str}, ["openai_key", "anthropic_key"]
+    )
     assert values == {"upstream_timeout": 50, "openai_models": ["a", "b"], "server_title": "From dotenv"}
-    assert sources.secrets() == {
+    assert sources.secrets(["openai_key", "anthropic_key"]) == {
         "openai_key": ["sk-from-file"],
         "anthropic_key": ["k1", "k,2"],
         "proxy_key": "",
@@ -105,25 +115,37 @@ def test_bad_settings_are_one_sentence(environ, message, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=message):
         sources = ConfigSources({"PROXY_CONFIG": str(tmp_path / "empty.yaml"), **environ})
         sources.listen_address()
-        sources.options({"upstream_timeout": int})
+        sources.options({"upstream_timeout": int}, [])
 
 
 def test_unknown_setting_in_the_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text("upstream_timout: 5\n")
     with pytest.raises(ConfigError, match="upstream_timout"):
-        ConfigSources({"PROXY_CONFIG": str(tmp_path / "c.yaml")}).options({"upstream_timeout": int})
+        ConfigSources({"PROXY_CONFIG": str(tmp_path / "c.yaml")}).options({"upstream_timeout": int}, [])
 
 
 @pytest.mark.parametrize(
     "make, change, sentence",
     [
-        (Router, {"max_request_body": "lots"}, "MAX_REQUEST_BODY must be a size such as 4m"),
+        (
+            lambda: Router(BUILT_IN, routes.RouteTable(BUILT_IN)),
+            {"max_request_body": "lots"},
+            "MAX_REQUEST_BODY must be a size such as 4m",
+        ),
         (FlowNotes, {"stream_record_limit": "1.5m"}, "STREAM_RECORD_LIMIT must be a size"),
         (PromptLog, {"prompt_log_max_bytes": "big"}, "PROMPT_LOG_MAX_BYTES must be a size"),
-        (ModelFamilies, {"openai_model_families": ["gpt5"]}, "OPENAI_MODEL_FAMILIES entries look like"),
+        (
+            lambda: ModelFamilies(BUILT_IN),
+            {"openai_model_families": ["gpt5"]},
+            "OPENAI_MODEL_FAMILIES entries look like",
+        ),
         (RequestPolicy, {"reject_phrases": ["(a+)+"], "reject_phrases_regex": True}, "exponential time"),
-        (lambda: QuotaKeeper(Storage(), ModelFamilies()), {"model_prices": ["openai=1/2"]}, "add anthropic="),
+        (
+            lambda: QuotaKeeper(Storage(), ModelFamilies(BUILT_IN), {}),
+            {"model_prices": ["openai=1/2"]},
+            "add anthropic=",
+        ),
     ],
 )
 def test_a_setting_the_plain_readers_refuse_is_refused_and_the_previous_value_stays(make, change, sentence):
@@ -147,7 +169,10 @@ def test_config_yaml_documents_every_option_with_its_default(tmp_path):
     for name, default in ours.items():
         assert name in documented, f"config.yaml does not document {name}"
         assert documented[name] == (list(default) if isinstance(default, (list, tuple)) else default), name
-    assert set(documented) == set(ours) | set(config.SECRET_SETTINGS) | set(config.LISTEN_SETTINGS)
+    key_settings = {service.key_setting for service in BUILT_IN}
+    assert set(documented) == set(ours) | key_settings | set(config.SECRET_VALUES) | set(config.LISTEN_SETTINGS) | {
+        config.SERVICES
+    }
 
 
 def test_request_headers_allowlist():
@@ -194,6 +219,11 @@ def test_scrub_removes_configured_and_key_shaped_secrets():
     scrub.register(["plainsecretvalue"])
     text = scrub.text("key plainsecretvalue, sk-proj-abc123def456, org-ABCDEFGHIJKLMNOP and sk-ant-api03-xyz789")
     assert "plainsecretvalue" not in text and "sk-" not in text and "org-" not in text
+    other_services = (
+        "Google AIzaSyA1234567890abcdefghijklmnopqrstuv, AWS AKIAABCDEFGHIJKLMNOP, token ya29.a0AfH6SMBx-y_z, "
+        "key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----."
+    )
+    assert scrub.text(other_services) == "Google [redacted], AWS [redacted], token [redacted], key [redacted]."
 
 
 async def test_a_failing_hook_answers_500_and_sends_nothing(caplog, tmp_path):
@@ -205,11 +235,12 @@ async def test_a_failing_hook_answers_500_and_sends_nothing(caplog, tmp_path):
         def candidates(self, api, family, affinity=None):  # the first pool method a request's key choice calls
             raise RuntimeError(f"boom with {secret}")
 
-    storage, families = Storage(), ModelFamilies()
+    storage, families = Storage(), ModelFamilies(BUILT_IN)
     storage.open(tmp_path / "proxy.sqlite3")
-    pool = ExplodingPool({"openai_key": ["sk-x"]}, storage, families.all_families)
-    affinity, quota = Affinity(storage), QuotaKeeper(storage, families)
-    router, dispatcher = Router(), Dispatcher(None, pool, WaitQueue(pool, storage), affinity, quota)
+    pool = ExplodingPool(pool_keys(BUILT_IN, {"openai_key": ["sk-x"]}), storage, families.all_families)
+    affinity, quota = Affinity(storage), QuotaKeeper(storage, families, {"openai": ""})
+    router = Router(BUILT_IN, routes.RouteTable(BUILT_IN))
+    dispatcher = Dispatcher(BUILT_IN, None, pool, WaitQueue(pool, storage), affinity, quota)
     addons = router, affinity, dispatcher
     with socket.create_server(("127.0.0.1", 0)) as upstream, taddons.context(*addons) as tctx:
         upstream.setblocking(False)
@@ -434,10 +465,11 @@ def test_pdf_pages_and_opaque_blobs_have_stated_figures():
     ],
 )
 def test_the_key_checker_reads_any_answer_without_failing(body):
-    from llmproxy.pool.checker import _model_ids, _organization_ids
+    from llmproxy.services.openai import _organization_ids
 
-    assert _model_ids(body) == [] and _organization_ids(body) == []
-    assert _model_ids(b'{"data": [{"id": "gpt-4o"}]}') == ["gpt-4o"]
+    openai = BUILT_IN[0]
+    assert openai.model_ids(body) == [] and _organization_ids(body) == []
+    assert openai.model_ids(b'{"data": [{"id": "gpt-4o"}]}') == ["gpt-4o"]
     assert _organization_ids(b'{"data": [{"id": "org-a", "is_default": true}, {"id": "org-b"}]}') == ["org-b"]
 
 

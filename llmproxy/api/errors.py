@@ -7,8 +7,9 @@ these bodies, so a user sees a sentence, not a traceback.
 
 import json
 
-from llmproxy.api import ANTHROPIC, OPENAI, sse
-from llmproxy.api.routes import API_HOSTS, merge_slashes
+from llmproxy.api import ANTHROPIC, GEMINI, sse
+from llmproxy.api.routes import merge_slashes
+from llmproxy.services import BUILT_IN, dialect_of_path, gemini
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -32,6 +33,8 @@ def _openai_type(status: int) -> str:
 
 def error_body(api: str, status: int, message: str, code: str) -> dict:
     """The JSON error object for `api`."""
+    if api == GEMINI:
+        return gemini.error_body(status, message, code)
     if api == ANTHROPIC:
         error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": error_type, "message": message}}
@@ -49,11 +52,11 @@ def error_event(api: str, body: dict) -> bytes:
 
 
 def api_of_path(raw_path: bytes) -> str:
-    """Which API's error format a request target expects."""
-    return ANTHROPIC if merge_slashes(raw_path).startswith(b"/proxy/anthropic") else OPENAI
+    """Which dialect's error format a request target expects."""
+    return dialect_of_path(merge_slashes(raw_path))
 
 
 def api_of_request(host: str, raw_path: bytes) -> str:
-    """Which API's error format a request expects: its host's, when an app names the API's own host (the forward
+    """Which dialect's error format a request expects: its host's, when an app names the API's own host (the forward
     proxy), else its target's."""
-    return API_HOSTS.get(host) or api_of_path(raw_path)
+    return next((service.dialect for service in BUILT_IN if host in service.hosts), None) or api_of_path(raw_path)

@@ -13,6 +13,7 @@ from llmproxy.api import ANTHROPIC, DEFAULT_ANTHROPIC_VERSION
 CLIENT_CREDENTIALS = (
     "authorization",
     "x-api-key",
+    "x-goog-api-key",
     "api-key",
     "proxy-authorization",
     "cookie",
@@ -72,7 +73,8 @@ def _connection_tokens(connection_values: Iterable[str]) -> set[str]:
 
 
 def presented_token(headers: Mapping[str, str]) -> str:
-    """The token exactly as sent (`Authorization: Bearer ...`, else `x-api-key`, else `api-key`), less the spaces and
+    """The token exactly as sent (`Authorization: Bearer ...`, else `x-api-key`, `x-goog-api-key` (Gemini's SDK) or
+    `api-key`), less the spaces and
     tabs around it; every other character is part of it. `headers` looks names up in any case, as mitmproxy's do.
 
     mitmproxy decodes header values as UTF-8 with surrogateescape, so a byte that is not UTF-8 stays in the token
@@ -82,7 +84,8 @@ def presented_token(headers: Mapping[str, str]) -> str:
     scheme, _, credentials = authorization.partition(" ")  # RFC 9110 §11.4: scheme, 1*SP, credentials
     if scheme.lower() == "bearer" and (credentials := credentials.strip(OPTIONAL_WHITESPACE)):
         return credentials
-    return (headers.get("x-api-key") or headers.get("api-key") or "").strip(OPTIONAL_WHITESPACE)
+    others = headers.get("x-api-key") or headers.get("x-goog-api-key") or headers.get("api-key") or ""
+    return others.strip(OPTIONAL_WHITESPACE)
 
 
 def upstream_request_headers(fields: Iterable[tuple[str, str]], api: str) -> list[tuple[bytes, bytes]]:

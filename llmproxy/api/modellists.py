@@ -33,3 +33,13 @@ def anthropic_model_list(models: list[str]) -> dict:
         "first_id": models[0] if models else None,
         "last_id": models[-1] if models else None,
     }
+
+
+def gemini_model_list(models: list[str]) -> dict:
+    """Gemini's `models.list` shape, as google-genai's `models.list()` reads it."""
+    methods = ["generateContent", "streamGenerateContent", "countTokens"]
+    return {
+        "models": [
+            {"name": f"models/{model}", "displayName": model, "supportedGenerationMethods": methods} for model in models
+        ]
+    }

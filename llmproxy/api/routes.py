@@ -8,12 +8,14 @@ path. The upstream path is taken from this table, never from the client's bytes.
 """
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llmproxy.api import ANTHROPIC, OPENAI
+if TYPE_CHECKING:
+    from llmproxy.services.base import Service
 
 _SLASH_RUNS = re.compile(rb"//+")
-API_HOSTS = {"api.openai.com": OPENAI, "api.anthropic.com": ANTHROPIC}  # as apps with a hard-coded URL name them
 FORWARD = "forward"  # sent upstream with a pool key
 LOCAL = "local"  # answered by the proxy itself
 
@@ -21,37 +23,21 @@ LOCAL = "local"  # answered by the proxy itself
 @dataclass(frozen=True)
 class Route:
     name: str  # e.g. "openai.chat_completions"; used in logs, metrics and flow state
-    api: str  # the upstream API: OPENAI or ANTHROPIC, or "" for the proxy's own pages
+    service: str  # the upstream service (llmproxy/services), or "" for the proxy's own pages
     method: str
     kind: str
     upstream_path: str = ""
-    client_format: str = ""  # the API format the client speaks, when it is not the upstream's
+    client_format: str = ""  # the dialect the client speaks, when it is not the service's
     counts_tokens: bool = False  # a token count: no generation, so its own rate limit and no quota
+    wire: str = ""  # the service's dialect: the format of what goes upstream and comes back
+    form: str = ""  # the endpoint as its wire format names it, whichever service serves it: "openai.chat_completions"
+    streams: bool = False  # it always streams, whatever the body says
 
     @property
     def dialect(self) -> str:
-        """The API whose request, answer and error formats the client uses."""
-        return self.client_format or self.api
+        """The dialect whose request, answer and error formats the client uses."""
+        return self.client_format or self.wire
 
-
-_SERVICE_ROUTES = {
-    OPENAI: [
-        ("chat_completions", "POST", FORWARD, "/v1/chat/completions"),
-        ("completions", "POST", FORWARD, "/v1/completions"),
-        ("responses", "POST", FORWARD, "/v1/responses"),
-        ("responses_compact", "POST", FORWARD, "/v1/responses/compact"),  # Codex's remote compaction
-        ("responses_input_tokens", "POST", FORWARD, "/v1/responses/input_tokens", "", True),
-        ("embeddings", "POST", FORWARD, "/v1/embeddings"),
-        ("models", "GET", LOCAL, "/v1/models"),
-    ],
-    ANTHROPIC: [
-        ("messages", "POST", FORWARD, "/v1/messages"),
-        ("chat_completions", "POST", FORWARD, "/v1/messages", OPENAI),  # OpenAI format, translated
-        ("count_tokens", "POST", FORWARD, "/v1/messages/count_tokens", "", True),
-        ("complete", "POST", FORWARD, "/v1/complete"),
-        ("models", "GET", LOCAL, "/v1/models"),
-    ],
-}
 
 _PAGES = [
     ("status_page", "/"),
@@ -68,26 +54,8 @@ _ADMIN_PATH = re.compile(rb"/admin/[a-z0-9_.\-]+(/[a-z0-9_.\-]+)*")
 # A stored Responses API object (`GET`/`DELETE /v1/responses/{id}`, `.../cancel`, `.../input_items`): it lives
 # in the organisation of whichever key created it, so the proxy answers these itself (router: a clear refusal).
 STORED_RESPONSE_PATH = re.compile(rb"/proxy/openai(/v1)?/responses/resp_[A-Za-z0-9_\-]+(/cancel|/input_items)?")
-
-
-def _build_table() -> dict[bytes, list[Route]]:
-    table: dict[bytes, list[Route]] = {}
-    for api, entries in _SERVICE_ROUTES.items():
-        for name, method, kind, upstream_path, *extra in entries:
-            route = Route(f"{api}.{name}", api, method, kind, upstream_path, *extra)
-            client_format = route.client_format
-            own_path = "/v1/chat/completions" if client_format else upstream_path
-            for client_path in (own_path, own_path.removeprefix("/v1")):  # `/v1` is optional
-                table.setdefault(f"/proxy/{api}{client_path}".encode(), []).append(route)
-    for name, path in _PAGES:
-        table[path.encode()] = [Route(name, "", "GET", LOCAL)]
-    return table
-
-
-TABLE = _build_table()
 ADMIN = Route("admin", "", "*", LOCAL)
 ADMIN_METHODS = ("DELETE", "GET", "PATCH", "POST")
-ROUTES_BY_NAME = {route.name: route for routes in TABLE.values() for route in routes} | {"admin": ADMIN}
 
 
 @dataclass(frozen=True)
@@ -96,6 +64,8 @@ class Match:
 
     route: Route | None = None
     allowed_methods: tuple[str, ...] = ()  # non-empty when the path is known but the method is not
+    upstream_path: str = ""  # a parametric route's path (and query) upstream, rebuilt by its service
+    model: str = ""  # the model a parametric route's path names
 
 
 def merge_slashes(raw_path: bytes) -> bytes:
@@ -108,24 +78,75 @@ def request_path(raw_target: bytes) -> bytes:
     return merge_slashes(raw_target.partition(b"?")[0])
 
 
-def lookup(method: bytes, raw_target: bytes) -> Match:
-    """Matches the raw method and request target (path and query, as the client sent them)."""
-    path, query = request_path(raw_target), raw_target.partition(b"?")[2]
-    if query and not _QUERY.fullmatch(b"?" + query):
-        return Match()
-    if _ADMIN_PATH.fullmatch(path):
-        if method.decode("latin-1") in ADMIN_METHODS:
-            return Match(ADMIN)
-        return Match(allowed_methods=tuple(sorted((*ADMIN_METHODS, "OPTIONS"))))
-    routes = TABLE.get(path)
-    if not routes:
-        return Match()
-    for route in routes:
-        if method == route.method.encode():
-            return Match(route)
-    return Match(allowed_methods=tuple(sorted({r.method for r in routes} | {"OPTIONS"})))
+class RouteTable:
+    """Every route of the proxy: each service's endpoints under `/proxy/<service>` (with and without `/v1`), and the
+    proxy's own pages."""
 
+    def __init__(self, services: Iterable["Service"]):
+        self.paths: dict[bytes, list[Route]] = {}
+        self.hosts: dict[str, str] = {}  # API host -> service, for apps with a hard-coded URL (the forward proxy)
+        self.parametric: list[tuple[bytes, Service, dict[str, Route]]] = []  # (prefix, service, its routes)
+        for service in services:
+            parametric: dict[str, Route] = {}
+            for endpoint in service.endpoints:
+                wire = endpoint.wire or service.dialect
+                route = Route(
+                    f"{service.name}.{endpoint.name}",
+                    service.name,
+                    endpoint.method,
+                    endpoint.kind,
+                    endpoint.upstream_path,
+                    endpoint.client_format,
+                    endpoint.counts_tokens,
+                    wire,
+                    f"{wire}.{endpoint.name}",
+                    endpoint.streams,
+                )
+                if endpoint.parametric:
+                    parametric[endpoint.name] = route
+                    continue
+                optional = endpoint.path[3:] if endpoint.path.startswith("/v1/") else endpoint.path  # `/v1` is optional
+                for client_path in dict.fromkeys((endpoint.path, optional)):
+                    path = f"/proxy/{service.name}{service.path_prefix}{client_path}"
+                    self.paths.setdefault(path.encode(), []).append(route)
+            if parametric:
+                self.parametric.append((f"/proxy/{service.name}{service.path_prefix}/".encode(), service, parametric))
+            self.hosts.update(dict.fromkeys(service.hosts, service.name))
+        for name, path in _PAGES:
+            self.paths[path.encode()] = [Route(name, "", "GET", LOCAL)]
+        self.by_name = {route.name: route for routes in self.paths.values() for route in routes} | {"admin": ADMIN}
+        self.by_name |= {route.name: route for _, _, routes in self.parametric for route in routes.values()}
 
-def is_known_path(raw_target: bytes) -> bool:
-    path = request_path(raw_target)
-    return path in TABLE or bool(_ADMIN_PATH.fullmatch(path) or STORED_RESPONSE_PATH.fullmatch(path))
+    def lookup(self, method: bytes, raw_target: bytes) -> Match:
+        """Matches the raw method and request target (path and query, as the client sent them)."""
+        path, query = request_path(raw_target), raw_target.partition(b"?")[2]
+        if query and not _QUERY.fullmatch(b"?" + query):
+            return Match()
+        if _ADMIN_PATH.fullmatch(path):
+            if method.decode("latin-1") in ADMIN_METHODS:
+                return Match(ADMIN)
+            return Match(allowed_methods=tuple(sorted((*ADMIN_METHODS, "OPTIONS"))))
+        routes = self.paths.get(path)
+        if not routes:
+            return self._parametric(method, merge_slashes(raw_target))
+        for route in routes:
+            if method == route.method.encode():
+                return Match(route)
+        return Match(allowed_methods=tuple(sorted({r.method for r in routes} | {"OPTIONS"})))
+
+    def _parametric(self, method: bytes, target: bytes) -> Match:
+        """A match among the services' parametric routes (path and query merged of slash runs)."""
+        for prefix, service, routes in self.parametric:
+            if target.startswith(prefix) and (found := service.match(target[len(prefix) - 1 :])):
+                endpoint, upstream_path, model = found
+                route = routes[endpoint.name]
+                if method != route.method.encode():
+                    return Match(allowed_methods=(route.method, "OPTIONS"))
+                return Match(route, upstream_path=upstream_path, model=model)
+        return Match()
+
+    def is_known_path(self, raw_target: bytes) -> bool:
+        path = request_path(raw_target)
+        if path in self.paths or _ADMIN_PATH.fullmatch(path) or STORED_RESPONSE_PATH.fullmatch(path):
+            return True
+        return self._parametric(b"OPTIONS", merge_slashes(raw_target)).allowed_methods != ()

@@ -1,7 +1,8 @@
 """Checks every key against its API in the background, without spending tokens.
 
-OpenAI: `GET /v1/models` tells whether the key works and which families it can use; `GET /v1/organizations`
-names its organisations, and each extra organisation becomes a pool entry of its own. Anthropic: `GET /v1/models`.
+Each service says how (llmproxy/services): a model list (`GET /v1/models`) tells whether the key works and which
+families it can use; OpenAI's `GET /v1/organizations` names a key's organisations, and each extra organisation
+becomes a pool entry of its own.
 Working keys are checked every `key_check_interval`; retired ones far more rarely, and they come back when the
 upstream says they work again.
 
@@ -12,20 +13,16 @@ no client input: a generation request with an empty message list, which a workin
 """
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import aiohttp
 from yarl import URL
 
-from llmproxy.api import ANTHROPIC, DEFAULT_ANTHROPIC_VERSION, OPENAI
-from llmproxy.pool.keys import ACTIVE, OVER_QUOTA, REVOKED, KeyPool, PoolKey, Verdict, classify
-
-PROBE_PATHS = {OPENAI: "/v1/chat/completions", ANTHROPIC: "/v1/messages"}
-USER_AGENT = "llm-key-proxy/key-check"  # the checker's own requests say so, in upstream logs and in the tests
+from llmproxy.pool.keys import ACTIVE, OVER_QUOTA, REVOKED, KeyPool, PoolKey, Verdict
+from llmproxy.services.base import Service
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +36,7 @@ class Upstream(Protocol):
 
     ready: asyncio.Event  # set once `session` is open
     session: aiohttp.ClientSession | None
-    upstreams: dict[str, URL]  # each API's base URL
+    upstreams: dict[str, URL]  # each service's base URL
 
 
 class KeyChecker:
@@ -47,7 +44,14 @@ class KeyChecker:
 
     `family_of(api, model)` names a model's family (None: no family), for the families a key can use."""
 
-    def __init__(self, pool: KeyPool, family_of: Callable[[str, str], str | None], upstream: Upstream):
+    def __init__(
+        self,
+        services: Sequence[Service],
+        pool: KeyPool,
+        family_of: Callable[[str, str], str | None],
+        upstream: Upstream,
+    ):
+        self.services = {service.name: service for service in services}
         self.pool = pool
         self.family_of = family_of
         self.upstream = upstream
@@ -96,28 +100,24 @@ class KeyChecker:
         return time.time() - self.checked_at[key.id] >= interval
 
     async def check(self, key: PoolKey) -> None:
-        """One check of one key; network trouble is retried with exponential back-off."""
-        session, base, headers = self.upstream.session, self.upstream.upstreams[key.api], _headers(key)
+        """One check of one key, as its service checks keys; network trouble is retried with exponential back-off."""
+        service = self.services[key.service]
         self.checked_at[key.id] = time.time()
         try:
-            async with session.get(base.join(URL("/v1/models")), headers=headers) as response:
-                status, body = response.status, await response.read()
-            organizations = await self._extra_organizations(key, session, base, headers) if status < 300 else []
+            found = await service.check(key, self.upstream.session, self.upstream.upstreams[key.service])
         except (aiohttp.ClientError, TimeoutError) as error:
             self.failures[key.id] = self.failures.get(key.id, 0) + 1
             logger.info("key %s check failed (%s); retrying later", key.id, type(error).__name__)
             return
         self.failures.pop(key.id, None)
-        verdict = classify(status, body)
-        if verdict is Verdict.SUCCESS:
-            models = _model_ids(body)
-            key.families = {f for model in models if (f := self.family_of(key.api, model))} or None
+        if found.verdict is Verdict.SUCCESS:
+            key.families = {f for model in found.models if (f := self.family_of(key.service, model))} or None
             self.pool.set_state(key, ACTIVE, "the key check succeeded")
-            self.pool.add_organizations(key, organizations)
-        elif verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
-            self.pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, f"key check got {status}")
+            self.pool.add_organizations(key, found.organizations)
+        elif found.verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
+            self.pool.set_state(key, REVOKED if found.verdict is Verdict.REVOKED else OVER_QUOTA, found.reason)
         else:
-            logger.info("key %s check got %d; keeping its state", key.id, status)
+            logger.info("key %s check got %d; keeping its state", key.id, found.status)
 
     def confirm(self, key: PoolKey, suspected: Verdict, family: str, model: str) -> None:
         """Starts the probe that decides a suspicion (one at a time per key and family)."""
@@ -129,17 +129,14 @@ class KeyChecker:
 
     async def _confirm(self, key: PoolKey, suspected: Verdict, family: str, model: str) -> None:
         await self.upstream.ready.wait()
-        headers = _headers(key)
-        url = self.upstream.upstreams[key.api].join(URL(PROBE_PATHS[key.api]))
+        service = self.services[key.service]
         try:
-            async with self.upstream.session.post(
-                url, json={"model": model, "messages": [], "max_tokens": 1}, headers=headers
-            ) as response:
-                status, body = response.status, await response.read()
+            status, verdict = await service.probe(
+                key, model, self.upstream.session, self.upstream.upstreams[key.service]
+            )
         except (aiohttp.ClientError, TimeoutError) as error:
             self.pool.clear_suspicion(key, family, f"its probe could not reach the API ({type(error).__name__})")
             return
-        verdict = classify(status, body)
         reason = f"an answer to a request said {suspected.value}; the checker's probe confirmed it with HTTP {status}"
         if verdict in (Verdict.REVOKED, Verdict.OVER_QUOTA):
             self.pool.set_state(key, REVOKED if verdict is Verdict.REVOKED else OVER_QUOTA, reason)
@@ -148,39 +145,3 @@ class KeyChecker:
             self.pool.clear_suspicion(key, family, "only the family was refused")
         else:
             self.pool.clear_suspicion(key, family, f"the checker's probe got HTTP {status}, so the request caused it")
-
-    @staticmethod
-    async def _extra_organizations(key: PoolKey, session, base, headers) -> list[str]:
-        """The key's organisations other than its default one (OpenAI only)."""
-        if key.api != OPENAI or key.organization:
-            return []
-        async with session.get(base.join(URL("/v1/organizations")), headers=headers) as response:
-            return _organization_ids(await response.read()) if response.ok else []
-
-
-def _headers(key: PoolKey) -> dict[str, str]:
-    """The headers of the checker's own requests with `key`."""
-    headers = {"user-agent": USER_AGENT, **dict(key.auth_headers())}
-    if key.api == ANTHROPIC:
-        headers["anthropic-version"] = DEFAULT_ANTHROPIC_VERSION
-    return headers
-
-
-# What reading an answer of any shape may raise: not JSON, missing or mistyped fields, nesting beyond the parser.
-_ODD_ANSWER = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
-
-
-def _model_ids(body: bytes) -> list[str]:
-    """The model ids a `/v1/models` answer lists; none when it has another shape."""
-    try:
-        return [str(model["id"]) for model in json.loads(body)["data"]]
-    except _ODD_ANSWER:
-        return []
-
-
-def _organization_ids(body: bytes) -> list[str]:
-    """The organisations other than the default one that a `/v1/organizations` answer lists."""
-    try:
-        return [str(org["id"]) for org in json.loads(body)["data"] if org.get("id") and not org.get("is_default")]
-    except _ODD_ANSWER:
-        return []

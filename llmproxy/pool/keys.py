@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from llmproxy.api import ANTHROPIC, OPENAI
 from llmproxy.store import KeyHealth
 from llmproxy.store.storage import Storage
 
@@ -25,7 +24,6 @@ logger = logging.getLogger(__name__)
 ACTIVE = "active"
 REVOKED = "revoked"
 OVER_QUOTA = "over_quota"
-_ID_PREFIX = {OPENAI: "oai", ANTHROPIC: "ant"}
 SHARED_SYNC_INTERVAL = 0.25  # seconds: how stale this instance's view of other instances' key states may be
 DEFAULT_COOLDOWN = 10.0  # seconds, when a 429 says nothing about when to come back (or nothing believable)
 # Seconds: the longest window either API limits by (requests per day). A longer wait, like a negative, infinite or
@@ -212,8 +210,9 @@ class KeyAffinity:
 
 @dataclass
 class PoolKey:
-    api: str
+    service: str  # the name of the service it is a key of (llmproxy/services)
     secret: str = field(repr=False)
+    prefix: str = "key"  # its id's prefix: the service's key_prefix
     organization: str | None = None
     id: str = ""
     state: str = ACTIVE
@@ -230,19 +229,10 @@ class PoolKey:
 
     def __post_init__(self):
         digest = hashlib.sha256((self.secret + (self.organization or "")).encode()).hexdigest()[:8]
-        self.id = f"{_ID_PREFIX[self.api]}-{digest}"
+        self.id = f"{self.prefix}-{digest}"
 
     def __str__(self) -> str:
         return self.id
-
-    def auth_headers(self) -> list[tuple[str, str]]:
-        """The headers that authenticate a request with this key upstream."""
-        if self.api == ANTHROPIC:
-            return [("x-api-key", self.secret)]
-        headers = [("authorization", f"Bearer {self.secret}")]
-        if self.organization:
-            headers.append(("openai-organization", self.organization))
-        return headers
 
     def serves(self, family: str) -> bool:
         return (
@@ -273,13 +263,15 @@ class PoolKey:
 class KeyPool:
     """Hands out the key with the most rate-limit headroom, least recently used first among equals.
 
-    `all_families(api)` names every family of a service, for a key that turns out not to serve one of them."""
+    `all_families(service)` names every family of a service, for a key that turns out not to serve one of them."""
 
-    def __init__(self, secrets: Mapping[str, list[str]], storage: Storage, all_families: Callable[[str], list[str]]):
-        self.keys = {
-            OPENAI: [PoolKey(OPENAI, secret) for secret in secrets.get("openai_key", [])],
-            ANTHROPIC: [PoolKey(ANTHROPIC, secret) for secret in secrets.get("anthropic_key", [])],
-        }
+    def __init__(
+        self,
+        keys: Mapping[str, list[PoolKey]],
+        storage: Storage,
+        all_families: Callable[[str], list[str]],
+    ):
+        self.keys = {service: list(service_keys) for service, service_keys in keys.items()}  # service -> its keys
         self.storage = storage
         self.all_families = all_families
         self._listeners: list[Callable[[], None]] = []
@@ -290,8 +282,8 @@ class KeyPool:
         """Takes each key's health from the store, once it is open; warns when there is no key at all."""
         if not any(self.keys.values()):
             logger.warning(
-                "No API key is configured: set OPENAI_KEY and/or ANTHROPIC_KEY (comma-separated, in the "
-                "environment, .env or config.yaml); until then every generation request gets 503."
+                "No API key is configured: set OPENAI_KEY, ANTHROPIC_KEY or another service's keys (comma-separated, "
+                "in the environment, .env or config.yaml); until then every generation request gets 503."
             )
         self._load_health(self.all_keys())
 
@@ -322,10 +314,10 @@ class KeyPool:
         for listener in self._listeners:
             listener()
 
-    def serving(self, api: str, family: str) -> list[PoolKey]:
+    def serving(self, service: str, family: str) -> list[PoolKey]:
         """Keys that can serve the family at all, resting or not."""
         self._sync_shared()
-        return [key for key in self.keys[api] if key.serves(family)]
+        return [key for key in self.keys[service] if key.serves(family)]
 
     def _sync_shared(self) -> None:
         """With a shared store, what other instances learned (retired keys, rests) counts here too, within
@@ -343,7 +335,7 @@ class KeyPool:
                 key.probing.add(family)
 
     def choose(
-        self, api: str, family: str, exclude: Iterable[PoolKey] = (), affinity: KeyAffinity | None = None
+        self, service: str, family: str, exclude: Iterable[PoolKey] = (), affinity: KeyAffinity | None = None
     ) -> PoolKey | None:
         """The free key with the most headroom (least recently used among equals), now counted in flight.
 
@@ -351,7 +343,9 @@ class KeyPool:
         key); a pinned affinity takes its key or none."""
         now = time.time()
         excluded = {key.id for key in exclude}
-        free = [k for k in self.candidates(api, family, affinity) if k.id not in excluded and k.is_free(family, now)]
+        free = [
+            k for k in self.candidates(service, family, affinity) if k.id not in excluded and k.is_free(family, now)
+        ]
         if not free:
             return None
         key = max(free, key=lambda k: (k.headroom(family, now), -k.last_used))
@@ -364,15 +358,15 @@ class KeyPool:
         key.in_flight[family] = key.in_flight.get(family, 0) + 1
         return key
 
-    def candidates(self, api: str, family: str, affinity: KeyAffinity | None = None) -> list[PoolKey]:
+    def candidates(self, service: str, family: str, affinity: KeyAffinity | None = None) -> list[PoolKey]:
         """The keys that serve the family, only the affinity's own when it is pinned."""
-        keys = self.serving(api, family)
+        keys = self.serving(service, family)
         return [k for k in keys if k.id == affinity.key_id] if affinity and affinity.pinned else keys
 
-    def seconds_until_free(self, api: str, family: str, affinity: KeyAffinity | None = None) -> float | None:
+    def seconds_until_free(self, service: str, family: str, affinity: KeyAffinity | None = None) -> float | None:
         """When the first resting key of the family (or the pinned key) can be used again; None if no key serves
         the family."""
-        keys = self.candidates(api, family, affinity)
+        keys = self.candidates(service, family, affinity)
         if not keys:
             return None
         now = time.time()
@@ -391,8 +385,10 @@ class KeyPool:
         body: bytes,
         model: str = "",
         may_suspect: bool = True,
+        verdict: Verdict | None = None,
     ) -> Verdict:
-        """Ends a request made with `key` and learns from its answer; returns what the answer means.
+        """Ends a request made with `key` and learns from its answer; returns what the answer means (`verdict`, when
+        the key's service read it already; else as OpenAI and Anthropic answer).
 
         An answer that would retire the key only makes it suspect (`may_suspect`: the request has not already
         made another key suspect), and the checker's probe, which carries no client input, decides."""
@@ -400,7 +396,7 @@ class KeyPool:
         now, odd = time.time(), set()
         if (limits := read_limits(headers, now, odd)) is not None:
             key.limits[family] = limits
-        verdict = classify(status, body)
+        verdict = verdict or classify(status, body)
         if verdict is Verdict.SUCCESS:
             key.probing.discard(family)
         elif verdict is Verdict.RATE_LIMITED:
@@ -442,7 +438,9 @@ class KeyPool:
     def forbid_family(self, key: PoolKey, family: str, reason: str) -> None:
         """The checker confirmed that the key may not use the family's models, as it learns other capabilities."""
         key.suspected_families.discard(family)
-        key.families = (set(key.families) if key.families is not None else set(self.all_families(key.api))) - {family}
+        key.families = (set(key.families) if key.families is not None else set(self.all_families(key.service))) - {
+            family
+        }
         logger.warning("key %s no longer serves %s (%s)", key.id, family, reason)
         self._changed()
 
@@ -453,12 +451,12 @@ class KeyPool:
 
     def add_organizations(self, key: PoolKey, organizations: list[str]) -> None:
         """Adds a pool entry for each further organisation of an OpenAI key; requests with it name the org."""
-        known = {(k.secret, k.organization) for k in self.keys[key.api]}
+        known = {(k.secret, k.organization) for k in self.keys[key.service]}
         for organization in organizations:
             if (key.secret, organization) not in known:
-                clone = PoolKey(key.api, key.secret, organization)
+                clone = PoolKey(key.service, key.secret, key.prefix, organization)
                 self._load_health([clone])
-                self.keys[key.api].append(clone)
+                self.keys[key.service].append(clone)
                 logger.info("key %s has organisation entry %s", key.id, clone.id)
         self._changed()
 
@@ -473,14 +471,14 @@ class KeyPool:
         if state == ACTIVE:
             self._changed()
 
-    def counts(self, api: str, family: str | None = None) -> dict[str, int]:
+    def counts(self, service: str, family: str | None = None) -> dict[str, int]:
         """Keys of a service (and family) by state, for the status page.
 
         A key whose families are unknown counts for every family while it works, and for none once retired.
         """
         keys = [
             k
-            for k in self.keys[api]
+            for k in self.keys[service]
             if family is None or (family in k.families if k.families is not None else k.state == ACTIVE)
         ]
         return {

@@ -1,7 +1,7 @@
 """The upstream HTTP client: one pooled aiohttp session, one call at a time, and a buffered body read within limits.
 
-The key is given to `send` apart from the request and added as the last headers of the outgoing aiohttp request
-only: it is never on a flow, nor on the request the caller keeps.
+The key reaches `send` only within the outgoing request its service prepared for one attempt
+(llmproxy/services): it is never on a flow, nor on the request the caller keeps.
 """
 
 import asyncio
@@ -10,9 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 from llmproxy.api.errors import error_body
 from llmproxy.pool.queue import QueueRefusal
+from llmproxy.services.base import Outgoing, UpstreamFailure
 
 MAX_BUFFERED_RESPONSE = 64 * 1024 * 1024  # a JSON answer larger than this is not an LLM answer
 
@@ -26,6 +28,7 @@ class Answer:
     body: bytes = b""
     stream: aiohttp.ClientResponse | None = None
     upstream_body: bytes | None = None  # the upstream's own answer, when `body` is its translation: what is billed
+    decode: Callable[[bytes], bytes] | None = None  # the stream's bytes as the client's dialect's SSE (Bedrock's)
 
     @classmethod
     def refusal(cls, api: str, refusal: QueueRefusal) -> "Answer":
@@ -39,14 +42,6 @@ class Answer:
             [(b"content-type", b"application/json"), (b"x-proxy-error", code.encode()), *extra],
             json.dumps(error_body(api, status, message, code)).encode(),
         )
-
-
-class UpstreamFailure(Exception):
-    """No usable answer from the upstream (unreachable, too slow, cut off); the message is for the client."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 @dataclass(frozen=True)
@@ -83,15 +78,17 @@ class UpstreamClient:
         if self.session:
             await self.session.close()
 
-    async def send(self, request: UpstreamRequest, key_headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
-        """Sends the request with the key's headers last; the response as soon as its headers are in."""
+    async def send(self, request: UpstreamRequest, outgoing: Outgoing) -> aiohttp.ClientResponse:
+        """Sends the request as its service prepared it for one key; the response as soon as its headers are in."""
         try:
             async with asyncio.timeout(self.answer_timeout):
                 return await self.session.request(
                     request.method,
-                    request.url,
-                    data=request.body,
-                    headers=[*request.headers, *key_headers],
+                    # As the service built it: a signature covers the path as sent (Bedrock's `%3A` in a model id),
+                    # which aiohttp would otherwise requote.
+                    yarl.URL(outgoing.url, encoded=True),
+                    data=outgoing.body,
+                    headers=outgoing.headers,
                     allow_redirects=False,
                 )
         except TimeoutError:

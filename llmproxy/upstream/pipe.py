@@ -28,8 +28,9 @@ from llmproxy.api import sse
 from llmproxy.api.errors import api_of_path, error_body, error_event, sse_error_event
 from llmproxy.api.routes import Route
 from llmproxy.api.translate import MessagesToChatStream
-from llmproxy.api.usage import StreamMeter, Usage
+from llmproxy.api.usage import Usage
 from llmproxy.flowstate import FlowState
+from llmproxy.services import stream_meter
 from llmproxy.upstream.client import Answer
 
 logger = logging.getLogger(__name__)
@@ -234,8 +235,8 @@ class Pipe:
         self, writer: asyncio.StreamWriter, piped: PipedRequest, answer: Answer, response: PipeResponse | None = None
     ) -> None:
         """Passes the upstream's events on as they come, reading their usage; bills what was streamed."""
-        api, upstream, state = piped.route.api, answer.stream, piped.state
-        meter = StreamMeter(api, drop_usage_chunk=state.usage_chunk_added, keep_text=self.keep_text)
+        service, upstream, state = piped.route.service, answer.stream, piped.state
+        meter = stream_meter(piped.route.wire, drop_usage_chunk=state.usage_chunk_added, keep_text=self.keep_text)
         translator = MessagesToChatStream(state.client_wants_usage) if piped.route.client_format else None
         complete = False
         try:
@@ -245,9 +246,10 @@ class Pipe:
             while True:
                 try:
                     async with asyncio.timeout(self.idle_timeout):
-                        chunk = await upstream.content.readany()
+                        received = await upstream.content.readany()
+                    chunk = answer.decode(received) if answer.decode and received else received
                 except (TimeoutError, aiohttp.ClientError) as error:
-                    logger.warning("upstream %s stream broke off: %s", api, type(error).__name__)
+                    logger.warning("upstream %s stream broke off: %s", service, type(error).__name__)
                     message = "The upstream API broke off the stream."
                     await response.write(sse_error_event(piped.route.dialect, 502, message, "upstream_broken"))
                     break
@@ -255,7 +257,7 @@ class Pipe:
                 if state.first_byte_ms is None:
                     state.first_byte_ms = round((time.time() - piped.arrived) * 1000)
                 await response.write(translator.feed(passed) if translator else passed)
-                if not chunk:
+                if not received:
                     complete = True
                     break
             await response.finish()
@@ -264,7 +266,7 @@ class Pipe:
         except Exception as error:  # the proxy's own fault: told in the API's format, never a cut
             logger.error(
                 "passing on a %s stream failed on %s: %s: %s",
-                api,
+                service,
                 piped.name,
                 type(error).__name__,
                 scrub.text(str(error)),

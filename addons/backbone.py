@@ -1,7 +1,9 @@
-"""The options and the lifecycle of the plain services, which have no hook of their own: the store, the key pool,
-the wait queue and the key checker (llmproxy/store, llmproxy/pool)."""
+"""The options and the lifecycle of the proxy's backbone, the parts with no hook of their own: the store, the key
+pool, the wait queue and the key checker (llmproxy/store, llmproxy/pool), and the upstream services' own settings
+(llmproxy/services)."""
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
@@ -9,6 +11,7 @@ from mitmproxy import ctx, exceptions
 from llmproxy.pool.checker import KeyChecker
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import QUEUE_MODES, WaitQueue
+from llmproxy.services.base import Service
 from llmproxy.store import StoreUnavailable
 from llmproxy.store.storage import Storage
 
@@ -16,10 +19,13 @@ STORES = ("sqlite", "redis")
 _AT_LEAST_ONE = ("queue_timeout", "queue_heartbeat", "max_queued_per_identity")
 
 
-class Services:
-    """Declares and checks the services' options, hands their values over, and starts and stops them."""
+class Backbone:
+    """Declares and checks the backbone's options, hands their values over, and starts and stops its parts."""
 
-    def __init__(self, storage: Storage, pool: KeyPool, queue: WaitQueue, checker: KeyChecker):
+    def __init__(
+        self, services: Sequence[Service], storage: Storage, pool: KeyPool, queue: WaitQueue, checker: KeyChecker
+    ):
+        self.services = services
         self.storage = storage
         self.pool = pool
         self.queue = queue
@@ -39,6 +45,9 @@ class Services:
         loader.add_option("max_queued_per_identity", int, 1, "Requests one identity may have waiting at once.")
         loader.add_option("check_keys", bool, True, "Check keys at start-up and periodically.")
         loader.add_option("key_check_interval", int, 3600, "Seconds between two checks of a working key.")
+        for service in self.services:
+            for option in service.options:
+                loader.add_option(option.name, option.typespec, option.default, option.help)
 
     def configure(self, updated):
         options = ctx.options
@@ -53,6 +62,9 @@ class Services:
         self.queue.timeout = options.queue_timeout
         self.queue.max_per_identity = options.max_queued_per_identity
         self.checker.interval = options.key_check_interval
+        for service in self.services:
+            if names := {option.name for option in service.options} & updated:
+                service.configure({name: getattr(options, name) for name in names})
 
     def _open_store(self) -> None:
         if ctx.options.store not in STORES:
