@@ -88,7 +88,6 @@ import os
 import re
 import signal
 import struct
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -97,6 +96,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+
+from tests.fakes.server import FakeServer
 
 OPENAI_ORG = "org-FAKEORGID1234567890abcd"
 OPENAI_PROJECT = "proj_FAKEPROJECT123456"
@@ -562,19 +563,15 @@ def _block_events(call: Call, index: int, block: dict) -> list[tuple[str, dict, 
     ]
 
 
-class FakeUpstream:
+class FakeUpstream(FakeServer):
     """The fake server; ``start()`` it on a loop, or use ``start_in_thread()``."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[RecordedRequest] = []
-        self.host = "127.0.0.1"
-        self.port = 0
         self._overrides: dict[str, dict[str, Any]] = {}
         self._accounts = KeyAccounts()
         self.strict_fields = False  # refuse unknown top-level fields as the real APIs do, echoing their names
-        self._runner: web.AppRunner | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._routes = {
             ("POST", "/v1/chat/completions"): ("openai", self._chat),
             ("POST", "/v1/completions"): ("openai", self._completions),
@@ -589,29 +586,14 @@ class FakeUpstream:
             ("GET", "/v1/organizations"): ("openai", self._organizations),
         }
 
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        return f"http://{host}:{self.port}"
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Start listening; ``port`` 0 picks a free one."""
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/_fake/requests", self._list_requests)
         app.router.add_delete("/_fake/requests", self._clear_requests)
         app.router.add_put("/_fake/keys/{key}", self._put_key)
         app.router.add_delete("/_fake/keys/{key}", self._delete_key)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.host, self.port = host, self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        """Stop listening and drop open connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        return app
 
     def reset(self) -> None:
         """Forget recorded requests and per-key overrides; lenient about fields again."""
@@ -630,15 +612,6 @@ class FakeUpstream:
     def clear_key_behaviour(self, key: str) -> None:
         """Remove the override for ``key``."""
         self._overrides.pop(key, None)
-
-    def wait_for_requests(self, n: int, timeout: float = 5) -> list[RecordedRequest]:
-        """Poll (from any thread) until at least ``n`` requests were recorded."""
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"expected {n} requests, got {len(self.requests)}")
-            time.sleep(0.005)
-        return list(self.requests)
 
     # -- control endpoints ---------------------------------------------------------
 
@@ -1401,24 +1374,12 @@ class KeyAccounts:
 
 def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> FakeUpstream:
     """Start a fake on its own event loop in a daemon thread; returns once listening."""
-    fake = FakeUpstream()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(host, port), loop).result(timeout=10)
-    fake._loop, fake._thread = loop, thread
-    return fake
+    return FakeUpstream().start_in_thread(host, port)
 
 
 def stop_in_thread(fake: FakeUpstream) -> None:
     """Stop a fake started by ``start_in_thread`` and end its thread."""
-    if fake._loop is None or fake._thread is None:
-        return
-    asyncio.run_coroutine_threadsafe(fake.stop(), fake._loop).result(timeout=10)
-    fake._loop.call_soon_threadsafe(fake._loop.stop)
-    fake._thread.join(timeout=10)
-    fake._loop.close()
-    fake._loop = fake._thread = None
+    fake.stop_in_thread()
 
 
 async def _serve(host: str, port: int) -> None:

@@ -35,11 +35,11 @@ from botocore.utils import percent_encode
 from yarl import URL
 
 from llmproxy import scrub
-from llmproxy.api import ANTHROPIC, OPENAI, sse
-from llmproxy.api.routes import FORWARD, LOCAL
+from llmproxy.api import ANTHROPIC, sse
 from llmproxy.config import ConfigError, split_list
 from llmproxy.pool.keys import Verdict
-from llmproxy.services.base import USER_AGENT, Endpoint, KeyCheck, Outgoing, Service, ServiceOption, UpstreamFailure
+from llmproxy.services.anthropic import CLAUDE_ENDPOINTS, CLOUD_MODELS, claude_families
+from llmproxy.services.base import USER_AGENT, KeyCheck, Outgoing, Service, ServiceOption, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
@@ -472,18 +472,9 @@ class Bedrock(Service):
     key_setting = "aws_credentials"
     key_prefix = "aws"
     default_url = DEFAULT_URL
-    endpoints = (
-        Endpoint("messages", "POST", FORWARD, "/v1/messages"),
-        Endpoint("chat_completions", "POST", FORWARD, "/v1/messages", OPENAI, client_path="/v1/chat/completions"),
-        Endpoint("models", "GET", LOCAL, client_path="/v1/models"),
-    )
-    families = (
-        "aws-claude-opus=claude-opus-*|claude-*-opus*|*anthropic.claude-opus-*|*anthropic.claude-*-opus*",
-        "aws-claude-sonnet=claude-sonnet-*|claude-*-sonnet*|*anthropic.claude-sonnet-*|*anthropic.claude-*-sonnet*",
-        "aws-claude-haiku=claude-haiku-*|claude-*-haiku*|*anthropic.claude-haiku-*|*anthropic.claude-*-haiku*",
-        "aws-claude=claude-*|*anthropic.claude-*",
-    )
-    models = ("claude-opus-4-8", "claude-sonnet-4-6", "claude-haiku-4-5")
+    endpoints = CLAUDE_ENDPOINTS
+    families = claude_families("aws-", "anthropic.")
+    models = CLOUD_MODELS
     price_fallback = "anthropic"
     stream_media_type = "application/vnd.amazon.eventstream"
     options = (

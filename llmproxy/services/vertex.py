@@ -44,11 +44,11 @@ from google.oauth2 import service_account
 from yarl import URL
 
 from llmproxy import scrub
-from llmproxy.api import ANTHROPIC, OPENAI
-from llmproxy.api.routes import FORWARD, LOCAL
+from llmproxy.api import ANTHROPIC
 from llmproxy.config import ConfigError
 from llmproxy.pool.keys import Verdict
-from llmproxy.services.base import USER_AGENT, Endpoint, KeyCheck, Outgoing, Service, ServiceOption, UpstreamFailure
+from llmproxy.services.anthropic import CLAUDE_ENDPOINTS, CLOUD_MODELS, claude_families
+from llmproxy.services.base import USER_AGENT, KeyCheck, Outgoing, Service, ServiceOption, UpstreamFailure
 
 if TYPE_CHECKING:
     from llmproxy.pool.keys import PoolKey
@@ -541,18 +541,9 @@ class Vertex(Service):
     key_setting = "gcp_credentials"
     key_prefix = "gcp"
     default_url = DEFAULT_URL
-    endpoints = (
-        Endpoint("messages", "POST", FORWARD, "/v1/messages"),
-        Endpoint("chat_completions", "POST", FORWARD, "/v1/messages", OPENAI, client_path="/v1/chat/completions"),
-        Endpoint("models", "GET", LOCAL, client_path="/v1/models"),
-    )
-    families = (
-        "gcp-claude-opus=claude-opus-*|claude-*-opus*",
-        "gcp-claude-sonnet=claude-sonnet-*|claude-*-sonnet*",
-        "gcp-claude-haiku=claude-haiku-*|claude-*-haiku*",
-        "gcp-claude=claude-*",
-    )
-    models = ("claude-opus-4-8", "claude-sonnet-4-6", "claude-haiku-4-5")
+    endpoints = CLAUDE_ENDPOINTS
+    families = claude_families("gcp-")
+    models = CLOUD_MODELS
     price_fallback = "anthropic"
     options = (
         ServiceOption(

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.fakeupstream import CACHE_BLOCK, CACHE_MINIMUM
 from tests.harness import ROOT, ProxyProcess, RedisServer
@@ -48,6 +50,7 @@ STREAM_PROMPT = "Hello #fake:events=40 #fake:interval_ms=50"
 CONCURRENCY = 16
 THROUGHPUT_ROUNDS = 4  # turns of each throughput run
 HALF_LIMITED = "this proxy, half the keys 429"
+EVERY_SERVICE = "every other service configured"
 REQUEST_TIMEOUT = 30  # seconds; a request that takes longer counts as an error
 CLIENT_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
@@ -180,6 +183,24 @@ def cpu_seconds(pid: int | None) -> float:
         return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def other_services() -> dict[str, str]:
+    """Credentials of every service besides OpenAI (none of which the load uses) and one declared OpenAI-compatible
+    service: what a request to OpenAI pays for services that are configured but not used."""
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem = private_key.decode().strip().replace("\n", "\\n")  # one line, as GCP_CREDENTIALS carries it
+    return {
+        "ANTHROPIC_KEY": "sk-ant-bench-one,sk-ant-bench-two",
+        "AZURE_CREDENTIALS": "contoso:gpt-4o:bench-azure-key,contoso:embed:bench-azure-key",
+        "AWS_CREDENTIALS": "AKIABENCHBENCHBENCH0:bench-aws-secret:us-east-1",
+        "GCP_CREDENTIALS": f"bench-project:bench@bench-project.iam.gserviceaccount.com:us-east5:{pem}",
+        "GOOGLE_AI_KEY": "AIzaBenchBenchBenchBenchBenchBenchBench",
+        "SERVICES": json.dumps([{"name": "local", "url": "http://127.0.0.1:9/v1"}]),
+        "LOCAL_KEY": "bench-local-key",
+    }
 
 
 async def in_turns(targets: list[Target], prompt: str, stream: bool, rounds: int, per_round: int) -> dict:
@@ -447,7 +468,7 @@ async def count_fake_requests(fake: Target, key_marker: str) -> int:
 async def measure(
     targets: list[Target],
     half_limited: Target,
-    shared: tuple[Target, Target, Target],
+    shared: tuple[Target, Target, Target, Target],
     agents: dict[str, Target],
     settings: Settings,
     profile: Path | None = None,
@@ -482,16 +503,18 @@ async def measure(
     results["rss_end"] = {t.name: rss_mb(t.pid) for t in targets}
     results["token_count"] = time_token_count()
     print(
-        "  throughput with the Redis store and user tokens: 1 instance, 2, and the default, in turns ...",
+        "  throughput with the Redis store and user tokens (1 instance, 2), the default, and the default with every "
+        "other service configured, in turns ...",
         file=sys.stderr,
         flush=True,
     )
-    one, two, default = shared
+    one, two, default, every_service = shared
     results["scale_out"] = await throughput_in_turns(
         {
             "1 instance": functools.partial(throughput, one),
             "2 instances": functools.partial(throughput, one, also=(two,)),
             "default configuration": functools.partial(throughput, default),
+            EVERY_SERVICE: functools.partial(throughput, every_service),
         },
         settings.throughput_seconds,
     )
@@ -579,6 +602,7 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
     scale_out = results["scale_out"]
     single, double = scale_out["1 instance"]["rps"], scale_out["2 instances"]["rps"]
     default = scale_out["default configuration"]["rps"]
+    every = scale_out[EVERY_SERVICE]["rps"]
     targets = [
         (f"throughput ≥ 1.0× bare mitmdump ({thr[proxy] / thr[bare]:.2f}×)", thr[proxy] >= thr[bare]),
         (
@@ -598,6 +622,10 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
         (
             f"one instance with user tokens and Redis ≥ 0.8× the default configuration ({single / default:.2f}×)",
             single >= 0.8 * default,
+        ),
+        (
+            f"services configured but not used cost nothing a request: ≥ 0.95× the default ({every / default:.2f}×)",
+            every >= 0.95 * default,
         ),
     ]
     print("\ntargets:")
@@ -625,7 +653,8 @@ def report(results: dict, names: list[str], settings: Settings) -> None:
     print(
         f"\nRedis store and user tokens, c={CONCURRENCY}, against the canned upstream: 1 instance {single:.0f} req/s, "
         f"2 instances behind a round-robin {double:.0f} req/s ({double / single:.2f}x); the default configuration "
-        f"{default:.0f} req/s in the same turns. Busy cores of {os.cpu_count()}: "
+        f"{default:.0f} req/s, and with every other service configured but not used {every:.0f} req/s, in the same "
+        f"turns. Busy cores of {os.cpu_count()}: "
         + ", ".join(f"{name} {result['busy_cores']:.2f}" for name, result in scale_out.items())
     )
     counted, milliseconds = results["token_count"]
@@ -778,6 +807,8 @@ def main() -> int:
         }
         instances = [ProxyProcess(shared_env).start() for _ in range(2)]
         instances.append(ProxyProcess({"OPENAI_KEY": "sk-bench-one,sk-bench-two", **canned_upstreams}).start())
+        every_service = {"OPENAI_KEY": "sk-bench-one,sk-bench-two", **canned_upstreams, **other_services()}
+        instances.append(ProxyProcess(every_service).start())
         token = httpx.post(
             f"{instances[0].url}/admin/users",
             json={"nickname": "bench"},
@@ -795,7 +826,9 @@ def main() -> int:
         limited = Target(HALF_LIMITED, half_limited.port, targets[2].path, half_limited.process.pid)
         shared = tuple(
             Target(name, p.port, targets[2].path, p.process.pid, token if name.startswith("instance") else KEY)
-            for name, p in zip(("instance 1", "instance 2", "default configuration"), instances, strict=True)
+            for name, p in zip(
+                ("instance 1", "instance 2", "default configuration", EVERY_SERVICE), instances, strict=True
+            )
         )
         agents = {
             name: Target(AGENT_PROXIES[name][0], process.port, "/proxy/openai/v1/responses", process.process.pid)

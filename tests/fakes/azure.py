@@ -12,13 +12,13 @@ answered by the fake upstream as OpenAI's `/v1/<endpoint>` for the deployment's 
 bearer key (so its key markers, `-429` and the like, and the prompt's `#fake:` directives work through Azure).
 """
 
-import asyncio
 import json
-import threading
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from tests.fakes.server import FakeServer
 
 # The GA and preview versions the fake accepts (Azure answers 404 for any other).
 API_VERSIONS = {"2022-12-01", "2023-05-15", "2024-02-01", "2024-06-01", "2024-10-21", "2025-01-01-preview"}
@@ -52,19 +52,15 @@ class AzureCall:
     body: bytes
 
 
-class FakeAzure:
+class FakeAzure(FakeServer):
     """The fake; `start_in_thread()` it, `add_deployment(...)` what a test needs, point the proxy's
     AZURE_UPSTREAM_URL at `url`."""
 
     def __init__(self, openai_url: str):
+        super().__init__()
         self.openai_url = openai_url  # the fake upstream that makes the answers
         self.deployments: dict[tuple[str, str], Deployment] = {}
         self.calls: list[AzureCall] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     def add_deployment(self, resource: str, deployment: str, model: str, key: str) -> str:
         """Registers a deployment; returns its AZURE_CREDENTIALS entry (resource:deployment:key)."""
@@ -76,35 +72,14 @@ class FakeAzure:
         self.deployments.clear()
         self.calls.clear()
 
-    async def start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{resource}/openai/deployments/{deployment}", self._lookup)
         app.router.add_route("*", "/{resource}/openai/deployments/{deployment}/{endpoint:.+}", self._inference)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
+        return app
 
-    async def stop(self) -> None:
-        if self._session:
-            await self._session.close()
-        if self._runner:
-            await self._runner.cleanup()
-
-    def start_in_thread(self) -> "FakeAzure":
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-azure", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.start(), self._loop).result(timeout=10)
-        return self
-
-    def stop_in_thread(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+    def make_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(auto_decompress=False)
 
     async def _record(self, request: web.Request) -> bytes:
         body = await request.read()

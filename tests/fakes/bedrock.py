@@ -31,7 +31,6 @@ import json
 import random
 import re
 import struct
-import threading
 import time
 import uuid
 import zlib
@@ -47,6 +46,7 @@ from botocore.credentials import Credentials
 
 from llmproxy.api import DEFAULT_ANTHROPIC_VERSION, sse
 from llmproxy.services.bedrock import INVOCATION_METRICS, MODELS, SIGNING_NAME, foundation_model_id
+from tests.fakes.server import FakeServer
 from tests.fakeupstream import RecordedRequest
 
 # Bedrock's Claude models: foundation model id -> (Anthropic's name, only through an inference profile).
@@ -216,24 +216,15 @@ def _from_upstream(status: int, body: bytes) -> BedrockError:
     return BedrockError(error_type, bedrock_status, bedrock_message or message)
 
 
-class FakeBedrock:
+class FakeBedrock(FakeServer):
     """The fake server; `start()` it on a loop, or `start_in_thread()`."""
 
     def __init__(self, anthropic_fake_url: str) -> None:
+        super().__init__()
         self.anthropic_fake_url = anthropic_fake_url.rstrip("/")
         self.requests: list[BedrockRecord] = []
         self.clock_offset = 0.0  # seconds added to the fake's clock when it checks a signature's date
-        self.host = "127.0.0.1"
-        self.port = 0
         self._credentials: dict[str, FakeCredential] = {}
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def add_credential(
         self,
@@ -255,54 +246,16 @@ class FakeBedrock:
         """Forget the recorded requests (credentials stay)."""
         self.requests.clear()
 
-    def wait_for_requests(self, n: int, timeout: float = 5) -> list[BedrockRecord]:
-        """Poll (from any thread) until at least `n` requests were recorded."""
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"expected {n} requests, got {len(self.requests)}")
-            time.sleep(0.005)
-        return list(self.requests)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Start listening; `port` 0 picks a free one."""
+    def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._authenticated], client_max_size=64 * 1024 * 1024)
         app.router.add_post("/model/{model_id}/invoke", self._invoke)
         app.router.add_post("/model/{model_id}/invoke-with-response-stream", self._invoke)
         app.router.add_get("/foundation-models", self._foundation_models)
         app.router.add_get("/logging/modelinvocations", self._logging_configuration)
-        self._session = aiohttp.ClientSession()
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.host, self.port = host, self._runner.addresses[0][1]
+        return app
 
-    async def stop(self) -> None:
-        """Stop listening and drop open connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> FakeBedrock:
-        """Start on an event loop of its own in a daemon thread; returns once listening."""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-bedrock", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.start(host, port), self._loop).result(timeout=10)
-        return self
-
-    def stop_in_thread(self) -> None:
-        """Stop a fake started by `start_in_thread` and end its thread."""
-        if self._loop is None or self._thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-        self._loop = self._thread = None
+    def make_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
 
     # -- authentication ------------------------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ import asyncio
 import base64
 import json
 import re
-import threading
 import time
 from typing import Any
 
@@ -54,7 +53,6 @@ from tests.fakeupstream import (
     _override_figures,
     _tool_input,
     _words,
-    stop_in_thread,
 )
 
 KEY_HEADER = "x-goog-api-key"
@@ -170,17 +168,8 @@ class FakeGemini(FakeUpstream):
         super().__init__()
         self.openai_fake_url = openai_fake_url.rstrip("/")
 
-    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> FakeGemini:
-        """Starts the fake on its own event loop in a daemon thread; returns once it listens."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="fake-gemini", daemon=True)
-        thread.start()
-        asyncio.run_coroutine_threadsafe(self.start(host, port), loop).result(timeout=10)
-        self._loop, self._thread = loop, thread
-        return self
-
-    def stop_in_thread(self) -> None:
-        stop_in_thread(self)
+    def make_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
 
     def models_of(self, key: str | None) -> list[str]:
         """The models `key` lists and may use: its override's `models`, else all."""
@@ -327,10 +316,10 @@ class FakeGemini(FakeUpstream):
     async def _openai_compatible(self, call: Call, body: bytes) -> web.StreamResponse:
         """The fake OpenAI upstream's answer, streamed through; its errors in Google's shape."""
         headers = {"Authorization": f"Bearer {call.key}", "Content-Type": "application/json"}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{self.openai_fake_url}/v1/chat/completions", data=body, headers=headers) as upstream,
-        ):
+        assert self._session is not None
+        async with self._session.post(
+            f"{self.openai_fake_url}/v1/chat/completions", data=body, headers=headers
+        ) as upstream:
             if upstream.status >= 400:
                 try:
                     message = _dict(_dict(json.loads(await upstream.read())).get("error")).get("message")

@@ -24,13 +24,11 @@ Every request is recorded in ``requests`` (``RecordedRequest`` of tests/fakeupst
 token).
 """
 
-import asyncio
 import base64
 import contextlib
 import json
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from tests.fakes.server import FakeServer
 from tests.fakeupstream import FakeUpstream, RecordedRequest, _bearer, _id
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -129,67 +128,29 @@ def anthropic_name(model_id: str) -> str:
     return model_id.replace("-v2@", "-").replace("@", "-")
 
 
-class FakeVertex:
+class FakeVertex(FakeServer):
     """The fake server; ``start()`` it on a loop, or ``start_in_thread()``."""
 
     def __init__(self, anthropic_fake_url: str) -> None:
+        super().__init__()
         self.anthropic_fake_url = anthropic_fake_url.rstrip("/")
         self.requests: list[RecordedRequest] = []
         self.token_lifetime = 3600  # seconds the tokens issued from now on last (0: issued already expired)
         self.accounts: dict[str, ServiceAccount] = {}
         self.tokens: dict[str, IssuedToken] = {}
-        self.host, self.port = "127.0.0.1", 0
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def token_uri(self) -> str:
         return f"{self.url}/token"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Start listening; ``port`` 0 picks a free one."""
+    def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
         app.router.add_post("/token", self._token)
         app.router.add_route("*", "/{tail:.*}", self._predict)
-        self._session = aiohttp.ClientSession()
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.host, self.port = host, self._runner.addresses[0][1]
+        return app
 
-    async def stop(self) -> None:
-        """Stop listening and drop open connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> "FakeVertex":
-        """Start on an event loop of its own in a daemon thread; returns once listening."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="fake-vertex", daemon=True)
-        thread.start()
-        asyncio.run_coroutine_threadsafe(self.start(host, port), loop).result(timeout=10)
-        self._loop, self._thread = loop, thread
-        return self
-
-    def stop_in_thread(self) -> None:
-        """Stop a fake started by ``start_in_thread`` and end its thread."""
-        if self._loop is None or self._thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-        self._loop = self._thread = None
+    def make_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
 
     def reset(self) -> None:
         """Forget recorded requests; tokens last an hour again. Accounts and issued tokens stay."""
