@@ -22,16 +22,12 @@ import binascii
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import aiohttp
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-from botocore.eventstream import EventStreamBuffer, ParserError
-from botocore.utils import percent_encode
 from yarl import URL
 
 from llmproxy import scrub
@@ -194,12 +190,23 @@ def _signed_headers(
     credential: AwsCredential, method: str, url: str, headers: dict[str, str], body: bytes | None
 ) -> list[tuple[str, str]]:
     """`headers` plus botocore's SigV4 signature (`x-amz-date`, `authorization`) for this request, as of now."""
+    # botocore is imported where it is used: 6 MB of memory that a proxy without AWS credentials never needs.
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
     request = AWSRequest(method=method, url=url, headers=headers, data=body)
     signer = SigV4Auth(
         Credentials(credential.access_key_id, credential.secret_access_key), SIGNING_NAME, credential.region
     )
     signer.add_auth(request)
     return [(name.lower(), value) for name, value in request.headers.items()]
+
+
+def _percent_encode(model_id: str) -> str:
+    """A model id as botocore's `percent_encode` puts it in the path (RFC 3986 unreserved characters kept, `:` as
+    `%3A`): the signature covers the path so encoded."""
+    return urllib.parse.quote(model_id, safe="-_.~")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -235,7 +242,7 @@ def invoke_request(
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     base = (endpoint or f"https://bedrock-runtime.{credential.region}.amazonaws.com").rstrip("/")
     # The model id is one path label, percent-encoded by botocore's rules (`:` becomes %3A) as boto3 sends it.
-    url = f"{base}/model/{percent_encode(model_id)}/{'invoke-with-response-stream' if stream else 'invoke'}"
+    url = f"{base}/model/{_percent_encode(model_id)}/{'invoke-with-response-stream' if stream else 'invoke'}"
     # What AnthropicBedrock sends, streaming or not: the answer's format is Bedrock's choice either way.
     signed = _signed_headers(
         credential, "POST", url, {"content-type": "application/json", "accept": "application/json"}, data
@@ -397,17 +404,21 @@ class EventStreamToSSE:
     `invocation_metrics`. An exception Bedrock sends becomes an Anthropic `error` event."""
 
     def __init__(self) -> None:
+        from botocore.eventstream import EventStreamBuffer  # as in _signed_headers
+
         self._buffer = EventStreamBuffer()
         self.invocation_metrics: dict | None = None
 
     def feed(self, data: bytes) -> bytes:
         """The SSE bytes of every message `data` completed; EventStreamError if a frame is corrupt."""
+        from botocore.eventstream import ParserError as EventStreamParserError
+
         self._buffer.add_data(data)
         events = []
         try:
             for message in self._buffer:
                 events.append(self._event(message.headers, message.payload))
-        except ParserError as error:  # a checksum mismatch, or lengths no frame can have
+        except EventStreamParserError as error:  # a checksum mismatch, or lengths no frame can have
             raise EventStreamError(f"The Bedrock answer stream is corrupt: {error}") from None
         return b"".join(events)
 
