@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, http
 from addons.apierrors import error_response, fail_closed, refuses_config_errors
 from addons.flowstate import flow_state, forward_route, parsed_body
 from llmproxy import tokens
-from llmproxy.api import ANTHROPIC
+from llmproxy.api import ANTHROPIC, GEMINI, OPENAI
 from llmproxy.api.routes import Route
 from llmproxy.families import parse_family_numbers
 from llmproxy.flowstate import FlowState
@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 INLINE_COUNT_LIMIT = 20_000  # characters; longer prompts are counted on a worker thread, off the event loop
 
 
+# Whose output and context caps a dialect's requests get: Azure's and the compatible services' are OpenAI's, Bedrock's
+# and Vertex's Claude Anthropic's.
+_CAPS = {OPENAI: "openai", ANTHROPIC: "anthropic", GEMINI: "google_ai"}
+
+
 class RequestPolicy:
     """Validation, output and context limits, and prompt filters."""
 
@@ -50,6 +55,8 @@ class RequestPolicy:
         loader.add_option("max_output_tokens_anthropic", int, 0, "Cap on output tokens of Claude requests; 0: none.")
         loader.add_option("max_context_tokens_openai", int, 0, "Cap on prompt + output tokens (OpenAI); 0: none.")
         loader.add_option("max_context_tokens_anthropic", int, 0, "Cap on prompt + output tokens (Claude); 0: none.")
+        loader.add_option("max_output_tokens_google_ai", int, 0, "Cap on output tokens of Gemini requests; 0: none.")
+        loader.add_option("max_context_tokens_google_ai", int, 0, "Cap on prompt + output tokens (Gemini); 0: none.")
         loader.add_option(
             "model_context_windows",
             Sequence[str],
@@ -84,6 +91,8 @@ class RequestPolicy:
             "max_output_tokens_anthropic",
             "max_context_tokens_openai",
             "max_context_tokens_anthropic",
+            "max_output_tokens_google_ai",
+            "max_context_tokens_google_ai",
         ):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name.upper()} must not be negative.")
@@ -132,10 +141,9 @@ class RequestPolicy:
             raise PolicyError(ctx.options.reject_message, "content_rejected")
         if route.counts_tokens:
             return changed
-        anthropic = route.wire == ANTHROPIC
-        output_cap = ctx.options.max_output_tokens_anthropic if anthropic else ctx.options.max_output_tokens_openai
-        output, capped = cap_output(route, body, output_cap)
-        cap = ctx.options.max_context_tokens_anthropic if anthropic else ctx.options.max_context_tokens_openai
+        caps = _CAPS[route.wire]
+        output, capped = cap_output(route, body, getattr(ctx.options, f"max_output_tokens_{caps}"))
+        cap = getattr(ctx.options, f"max_context_tokens_{caps}")
         window = context_window(self.windows, state.model, state.family)
         # Counting needs the model's vocabulary in memory (21-43 MB each). A user's token quota reserves the count;
         # otherwise the prompt is counted only when its bytes, an upper bound of its tokens, might not fit.

@@ -41,6 +41,8 @@ _OUTPUT_FIELD = {
     "anthropic.messages": "max_tokens",
     "anthropic.complete": "max_tokens_to_sample",
     "anthropic.chat_completions": "max_tokens",
+    "gemini.generate_content": "generationConfig.maxOutputTokens",
+    "gemini.stream_generate_content": "generationConfig.maxOutputTokens",
 }
 OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
 MIN_THINKING_BUDGET = 1024  # Anthropic refuses a smaller thinking.budget_tokens
@@ -166,6 +168,8 @@ def validate(route: str, body: dict) -> None:
     _require(isinstance(body.get("stream"), bool | None), "'stream' must be true or false.")  # null: not given
     for field in (*OUTPUT_FIELDS, "n"):
         _whole_number(body.get(field), field)
+    if isinstance(config := body.get("generationConfig"), dict):  # Gemini's
+        _whole_number(config.get("maxOutputTokens"), "generationConfig.maxOutputTokens")
     thinking = body.get("thinking")
     if isinstance(thinking, dict):
         _whole_number(thinking.get("budget_tokens"), "thinking.budget_tokens")
@@ -217,9 +221,13 @@ def cap_output(route: Route, body: dict, cap: int) -> tuple[int, bool]:
     field = _OUTPUT_FIELD[route.form]
     if route.form == "openai.chat_completions" and "max_tokens" in body and "max_completion_tokens" not in body:
         field = "max_tokens"  # the older name, still accepted; the cap applies to whichever is sent
-    if not cap or (body.get(field) is not None and body[field] <= cap):
-        return body.get(field) or 0, False
-    body[field] = cap
+    config, _, field = field.rpartition(".")  # Gemini's sits in generationConfig
+    holder = body.get(config, {}) if config else body
+    if not isinstance(holder, dict):  # no object where Gemini's config belongs: the upstream refuses it, not the cap
+        return 0, False
+    if not cap or (holder.get(field) is not None and holder[field] <= cap):
+        return holder.get(field) or 0, False
+    (body.setdefault(config, holder) if config else body)[field] = cap
     thinking = body.get("thinking")
     if route.wire == ANTHROPIC and isinstance(thinking, dict) and (thinking.get("budget_tokens") or 0) >= cap:
         if cap - 1 >= MIN_THINKING_BUDGET:

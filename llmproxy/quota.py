@@ -34,8 +34,13 @@ def prompt_estimate(body: dict) -> int:
 
 
 def output_reservation(body: dict) -> int:
-    for field in _OUTPUT_FIELDS:
-        if isinstance(value := body.get(field), int) and not isinstance(value, bool) and value > 0:
+    config = body.get("generationConfig")  # Gemini's output limit sits in it
+    limits = (
+        *(body.get(field) for field in _OUTPUT_FIELDS),
+        config.get("maxOutputTokens") if isinstance(config, dict) else None,
+    )
+    for value in limits:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return DEFAULT_OUTPUT_RESERVATION
 

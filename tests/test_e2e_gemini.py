@@ -114,3 +114,18 @@ def test_a_wrong_proxy_key_and_an_unknown_model_get_googles_errors(proxy, gemini
         right.models.generate_content(model="claude-sonnet-4-5", contents="hi")
     assert refused.value.code == 400
     assert gemini.requests == []
+
+
+def test_the_owners_output_cap_holds_for_gemini_requests(fake, gemini, start_proxy):
+    capped = start_proxy(
+        proxy_env(
+            fake, GOOGLE_AI_KEY=GEMINI_KEYS[1], GOOGLE_AI_UPSTREAM_URL=gemini.url, MAX_OUTPUT_TOKENS_GOOGLE_AI="50"
+        )
+    )
+    sdk = client(capped, key="anything")
+    config = types.GenerateContentConfig(max_output_tokens=4000, temperature=0.5)
+    sdk.models.generate_content(model="gemini-2.5-flash", contents="hi", config=config)
+    sdk.models.generate_content(model="gemini-2.5-flash", contents="hi")  # names no limit: gets the cap
+    sdk.models.generate_content(model="gemini-2.5-flash", contents="hi", config={"max_output_tokens": 20})
+    sent = [json.loads(request.body)["generationConfig"] for request in gemini.requests]
+    assert sent == [{"maxOutputTokens": 50, "temperature": 0.5}, {"maxOutputTokens": 50}, {"maxOutputTokens": 20}]

@@ -30,6 +30,7 @@ from llmproxy import config, scrub
 from llmproxy.api import ANTHROPIC, DEFAULT_ANTHROPIC_VERSION, headers, routes
 from llmproxy.api.errors import api_of_request
 from llmproxy.config import ConfigError, ConfigSources
+from llmproxy.policy import cap_output
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pool.queue import WaitQueue
 from llmproxy.services import BUILT_IN, pool_keys
@@ -500,3 +501,23 @@ async def test_the_pipe_sends_each_write_at_once():
     finally:
         writer.close()
         await pipe.close()
+
+
+@pytest.mark.parametrize(
+    "body, cap, after, limit",
+    [
+        ({"contents": []}, 0, {"contents": []}, 0),  # no cap: the body stays as sent
+        ({"contents": []}, 50, {"contents": [], "generationConfig": {"maxOutputTokens": 50}}, 50),
+        ({"generationConfig": {"maxOutputTokens": 9}}, 50, {"generationConfig": {"maxOutputTokens": 9}}, 9),
+        (
+            {"generationConfig": {"maxOutputTokens": 99, "topK": 3}},
+            50,
+            {"generationConfig": {"maxOutputTokens": 50, "topK": 3}},
+            50,
+        ),
+        ({"generationConfig": "odd"}, 50, {"generationConfig": "odd"}, 0),  # the upstream refuses it, not the cap
+    ],
+)
+def test_geminis_output_cap_sits_in_its_generation_config(body, cap, after, limit):
+    route = ROUTES.lookup(b"POST", b"/proxy/google-ai/v1beta/models/gemini-2.5-flash:generateContent").route
+    assert cap_output(route, body, cap)[0] == limit and body == after
