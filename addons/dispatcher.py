@@ -11,9 +11,11 @@ on the flow, so nothing that shows or saves flows (mitmweb, `-w`, `flow_detail`)
 """
 
 import asyncio
+import contextlib
 import functools
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
@@ -158,6 +160,7 @@ class Dispatcher:
             self._point_at_pipe(flow, self._piped(flow, route, answer))
         else:
             self._respond(flow, answer)
+            await _written(state.settlement)
 
     def _upstream_url(self, route: Route, upstream_path: str) -> str:
         if upstream_path:  # a parametric route's, rebuilt by its service from checked parts
@@ -258,6 +261,15 @@ class Dispatcher:
 
         job.add_done_callback(finished)
         return job
+
+
+async def _written(settlement: Future | None) -> None:
+    """Waits, without holding up other requests, until a bill the store writes in the background is written: an
+    answer goes to its client only once its usage would survive a kill. A bill that could not be written is logged
+    by the store; the answer goes out all the same."""
+    if settlement is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(settlement)
 
 
 def _show_target(flow: http.HTTPFlow, upstream_url: str) -> None:

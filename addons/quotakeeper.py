@@ -223,7 +223,7 @@ class QuotaKeeper:
         try:
             if reservation:  # the counters go with the settlement: one write
                 spent = {**usage.counts(), "cost_nanousd": cost} if usage else None
-                store.settle(
+                state.settlement = store.settle(
                     reservation.user,
                     reservation.family,
                     reservation.held_tokens,

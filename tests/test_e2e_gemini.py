@@ -59,6 +59,7 @@ def test_google_genai_generates_streams_and_counts_through_the_proxy_with_the_po
     assert {request.key for request in sent} <= set(GEMINI_KEYS) and sent[-1].key == GEMINI_KEYS[1]
     assert all(PROXY_KEY not in json.dumps(request.headers) for request in gemini.requests)
     assert any(request.path.endswith(":streamGenerateContent?alt=sse") for request in sent)
+    proxy.wait_for_log('"route": "google-ai.stream_generate_content"')  # a stream's line is written as it ends
     log = proxy.log()
     assert '"route": "google-ai.generate_content"' in log and '"family": "gemini-flash"' in log
     assert '"route": "google-ai.stream_generate_content"' in log and '"family": "gemini-pro"' in log

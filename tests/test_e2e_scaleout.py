@@ -1,11 +1,13 @@
 """Several proxy instances sharing one Redis: every promise holds across them."""
 
 import itertools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from redis import Redis
 
 from tests.conftest import OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, RedisServer, wait_until
@@ -162,3 +164,28 @@ def test_a_user_disabled_on_one_instance_is_refused_by_another_within_a_second(i
     wait_until(lambda: httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 200, timeout=3)
     assert admin_b.post(f"/users/{user['id']}/disable", json={"reason": "again"}).status_code == 200
     assert httpx.post(f"{b.url}{CHAT}", json=BODY, headers=auth).status_code == 403  # through B itself: at once
+
+
+def test_an_answer_goes_out_only_once_its_bill_is_in_redis(instances, fake, redis_server):
+    """The bill is written by a thread of the store's own (the event loop never waits for Redis); the answer still
+    waits for it, so that a completed request's usage survives a kill. Redis holding every write back shows it."""
+    (proxy,) = instances(count=1)
+    token, user = Admin(proxy).create(nickname="Billed")
+    auth = {"authorization": f"Bearer {token}"}
+    assert httpx.post(f"{proxy.url}{CHAT}", json=BODY, headers=auth).status_code == 200  # admits the token
+    answers = []
+    redis = Redis.from_url(redis_server.url)
+    redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")  # reads go on; the bill cannot be written
+    try:
+        request = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{proxy.url}{CHAT}", json=BODY, headers=auth, timeout=30))
+        )
+        request.start()
+        wait_until(lambda: len(fake.requests) == 2)  # the upstream has answered the second request
+        request.join(0.5)  # without the wait for the bill, the answer would be here within milliseconds
+        assert request.is_alive() and answers == []
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+    request.join(10)
+    assert answers[0].status_code == 200
+    assert Admin(proxy).user(user["id"])["prompt_count"] == 2

@@ -48,6 +48,7 @@ def test_a_declared_service_is_served_with_its_own_keys_under_its_base_url(fake,
     sent = [request for request in fake.requests if request.path == "/v1/chat/completions"]
     # Each request tried the rate-limited key (the pool does not know it yet) or the good one; all ended on the good.
     assert {request.key for request in sent} <= set(LOCAL_KEYS) and sent[-1].key == LOCAL_KEYS[1]
+    compatible.wait_for_log('"family": "local"')  # a stream's line is written as it ends, after the client's read
     log = compatible.log()
     assert '"route": "localllm.chat_completions"' in log and '"family": "small"' in log and '"family": "local"' in log
     assert all(key not in log for key in LOCAL_KEYS)

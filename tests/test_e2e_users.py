@@ -14,7 +14,7 @@ import pytest
 
 from llmproxy.api.usage import CHARACTERS_PER_TOKEN
 from tests.conftest import OPENAI_KEYS, proxy_env
-from tests.harness import ProxyProcess, wait_until
+from tests.harness import ProxyProcess, RedisServer, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -327,8 +327,19 @@ def test_in_flight_limit(user_proxy, fake):
     assert httpx.post(f"{proxy.url}{CHAT}", json=chat(), headers=auth).status_code == 200
 
 
-def test_restart_and_kill_lose_no_user_and_no_completed_usage(fake, tmp_path):
-    env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "data"))
+@pytest.fixture(params=["sqlite", "redis"])
+def durable_store(request, tmp_path):
+    """The settings of each store; Redis writes bills in the background, and sends an answer only once written."""
+    if request.param == "sqlite":
+        yield {"DATA_DIR": str(tmp_path / "data")}
+        return
+    server = RedisServer().start()
+    yield {"STORE": "redis", "REDIS_URL": server.url}
+    server.stop()
+
+
+def test_restart_and_kill_lose_no_user_and_no_completed_usage(fake, durable_store):
+    env = proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, **durable_store)
     with ProxyProcess(env) as proxy:
         token, user = Admin(proxy).create(nickname="Durable")
     billed = []  # the usage of each answer the client got

@@ -153,8 +153,9 @@ def test_the_anthropic_sdk_creates_and_streams_messages_through_vertex(fake, ver
 
     # Billed: the family's tokens on the status page are those the client was told of, and cost.
     used = sum(m.usage.input_tokens + m.usage.output_tokens for m in (message, streamed))
-    status = wait_until(lambda: (page := httpx.get(f"{proxy.url}/status").json())["tookens"] and page)
-    assert status["tookens"] == used and status["families"]["gcp-claude-sonnet"]["tokens"] == used
+    # Both bills, the stream's too (written as it ends), once the page's figures are fresh.
+    status = wait_until(lambda: (page := httpx.get(f"{proxy.url}/status").json())["tookens"] == used and page)
+    assert status["families"]["gcp-claude-sonnet"]["tokens"] == used
     assert status["families"]["gcp-claude-sonnet"]["costUsd"] > 0  # at Anthropic's prices
     assert status["gcp"]["keys"]["total"] == 1 and status["endpoints"]["gcp"].endswith("/proxy/gcp/claude/v1")
     log = proxy.log()

@@ -7,6 +7,7 @@ nowhere, so a copy of the store lets nobody in.
 import functools
 import hashlib
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -221,11 +222,13 @@ class Store(Protocol):
         reserved_cost: int = 0,
         spent: dict[str, int] | None = None,
         counters: dict[str, int] | None = None,
-    ) -> None:
+    ) -> Future | None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request, which is no prompt), and
         adds `counters` as add_to_counters does, in the same step: a request's bill is one write. With nothing
-        reserved (0, 0: a user without limits), it bills an existing user all the same."""
+        reserved (0, 0: a user without limits), it bills an existing user all the same. None once written; a store
+        that writes in the background returns a Future, done once the bill is written (its exception if it could not
+        be), and reads anything it changes only after writing it."""
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all: used and spent figures to 0, reservations kept."""
