@@ -11,11 +11,9 @@ on the flow, so nothing that shows or saves flows (mitmweb, `-w`, `flow_detail`)
 """
 
 import asyncio
-import contextlib
 import functools
 import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
@@ -263,13 +261,12 @@ class Dispatcher:
         return job
 
 
-async def _written(settlement: Future | None) -> None:
+async def _written(settlement: asyncio.Future | None) -> None:
     """Waits, without holding up other requests, until a bill the store writes in the background is written: an
     answer goes to its client only once its usage would survive a kill. A bill that could not be written is logged
     by the store; the answer goes out all the same."""
     if settlement is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wrap_future(settlement)
+        await settlement
 
 
 def _show_target(flow: http.HTTPFlow, upstream_url: str) -> None:

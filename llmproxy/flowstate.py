@@ -5,7 +5,7 @@ into flow files and HAR exports and deep-copies with the flow. A flow file shows
 write into the metadata when the flow finishes.
 """
 
-from concurrent.futures import Future
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,7 +71,7 @@ class FlowState:
     pipe_token: str = ""  # the pipe path's token of a streamed answer
     settled: bool = False  # its usage was settled (announced to the request_settled listeners)
     usage: BilledUsage | None = None  # what it was billed; None: nothing
-    settlement: Future | None = None  # the quota keeper: the bill, while the store writes it in the background
+    settlement: asyncio.Future | None = None  # the quota keeper: the bill, while the store writes it in the background
     # The flow notes
     stream_record: bytearray | None = None  # the start of a streamed answer, as the client received it
     stream_record_cut: bool = False  # the streamed answer was longer than the record keeps

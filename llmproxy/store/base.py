@@ -4,10 +4,10 @@ Users are stored under the SHA-256 of their token: the token itself is shown onc
 nowhere, so a copy of the store lets nobody in.
 """
 
+import asyncio
 import functools
 import hashlib
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -222,13 +222,13 @@ class Store(Protocol):
         reserved_cost: int = 0,
         spent: dict[str, int] | None = None,
         counters: dict[str, int] | None = None,
-    ) -> Future | None:
+    ) -> asyncio.Future | None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request, which is no prompt), and
         adds `counters` as add_to_counters does, in the same step: a request's bill is one write. With nothing
         reserved (0, 0: a user without limits), it bills an existing user all the same. None once written; a store
-        that writes in the background returns a Future, done once the bill is written (its exception if it could not
-        be), and reads anything it changes only after writing it."""
+        that writes in the background returns a Future of the running event loop (if any), done once the bill is
+        written or, logged by the store, could not be; it reads anything it changes only after writing it."""
 
     def reset_usage(self, user_id: str | None = None) -> None:
         """Starts a new quota period for one user or for all: used and spent figures to 0, reservations kept."""

@@ -28,7 +28,9 @@ left to release. In-flight counts use the same idea with IN_FLIGHT_SECONDS. Time
 `time.time()`, as in SQLiteStore: their clocks must be synchronised (NTP).
 """
 
+import asyncio
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -36,7 +38,6 @@ import re
 import secrets
 import threading
 import time
-from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 import redis
@@ -290,22 +291,26 @@ logger = logging.getLogger(__name__)
 class _Settlements:
     """Settlements written by a thread of their own, each batch in one pipeline, so that the event loop never waits
     for Redis's reply: that wait (the reply slowed by a busy machine) cost user tokens on Redis a quarter of their
-    throughput. Each settlement's Future is done once it is written; the dispatcher sends a buffered answer only
-    then, so a completed request's usage survives a kill as with SQLite. Readers of what settlements change wait
-    for the pending ones first (`drain`)."""
+    throughput. A settlement made on an event loop gets an asyncio Future of that loop, done once it is written
+    (or, logged here, could not be: then its lease lapses); the dispatcher sends a buffered answer only then, so a
+    completed request's usage survives a kill as with SQLite. A batch's Futures are resolved in one call on their
+    loop, not one wake-up each. Readers of what settlements change wait for the pending ones first (`drain`)."""
 
     def __init__(self, connect, script: str):
         self.redis = connect()  # a connection of its own: the store's is the event loop's
         self.script = self.redis.register_script(script)
-        self._pending: list[tuple[list, list, str, Future]] = []
+        self._pending: list[tuple[list, list, str, asyncio.Future | None]] = []
         self._writing: collections.Counter[str] = collections.Counter()  # user id -> settlements not yet written
         self._condition = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="redis-settlements", daemon=True)
         self._thread.start()
 
-    def put(self, user_id: str, keys: list, args: list) -> Future:
-        done: Future = Future()
+    def put(self, user_id: str, keys: list, args: list) -> asyncio.Future | None:
+        try:
+            done = asyncio.get_running_loop().create_future()
+        except RuntimeError:  # no event loop (a script, a test): `drain` is the way to wait
+            done = None
         with self._condition:
             self._pending.append((keys, args, user_id, done))
             self._writing[user_id] += 1
@@ -337,19 +342,24 @@ class _Settlements:
                     for keys, args, _, _ in batch:
                         self.script(keys=keys, args=args, client=pipe)
                     pipe.execute()
-                outcome = None
             except redis.exceptions.RedisError as error:
                 # The reservations' leases run out on their own: these requests count not at all rather than in part.
                 logger.warning("%d settlements could not be written to Redis: %s", len(batch), type(error).__name__)
-                outcome = error
             with self._condition:
-                for _, _, user_id, done in batch:
+                for _, _, user_id, _ in batch:
                     self._writing[user_id] -= 1
-                    if outcome:
-                        done.set_exception(outcome)
-                    else:
-                        done.set_result(None)
                 self._condition.notify_all()
+            waiting = [done for _, _, _, done in batch if done is not None]
+            if waiting:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                    waiting[0].get_loop().call_soon_threadsafe(_resolve, waiting)
+
+
+def _resolve(futures: list[asyncio.Future]) -> None:
+    """Marks written settlements done, on their event loop."""
+    for done in futures:
+        if not done.done():  # a waiter that gave up cancelled it
+            done.set_result(None)
 
 
 @_guarded
@@ -575,7 +585,7 @@ class RedisStore:
         reserved_cost: int = 0,
         spent: dict[str, int] | None = None,
         counters: dict[str, int] | None = None,
-    ) -> Future:
+    ) -> asyncio.Future | None:
         """Replaces a reservation (`reserved` tokens, `reserved_cost` nano-dollars) by what the request really used:
         `used` tokens and its SPENT_FIGURES in `spent` (0 and nothing for a failed request), and adds `counters`, in
         one script, written in the background (`_Settlements`)."""
