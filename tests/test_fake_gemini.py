@@ -11,6 +11,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -18,11 +19,13 @@ from google import genai
 from google.genai import errors, types
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from llmproxy.api import sse
 from llmproxy.api.routes import request_path
 from llmproxy.api.usage import OUTPUT, PART, PROMPT, WHOLE, Usage
 from llmproxy.families import parse_table
+from llmproxy.pool.keys import PoolKey, Verdict
 from llmproxy.pricing import DEFAULT_PRICES, parse_prices, price_of
 from llmproxy.services import gemini
 from tests.fakes.gemini import MODELS, NO_CONTENTS, FakeGemini
@@ -652,3 +655,18 @@ def test_default_prices(model, prices):
     price = price_of(table, gemini.SERVICE, model, "no-such-family")
     assert (price.input, price.output, price.cache_read) == tuple(map(type(price.input), prices))
     assert price.cache_write_5m == price.cache_write_1h == 0
+
+
+@pytest.mark.parametrize(
+    "key, model, verdict",
+    [
+        (KEY, "gemini-2.5-flash", Verdict.CLIENT_ERROR),  # a working key: the empty generation is refused as invalid
+        ("AIza-revoked-401", "gemini-2.5-flash", Verdict.REVOKED),
+        (KEY, "gemini/../x", Verdict.CLIENT_ERROR),  # no model the proxy puts in a path: nothing is sent
+    ],
+)
+async def test_the_services_probe_asks_the_api_with_no_contents(server, key, model, verdict):
+    async with aiohttp.ClientSession() as session:
+        _, found = await gemini.GoogleAI().probe(PoolKey("google-ai", key, "gai"), model, session, URL(server.url))
+    assert found is verdict
+    assert len(server.requests) == (0 if "/" in model else 1)

@@ -16,15 +16,15 @@ from llmproxy.services.openai import OpenAI
 from llmproxy.services.vertex import Vertex
 
 BUILT_IN: tuple[Service, ...] = (OpenAI(), Anthropic(), Azure(), Bedrock(), Vertex(), GoogleAI())
+_PATH_DIALECTS = tuple((f"/proxy/{service.name}".encode(), service.dialect) for service in BUILT_IN)
 
 
 def dialect_of_path(raw_path: bytes) -> str:
     """The dialect of the built-in service a request target names (`/proxy/<service>/...`), OpenAI's for any other:
     the error format of a request that matched no route. Declared services speak OpenAI's."""
-    for service in BUILT_IN:
-        prefix = f"/proxy/{service.name}".encode()
+    for prefix, dialect in _PATH_DIALECTS:
         if raw_path.startswith(prefix) and raw_path[len(prefix) : len(prefix) + 1] in (b"", b"/"):
-            return service.dialect
+            return dialect
     return OPENAI
 
 

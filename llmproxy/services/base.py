@@ -127,7 +127,7 @@ class Service:
     @property
     def option_prefix(self) -> str:
         """Its settings' prefix: `openai_upstream_url`, `google_ai_model_families`."""
-        return self.name.replace("-", "_").replace("/", "_")
+        return self.name.replace("-", "_")
 
     @property
     def client_base(self) -> str:

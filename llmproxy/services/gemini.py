@@ -457,7 +457,6 @@ class GoogleAI(Service):
     )
     families = tuple(DEFAULT_FAMILIES)
     models = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite")
-    probe_path = f"/v1beta/models/{{model}}:{GENERATE}"
 
     @property
     def client_base(self) -> str:
@@ -488,13 +487,13 @@ class GoogleAI(Service):
         verdict = self.verdict(status, {}, body)
         return verdict, model_ids(body) if verdict is Verdict.SUCCESS else []
 
-    def probe_url(self, key, base):
-        raise NotImplementedError  # the probe names its model in the path: see probe
-
     async def probe(self, key, model: str, session, base) -> tuple[int, Verdict]:
-        if not _MODEL_ID.fullmatch(model) or ".." in model:
-            return 0, Verdict.CLIENT_ERROR  # no model the proxy would put in a path: nothing to probe with
-        url = under(base, f"/v1beta/models/{model}:{GENERATE}")
-        async with session.post(url, json={"contents": []}, headers=self.checker_headers(key)) as response:
+        """`probe_request`'s generation with no contents; the model names its path."""
+        try:
+            probe = probe_request(key.secret, model)
+        except ValueError:  # no model the proxy would put in a path: nothing to probe with
+            return 0, Verdict.CLIENT_ERROR
+        headers = {**self.checker_headers(key), **dict(probe.headers)}
+        async with session.post(under(base, probe.path), data=probe.body, headers=headers) as response:
             status, body = response.status, await response.read()
         return status, self.verdict(status, response.headers, body)
