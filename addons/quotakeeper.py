@@ -27,6 +27,7 @@ from llmproxy.pricing import DEFAULT_PRICES, Price, parse_cost_quotas, parse_pri
 from llmproxy.quota import Reservation, next_refresh, output_reservation, over_quota_message, prompt_estimate
 from llmproxy.store import StoreUnavailable
 from llmproxy.store.storage import Storage
+from llmproxy.usage_days import day_counter, utc_today
 
 logger = logging.getLogger(__name__)
 
@@ -213,12 +214,16 @@ class QuotaKeeper:
         family, counted = state.family, {}
         if usage is not None:
             state.usage = BilledUsage(usage.prompt, usage.output, usage.estimated, usd(cost))
+            today = utc_today().isoformat()
             counted = {
                 "prompts": 1,
                 "tokens": usage.total,
                 "cost_nanousd": cost,
                 f"tokens:{family}": usage.total,
                 f"cost_nanousd:{family}": cost,
+                day_counter(today, "tokens", family): usage.total,
+                day_counter(today, "cost_nanousd", family): cost,
+                day_counter(today, "prompts", family): 1,
             }
         try:
             if reservation:  # the counters go with the settlement: one write

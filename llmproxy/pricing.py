@@ -109,7 +109,10 @@ def usd(nanodollars: int) -> float:
 
 def format_usd(dollars: float) -> str:
     """Cents from one cent up, else four significant digits: `$12.35`, `$0.001015`."""
-    return f"${dollars:,.2f}" if dollars >= 0.01 or not dollars else f"${dollars:.4g}"
+    if dollars >= 0.01 or not dollars:
+        return f"${dollars:,.2f}"
+    decimals = 3 - math.floor(math.log10(dollars))  # four significant digits, never an exponent
+    return f"${dollars:.{decimals}f}".rstrip("0")
 
 
 def _amount(text: str) -> Decimal:

@@ -22,6 +22,7 @@ from llmproxy.store import sqlite as sqlite_backend
 from llmproxy.store.base import USAGE_FIGURES, KeyHealth, Store, StoreUnavailable, UserError, token_hash
 from llmproxy.store.redis import IN_FLIGHT_SECONDS, LEASE_SECONDS, RedisStore
 from llmproxy.store.sqlite import SQLiteStore
+from llmproxy.usage_days import day_counter
 from tests.harness import RedisServer
 
 USER_KEYS = {
@@ -399,6 +400,28 @@ def test_settle_adds_to_the_counters_in_the_same_step(store):
     assert store.get_user(user["id"])["usage"]["gpt4o"] == figures(used=25)
     store.settle(user["id"], "gpt4o", 0, 0)  # no counters: none change
     assert store.counters() == {"prompts": 2, "tokens": 145, "tokens:gpt4o": 25}
+
+
+def test_daily_counters_are_kept_apart_from_the_others(store):
+    _, user = store.create_user({})
+    assert store.daily_counters("2000-01-01") == {}
+    tokens_on = {day: day_counter(day, "tokens", "gpt4o") for day in ("2026-11-30", "2026-12-01", "2026-12-02")}
+    prompts = day_counter("2026-12-02", "prompts", "ns:gpt4o")  # a family name may hold colons
+    # Names that sort just before or after the daily ones ("day:" up to "day;") are ordinary counters.
+    ordinary = {"day": 1, "days": 2, "day;": 3, "daz": 4, "tokens": 5}
+    store.add_to_counters(**ordinary, **{tokens_on["2026-11-30"]: 7})
+    store.settle(user["id"], "gpt4o", 0, 20, counters={"tokens": 20, tokens_on["2026-12-01"]: 20})
+    store.settle(user["id"], "gpt4o", 0, 30, counters={tokens_on["2026-12-02"]: 30, prompts: 1})
+    store.add_to_counters(**{tokens_on["2026-12-02"]: 5, prompts: 1})
+    assert store.counters() == {**ordinary, "tokens": 25}
+    assert store.daily_counters("2026-11-30") == {
+        tokens_on["2026-11-30"]: 7,
+        tokens_on["2026-12-01"]: 20,
+        tokens_on["2026-12-02"]: 35,
+        prompts: 2,
+    }
+    assert store.daily_counters("2026-12-02") == {tokens_on["2026-12-02"]: 35, prompts: 2}
+    assert store.daily_counters("2026-12-03") == {}
 
 
 def test_settle_without_a_reservation_bills_an_existing_user_only(store):

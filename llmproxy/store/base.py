@@ -234,10 +234,14 @@ class Store(Protocol):
         """Starts a new quota period for one user or for all: used and spent figures to 0, reservations kept."""
 
     def add_to_counters(self, **amounts: int) -> None:
-        """Adds each amount to its named counter (a new counter starts at 0)."""
+        """Adds each amount to its named counter (a new counter starts at 0). Counters named `day:...`
+        (llmproxy/usage_days.py) are daily counters: they are read by daily_counters, not by counters."""
 
     def counters(self) -> dict[str, int]:
-        """Every counter's total."""
+        """Every counter's total but the daily counters' (read every second or two; those grow day by day)."""
+
+    def daily_counters(self, first_day: str) -> dict[str, int]:
+        """Every daily counter of `first_day` (an ISO date) or later, by its full name."""
 
     # -- windows: rate limits, requests in flight, waits
 

@@ -13,6 +13,7 @@ then writes. Keys, all under `prefix`:
     usage:{id}            hash     "{family}:used" -> tokens, "{family}:{spent figure}" -> amount
     leases:{id}           zset     "{tokens}:{nano-dollars}:{nonce}:{family}", score = expiry: reservations in flight
     counters              hash     name -> value
+    daily_counters        hash     name -> value, of the counters named "day:..." (llmproxy/usage_days.py)
     window:{identity}     zset     one member per counted request, score = time (expires after the window)
     active                zset     identity -> time of its last counted request
     in_flight:{identity}  zset     one member per request in flight, score = expiry
@@ -57,6 +58,7 @@ from llmproxy.store.base import (
     token_hash,
     validate_fields,
 )
+from llmproxy.usage_days import DAY_PREFIX
 
 LEASE_SECONDS = 15 * 60
 IN_FLIGHT_SECONDS = 10 * 60
@@ -96,9 +98,10 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), lease)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
 """
-# KEYS: usage, leases, user, counters. ARGV: family, reserved tokens, reserved cost, now, the figures to add ("used"
-# and SPENT_FIGURES) and the counters to add, each a JSON object of decimal strings (two arguments rather than
-# thirty: packing each cost the proxy a microsecond, and a Lua number would print large amounts in exponent form).
+# KEYS: usage, leases, user, counters, daily counters. ARGV: family, reserved tokens, reserved cost, now, the figures
+# to add ("used" and SPENT_FIGURES) and the counters to add, each a JSON object of decimal strings (two arguments rather
+# than thirty: packing each cost the proxy a microsecond, and a Lua number would print large amounts in exponent form),
+# and the prefix of the names of daily counters, which go to their own hash.
 _SETTLE = """
 local family, figures, counters = ARGV[1], cjson.decode(ARGV[5]), cjson.decode(ARGV[6])
 if ARGV[2] ~= '0' or ARGV[3] ~= '0' then
@@ -114,7 +117,9 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   end
   if figures.used ~= '0' then redis.call('HINCRBY', KEYS[3], 'prompt_count', 1) end
 end
-for name, amount in pairs(counters) do redis.call('HINCRBY', KEYS[4], name, amount) end
+for name, amount in pairs(counters) do
+  redis.call('HINCRBY', string.sub(name, 1, #ARGV[7]) == ARGV[7] and KEYS[5] or KEYS[4], name, amount)
+end
 """
 # KEYS: token. ARGV: the users' key prefix, ip, max_ips (0 = no limit), auto_ban ("1"/""), now, the reasons for
 # disabling an expired user and one over the address limit. {the user's hash as field, value, ..., the visit};
@@ -597,6 +602,7 @@ class RedisStore:
                 self._key("leases", user_id),
                 self._key("user", user_id),
                 self._key("counters"),
+                self._key("daily_counters"),
             ],
             args=[
                 family,
@@ -605,6 +611,7 @@ class RedisStore:
                 time.time(),
                 json.dumps({name: str(amount) for name, amount in figures}),
                 json.dumps({name: str(int(amount)) for name, amount in (counters or {}).items()}),
+                DAY_PREFIX,
             ],
         )
 
@@ -618,12 +625,21 @@ class RedisStore:
     def add_to_counters(self, **amounts: int) -> None:
         with self.redis.pipeline() as pipe:
             for name, amount in amounts.items():
-                pipe.hincrby(self._key("counters"), name, amount)
+                pipe.hincrby(self._key("daily_counters" if name.startswith(DAY_PREFIX) else "counters"), name, amount)
             pipe.execute()
 
     def counters(self) -> dict[str, int]:
+        """Every counter but the daily ones, which have a hash of their own."""
         self._settlements.drain()
         return {name: int(value) for name, value in self.redis.hgetall(self._key("counters")).items()}
+
+    def daily_counters(self, first_day: str) -> dict[str, int]:
+        """Every daily counter of `first_day` (an ISO date) or later, by its full name."""
+        self._settlements.drain()
+        since = DAY_PREFIX + first_day
+        return {
+            name: int(value) for name, value in self.redis.hgetall(self._key("daily_counters")).items() if name >= since
+        }
 
     # -- windows -------------------------------------------------------------------------------------------
 

@@ -22,8 +22,10 @@ from llmproxy.store.base import (
     token_hash,
     validate_fields,
 )
+from llmproxy.usage_days import DAY_PREFIX
 
 USES_WRITTEN_EVERY = 1.0  # seconds between two writes of the affinity uses noted in memory
+_AFTER_DAILY_COUNTERS = "day;"  # the first name after every daily counter's (DAY_PREFIX "day:"): ";" follows ":"
 
 
 def _window_name(identity: str, bucket: str) -> str:
@@ -330,7 +332,24 @@ class SQLiteStore:
             )
 
     def counters(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT name, value FROM counters"))
+        """Every counter but the daily ones: the two ranges of the primary key around them (with `OR`, SQLite
+        would scan the whole table, daily counters and all)."""
+        return dict(
+            self.db.execute(
+                "SELECT name, value FROM counters WHERE name < ?"
+                " UNION ALL SELECT name, value FROM counters WHERE name >= ?",
+                (DAY_PREFIX, _AFTER_DAILY_COUNTERS),
+            )
+        )
+
+    def daily_counters(self, first_day: str) -> dict[str, int]:
+        """Every daily counter of `first_day` (an ISO date) or later, by its full name: a range of the primary key."""
+        return dict(
+            self.db.execute(
+                "SELECT name, value FROM counters WHERE name >= ? AND name < ?",
+                (DAY_PREFIX + first_day, _AFTER_DAILY_COUNTERS),
+            )
+        )
 
     # -- windows (memory) ----------------------------------------------------------------------------------
 
