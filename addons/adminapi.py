@@ -6,8 +6,6 @@ the user is created, and never again. Failed admin logins are limited per addres
 
 import json
 import re
-import time
-from collections import deque
 from urllib.parse import parse_qs
 
 from mitmproxy import http
@@ -17,7 +15,15 @@ from addons.flowstate import flow_state
 from addons.gatekeeper import client_ip
 from addons.headerhygiene import client_token
 from addons.quotakeeper import QuotaKeeper
-from llmproxy.admin import ROUTES, openapi_description, public_user, usage_view
+from llmproxy.admin import (
+    ROUTES,
+    FailedLogins,
+    key_view,
+    openapi_description,
+    public_user,
+    sorted_users,
+    usage_view,
+)
 from llmproxy.api import OPENAI
 from llmproxy.identity import secret_matches, user_of_token
 from llmproxy.pool.checker import KeyChecker
@@ -26,8 +32,6 @@ from llmproxy.pricing import usd
 from llmproxy.store import USAGE_FIGURES, UserError
 from llmproxy.store.storage import Storage
 
-FAILED_LOGIN_LIMIT = 5
-FAILED_LOGIN_WINDOW = 300.0
 _COMPILED = [(method, re.compile(pattern), handler) for method, pattern, handler in ROUTES]
 
 
@@ -42,13 +46,21 @@ def _json(status: int, body) -> http.Response:
 class AdminApi:
     """Answers `/admin/...` for the holder of ADMIN_KEY, and `/user/usage` for a user's own token."""
 
-    def __init__(self, secrets: dict, storage: Storage, pool: KeyPool, checker: KeyChecker, quota: QuotaKeeper):
+    def __init__(
+        self,
+        secrets: dict,
+        storage: Storage,
+        pool: KeyPool,
+        checker: KeyChecker,
+        quota: QuotaKeeper,
+        failed_logins: FailedLogins,
+    ):
         self.admin_key = secrets.get("admin_key", "")
         self.storage = storage
         self.pool = pool
         self.checker = checker
         self.quota = quota
-        self.failed_logins: dict[str, deque] = {}
+        self.failed_logins = failed_logins
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -96,11 +108,7 @@ class AdminApi:
 
     def _admin(self, flow: http.HTTPFlow) -> http.Response:
         ip = client_ip(flow)
-        failures = self.failed_logins.setdefault(ip, deque())
-        while failures and failures[0] < time.time() - FAILED_LOGIN_WINDOW:
-            failures.popleft()
-        if len(failures) >= FAILED_LOGIN_LIMIT:
-            wait = int(failures[0] + FAILED_LOGIN_WINDOW - time.time()) + 1
+        if wait := self.failed_logins.wait(ip):
             return error_response(
                 OPENAI,
                 429,
@@ -109,12 +117,10 @@ class AdminApi:
                 {"retry-after": str(wait)},
             )
         if not secret_matches(client_token(flow), self.admin_key):
-            failures.append(time.time())
+            self.failed_logins.failed(ip)
             return error_response(
                 OPENAI, 401, "The admin API needs `Authorization: Bearer <ADMIN_KEY>`.", "unauthorized"
             )
-        if not failures:
-            self.failed_logins.pop(ip, None)
         path, _, query = flow.request.path.partition("?")
         allowed = []
         for method, pattern, handler in _COMPILED:
@@ -156,11 +162,7 @@ class AdminApi:
     def list_users(self, flow, query) -> http.Response:
         stored = self._store().list_users()
         users = [public_user(user) for user in stored]
-        fields = query.get("sort", ["prompt_count,last_used_at"])[0].split(",")
-        if unknown := [field for field in fields if users and field not in users[0]]:
-            raise UserError(f"Cannot sort by {unknown[0]!r}.")
-        for field in reversed(fields):  # largest first, missing values last, as the original did
-            users.sort(key=lambda u: (u[field] is not None, u[field] if u[field] is not None else 0), reverse=True)
+        users = sorted_users(users, query.get("sort", ["prompt_count,last_used_at"])[0].split(","))
         total = sum(figures["cost_nanousd"] for user in stored for figures in user["usage"].values())
         return _json(200, {"users": users, "count": len(users), "cost_usd": usd(total)})
 
@@ -206,24 +208,7 @@ class AdminApi:
         return _json(200, {"reset": True})
 
     def list_keys(self, flow, query) -> http.Response:
-        health = self._store().key_health()
-        keys = [
-            {
-                "id": key.id,
-                "service": key.service,
-                "organization": key.organization is not None,
-                "state": key.state,
-                "reason": health[key.id].reason if key.id in health else None,
-                "retired_at": health[key.id].changed_at if key.id in health else None,
-                "suspected": key.suspected,
-                "suspected_families": sorted(key.suspected_families),
-                "families": sorted(key.families) if key.families is not None else None,
-                "resting": {
-                    f: round(until - time.time(), 1) for f, until in key.cooldown_until.items() if until > time.time()
-                },
-            }
-            for key in self.pool.all_keys()
-        ]
+        keys = key_view(self.pool.all_keys(), self._store().key_health(), self.checker.checked_at)
         return _json(200, {"keys": keys, "status": self.checker.status})
 
     def recheck_keys(self, flow, query) -> http.Response:

@@ -1,7 +1,9 @@
 """Header hygiene on every flow (llmproxy/api/headers.py): the client's credentials come off as the request arrives,
 forwarded requests keep allowlisted headers only, and answers get the CORS headers browsers need."""
 
+import contextlib
 import weakref
+from http.cookies import CookieError, SimpleCookie
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -13,11 +15,19 @@ from llmproxy.api.headers import CLIENT_CREDENTIALS, EXPOSED_HEADERS, presented_
 
 # The token a client presented, kept beside the flow (never on it) for the gatekeeper and the admin API.
 _client_tokens: "weakref.WeakKeyDictionary[http.HTTPFlow, str]" = weakref.WeakKeyDictionary()
+# The cookies a browser sent to the web pages (a session cookie is as good as the admin key), kept the same way.
+_client_cookies: "weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, str]]" = weakref.WeakKeyDictionary()
+PAGE_ROUTES = ("admin_pages", "user_pages")
 
 
 def client_token(flow: http.HTTPFlow) -> str:
     """The token the client presented (llmproxy/api/headers.py's presented_token), or ""."""
     return _client_tokens.get(flow, "")
+
+
+def client_cookies(flow: http.HTTPFlow) -> dict[str, str]:
+    """The cookies a browser sent to a web page (name -> value); none for any other route."""
+    return _client_cookies.get(flow, {})
 
 
 class HeaderHygiene:
@@ -34,6 +44,9 @@ class HeaderHygiene:
         # Removed before any other addon, mitmweb or a flow dump can see them.
         if token := presented_token(flow.request.headers):
             _client_tokens[flow] = token
+        if state.route_name in PAGE_ROUTES and (cookie := flow.request.headers.get("cookie")):
+            with contextlib.suppress(CookieError):  # a malformed Cookie header is no session
+                _client_cookies[flow] = {name: morsel.value for name, morsel in SimpleCookie(cookie).items()}
         for name in CLIENT_CREDENTIALS:
             flow.request.headers.pop(name, None)
 

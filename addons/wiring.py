@@ -3,6 +3,7 @@ pipeline order, each given its collaborators. Nothing finds another addon by nam
 
 from addons import (
     adminapi,
+    adminpages,
     affinity,
     backbone,
     claudechattranslator,
@@ -23,9 +24,11 @@ from addons import (
     requestpolicy,
     router,
     statuspage,
+    userpages,
 )
 from addons.failclosed import FailClosed
 from llmproxy import scrub
+from llmproxy.admin import FailedLogins
 from llmproxy.api.routes import RouteTable
 from llmproxy.config import ConfigSources
 from llmproxy.pool.checker import KeyChecker
@@ -60,6 +63,7 @@ def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
     pool.on_key_usable(queue.serve_waiting)  # a key that rested, came back or was given back serves a waiter
     # The addons that others use.
     conversations = affinity.Affinity(storage)
+    failed_logins = FailedLogins()  # the admin API and the login form lock an address out together
     quotas = quotakeeper.QuotaKeeper(storage, model_families, {s.name: s.price_fallback for s in services})
     pipe_socket = bind_pipe_socket()  # the loopback socket streamed answers pass through
     upstream = dispatcher.Dispatcher(services, pipe_socket, pool, queue, conversations, quotas)
@@ -77,7 +81,9 @@ def build_addons(sources: ConfigSources, fail_closed: FailClosed) -> list:
         statuspage.StatusPage(services, storage, pool, queue, checker, model_families, upstream),  # /, /status, /health
         metrics.Metrics(services, pool, queue, secrets.get("admin_key", "")),  # /metrics; one log line per request
         promptlog.PromptLog(),  # prompts and completions, when the owner turns it on
-        adminapi.AdminApi(secrets, storage, pool, checker, quotas),  # /admin/... with ADMIN_KEY; /user/usage
+        adminapi.AdminApi(secrets, storage, pool, checker, quotas, failed_logins),  # /admin/... API; /user/usage
+        adminpages.AdminPages(secrets, storage, pool, checker, quotas, failed_logins),  # /admin pages (a session)
+        userpages.UserPages(secrets, storage, quotas),  # /user pages: own usage; temporary tokens by proof of work
         gatekeeper.Gatekeeper(secrets, storage),  # none, proxy_key or user_token; names the identity for limits
         modellist.ModelList(services, model_families, pool),  # GET .../v1/models, answered locally
         model_families,  # the requested model's family; unknown or disallowed models refused

@@ -1,7 +1,16 @@
-"""The admin API's wire format: its endpoints, its OpenAPI description, and users as it shows them."""
+"""The admin API's wire format: its endpoints, its OpenAPI description, and users as it shows them; and the
+lock-out after failed logins that the API and the admin pages share."""
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from llmproxy.pricing import usd
-from llmproxy.store import EDITABLE_FIELDS
+from llmproxy.store import EDITABLE_FIELDS, KeyHealth, UserError
+
+if TYPE_CHECKING:
+    from llmproxy.pool.keys import PoolKey
 
 _USER_ID = r"(?P<user>[0-9a-f]{16})"
 # (method, path pattern, the AdminApi method that answers); the pattern must match the whole path.
@@ -35,6 +44,40 @@ def public_user(user: dict) -> dict:
     shown["usage"] = {family: usage_view(figures) for family, figures in user["usage"].items()}
     shown["cost_usd"] = usd(sum(figures["cost_nanousd"] for figures in user["usage"].values()))
     return shown
+
+
+def sorted_users(users: list[dict], fields: list[str], descending: bool = True) -> list[dict]:
+    """Users (as public_user shows them) sorted by `fields`, the first deciding; missing values last either way,
+    as the original did. UserError for a field users do not have."""
+    if unknown := [field for field in fields if users and field not in users[0]]:
+        raise UserError(f"Cannot sort by {unknown[0]!r}.")
+    ordered = list(users)
+    for field in reversed(fields):
+        present = [user for user in ordered if user[field] is not None]
+        present.sort(key=lambda user: user[field], reverse=descending)
+        ordered = present + [user for user in ordered if user[field] is None]
+    return ordered
+
+
+def key_view(keys: Iterable["PoolKey"], health: dict[str, KeyHealth], checked_at: dict[str, float]) -> list[dict]:
+    """Every pool key by its id (a hash, never the key): its state, why it retired, families, rests and last check."""
+    now = time.time()
+    return [
+        {
+            "id": key.id,
+            "service": key.service,
+            "organization": key.organization is not None,
+            "state": key.state,
+            "reason": health[key.id].reason if key.id in health else None,
+            "retired_at": health[key.id].changed_at if key.id in health else None,
+            "suspected": key.suspected,
+            "suspected_families": sorted(key.suspected_families),
+            "families": sorted(key.families) if key.families is not None else None,
+            "resting": {f: round(until - now, 1) for f, until in key.cooldown_until.items() if until > now},
+            "checked_at": checked_at.get(key.id),
+        }
+        for key in keys
+    ]
 
 
 def openapi_description() -> dict:
@@ -84,3 +127,28 @@ def openapi_description() -> dict:
         "components": {"securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}}},
         "paths": paths,
     }
+
+
+class FailedLogins:
+    """Failed admin logins per address: after `limit` within `window` seconds, that address must wait until the
+    oldest of them is `window` old. The admin API and the login form count against the same record."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0):
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque] = {}
+
+    def wait(self, ip: str) -> int:
+        """Seconds the address must wait before it may try again; 0 if it may try now."""
+        failures = self._failures.get(ip)
+        if failures is None:
+            return 0
+        while failures and failures[0] < time.time() - self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[ip]
+            return 0
+        return int(failures[0] + self.window - time.time()) + 1 if len(failures) >= self.limit else 0
+
+    def failed(self, ip: str) -> None:
+        self._failures.setdefault(ip, deque()).append(time.time())

@@ -49,6 +49,14 @@ _PAGES = [
 
 # A query string is accepted (SDKs add `?beta=true`, list calls add `?limit=`) but never forwarded.
 _QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&,\-]*)?")
+# The web pages' queries also hold what a browser sends for a search box: `+` and percent-escapes.
+_PAGE_QUERY = re.compile(rb"(\?[A-Za-z0-9_.=&,\-+%*~]*)?")
+# The web pages (browsers, session cookie and forms): the owner's under /admin, the users' under /user.
+_PAGE_PATHS = (
+    (re.compile(rb"/admin(/login|/logout|/manage(/[a-z0-9_.\-]+)*)?"), "admin_pages"),
+    (re.compile(rb"/user(/lookup|/captcha(/challenge|/verify)?)?"), "user_pages"),
+)
+PAGE_METHODS = ("GET", "POST")
 # The admin API's paths are parametric (user ids); the admin addon matches them exactly against its own table.
 _ADMIN_PATH = re.compile(rb"/admin/[a-z0-9_.\-]+(/[a-z0-9_.\-]+)*")
 # A stored Responses API object (`GET`/`DELETE /v1/responses/{id}`, `.../cancel`, `.../input_items`): it lives
@@ -115,11 +123,19 @@ class RouteTable:
         for name, path in _PAGES:
             self.paths[path.encode()] = [Route(name, "", "GET", LOCAL)]
         self.by_name = {route.name: route for routes in self.paths.values() for route in routes} | {"admin": ADMIN}
+        self.by_name |= {name: Route(name, "", "*", LOCAL) for _, name in _PAGE_PATHS}
         self.by_name |= {route.name: route for _, _, routes in self.parametric for route in routes.values()}
 
     def lookup(self, method: bytes, raw_target: bytes) -> Match:
         """Matches the raw method and request target (path and query, as the client sent them)."""
         path, query = request_path(raw_target), raw_target.partition(b"?")[2]
+        for pattern, name in _PAGE_PATHS:
+            if pattern.fullmatch(path):
+                if query and not _PAGE_QUERY.fullmatch(b"?" + query):
+                    return Match()
+                if method.decode("latin-1") in PAGE_METHODS:
+                    return Match(self.by_name[name])
+                return Match(allowed_methods=(*PAGE_METHODS, "OPTIONS"))
         if query and not _QUERY.fullmatch(b"?" + query):
             return Match()
         if _ADMIN_PATH.fullmatch(path):
@@ -148,5 +164,7 @@ class RouteTable:
     def is_known_path(self, raw_target: bytes) -> bool:
         path = request_path(raw_target)
         if path in self.paths or _ADMIN_PATH.fullmatch(path) or STORED_RESPONSE_PATH.fullmatch(path):
+            return True
+        if any(pattern.fullmatch(path) for pattern, _ in _PAGE_PATHS):
             return True
         return self._parametric(b"OPTIONS", merge_slashes(raw_target)).allowed_methods != ()

@@ -1,10 +1,11 @@
-"""The status page as HTML: the default page from Jinja2 templates, and the owner's PAGE_BODY (base64 in the
-setting) with its {tags} filled."""
+"""The proxy's HTML: the status page (the default page from Jinja2 templates, or the owner's PAGE_BODY, base64 in
+the setting, with its {tags} filled) and the web pages for the owner and the users, which extend base.html."""
 
 import base64
 import html
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
@@ -18,6 +19,14 @@ _ENV = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def _utc(when: float | None) -> str:
+    """A time.time() as the pages show it (in UTC: the server cannot know the reader's zone), or `never`."""
+    return "never" if when is None else f"{datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M} UTC"
+
+
+_ENV.filters["utc"] = _utc
 _TAG = re.compile(r"\{([A-Za-z][A-Za-z0-9_.\-]*(?::[A-Za-z][A-Za-z0-9_.\-]*)?)\}")
 
 
@@ -32,6 +41,11 @@ def header_html(facts: dict, services: Mapping[str, Mapping[str, str]]) -> str:
 def status_page(facts: dict, services: Mapping[str, Mapping[str, str]], usd: Callable[[float], str]) -> str:
     """The default page: readable on a phone, no JavaScript; `usd` formats an amount of dollars."""
     return _ENV.get_template("status.html").render(facts=facts, services=services, usd=usd)
+
+
+def render(template: str, **context) -> str:
+    """A web page from its template (which extends base.html); every value it shows is escaped."""
+    return _ENV.get_template(template).render(**context)
 
 
 def page_body(template: str, values: Mapping[str, str], header: str) -> str:
