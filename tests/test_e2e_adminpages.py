@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser import DESKTOP, PHONE, check_layout, chromium, new_page
-from tests.conftest import CANARY, proxy_env
+from tests.conftest import CANARY, OPENAI_KEYS, proxy_env
 from tests.harness import wait_until
 from tests.test_e2e_users import ADMIN_KEY, CHAT, MESSAGES, Admin, chat, message
 
@@ -66,6 +66,8 @@ def test_the_owner_logs_in_creates_a_user_finds_it_and_disables_it(admin_proxy, 
     page.click("text=Create user")
     token = page.inner_text("#token")
     assert re.fullmatch(r"[A-Za-z0-9_\-]{20,}", token)
+    page.click("#copy")
+    expect(page.locator("#copied")).not_to_be_empty()  # copied, or selected where there is no clipboard
     assert (
         httpx.post(
             f"{admin_proxy.url}/proxy/openai/v1/chat/completions",
@@ -103,6 +105,10 @@ def test_the_owner_logs_in_creates_a_user_finds_it_and_disables_it(admin_proxy, 
     page.click("text=Save")
     user = Admin(admin_proxy).client.get("/users").json()["users"][0]
     assert user["type"] == "special" and user["token_limits"] == {} and user["nickname"] == XSS
+    assert user["usage"]["gpt4o"]["used"] > 0
+    page.click("text=Reset usage")
+    expect(page.locator("[role=status]")).to_have_text("Usage reset: a new quota period for this user.")
+    assert Admin(admin_proxy).user(user["id"])["usage"]["gpt4o"]["used"] == 0
     assert page.script_errors == [] and page.title() != "owned"
 
 
@@ -276,3 +282,20 @@ def test_usage_page_charts_and_tables_the_days_tokens_per_family(admin_proxy):
     assert len(expected) == 2
     for family, tokens in expected.items():
         assert f"<title>{today} {family}: {tokens:,} tokens</title>" in page  # a bar of the tokens chart
+
+
+def test_keys_page_says_why_a_key_retired_and_when_each_was_checked(start_proxy, fake, tmp_path):
+    fake.set_key_behaviour(OPENAI_KEYS[0], "invalid_key")
+    proxy = start_proxy(
+        proxy_env(fake, GATEKEEPER="user_token", ADMIN_KEY=ADMIN_KEY, DATA_DIR=str(tmp_path / "d"), CHECK_KEYS="true")
+    )
+    admin = Admin(proxy)
+    wait_until(lambda: "Finished" in admin.client.get("/keys").json()["status"])
+    keys = {key["id"]: key for key in admin.client.get("/keys").json()["keys"]}
+    (dead,) = [key for key in keys.values() if key["state"] == "revoked"]
+    client, _ = logged_in_client(proxy)
+    page = html.unescape(client.get("/admin/manage/keys").text)
+    row = re.search(rf"<code>{dead['id']}</code>.*?</tr>", page, re.S)[0]
+    assert f"revoked: {dead['reason']}" in row and "401" in dead["reason"]
+    assert page.count("UTC</td></tr>") == len(keys)  # every key's last check has a time
+    assert CANARY not in page and OPENAI_KEYS[0] not in page
