@@ -15,32 +15,25 @@ from addons.flowstate import flow_state
 from addons.gatekeeper import client_ip
 from addons.headerhygiene import client_token
 from addons.quotakeeper import QuotaKeeper
+from addons.webpages import json_response
 from llmproxy.admin import (
     ROUTES,
     FailedLogins,
     key_view,
     openapi_description,
+    own_usage,
     public_user,
     sorted_users,
-    usage_view,
 )
 from llmproxy.api import OPENAI
 from llmproxy.identity import secret_matches, user_of_token
 from llmproxy.pool.checker import KeyChecker
 from llmproxy.pool.keys import KeyPool
 from llmproxy.pricing import usd
-from llmproxy.store import USAGE_FIGURES, UserError
+from llmproxy.store import UserError
 from llmproxy.store.storage import Storage
 
 _COMPILED = [(method, re.compile(pattern), handler) for method, pattern, handler in ROUTES]
-
-
-def _usd_or_none(nanodollars: int | None) -> float | None:
-    return None if nanodollars is None else usd(nanodollars)
-
-
-def _json(status: int, body) -> http.Response:
-    return http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
 
 
 class AdminApi:
@@ -81,30 +74,7 @@ class AdminApi:
             return error_response(
                 OPENAI, 401, "Send your user token as `Authorization: Bearer <token>`.", "invalid_user_token"
             )
-        quota = self.quota
-        families = set(user["usage"]) | set(user["token_limits"]) | set(quota.quotas) | set(quota.cost_quotas)
-        shown, unused = public_user(user), usage_view(dict.fromkeys(USAGE_FIGURES, 0))
-        return _json(
-            200,
-            {
-                "nickname": user["nickname"],
-                "type": user["type"],
-                "promptCount": user["prompt_count"],
-                "disabled": user["disabled_at"] is not None,
-                "disabledReason": user["disabled_reason"],
-                "expiresAt": user["expires_at"],
-                "costUsd": shown["cost_usd"],
-                "costLimitUsd": _usd_or_none(quota.cost_limit_for(user, "total")),
-                "usage": {
-                    family: {
-                        **shown["usage"].get(family, unused),
-                        "limit": quota.limit_for(user, family),
-                        "cost_limit_usd": _usd_or_none(quota.cost_limit_for(user, family)),
-                    }
-                    for family in sorted(families - {"total"})
-                },
-            },
-        )
+        return json_response(200, own_usage(user, self.quota))
 
     def _admin(self, flow: http.HTTPFlow) -> http.Response:
         ip = client_ip(flow)
@@ -157,27 +127,27 @@ class AdminApi:
     def _user_or_404(self, user: dict | None) -> http.Response:
         if user is None:
             return error_response(OPENAI, 404, "No user with that id.", "user_not_found")
-        return _json(200, public_user(user))
+        return json_response(200, public_user(user))
 
     def list_users(self, flow, query) -> http.Response:
         stored = self._store().list_users()
         users = [public_user(user) for user in stored]
         users = sorted_users(users, query.get("sort", ["prompt_count,last_used_at"])[0].split(","))
         total = sum(figures["cost_nanousd"] for user in stored for figures in user["usage"].values())
-        return _json(200, {"users": users, "count": len(users), "cost_usd": usd(total)})
+        return json_response(200, {"users": users, "count": len(users), "cost_usd": usd(total)})
 
     def create_user(self, flow, query) -> http.Response:
         token, user = self._store().create_user(self._body(flow))
-        return _json(201, {"token": token, "user": public_user(user)})
+        return json_response(201, {"token": token, "user": public_user(user)})
 
     def export_users(self, flow, query) -> http.Response:
-        return _json(200, {"users": self._store().export_users()})
+        return json_response(200, {"users": self._store().export_users()})
 
     def import_users(self, flow, query) -> http.Response:
         users = self._body(flow).get("users")
         if not isinstance(users, list):
             raise UserError('Import a JSON object {"users": [...]} as written by /admin/users/export.')
-        return _json(200, {"imported": self._store().import_users(users)})
+        return json_response(200, {"imported": self._store().import_users(users)})
 
     def get_user(self, flow, query, user) -> http.Response:
         return self._user_or_404(self._store().get_user(user))
@@ -205,15 +175,15 @@ class AdminApi:
 
     def reset_all_usage(self, flow, query) -> http.Response:
         self._store().reset_usage()
-        return _json(200, {"reset": True})
+        return json_response(200, {"reset": True})
 
     def list_keys(self, flow, query) -> http.Response:
         keys = key_view(self.pool.all_keys(), self._store().key_health(), self.checker.checked_at)
-        return _json(200, {"keys": keys, "status": self.checker.status})
+        return json_response(200, {"keys": keys, "status": self.checker.status})
 
     def recheck_keys(self, flow, query) -> http.Response:
         self.checker.recheck_all()
-        return _json(202, {"rechecking": True})
+        return json_response(202, {"rechecking": True})
 
     def openapi(self, flow, query) -> http.Response:
-        return _json(200, openapi_description())
+        return json_response(200, openapi_description())

@@ -1,6 +1,7 @@
-"""What the web pages' addons (admin pages, user pages) share: answers with the headers a page needs, form fields
-and cookies."""
+"""What the web pages' addons (admin pages, user pages) and the admin API share: answers with the headers a page
+needs, JSON answers no cache keeps, form fields and cookies."""
 
+import json
 import secrets
 
 from mitmproxy import ctx, http
@@ -31,6 +32,13 @@ def html_response(body: str, nonce: str = "", status: int = 200, headers: dict[s
             "referrer-policy": "no-referrer",
             **(headers or {}),
         },
+    )
+
+
+def json_response(status: int, body, headers: dict[str, str] | None = None) -> http.Response:
+    """A JSON answer that no cache keeps: it may hold a token or a user's figures."""
+    return http.Response.make(
+        status, json.dumps(body), {"content-type": "application/json", "cache-control": "no-store", **(headers or {})}
     )
 
 

@@ -4,10 +4,10 @@ lock-out after failed logins that the API and the admin pages share."""
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from llmproxy.pricing import usd
-from llmproxy.store import EDITABLE_FIELDS, KeyHealth, UserError
+from llmproxy.store import EDITABLE_FIELDS, USAGE_FIGURES, KeyHealth, UserError
 
 if TYPE_CHECKING:
     from llmproxy.pool.keys import PoolKey
@@ -44,6 +44,46 @@ def public_user(user: dict) -> dict:
     shown["usage"] = {family: usage_view(figures) for family, figures in user["usage"].items()}
     shown["cost_usd"] = usd(sum(figures["cost_nanousd"] for figures in user["usage"].values()))
     return shown
+
+
+class QuotaLimits(Protocol):
+    """The quotas a user is held to (the QuotaKeeper addon)."""
+
+    quotas: dict[str, int]
+    cost_quotas: dict[str, int]
+
+    def limit_for(self, user: dict, family: str) -> int | None: ...
+
+    def cost_limit_for(self, user: dict, family: str) -> int | None: ...
+
+
+def _usd_or_none(nanodollars: int | None) -> float | None:
+    return None if nanodollars is None else usd(nanodollars)
+
+
+def own_usage(user: dict, quotas: QuotaLimits) -> dict:
+    """What a user may see of themselves, as `GET /user/usage` answers it and /user/lookup shows it: state, prompts,
+    and per family the usage figures with the token `limit` and `cost_limit_usd` (None: unlimited)."""
+    families = set(user["usage"]) | set(user["token_limits"]) | set(quotas.quotas) | set(quotas.cost_quotas)
+    shown, unused = public_user(user), usage_view(dict.fromkeys(USAGE_FIGURES, 0))
+    return {
+        "nickname": user["nickname"],
+        "type": user["type"],
+        "promptCount": user["prompt_count"],
+        "disabled": user["disabled_at"] is not None,
+        "disabledReason": user["disabled_reason"],
+        "expiresAt": user["expires_at"],
+        "costUsd": shown["cost_usd"],
+        "costLimitUsd": _usd_or_none(quotas.cost_limit_for(user, "total")),
+        "usage": {
+            family: {
+                **shown["usage"].get(family, unused),
+                "limit": quotas.limit_for(user, family),
+                "cost_limit_usd": _usd_or_none(quotas.cost_limit_for(user, family)),
+            }
+            for family in sorted(families - {"total"})
+        },
+    }
 
 
 def sorted_users(users: list[dict], fields: list[str], descending: bool = True) -> list[dict]:

@@ -5,7 +5,7 @@ import base64
 import html
 import re
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
@@ -21,12 +21,13 @@ _ENV = Environment(
 )
 
 
-def _utc(when: float | None) -> str:
-    """A time.time() as the pages show it (in UTC: the server cannot know the reader's zone), or `never`."""
-    return "never" if when is None else f"{datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M} UTC"
+def format_time(when: float | None) -> str:
+    """A time.time() as the pages show it: the proxy's local time with its zone (which quota refreshes follow), or
+    `never`."""
+    return "never" if when is None else f"{datetime.fromtimestamp(when).astimezone():%Y-%m-%d %H:%M %Z}"
 
 
-_ENV.filters["utc"] = _utc
+_ENV.filters["time"] = format_time
 _TAG = re.compile(r"\{([A-Za-z][A-Za-z0-9_.\-]*(?::[A-Za-z][A-Za-z0-9_.\-]*)?)\}")
 
 
