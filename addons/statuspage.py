@@ -188,6 +188,7 @@ class StatusPage:
             "queueMode": options.queue_mode,
             "turboOnly": str(options.turbo_only).lower(),
             "allowedModelFamilies": ", ".join(options.allowed_model_families) or "all",
+            "captchaMode": options.captcha_mode,
         }
 
     def page(self, facts: dict) -> str:

@@ -158,6 +158,7 @@ def test_without_user_tokens_the_page_says_so(start_proxy, fake):
     page = httpx.get(f"{proxy.url}/user")
     assert page.status_code == 200 and "This proxy does not use user tokens" in page.text
     assert "/user/captcha" not in page.text and 'type="password"' not in page.text
+    assert 'href="/user' not in httpx.get(f"{proxy.url}/").text  # the status page offers no user pages
     assert httpx.post(f"{proxy.url}/user/lookup", data={"token": "x"}).status_code == 404
     assert httpx.get(f"{proxy.url}/user/captcha").status_code == 404
     refused = httpx.post(f"{proxy.url}/user/captcha/challenge")
@@ -183,7 +184,8 @@ def test_proof_of_work_in_the_browser_gives_a_working_token(user_pages, browser,
         page.goto(f"{proxy.url}/user/captcha")
         check_layout(page, tmp_path / f"user-captcha-{name}.png")
     page = new_page(browser, PHONE)
-    page.goto(f"{proxy.url}/user/captcha")
+    page.goto(f"{proxy.url}/")  # a visitor finds the page from the status page
+    page.click("text=Get a temporary token")
     with page.expect_request(lambda request: request.url.endswith("/user/captcha/verify")) as verify:
         page.click("#start")
     page.wait_for_selector("#result:not([hidden])")
