@@ -98,6 +98,8 @@ class AdminPages:
         flow.response = self._answer(flow, request_path(flow.request.data.path).decode())
 
     def _answer(self, flow: http.HTTPFlow, path: str) -> http.Response:
+        if not self.admin_key:
+            return self._message(404, "No admin pages", "This proxy has no ADMIN_KEY; set one to use these pages.")
         if path == "/admin/login":
             return self._login(flow)
         lifetime = ctx.options.admin_session_hours * 3600
@@ -153,8 +155,7 @@ class AdminPages:
             return self._login_form(flow, "The form expired; log in again.", 403)
         if not secret_matches(fields.get("admin_key", ""), self.admin_key):
             self.failed_logins.failed(ip)
-            message = "Wrong admin key." if self.admin_key else "This proxy has no ADMIN_KEY; set one to log in."
-            return self._login_form(flow, message, 401)
+            return self._login_form(flow, "Wrong admin key.", 401)
         lifetime = ctx.options.admin_session_hours * 3600
         session = self.sessions.sign(secrets.token_urlsafe(16), lifetime)
         return redirect("/admin/manage/users", {"set-cookie": self._session_cookie(flow, session, lifetime)})

@@ -1,8 +1,10 @@
 """The owner's /admin pages end to end: the real proxy, forms posted by Chromium (Playwright) and by httpx."""
 
+import hmac
 import html
 import json
 import re
+import time
 from datetime import UTC, datetime
 
 import httpx
@@ -306,3 +308,14 @@ def test_keys_page_says_why_a_key_retired_and_when_each_was_checked(start_proxy,
     assert page.count('data-label="Last check">') == len(keys)
     assert 'data-label="Last check">never' not in page  # every key was checked, at a time the page shows
     assert CANARY not in page and OPENAI_KEYS[0] not in page
+
+
+def test_without_an_admin_key_the_pages_are_off_and_no_cookie_opens_them(start_proxy, fake):
+    proxy = start_proxy(proxy_env(fake))
+    key = hmac.new(b"", b"llmproxy:admin session", "sha256")  # what a session key derived from "" would be
+    key.update(f"forged.{int(time.time()) + 3600}".encode())
+    forged = f"forged.{int(time.time()) + 3600}.{key.hexdigest()}"
+    for path in ("/admin", "/admin/login", "/admin/manage/users"):
+        page = httpx.get(f"{proxy.url}{path}", cookies={"llmproxy_admin": forged})
+        assert page.status_code == 404 and "has no ADMIN_KEY" in page.text and "Users" not in page.text
+    assert httpx.post(f"{proxy.url}/admin/login", data={"admin_key": ""}).status_code == 404

@@ -17,10 +17,14 @@ class Signer:
     never verifies for another."""
 
     def __init__(self, secret: str, purpose: str):
-        self._key = hmac.new(secret.encode("utf-8", "surrogateescape"), f"llmproxy:{purpose}".encode(), "sha256")
+        # Without a secret anyone could sign: such a signer signs nothing and accepts nothing.
+        key = secret.encode("utf-8", "surrogateescape")
+        self._key = hmac.new(key, f"llmproxy:{purpose}".encode(), "sha256") if secret else None
 
     def sign(self, payload: str, lifetime: float, now: float | None = None) -> str:
         """`payload` (URL-safe characters, no dots), valid for `lifetime` seconds."""
+        if not self._key:
+            raise ValueError("a signer without a secret signs nothing")
         if not payload or not set(payload) <= _PAYLOAD_CHARACTERS:
             raise ValueError("a signed payload is URL-safe text without dots")
         expires = int((time.time() if now is None else now) + lifetime)
@@ -28,6 +32,8 @@ class Signer:
 
     def verify(self, signed: str, now: float | None = None) -> str | None:
         """The payload of a value this signer signed and that has not expired, else None."""
+        if not self._key:
+            return None
         payload, _, rest = signed.partition(".")
         expires, _, mac = rest.partition(".")
         if not payload or not expires.isdigit() or not hmac.compare_digest(mac, self._mac(f"{payload}.{expires}")):
