@@ -319,3 +319,31 @@ def test_without_an_admin_key_the_pages_are_off_and_no_cookie_opens_them(start_p
         page = httpx.get(f"{proxy.url}{path}", cookies={"llmproxy_admin": forged})
         assert page.status_code == 404 and "has no ADMIN_KEY" in page.text and "Users" not in page.text
     assert httpx.post(f"{proxy.url}/admin/login", data={"admin_key": ""}).status_code == 404
+
+
+def test_in_the_browser_a_form_without_its_csrf_token_changes_nothing_and_five_wrong_keys_lock_the_login(
+    admin_proxy, browser, tmp_path
+):
+    page = new_page(browser, PHONE)
+    log_in(page, admin_proxy)
+    page.fill("#nickname", "made on a phone")
+    page.click("text=Create user")
+    expect(page.locator("#token")).to_be_visible()
+    check_layout(page, tmp_path / "created-phone.png")
+    page.click("text=The user")
+    page.evaluate("document.querySelectorAll('input[name=_csrf]').forEach(field => field.remove())")
+    page.fill("#reason", "no token, no change")
+    page.click("text=Disable")
+    expect(page.locator("h1")).to_have_text("Form refused")
+    assert Admin(admin_proxy).client.get("/users").json()["users"][0]["disabled_at"] is None
+    page.script_errors.clear()  # the 403 answer itself is logged as a failed resource
+
+    stranger = new_page(browser, PHONE)
+    for _ in range(5):
+        log_in(stranger, admin_proxy, "a guess")
+        expect(stranger.locator("[role=alert]")).to_have_text("Wrong admin key.")
+    stranger.goto(f"{admin_proxy.url}/admin")  # no form to try the right key in, for five minutes
+    expect(stranger.locator("h1")).to_have_text("Too many failed logins")
+    assert stranger.locator("#admin_key").count() == 0
+    stranger.script_errors.clear()
+    check_layout(stranger, tmp_path / "locked-phone.png")
