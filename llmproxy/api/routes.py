@@ -57,6 +57,7 @@ _PAGE_PATHS = (
     (re.compile(rb"/user(/lookup|/captcha(/challenge|/verify)?)?"), "user_pages"),
 )
 PAGE_METHODS = ("GET", "POST")
+_PAGE_PREFIXES = (b"/admin", b"/user")  # the API routes, on every request, skip the patterns above
 # The admin API's paths are parametric (user ids); the admin addon matches them exactly against its own table.
 _ADMIN_PATH = re.compile(rb"/admin/[a-z0-9_.\-]+(/[a-z0-9_.\-]+)*")
 # A stored Responses API object (`GET`/`DELETE /v1/responses/{id}`, `.../cancel`, `.../input_items`): it lives
@@ -129,7 +130,7 @@ class RouteTable:
     def lookup(self, method: bytes, raw_target: bytes) -> Match:
         """Matches the raw method and request target (path and query, as the client sent them)."""
         path, query = request_path(raw_target), raw_target.partition(b"?")[2]
-        for pattern, name in _PAGE_PATHS:
+        for pattern, name in _PAGE_PATHS if path.startswith(_PAGE_PREFIXES) else ():
             if pattern.fullmatch(path):
                 if query and not _PAGE_QUERY.fullmatch(b"?" + query):
                     return Match()
