@@ -6,6 +6,7 @@ out temporary tokens to browsers that solved a SHA-256 challenge (llmproxy/web/p
 address (challenges an hour, tokens per token lifetime) are sliding windows of the store, shared by instances.
 """
 
+import asyncio
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from addons.flowstate import flow_state
 from addons.gatekeeper import client_ip
 from addons.quotakeeper import QuotaKeeper
 from addons.webpages import form_fields, html_response, json_response, redirect, script_nonce
-from llmproxy.admin import own_usage
+from llmproxy.admin import expired_temporary_users, own_usage
 from llmproxy.api import OPENAI
 from llmproxy.api.routes import request_path
 from llmproxy.identity import identity_digest, user_of_token
@@ -50,7 +51,9 @@ _BOUNDS = (
     ("pow_challenge_timeout", 1, USED_CHALLENGE_SECONDS // 60, "minutes"),
     ("pow_max_tokens_per_ip", 1, 1000, "tokens"),
     ("pow_challenges_per_hour", 1, 10_000, "challenges"),
+    ("temporary_user_purge_hours", 0, 24 * 365, "hours (0: never)"),
 )
+PURGE_EVERY = 3600.0  # seconds between two looks for expired temporary users
 
 
 def _retry_after(reset_at: float) -> str:
@@ -66,6 +69,7 @@ class UserPages:
         self.quotas = quotas
         self.challenges = Signer(self.admin_key, "pow")
         self.bits = LEVELS["medium"]
+        self._purging: asyncio.Task | None = None
 
     def load(self, loader):
         loader.add_option(
@@ -92,6 +96,12 @@ class UserPages:
         loader.add_option(
             "pow_challenges_per_hour", int, 10, "Proof-of-work challenges one address may ask for an hour."
         )
+        loader.add_option(
+            "temporary_user_purge_hours",
+            int,
+            48,
+            "Hours after its expiry that a temporary user is deleted, with its usage; 0 keeps them.",
+        )
 
     @refuses_config_errors
     def configure(self, updated):
@@ -107,6 +117,28 @@ class UserPages:
         for name, lowest, highest, unit in _BOUNDS:
             if name in updated and not lowest <= getattr(options, name) <= highest:
                 raise exceptions.OptionsError(f"{name.upper()} must be from {lowest} to {highest} {unit}.")
+
+    def running(self):
+        self._purging = asyncio.create_task(self._purge_expired_users())
+
+    def done(self):
+        if self._purging:
+            self._purging.cancel()
+
+    async def _purge_expired_users(self) -> None:
+        """Deletes temporary users (from proof of work or the admin) TEMPORARY_USER_PURGE_HOURS after they expired,
+        at start and every hour, as the original did: tokens handed out to strangers would pile up otherwise. A
+        failure (the store unreachable) is logged and tried again an hour later."""
+        while True:
+            if hours := ctx.options.temporary_user_purge_hours:
+                try:
+                    store = self.storage.store
+                    for user_id in expired_temporary_users(store.list_users(), time.time() - hours * 3600):
+                        store.delete_user(user_id)
+                        logger.info("temporary user %s deleted, %d hours after it expired", user_id, hours)
+                except Exception as error:
+                    logger.error("expired temporary users could not be deleted: %s", type(error).__name__)
+            await asyncio.sleep(PURGE_EVERY)
 
     @property
     def proof_of_work(self) -> bool:

@@ -86,6 +86,15 @@ def own_usage(user: dict, quotas: QuotaLimits) -> dict:
     }
 
 
+def expired_temporary_users(users: Iterable[dict], before: float) -> list[str]:
+    """The ids of the temporary users that expired before `before`."""
+    return [
+        user["id"]
+        for user in users
+        if user["type"] == "temporary" and user["expires_at"] is not None and user["expires_at"] < before
+    ]
+
+
 def sorted_users(users: list[dict], fields: list[str], descending: bool = True) -> list[dict]:
     """Users (as public_user shows them) sorted by `fields`, the first deciding; missing values last either way,
     as the original did. UserError for a field users do not have."""

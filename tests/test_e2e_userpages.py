@@ -284,3 +284,16 @@ def test_bad_proof_of_work_settings_stop_start_up_with_one_sentence(env, sentenc
     output = process.log()
     assert sentence in output and "Traceback" not in output
     assert len(said(output)) == 1, output
+
+
+def test_temporary_users_are_deleted_two_days_after_they_expired(user_pages):
+    proxy, admin = user_pages()
+    now = time.time()
+    _, long_gone = admin.create(type="temporary", expires_at=now - 49 * 3600)
+    _, just_expired = admin.create(type="temporary", expires_at=now - 3600)
+    _, normal = admin.create(type="normal", expires_at=now - 49 * 3600)  # only temporary users are deleted
+    proxy.stop()
+    proxy, admin = user_pages()  # the same DATA_DIR: the purge runs at start, then every hour
+    proxy.wait_for_log(rf"temporary user {long_gone['id']} deleted, 48 hours after it expired")
+    assert admin.client.get(f"/users/{long_gone['id']}").status_code == 404
+    assert {user["id"] for user in admin.get("/users").json()["users"]} == {just_expired["id"], normal["id"]}
