@@ -63,9 +63,7 @@ def digest(challenge: str, nonce: str) -> bytes:
 def check_solution(signer: Signer, challenge: str, nonce: str, now: float | None = None) -> str:
     """The challenge's id, if `nonce` solves a challenge this signer issued and that has not expired; ProofRefused
     otherwise. Whether the challenge was used before is the caller's to know."""
-    issued = signer.verify(
-        challenge, now=0
-    )  # the signature alone: an expired challenge is told apart from a forged one
+    issued = signer.verify(challenge, now=0)  # the signature alone: expired is told apart from forged
     challenge_id, _, bits = (issued or "").partition(":")
     if not challenge_id or not bits.isdigit():
         raise ProofRefused("This challenge was not issued by this proxy.", "invalid_challenge")
