@@ -3,8 +3,6 @@
 import base64
 import json
 import re
-import shutil
-import subprocess
 import threading
 
 import httpx
@@ -12,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.web.pages import format_wait
+from tests.browser import DESKTOP, PHONE, check_layout, chromium, new_page
 from tests.conftest import CANARY, proxy_env
 from tests.harness import wait_until
 from tests.test_e2e_sdk import anthropic_client, openai_client
@@ -227,8 +226,6 @@ def test_metrics_after_a_known_mix_of_traffic(start_proxy, fake):
 
 
 def test_a_browser_shows_the_page_as_text(start_proxy, fake, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "Chromium is installed by ./run.sh test (Debian package chromium)"
     proxy = start_proxy(
         proxy_env(
             fake,
@@ -240,29 +237,20 @@ def test_a_browser_shows_the_page_as_text(start_proxy, fake, tmp_path):
     )
     Admin(proxy).create(nickname="<script>document.title='owned'</script>")
     wait_until(lambda: "document.title" in httpx.get(f"{proxy.url}/").text)  # the page's cached figures name the user
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
-    dom = subprocess.run(
-        [browser, *flags, "--dump-dom", f"{proxy.url}/"], capture_output=True, text=True, timeout=60
-    ).stdout
-    assert "&lt;script&gt;document.title='owned'&lt;/script&gt;" in dom  # shown as text, not run
-    assert "<title>owned</title>" not in dom and "OpenAI" in dom
-    screenshot = tmp_path / "page.png"
-    subprocess.run(
-        [browser, *flags, f"--screenshot={screenshot}", "--window-size=390,844", f"{proxy.url}/"],
-        capture_output=True,
-        timeout=60,
-    )
-    assert screenshot.exists() and screenshot.stat().st_size > 1000
+    with chromium() as browser:
+        page = new_page(browser, PHONE)
+        page.goto(f"{proxy.url}/")
+        assert page.inner_text("#users") == "[\"<script>document.title='owned'</script>\"]"  # text, not run
+        assert page.title() != "owned" and "OpenAI" in page.inner_text("body")
+
+
+def test_the_default_page_fits_a_phone_and_a_desktop(proxy, tmp_path):
+    with chromium() as browser:
+        for name, viewport in (("phone", PHONE), ("desktop", DESKTOP)):
+            page = new_page(browser, viewport)
+            page.goto(f"{proxy.url}/")
+            assert "OpenAI" in page.inner_text("body")
+            check_layout(page, tmp_path / f"status-{name}.png")
 
 
 def test_service_figures_count_keys_and_family_figures_count_the_keys_of_each_family(start_proxy, fake):
