@@ -42,9 +42,13 @@ def browser():
 
 
 def log_in(page, proxy, key: str = ADMIN_KEY) -> None:
+    """Logs in through the form, returning once the proxy answered (with the right key: the users' page is there)."""
     page.goto(f"{proxy.url}/admin")
     page.fill("#admin_key", key)
-    page.click("text=Log in")
+    with page.expect_response(lambda response: response.request.method == "POST"):
+        page.click("text=Log in")
+    if key == ADMIN_KEY:
+        page.wait_for_url("**/admin/manage/users")
 
 
 def logged_in_client(proxy) -> tuple[httpx.Client, str]:
@@ -81,6 +85,7 @@ def test_the_owner_logs_in_creates_a_user_finds_it_and_disables_it(admin_proxy, 
     page.click("text=All users")
     page.fill("#q", "onerror")
     page.press("#q", "Enter")
+    page.wait_for_url("**q=onerror*")
     rows = page.locator("#users tr")
     expect(rows).to_have_count(2)  # the header and the one user found
     assert XSS in rows.nth(1).inner_text() and "gpt4o: " in rows.nth(1).inner_text()
@@ -89,7 +94,8 @@ def test_the_owner_logs_in_creates_a_user_finds_it_and_disables_it(admin_proxy, 
     expect(page.locator("#users tr")).to_have_count(1)
     page.goto(f"{admin_proxy.url}/admin/manage/users")
     page.click(f"text={XSS}")
-    assert page.inner_text("h1") == XSS and f"note {XSS}" in page.inner_text("body")
+    expect(page.locator("h1")).to_have_text(XSS)
+    assert f"note {XSS}" in page.inner_text("body")
     assert page.input_value("#token_limits") == "claude-sonnet=500, gpt4o=100000"
     page.fill("#reason", "Shared the token on a forum")
     page.click("text=Disable")
@@ -107,10 +113,11 @@ def test_the_owner_logs_in_creates_a_user_finds_it_and_disables_it(admin_proxy, 
     expect(own_page.locator("body")).to_contain_text("Shared the token on a forum")
     assert own_page.title() != "owned" and XSS in own_page.inner_text("h1")
     page.click("text=Enable again")
-    assert page.inner_text("#state") == "active"
+    expect(page.locator("#state")).to_have_text("active")
     page.select_option("#type", "special")
     page.fill("#token_limits", "")
     page.click("text=Save")
+    expect(page.locator("[role=status]")).to_have_text("Saved.")
     user = Admin(admin_proxy).client.get("/users").json()["users"][0]
     assert user["type"] == "special" and user["token_limits"] == {} and user["nickname"] == XSS
     assert user["usage"]["gpt4o"]["used"] > 0
@@ -331,6 +338,7 @@ def test_in_the_browser_a_form_without_its_csrf_token_changes_nothing_and_five_w
     expect(page.locator("#token")).to_be_visible()
     check_layout(page, tmp_path / "created-phone.png")
     page.click("text=The user")
+    expect(page.locator("h1")).to_have_text("made on a phone")
     page.evaluate("document.querySelectorAll('input[name=_csrf]').forEach(field => field.remove())")
     page.fill("#reason", "no token, no change")
     page.click("text=Disable")
