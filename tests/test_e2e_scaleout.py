@@ -11,7 +11,9 @@ from redis import Redis
 
 from tests.conftest import OPENAI_KEYS, proxy_env
 from tests.harness import ProxyProcess, RedisServer, wait_until
+from tests.test_e2e_adminpages import logged_in_client
 from tests.test_e2e_keypool import by_clients
+from tests.test_e2e_userpages import solved_challenge, verify_from
 from tests.test_e2e_users import ADMIN_KEY, Admin
 
 pytestmark = pytest.mark.e2e
@@ -189,3 +191,22 @@ def test_an_answer_goes_out_only_once_its_bill_is_in_redis(instances, fake, redi
     request.join(10)
     assert answers[0].status_code == 200
     assert Admin(proxy).user(user["id"])["prompt_count"] == 2
+
+
+def test_admin_sessions_and_proof_of_work_hold_across_instances(instances):
+    a, b = instances(2, CAPTCHA_MODE="proof_of_work", POW_DIFFICULTY_LEVEL="10", POW_MAX_TOKENS_PER_IP="3")
+    client, csrf = logged_in_client(a)
+    session = client.cookies["llmproxy_admin"]
+    assert httpx.get(f"{b.url}/admin/manage/users", cookies={"llmproxy_admin": session}).status_code == 200
+    assert client.post("/admin/logout", data={"_csrf": csrf}).status_code == 303
+    after = httpx.get(f"{b.url}/admin/manage/users", cookies={"llmproxy_admin": session})
+    assert after.status_code == 303 and after.headers["location"] == "/admin/login"  # logged out on every instance
+
+    solution = solved_challenge(a)
+    assert verify_from(b, "127.0.0.1", solution).status_code == 200  # a challenge of one instance, redeemed on another
+    replayed = verify_from(a, "127.0.0.1", solution)
+    assert replayed.status_code == 400 and replayed.json()["error"]["code"] == "challenge_used"
+    assert verify_from(b, "127.0.0.1", solved_challenge(b)).status_code == 200
+    assert verify_from(a, "127.0.0.1", solved_challenge(a)).status_code == 200
+    refused = httpx.post(f"{b.url}/user/captcha/challenge")  # three tokens for this address, on both instances
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
