@@ -24,6 +24,7 @@ from llmproxy.admin import (
     own_usage,
     public_user,
     sorted_users,
+    users_cost_nanousd,
 )
 from llmproxy.api import OPENAI
 from llmproxy.identity import secret_matches, user_of_token
@@ -133,8 +134,7 @@ class AdminApi:
         stored = self._store().list_users()
         users = [public_user(user) for user in stored]
         users = sorted_users(users, query.get("sort", ["prompt_count,last_used_at"])[0].split(","))
-        total = sum(figures["cost_nanousd"] for user in stored for figures in user["usage"].values())
-        return json_response(200, {"users": users, "count": len(users), "cost_usd": usd(total)})
+        return json_response(200, {"users": users, "count": len(users), "cost_usd": usd(users_cost_nanousd(stored))})
 
     def create_user(self, flow, query) -> http.Response:
         token, user = self._store().create_user(self._body(flow))

@@ -19,7 +19,7 @@ from addons.gatekeeper import client_ip
 from addons.headerhygiene import client_cookies
 from addons.quotakeeper import QuotaKeeper
 from addons.webpages import cookie, form_fields, html_response, redirect, script_nonce, served_over_tls
-from llmproxy.admin import FailedLogins, key_view, public_user, sorted_users
+from llmproxy.admin import USER_ID, FailedLogins, key_view, public_user, sorted_users, users_cost_nanousd
 from llmproxy.api.routes import request_path
 from llmproxy.config import ConfigError
 from llmproxy.families import parse_family_numbers
@@ -40,9 +40,7 @@ LOGIN_FORM_SECONDS = 3600
 USAGE_DAYS = 30
 # Sessions ended by logging out, until they would have expired: a copy of the cookie is no use afterwards.
 LOGGED_OUT = "admin sessions logged out"
-_USER_PATH = re.compile(
-    r"/admin/manage/users/(?P<user>[0-9a-f]{16})(?:/(?P<action>disable|enable|delete|reset-usage))?"
-)
+_USER_PATH = re.compile(rf"/admin/manage/users/{USER_ID}(?:/(?P<action>disable|enable|delete|reset-usage))?")
 _SORTABLE = ("nickname", "type", "prompt_count", "last_used_at")
 # What a finished action says on the page it leads to: fixed sentences, so a link cannot put words on the page.
 _DONE = {
@@ -226,7 +224,6 @@ class _Page:
             if not needle
             or any(needle in (user[field] or "").casefold() for field in ("nickname", "id", "type", "admin_note"))
         ]
-        total = sum(figures["cost_nanousd"] for user in stored for figures in user["usage"].values())
         return self.render(
             "admin_users.html",
             "Users",
@@ -237,7 +234,7 @@ class _Page:
             query=query,
             sort=sort,
             descending=descending,
-            cost=format_usd(usd(total)),
+            cost=format_usd(usd(users_cost_nanousd(stored))),
             user=None,
             limits_text="",
         )

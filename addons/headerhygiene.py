@@ -12,12 +12,12 @@ from addons.apierrors import error_response, fail_closed
 from addons.flowstate import flow_state, forward_route
 from llmproxy.api.errors import api_of_path
 from llmproxy.api.headers import CLIENT_CREDENTIALS, EXPOSED_HEADERS, presented_token, upstream_request_headers
+from llmproxy.api.routes import PAGE_ROUTES
 
 # The token a client presented, kept beside the flow (never on it) for the gatekeeper and the admin API.
 _client_tokens: "weakref.WeakKeyDictionary[http.HTTPFlow, str]" = weakref.WeakKeyDictionary()
 # The cookies a browser sent to the web pages (a session cookie is as good as the admin key), kept the same way.
 _client_cookies: "weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, str]]" = weakref.WeakKeyDictionary()
-PAGE_ROUTES = ("admin_pages", "user_pages")
 
 
 def client_token(flow: http.HTTPFlow) -> str:

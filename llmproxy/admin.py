@@ -12,19 +12,19 @@ from llmproxy.store import EDITABLE_FIELDS, USAGE_FIGURES, KeyHealth, UserError
 if TYPE_CHECKING:
     from llmproxy.pool.keys import PoolKey
 
-_USER_ID = r"(?P<user>[0-9a-f]{16})"
+USER_ID = r"(?P<user>[0-9a-f]{16})"  # a user id in a path: the admin API's and the admin pages'
 # (method, path pattern, the AdminApi method that answers); the pattern must match the whole path.
 ROUTES = [
     ("GET", r"/admin/users", "list_users"),
     ("POST", r"/admin/users", "create_user"),
     ("GET", r"/admin/users/export", "export_users"),
     ("POST", r"/admin/users/import", "import_users"),
-    ("GET", rf"/admin/users/{_USER_ID}", "get_user"),
-    ("PATCH", rf"/admin/users/{_USER_ID}", "update_user"),
-    ("DELETE", rf"/admin/users/{_USER_ID}", "delete_user"),
-    ("POST", rf"/admin/users/{_USER_ID}/disable", "disable_user"),
-    ("POST", rf"/admin/users/{_USER_ID}/enable", "enable_user"),
-    ("POST", rf"/admin/users/{_USER_ID}/reset-usage", "reset_user_usage"),
+    ("GET", rf"/admin/users/{USER_ID}", "get_user"),
+    ("PATCH", rf"/admin/users/{USER_ID}", "update_user"),
+    ("DELETE", rf"/admin/users/{USER_ID}", "delete_user"),
+    ("POST", rf"/admin/users/{USER_ID}/disable", "disable_user"),
+    ("POST", rf"/admin/users/{USER_ID}/enable", "enable_user"),
+    ("POST", rf"/admin/users/{USER_ID}/reset-usage", "reset_user_usage"),
     ("POST", r"/admin/quotas/reset", "reset_all_usage"),
     ("GET", r"/admin/keys", "list_keys"),
     ("POST", r"/admin/keys/recheck", "recheck_keys"),
@@ -95,6 +95,11 @@ def expired_temporary_users(users: Iterable[dict], before: float) -> list[str]:
     ]
 
 
+def users_cost_nanousd(users: Iterable[dict]) -> int:
+    """What stored users (as the store gives them) spent in this quota period, together."""
+    return sum(figures["cost_nanousd"] for user in users for figures in user["usage"].values())
+
+
 def sorted_users(users: list[dict], fields: list[str], descending: bool = True) -> list[dict]:
     """Users (as public_user shows them) sorted by `fields`, the first deciding; missing values last either way,
     as the original did. UserError for a field users do not have."""
@@ -149,7 +154,7 @@ def openapi_description() -> dict:
     }
     paths: dict = {}
     for method, pattern, handler in ROUTES:
-        path = pattern.replace(_USER_ID, "{user_id}")
+        path = pattern.replace(USER_ID, "{user_id}")
         operation = {
             "summary": summaries[handler],
             "operationId": handler,

@@ -56,6 +56,7 @@ _PAGE_PATHS = (
     (re.compile(rb"/admin(/login|/logout|/manage(/[a-z0-9_.\-]+)*)?"), "admin_pages"),
     (re.compile(rb"/user(/lookup|/captcha(/challenge|/verify)?)?"), "user_pages"),
 )
+PAGE_ROUTES = tuple(name for _, name in _PAGE_PATHS)
 PAGE_METHODS = ("GET", "POST")
 _PAGE_PREFIXES = (b"/admin", b"/user")  # the API routes, on every request, skip the patterns above
 # The admin API's paths are parametric (user ids); the admin addon matches them exactly against its own table.
