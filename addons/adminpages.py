@@ -18,7 +18,15 @@ from addons.flowstate import flow_state
 from addons.gatekeeper import client_ip
 from addons.headerhygiene import client_cookies
 from addons.quotakeeper import QuotaKeeper
-from addons.webpages import cookie, form_fields, html_response, redirect, script_nonce, served_over_tls
+from addons.webpages import (
+    cookie,
+    form_fields,
+    form_with_secret,
+    html_response,
+    redirect,
+    script_nonce,
+    served_over_tls,
+)
 from llmproxy.admin import USER_ID, FailedLogins, key_view, public_user, sorted_users, users_cost_nanousd
 from llmproxy.api.routes import request_path
 from llmproxy.config import ConfigError
@@ -139,11 +147,7 @@ class AdminPages:
     def _login(self, flow: http.HTTPFlow) -> http.Response:
         ip, fields = client_ip(flow), {}
         if flow.request.method == "POST":
-            fields = form_fields(flow)
-            # The key leaves the flow before mitmweb lists it or a flow dump prints it, whatever the answer.
-            flow.request.urlencoded_form = [
-                (name, "(removed)" if name == "admin_key" else value) for name, value in fields.items()
-            ]
+            fields = form_with_secret(flow, "admin_key")
         if wait := self.failed_logins.wait(ip):
             return self._message(429, "Too many failed logins", f"Try again in {wait} s.", {"retry-after": str(wait)})
         if flow.request.method != "POST":

@@ -19,7 +19,7 @@ from addons.apierrors import error_response, fail_closed, refuses_config_errors
 from addons.flowstate import flow_state
 from addons.gatekeeper import client_ip
 from addons.quotakeeper import QuotaKeeper
-from addons.webpages import form_fields, html_response, json_response, redirect, script_nonce
+from addons.webpages import form_with_secret, html_response, json_response, redirect, script_nonce
 from llmproxy.admin import expired_temporary_users, own_usage
 from llmproxy.api import OPENAI
 from llmproxy.api.routes import request_path
@@ -206,11 +206,7 @@ class UserPages:
     def _lookup(self, flow: http.HTTPFlow) -> http.Response:
         if ctx.options.gatekeeper != "user_token":
             return self._lookup_form("", 404)
-        fields = form_fields(flow)
-        # The token leaves the flow before mitmweb, a flow dump or an intercept can show it.
-        flow.request.urlencoded_form = [
-            (name, "(removed)" if name == "token" else value) for name, value in fields.items()
-        ]
+        fields = form_with_secret(flow, "token")
         token = fields.get("token", "").strip()
         if not token:
             return self._lookup_form("Paste your token into the field.", 400)

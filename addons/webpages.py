@@ -61,6 +61,16 @@ def form_fields(flow: http.HTTPFlow) -> dict[str, str]:
     return {}
 
 
+def form_with_secret(flow: http.HTTPFlow, secret_field: str) -> dict[str, str]:
+    """form_fields, after which the field `secret_field` (a key, a token) reads `(removed)` on the flow: it leaves
+    the flow before mitmweb lists it or a flow dump prints it, whatever the answer."""
+    fields = form_fields(flow)
+    flow.request.urlencoded_form = [
+        (name, "(removed)" if name == secret_field else value) for name, value in fields.items()
+    ]
+    return fields
+
+
 def served_over_tls(flow: http.HTTPFlow) -> bool:
     """Whether the browser reached us over TLS: directly, or through TRUSTED_PROXIES that say so."""
     if flow.request.scheme == "https":
